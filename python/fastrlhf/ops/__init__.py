@@ -1,0 +1,107 @@
+"""fastrlhf.ops: one public function per kernel op, dispatched to a backend.
+
+Layouts (all ops): attention tensors are [batch, heads, seq, head_dim]; KV caches are
+[batch, kv_heads, max_seq, head_dim]; GQA/MQA means q has a multiple of k/v's heads.
+Every function takes `backend=` ("auto" | "torch" | "triton" | "cuda"); see
+`fastrlhf.ops.dispatch` for how the default is chosen and how an unavailable backend falls
+back. The `torch` backend (`fastrlhf.ops.reference`) defines the semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import BACKENDS, backend_status, get_backend, resolve, set_backend, set_preference
+
+__all__ = [
+    "attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
+    "lora_unfuse", "rms_norm", "layer_norm", "rotary", "set_backend", "get_backend",
+    "resolve", "backend_status", "BACKENDS", "OPS",
+]
+
+OPS = ("attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
+       "lora_unfuse", "rms_norm", "layer_norm", "rotary")
+
+
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                      attention_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of q [B, Hq, Sq, D] over k, v [B, Hkv, Sk, D] -> [B, Hq, Sq, D].
+
+    causal: query i sees keys j <= i + (Sk - Sq) (bottom-right aligned, as with a KV cache).
+    attention_mask: [B, Sk], nonzero = real token (HF convention; left or right padding).
+    A query row with no visible key (e.g. a left-pad position) returns zeros, never NaN.
+    scale defaults to 1/sqrt(D). Softmax is computed in fp32.
+    """
+    _, fn = resolve("attention_prefill", q.device, backend)
+    return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_lens: torch.Tensor, *, cache_starts: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """One new query per sequence: q [B, Hq, D] over caches [B, Hkv, Smax, D] -> [B, Hq, D].
+
+    Sequence b attends cache positions cache_starts[b] <= j < cache_lens[b] (int tensors [B];
+    starts default to 0; left-padded prompts start after their padding). GPU backends split
+    the cache into fixed-size chunks so results do not depend on the batch composition.
+    """
+    _, fn = resolve("attention_decode", q.device, backend)
+    return fn(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale)
+
+
+def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    positions: torch.Tensor, *, backend: Optional[str] = None):
+    """Write k, v [B, Hkv, T, D] into the caches at [positions[b], positions[b] + T), in place."""
+    _, fn = resolve("kv_cache_append", k_cache.device, backend)
+    return fn(k_cache, v_cache, k, v, positions)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scaling: float,
+                *, backend: Optional[str] = None) -> torch.Tensor:
+    """x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ with W [out, in], A [r, in], B [out, r]; differentiable."""
+    _, fn = resolve("lora_linear", x.device, backend)
+    return fn(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def lora_fuse(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+              *, out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """W + scaling·B·A in fp32, rounded once to W's dtype; written to `out` (may be `weight`)."""
+    _, fn = resolve("lora_fuse", weight.device, backend)
+    return fn(weight, lora_a, lora_b, scaling, out=out)
+
+
+def lora_unfuse(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                *, out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """W - scaling·B·A (the inverse of lora_fuse up to rounding; see the engine for exactness)."""
+    _, fn = resolve("lora_unfuse", weight.device, backend)
+    return fn(weight, lora_a, lora_b, scaling, out=out)
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
+             residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None):
+    """RMSNorm over the last dim in fp32. With `residual`: h = x + residual, returns (norm(h), h)."""
+    _, fn = resolve("rms_norm", x.device, backend)
+    return fn(x, weight, eps, residual)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5, residual: Optional[torch.Tensor] = None, *,
+               backend: Optional[str] = None):
+    """LayerNorm over the last dim in fp32. With `residual`: returns (norm(x + residual), x + residual)."""
+    _, fn = resolve("layer_norm", x.device, backend)
+    return fn(x, weight, bias, eps, residual)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           positions: torch.Tensor, *, rotary_dim: Optional[int] = None,
+           backend: Optional[str] = None):
+    """Rotate-half rotary embedding, in place on the first `rotary_dim` (default D) features.
+
+    q [B, Hq, S, D], k [B, Hk, S, D]; cos/sin fp32 tables [max_pos, rotary_dim // 2];
+    positions [B, S] per-token position ids (per-sequence offsets, left padding). Returns (q, k).
+    """
+    _, fn = resolve("rotary", q.device, backend)
+    return fn(q, k, cos, sin, positions, rotary_dim=rotary_dim)

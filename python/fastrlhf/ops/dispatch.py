@@ -1,0 +1,117 @@
+"""Backend selection for the ops layer.
+
+Backends: `torch` (reference, always there), `triton` (fastrlhf.kernels) and `cuda`
+(csrc/, JIT-built). A backend is a module exposing `available(device) -> (ok, reason)` and
+one function per op it implements, with the same signature as the reference.
+
+Selection order for a call: the `backend=` argument, else `set_backend(...)` / the config,
+else the `FASTRLHF_BACKEND` environment variable, else `auto`. `auto` picks, per op and
+device, the fastest backend recorded in the per-device table (written by
+benchmarks/kernels.py) or else cuda > triton > torch, among those that are available for
+the tensors' device. Asking for an unavailable backend warns once, naming the reason, and
+falls back to `auto`; it never crashes the run.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+_MODULES = {
+    "torch": "fastrlhf.ops.reference",
+    "triton": "fastrlhf.ops.triton_backend",
+    "cuda": "fastrlhf.ops.cuda_backend",
+}
+_state = threading.local()
+_global_backend: Optional[str] = None
+_warned: set = set()
+_loaded: Dict[str, object] = {}
+# op -> ordered backend preference, filled from the per-device table when one exists
+_preference: Dict[str, Tuple[str, ...]] = {}
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend (`None` returns to env/auto)."""
+    global _global_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _global_backend = name
+
+
+def get_backend() -> str:
+    name = _global_backend or os.environ.get("FASTRLHF_BACKEND", "auto") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FASTRLHF_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_preference(op: str, order: Tuple[str, ...]) -> None:
+    """Record which backend `auto` should try first for `op` (from a benchmark table)."""
+    _preference[op] = tuple(order)
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _load(name: str):
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as e:  # a backend that fails to import is just unavailable
+            _loaded[name] = e
+    return _loaded[name]
+
+
+def backend_status(name: str, device: torch.device) -> Tuple[bool, str]:
+    """(available, reason) of backend `name` for tensors on `device`."""
+    mod = _load(name)
+    if isinstance(mod, Exception):
+        return False, f"{name} backend failed to import: {mod}"
+    avail = getattr(mod, "available", None)
+    if avail is None:
+        return True, ""
+    return avail(device)
+
+
+def _impl(name: str, op: str, device: torch.device) -> Tuple[Optional[Callable], str]:
+    ok, why = backend_status(name, device)
+    if not ok:
+        return None, why
+    fn = getattr(_load(name), op, None)
+    if fn is None:
+        return None, f"the {name} backend has no {op}"
+    return fn, ""
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Tuple[str, Callable]:
+    """Return (backend name, function) that will run `op` for tensors on `device`."""
+    want = backend or get_backend()
+    if want not in BACKENDS:
+        raise ValueError(f"unknown ops backend {want!r}; choose one of {', '.join(BACKENDS)}")
+    if want != "auto":
+        fn, why = _impl(want, op, device)
+        if fn is not None:
+            return want, fn
+        _warn_once(f"{want}:{op}:{device.type}",
+                   f"fastrlhf.ops: backend {want!r} unavailable for {op} on {device.type} "
+                   f"({why}); falling back to auto")
+    order = _preference.get(op, ("cuda", "triton", "torch"))
+    for name in order:
+        if name != "torch" and device.type != "cuda":
+            continue  # GPU backends only run implicitly on GPU tensors
+        fn, _ = _impl(name, op, device)
+        if fn is not None:
+            return name, fn
+    return "torch", getattr(_load("torch"), op)
+
+
+def call(op: str, device: torch.device, backend: Optional[str], *args, **kwargs):
+    return resolve(op, device, backend)[1](*args, **kwargs)

@@ -1,0 +1,132 @@
+"""The `torch` backend: plain PyTorch implementations of every op.
+
+These are the ground truth of every kernel test and the fallback on machines with neither
+a GPU nor Triton. They favour clarity over speed, compute in fp32 (softmax, norms, rotary)
+and return the input dtype. Shapes and semantics are documented in `fastrlhf.ops`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def _expand_kv(k: torch.Tensor, n_q_heads: int) -> torch.Tensor:
+    """Repeat KV heads so GQA/MQA can be computed as plain multi-head attention."""
+    n_kv = k.shape[1]
+    if n_kv == n_q_heads:
+        return k
+    if n_q_heads % n_kv:
+        raise ValueError(f"query heads ({n_q_heads}) must be a multiple of KV heads ({n_kv})")
+    return k.repeat_interleave(n_q_heads // n_kv, dim=1)
+
+
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
+    """softmax(q kᵀ·scale + mask) v over [B, H, S, D] tensors; fully masked rows give 0."""
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    kf = _expand_kv(k, hq).float()
+    vf = _expand_kv(v, hq).float()
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        # bottom-right alignment: the last query sees every key
+        qi = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+        kj = torch.arange(sk, device=q.device)[None, :]
+        allowed = kj <= qi
+    allowed = allowed[None, None].expand(b, 1, sq, sk)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(torch.bool)[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(scores - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vf) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out.to(q.dtype)
+
+
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None):
+    """One query token per sequence over cache positions [cache_starts[b], cache_lens[b])."""
+    b, hq, d = q.shape
+    smax = k_cache.shape[2]
+    pos = torch.arange(smax, device=q.device)[None, :]
+    valid = pos < cache_lens.to(q.device).long()[:, None]
+    if cache_starts is not None:
+        valid = valid & (pos >= cache_starts.to(q.device).long()[:, None])
+    out = attention_prefill(q[:, :, None, :], k_cache, v_cache, causal=False,
+                            attention_mask=valid, scale=scale)
+    return out[:, :, 0, :]
+
+
+def kv_cache_append(k_cache, v_cache, k, v, positions):
+    """Write k/v [B, Hkv, T, D] into the caches at [positions[b], positions[b] + T), in place."""
+    t = k.shape[2]
+    idx = positions.to(k_cache.device).long()[:, None] + torch.arange(t, device=k_cache.device)[None, :]
+    bidx = torch.arange(k.shape[0], device=k_cache.device)[:, None].expand_as(idx)
+    # advanced indexing on dims (0, 2): the value layout is [B, T, H, D]
+    k_cache[bidx, :, idx] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[bidx, :, idx] = v.transpose(1, 2).to(v_cache.dtype)
+    return k_cache, v_cache
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling):
+    """x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ; differentiable through every tensor argument."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    if lora_a is not None and scaling != 0:
+        out = out + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+    return out
+
+
+def lora_fuse(weight, lora_a, lora_b, scaling, *, out=None):
+    """W + scaling·B·A computed in fp32, rounded once to W's dtype; `out=weight` is in place."""
+    delta = torch.matmul(lora_b.float(), lora_a.float()) * scaling
+    res = (weight.float() + delta).to(weight.dtype)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
+def lora_unfuse(weight, lora_a, lora_b, scaling, *, out=None):
+    """Inverse of lora_fuse (exact only in fp32 arithmetic; the engine keeps a backup in bf16)."""
+    return lora_fuse(weight, lora_a, lora_b, -scaling, out=out)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    y = y.to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    y = torch.nn.functional.layer_norm(
+        h.float(), (h.shape[-1],),
+        None if weight is None else weight.float(),
+        None if bias is None else bias.float(), eps).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
+    """Rotate-half (GPT-NeoX/Llama) rotary embedding applied in place to the first
+    `rotary_dim` features of q [B, Hq, S, D] and k [B, Hk, S, D]. cos/sin are fp32
+    tables [max_pos, rotary_dim // 2]; positions [B, S] are per-token position ids."""
+    rd = q.shape[-1] if rotary_dim is None else rotary_dim
+    half = rd // 2
+    c = cos[positions.long()].float()[:, None]  # [B, 1, S, half]
+    s = sin[positions.long()].float()[:, None]
+    for t in (q, k):
+        x1 = t[..., :half].float()
+        x2 = t[..., half:rd].float()
+        r1 = x1 * c - x2 * s
+        r2 = x2 * c + x1 * s
+        t[..., :half] = r1.to(t.dtype)
+        t[..., half:rd] = r2.to(t.dtype)
+    return q, k
