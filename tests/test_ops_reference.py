@@ -160,3 +160,18 @@ def test_dispatch_unavailable_backend_warns_and_falls_back(monkeypatch):
         ops.rms_norm(x, w)
     monkeypatch.setenv("FASTRLHF_BACKEND", "torch")
     assert ops.resolve("rms_norm", x.device)[0] == "torch"
+
+
+def test_device_table_sets_auto_preference(tmp_path, monkeypatch):
+    import json
+    from fastrlhf.ops import dispatch
+    assert dispatch.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"device": "x", "ops": {"rms_norm": ["triton", "cuda", "bogus"]}}))
+    monkeypatch.setattr(dispatch, "_preference", {})
+    assert dispatch.load_device_table(torch.device("cuda"), str(p))
+    assert dispatch._preference["rms_norm"] == ("triton", "cuda", "torch")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert not dispatch.load_device_table(torch.device("cuda"), str(bad))

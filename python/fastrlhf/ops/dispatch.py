@@ -14,7 +14,9 @@ falls back to `auto`; it never crashes the run.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import threading
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -53,6 +55,43 @@ def get_backend() -> str:
 def set_preference(op: str, order: Tuple[str, ...]) -> None:
     """Record which backend `auto` should try first for `op` (from a benchmark table)."""
     _preference[op] = tuple(order)
+
+
+def device_slug(name: str) -> str:
+    """File-name form of a device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+_tables_loaded: set = set()
+
+
+def load_device_table(device: torch.device, path: Optional[str] = None) -> bool:
+    """Load the benchmark-written preference table for a CUDA device, if one ships.
+
+    Tables live in fastrlhf/ops/tables/<device slug>.json as
+    {"device": ..., "date": ..., "ops": {op: [fastest backend, ..., slowest]}}.
+    """
+    if path is None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False
+        name = torch.cuda.get_device_name(device)
+        path = os.path.join(os.path.dirname(__file__), "tables", device_slug(name) + ".json")
+    if path in _tables_loaded:
+        return True
+    _tables_loaded.add(path)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        for op, order in table.get("ops", {}).items():
+            order = [b for b in order if b in _MODULES]
+            if order:
+                set_preference(op, tuple(order) + tuple(b for b in ("cuda", "triton", "torch") if b not in order))
+    except (OSError, ValueError, AttributeError) as e:
+        _warn_once(path, f"fastrlhf.ops: ignoring unreadable backend table {path}: {e}")
+        return False
+    return True
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -103,6 +142,8 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Tup
         _warn_once(f"{want}:{op}:{device.type}",
                    f"fastrlhf.ops: backend {want!r} unavailable for {op} on {device.type} "
                    f"({why}); falling back to auto")
+    if device.type == "cuda":
+        load_device_table(device)
     order = _preference.get(op, ("cuda", "triton", "torch"))
     for name in order:
         if name != "torch" and device.type != "cuda":
