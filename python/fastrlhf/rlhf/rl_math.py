@@ -1,0 +1,285 @@
+"""The math of RLHF as pure functions on tensors (no models, no state but the KL controllers).
+
+Conventions: a batch of answers is laid out [B, N] (N = generated positions); `mask` is 1 on
+real answer tokens (up to and including the EOS token) and 0 after. Every reduction is masked,
+so padding never moves a number. Everything is computed in the input dtype; callers pass fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    x = x * mask
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean over the positions where mask is 1; 0 (not NaN) when the mask is empty."""
+    mask = mask.to(x.dtype)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (unbiased variance); masked-out positions
+    come back as 0. With shift_mean=False the mean is added back (used for rewards, whose
+    sign carries meaning)."""
+    mask = mask.to(x.dtype)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# --------------------------------------------------------------------------- log-probs, entropy
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[labels], computed in fp32: [..., V], [...] -> [...]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# --------------------------------------------------------------------------- answer masks
+
+def answer_mask(answer_ids: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
+    """1 on each answer token up to and including the first EOS, 0 after it.
+
+    Computed from EOS, not from the pad id, so it is right when pad == eos (GPT-2, Llama).
+    An answer that is EOS alone keeps its one token: the reward has a place to land.
+    """
+    if eos_token_id is None:
+        return torch.ones_like(answer_ids, dtype=torch.float32)
+    is_eos = (answer_ids == eos_token_id).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS strictly before this position
+    return (eos_before == 0).float()
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 of each row of a [B, N] mask; -1 for an all-zero row."""
+    n = mask.shape[-1]
+    pos = torch.arange(n, device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, pos, torch.full_like(pos, -1)).max(dim=-1).values
+
+
+# --------------------------------------------------------------------------- KL
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
+
+    k1 = log pi - log pi_ref (unbiased, can be negative); k2 = (k1)^2 / 2;
+    k3 = exp(-k1) - 1 + k1 (unbiased for the expectation, always >= 0, low variance).
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                  reward_clip: Optional[float] = None) -> torch.Tensor:
+    """Per-token rewards [B, N]: -kl_coef * kl on every answer token, plus the (clipped)
+    sequence score added on the last real answer token. Rows with no answer token get none."""
+    if reward_clip is not None and reward_clip > 0:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    rewards = -kl_coef * kl * mask
+    last = last_index(mask)
+    has = last >= 0
+    rows = torch.arange(mask.shape[0], device=mask.device)[has]
+    rewards[rows, last[has]] += scores[has].to(rewards.dtype)
+    return rewards
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Proportional controller of Ziegler et al. (2019): moves the coefficient so the observed
+    KL approaches `target`; the error is clipped to +-20% and scaled by n_steps / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+        super().__init__(init_kl_coef)
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# --------------------------------------------------------------------------- advantages
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over [B, N] answers -> (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}; the value
+    after the last real token is 0 (the episode ends), masked positions come back as 0.
+    """
+    mask = mask.to(rewards.dtype)
+    rewards, values = rewards * mask, values * mask
+    n = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(n)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv[:, t] = next_adv
+        next_value = values[:, t]
+    returns = (adv + values) * mask
+    return adv, returns
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free sequence advantages for scores [P * n] laid out prompt-major (the n samples
+    of a prompt are adjacent).
+
+    grpo: (s - group mean) / (group std + eps), std unbiased (a group of identical scores
+          gives 0, not NaN);
+    rloo: s_i - mean of the other n-1 samples = n / (n - 1) * (s_i - group mean).
+    """
+    if group_size < 2:
+        raise ValueError(f"{kind} needs at least 2 samples per prompt (group_size), got {group_size}")
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    g = scores.reshape(-1, group_size)
+    mean = g.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        out = (g - mean) / (g.std(dim=1, keepdim=True) + eps)
+    elif kind == "rloo":
+        out = (g - mean) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group advantage {kind!r}; choose 'grpo' or 'rloo'")
+    return out.reshape(-1)
+
+
+class RunningMoments:
+    """Running mean/std over all scores seen (Chan et al. parallel update), for reward
+    normalisation; picklable state for resume."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + b_var * n + delta * delta * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-12))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def state_dict(self):
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, s):
+        self.mean, self.var, self.count = s["mean"], s["var"], s["count"]
+
+
+# --------------------------------------------------------------------------- losses
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                        advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old).
+
+    Also returns clip fraction (tokens where the clipped branch won) and the approximate KL
+    between old and new policy (k3 estimator, >= 0)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+    return loss, {"policy_clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, clip: Optional[float]
+                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped = old +
+    clamp(V - old, -clip, clip). clip None/<=0 gives the plain squared error."""
+    err = (values - returns) ** 2
+    if clip is not None and clip > 0:
+        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+        err_clipped = (v_clipped - returns) ** 2
+        loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+        clipfrac = masked_mean((err_clipped > err).float(), mask)
+    else:
+        loss = 0.5 * masked_mean(err, mask)
+        clipfrac = torch.zeros((), device=values.device)
+    return loss, {"value_clipfrac": clipfrac.detach()}
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Direct preference optimisation (Rafailov et al. 2023) over summed sequence log-probs [B].
+
+    loss = -(1-ls) log sigmoid(beta * h) - ls log sigmoid(-beta * h),
+    h = (pi_c - ref_c) - (pi_r - ref_r). Implicit rewards beta * (pi - ref) are returned."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    with torch.no_grad():
+        chosen_r = beta * (policy_chosen - ref_chosen)
+        rejected_r = beta * (policy_rejected - ref_rejected)
+        stats = {"chosen_reward": chosen_r.mean(), "rejected_reward": rejected_r.mean(),
+                 "reward_accuracy": (chosen_r > rejected_r).float().mean(),
+                 "reward_margin": (chosen_r - rejected_r).mean()}
+    return losses.mean(), stats
