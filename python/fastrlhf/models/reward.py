@@ -1,0 +1,118 @@
+"""RewardModel: an HF base model (causal-LM backbone without its LM head) + a scalar value head.
+
+On-disk format (a directory):
+    config.json, model.safetensors, ...   the backbone, `save_pretrained` of an `AutoModel`
+    value_head.safetensors                `v_head.weight` [1, hidden], `v_head.bias` [1]
+    reward_model.json                     {"format": "fastrlhf-reward-model", "version": 1}
+`RewardModel.from_pretrained(dir)` loads it. Given a causal-LM dir instead (an SFT checkpoint, a
+hub model, or a config-only dir such as the bundled default), the backbone is taken from it and
+the head freshly initialised: that is how step 2 and the PPO critic start.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .loading import load_pretrained, resize_for_tokenizer, resolve_model_path, torch_dtype
+
+HEAD_FILE = "value_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (mask != 0) position in each row; works for left and right padding."""
+    seq_len = attention_mask.shape[-1]
+    positions = torch.arange(seq_len, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).amax(-1).clamp(min=0)
+
+
+def hidden_size_of(config) -> int:
+    # OPT projects the decoder output to word_embed_proj_dim before the LM head
+    for name in ("word_embed_proj_dim", "hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ValueError(f"cannot tell the hidden size of {type(config).__name__}")
+
+
+class RewardModel(nn.Module):
+    """`forward` -> per-token values [B, S] (fp32, the critic's view); `score` -> [B] (reward)."""
+
+    def __init__(self, backbone: nn.Module, v_head: Optional[nn.Linear] = None, head_seed: int = 1234):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        if v_head is None:
+            v_head = nn.Linear(hidden_size_of(self.config), 1)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(head_seed)
+                # small init: initial scores near 0 so the pairwise loss starts at log 2
+                nn.init.normal_(v_head.weight, std=1.0 / (hidden_size_of(self.config) + 1) ** 0.5 * 0.1)
+                nn.init.zeros_(v_head.bias)
+        self.v_head = v_head.to(dtype=next(backbone.parameters()).dtype)
+        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs: Dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self._takes_position_ids:
+            # positions count real tokens only, so a left-padded row scores like its right-padded twin
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(**kwargs)[0]  # last_hidden_state
+        return self.v_head(hidden).squeeze(-1).float()
+
+    def score(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self.forward(input_ids, attention_mask)
+        idx = last_token_index(attention_mask)
+        return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+    # -- HF-style conveniences used by the trainers
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+        self.config.use_cache = False
+
+    def save_pretrained(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                        safe_serialization: bool = True) -> None:
+        """Write the documented format; `state_dict` (keys `backbone.*`, `v_head.*`) overrides the
+        live weights, e.g. a ZeRO-3 gathered copy."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone_sd, safe_serialization=safe_serialization)
+        head = {"v_head.weight": sd["v_head.weight"].detach().float().contiguous().cpu(),
+                "v_head.bias": sd["v_head.bias"].detach().float().contiguous().cpu()}
+        save_file(head, os.path.join(path, HEAD_FILE))
+        with open(os.path.join(path, META_FILE), "w") as f:
+            json.dump({"format": "fastrlhf-reward-model", "version": 1,
+                       "backbone_class": type(self.backbone).__name__}, f, indent=1)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: Optional[str] = None, *, tokenizer=None, dtype: str = "fp32",
+                        seed: int = 1234, ds_config: Optional[Dict[str, Any]] = None) -> "RewardModel":
+        """A saved reward model, or a fresh head on the backbone of any causal-LM dir/name."""
+        from transformers import AutoModel
+        path = resolve_model_path(path_or_name)
+        backbone = load_pretrained(AutoModel, path, dtype=torch_dtype(dtype), seed=seed, ds_config=ds_config)
+        resize_for_tokenizer(backbone, tokenizer, seed)
+        model = cls(backbone, head_seed=seed)
+        head_file = os.path.join(path, HEAD_FILE)
+        if os.path.isfile(head_file):
+            from safetensors.torch import load_file
+            head = load_file(head_file)
+            with torch.no_grad():
+                model.v_head.weight.copy_(head["v_head.weight"])
+                model.v_head.bias.copy_(head["v_head.bias"])
+        return model
+
+    @staticmethod
+    def is_reward_model_dir(path: str) -> bool:
+        return os.path.isfile(os.path.join(path, HEAD_FILE))

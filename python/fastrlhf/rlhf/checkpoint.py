@@ -1,0 +1,206 @@
+"""HF-format model export and resumable training checkpoints, for any DeepSpeed engine.
+
+Layout of a run's output_dir:
+    config.json, model.safetensors, tokenizer*   the final model (HF `save_pretrained`)
+    training_config.yaml                          the config the run used
+    checkpoint-<step>/                            every `save_steps` optimizer steps:
+        config.json, model.safetensors, ...         the model at that step, HF format
+        ds_state/                                   DeepSpeed engine state (model, optimizer, scheduler)
+        rng_state_rank<r>.pt                        python / numpy / torch RNG of each rank
+        trainer_state.json                          step, epoch, data position; written LAST, so a
+                                                    checkpoint without it is incomplete and ignored
+All ranks call the save functions (ZeRO-3 gathering and DeepSpeed saves are collective);
+only rank 0 writes the HF files.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.lora import LoRALinear
+from ..utils.distributed import barrier, get_rank, is_rank0
+
+TRAINER_STATE = "trainer_state.json"
+DS_STATE_DIR = "ds_state"
+DS_TAG = "state"
+_PEFT_PREFIX = "base_model.model."
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+def gather_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
+    """The full module state dict on rank 0 (ZeRO-3 partitions gathered; collective), None elsewhere."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        return sd if is_rank0() else None
+    if not is_rank0():
+        return None
+    return {k: v for k, v in engine.module.state_dict().items()}
+
+
+def lora_scalings(module: nn.Module) -> Dict[str, Tuple[float, int, float]]:
+    """{module name: (scaling, r, alpha)} for fastrlhf LoRALinear and PEFT LoRA layers."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            out[name] = (float(m.scaling), int(m.r), float(m.alpha))
+        elif hasattr(m, "lora_A") and hasattr(m, "scaling") and isinstance(getattr(m, "scaling"), dict):
+            for adapter, scale in m.scaling.items():  # PEFT: one adapter expected
+                out[name] = (float(scale), int(m.r[adapter]), float(m.lora_alpha[adapter]))
+    return out
+
+
+def merge_lora_state_dict(sd: Dict[str, torch.Tensor], scalings: Dict[str, Tuple[float, int, float]]
+                          ) -> Dict[str, torch.Tensor]:
+    """Plain HF keys with every LoRA update folded in (W + scaling * B @ A, computed in fp32)."""
+    out: Dict[str, torch.Tensor] = {}
+    lora_parts: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        m = re.match(r"(.*)\.(lora_a|lora_b)$", k) or re.match(r"(.*)\.(lora_A|lora_B)\.[^.]+\.weight$", k)
+        if m:
+            lora_parts.setdefault(m.group(1), {})[m.group(2).lower()] = value
+            continue
+        if ".lora_" in k:  # PEFT's embedding/magnitude extras are not supported for export
+            raise ValueError(f"cannot merge LoRA tensor {key}; save with merge_lora_on_save=False")
+        out[k.replace(".base_layer.", ".")] = value
+    for name, parts in lora_parts.items():
+        peft_name = _PEFT_PREFIX + name
+        scale = scalings.get(name, scalings.get(peft_name))
+        if scale is None:
+            raise ValueError(f"no LoRA scaling known for {name}")
+        w = out[name + ".weight"]
+        merged = w.float() + scale[0] * (parts["lora_b"].float() @ parts["lora_a"].float())
+        out[name + ".weight"] = merged.to(w.dtype)
+    return out
+
+
+def unwrap_peft(module: nn.Module) -> nn.Module:
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def save_hf_model(engine_or_module, out_dir: str, *, tokenizer=None, merge_lora: bool = True,
+                  extra_files: Optional[Dict[str, str]] = None) -> None:
+    """`save_pretrained` of the (possibly ZeRO-3 partitioned, LoRA-adapted) model, by rank 0.
+
+    merge_lora=True writes a plain HF model; False keeps LoRA apart (a PEFT adapter dir, or
+    fastrlhf_lora.* next to the base weights) so `load_causal_lm` restores it."""
+    from ..models.loading import save_fastrlhf_lora
+    from ..models.reward import RewardModel
+    if hasattr(engine_or_module, "zero_optimization_stage"):
+        module, sd = engine_or_module.module, gather_state_dict(engine_or_module)
+    else:
+        module, sd = engine_or_module, (engine_or_module.state_dict() if is_rank0() else None)
+    if is_rank0():
+        os.makedirs(out_dir, exist_ok=True)
+        sd = {k: v.detach().cpu() for k, v in sd.items()}
+        scalings = lora_scalings(module)
+        is_peft = hasattr(module, "peft_config")
+        if is_peft and not merge_lora:
+            module.save_pretrained(out_dir, state_dict=_peft_adapter_only(sd))
+        elif scalings and not merge_lora:
+            base = {k: v for k, v in sd.items() if not k.endswith((".lora_a", ".lora_b"))}
+            _save_module(module, out_dir, base)
+            meta = {n: {"r": r, "alpha": a} for n, (_, r, a) in scalings.items()}
+            prefix = "backbone." if isinstance(module, RewardModel) else ""
+            save_fastrlhf_lora({k[len(prefix):]: v for k, v in sd.items()},
+                               {n[len(prefix):]: m for n, m in meta.items()}, out_dir)
+        else:
+            _save_module(module, out_dir, merge_lora_state_dict(sd, scalings) if scalings else sd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(out_dir, name), "w") as f:
+                f.write(text)
+    barrier()
+
+
+def _peft_adapter_only(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if "lora_" in k}
+
+
+def _save_module(module: nn.Module, out_dir: str, sd: Dict[str, torch.Tensor]) -> None:
+    from ..models.reward import RewardModel
+    if isinstance(module, RewardModel):
+        module.save_pretrained(out_dir, state_dict=sd)
+    else:
+        unwrap_peft(module).save_pretrained(out_dir, state_dict=sd)
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+def checkpoint_dirs(output_dir: str):
+    """Complete checkpoints (trainer_state.json present), oldest first."""
+    found = []
+    for d in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
+        if m and os.path.isfile(os.path.join(d, TRAINER_STATE)):
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
+    if resume == "no":
+        return None
+    if resume == "auto":
+        dirs = checkpoint_dirs(output_dir)
+        return dirs[-1] if dirs else None
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
+        raise ValueError(f"resume={resume}: not a complete fastrlhf checkpoint (no {TRAINER_STATE}); "
+                         f"pick a checkpoint-<step> dir under the output_dir")
+    return resume
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(engine, output_dir: str, trainer_state: Dict[str, Any], *, tokenizer=None,
+                             merge_lora: bool = True, save_total_limit: int = 0) -> str:
+    """HF model + DeepSpeed state + RNG + trainer state under output_dir/checkpoint-<step>."""
+    ckpt = os.path.join(output_dir, f"checkpoint-{trainer_state['step']}")
+    save_hf_model(engine, ckpt, tokenizer=tokenizer, merge_lora=merge_lora)
+    engine.save_checkpoint(os.path.join(ckpt, DS_STATE_DIR), tag=DS_TAG)
+    torch.save(rng_state(), os.path.join(ckpt, f"rng_state_rank{get_rank()}.pt"))
+    barrier()
+    if is_rank0():
+        with open(os.path.join(ckpt, TRAINER_STATE), "w") as f:
+            json.dump(trainer_state, f, indent=1)
+        if save_total_limit > 0:
+            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return ckpt
+
+
+def load_training_checkpoint(engine, ckpt: str) -> Dict[str, Any]:
+    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+    path, _ = engine.load_checkpoint(os.path.join(ckpt, DS_STATE_DIR), tag=DS_TAG,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt}/{DS_STATE_DIR}")
+    rng_file = os.path.join(ckpt, f"rng_state_rank{get_rank()}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    with open(os.path.join(ckpt, TRAINER_STATE)) as f:
+        return json.load(f)
