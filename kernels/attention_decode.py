@@ -1,0 +1,169 @@
+"""KV-cache decode attention: one query token per sequence, split-K over the cache.
+
+Pass 1 splits each sequence's cache into chunks of SPLIT_SIZE positions aligned to absolute
+cache position 0; one program per (chunk, batch, KV head) computes the unnormalised partial
+softmax (running max m, sum l, weighted values acc) for the KV head's whole query group, so
+each K/V element is read once. Pass 2 combines the chunks of a sequence in chunk order.
+
+Both the chunk size and the inner tile are constants, never autotuned: the arithmetic for a
+sequence then depends only on its own (cache_starts, cache_lens), not on the batch it is in,
+the cache capacity or the GPU, so rollout log-probs are reproducible.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Kernel, next_pow2
+
+SPLIT_SIZE = 256  # cache positions per chunk (fixed: see module docstring)
+TILE_N = 64       # positions per inner step inside a chunk (fixed for the same reason)
+
+
+def _decode_partial_kernel(Q, K, V, Lens, Starts, MidO, MidM, MidL,
+                           sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                           n_kv_heads, n_splits, qk_scale_log2,
+                           GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           HAS_STARTS: tl.constexpr, IEEE: tl.constexpr,
+                           SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hkv = pid_bh % n_kv_heads
+    end = tl.load(Lens + b).to(tl.int32)
+    start = 0
+    if HAS_STARTS:
+        start = tl.load(Starts + b).to(tl.int32)
+    lo = pid_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, end)
+    # skip whole tiles before `start`: a fully masked tile leaves (m, l, acc) unchanged
+    first = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
+
+    offs_g = tl.arange(0, G_PAD)
+    g_ok = offs_g < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + (hkv * GROUP + offs_g)[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    for start_n in range(first, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n < hi) & (offs_n >= start)
+        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where(n_ok[None, :], s * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # partials laid out [B, Hq, n_splits(, D)], contiguous
+    head = b * n_kv_heads * GROUP + hkv * GROUP + offs_g
+    ml_off = head * n_splits + pid_s
+    tl.store(MidM + ml_off, m_i, mask=g_ok)
+    tl.store(MidL + ml_off, l_i, mask=g_ok)
+    tl.store(MidO + ml_off[:, None] * HEAD_DIM + offs_d[None, :], acc,
+             mask=g_ok[:, None] & d_ok[None, :])
+
+
+def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, O, n_heads, n_splits, sob, soh, sod,
+                          HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr,
+                          SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # b * n_heads + h
+    b = pid // n_heads
+    h = pid % n_heads
+    end = tl.load(Lens + b).to(tl.int32)
+    start = 0
+    if HAS_STARTS:
+        start = tl.load(Starts + b).to(tl.int32)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for sp in range(start // SPLIT, tl.cdiv(end, SPLIT)):
+        off = pid * n_splits + sp
+        m_s = tl.load(MidM + off)
+        l_s = tl.load(MidL + off)
+        a_s = tl.load(MidO + off * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        beta = tl.math.exp2(m_s - m_safe)
+        l = l * alpha + l_s * beta
+        acc = acc * alpha + a_s * beta
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)
+    tl.store(O + b * sob + h * soh + offs_d * sod, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+_WARPS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (8, 2), (2, 3)]]
+_partial = Kernel(_decode_partial_kernel, configs=_WARPS, key=["GROUP", "HEAD_DIM"],
+                  interpret_meta={})
+_reduce = Kernel(_decode_reduce_kernel)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_lens: torch.Tensor, *, cache_starts: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("attention_decode expects q [B, Hq, D] and equal caches [B, Hkv, Smax, D]; "
+                         f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    b, hq, d = q.shape
+    _, hkv, smax, dk = k_cache.shape
+    if k_cache.shape[0] != b or dk != d:
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch/head_dim")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if d > 256:
+        raise ValueError(f"head_dim {d} > 256 is not supported by the triton backend; use backend='torch'")
+    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"q and caches must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if cache_lens.shape != (b,) or (cache_starts is not None and cache_starts.shape != (b,)):
+        raise ValueError(f"cache_lens / cache_starts must be int tensors of shape [{b}]")
+    if cache_lens.is_floating_point() or (cache_starts is not None and cache_starts.is_floating_point()):
+        raise TypeError("cache_lens / cache_starts must be integer tensors")
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = torch.empty_like(q)
+    if q.numel() == 0:
+        return out
+    n_splits = triton.cdiv(smax, SPLIT_SIZE)
+    mid_o = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=q.device)
+    mid_m = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
+    mid_l = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
+    lens = cache_lens.to(q.device)
+    starts = cache_starts.to(q.device) if cache_starts is not None else lens
+    block_d = max(16, next_pow2(d))
+    has_starts = cache_starts is not None
+    _partial.launch(lambda meta: (n_splits, b * hkv), q, k_cache, v_cache, lens, starts,
+                    mid_o, mid_m, mid_l, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+                    hkv, n_splits, scale * 1.4426950408889634,
+                    GROUP=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=d,
+                    HAS_STARTS=has_starts, IEEE=q.dtype == torch.float32,
+                    SPLIT=SPLIT_SIZE, BLOCK_N=TILE_N, BLOCK_D=block_d)
+    _reduce.launch(lambda meta: (b * hq,), mid_o, mid_m, mid_l, lens, starts, out, hq, n_splits,
+                   *out.stride(), HEAD_DIM=d, HAS_STARTS=has_starts, SPLIT=SPLIT_SIZE,
+                   BLOCK_D=block_d, num_warps=1)
+    return out

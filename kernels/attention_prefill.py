@@ -1,0 +1,147 @@
+"""Fused prefill attention: flash-style tiled online softmax over [B, H, S, D] tensors.
+
+Semantics are those of `fastrlhf.ops.reference.attention_prefill`: causal masks aligned
+bottom-right (query i sees keys j <= i + Sk - Sq), an arbitrary [B, Sk] key mask (left
+padding is the common case), GQA/MQA, fully masked query rows return 0 (never NaN).
+
+GQA: one program owns one KV head and packs its whole query group into the M dimension
+(row r of the tile is query position r // G of head r % G), so every K/V tile is loaded
+once for all G query heads that read it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Kernel, next_pow2
+
+
+def _prefill_kernel(Q, K, V, O, Mask,
+                    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                    sob, soh, sos, sod, smb, smk,
+                    n_kv_heads, seq_q, seq_k, qk_scale_log2,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hkv = pid_bh % n_kv_heads
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = rows % GROUP
+    s_q = rows // GROUP
+    row_ok = s_q < seq_q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = (Q + b * sqb + (hkv * GROUP + g)[:, None] * sqh + s_q[:, None] * sqs
+              + offs_d[None, :] * sqd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    offset = seq_k - seq_q  # bottom-right alignment of the causal mask
+    end_n = seq_k
+    if CAUSAL:
+        last_q = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_q - 1)
+        end_n = tl.maximum(tl.minimum(seq_k, last_q + offset + 1), 0)
+
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_k
+        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale_log2
+        allowed = n_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & (offs_n[None, :] <= s_q[:, None] + offset)
+        if HAS_MASK:
+            km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
+            allowed = allowed & (km != 0)[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp gives 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = (O + b * sob + (hkv * GROUP + g)[:, None] * soh + s_q[:, None] * sos
+              + offs_d[None, :] * sod)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
+                          (64, 128, 4, 3), (128, 32, 4, 4)]
+]
+_kernel = Kernel(_prefill_kernel, configs=_CONFIGS,
+                 key=["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK"],
+                 interpret_meta={"BLOCK_M": 64, "BLOCK_N": 64})
+
+
+def check_inputs(q, k, v, attention_mask):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention_prefill expects q, k, v as [batch, heads, seq, head_dim]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match each other and "
+                         f"q's batch/head_dim {tuple(q.shape)}")
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
+    if d > 256:
+        raise ValueError(f"head_dim {d} > 256 is not supported by the triton backend; use backend='torch'")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, k.shape[2]):
+        raise ValueError(f"attention_mask must be [batch, seq_k] = {(b, k.shape[2])}, "
+                         f"got {tuple(attention_mask.shape)}")
+
+
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                      attention_mask: Optional[torch.Tensor] = None,
+                      scale: Optional[float] = None) -> torch.Tensor:
+    check_inputs(q, k, v, attention_mask)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = torch.empty_like(q)
+    if q.numel() == 0:
+        return out
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
+    smb, smk = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    grid = lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv)  # noqa: E731
+    _kernel.launch(grid, q, k, v, out, mask_arg,
+                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smk,
+                   hkv, sq, sk, scale * 1.4426950408889634,
+                   GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=mask is not None,
+                   IEEE=q.dtype == torch.float32, BLOCK_D=max(16, next_pow2(d)))
+    return out
