@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import batch_geometry, build_ds_config, ds_precision, save_config
 from ..utils.distributed import all_reduce_sum, barrier, get_rank, get_world_size, init_distributed, is_rank0
-from ..utils.logging import MetricsLogger, print_rank0, progress_bar
+from ..utils.logging import MetricsLogger, print_rank0, progress_bar, quiet_libraries
 from . import checkpoint as ckpt_lib
 
 
@@ -54,6 +54,7 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_run(cfg) -> RunContext:
+    quiet_libraries()
     device = init_distributed()
     world = get_world_size()
     ds_config = build_ds_config(cfg, world)

@@ -22,6 +22,17 @@ def get_logger() -> logging.Logger:
     return logger
 
 
+def quiet_libraries() -> None:
+    """Silence per-file progress bars and info chatter from HF/DeepSpeed; our own bar is enough."""
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def print_rank0(msg: str) -> None:
     if is_rank0():
         get_logger().info(msg)

@@ -1,0 +1,114 @@
+"""Step 2: reward model on preference pairs, pairwise loss -log sigmoid(r_chosen - r_rejected).
+
+Eval reports pairwise accuracy (share of pairs with r_chosen > r_rejected) and the mean chosen
+and rejected scores, before and after training. The backbone starts from `model_name_or_path`
+(the base model by default, as DeepSpeed-Chat does, or the SFT output).
+
+    from fastrlhf.config import RMConfig
+    from fastrlhf.rlhf.reward_trainer import train_reward_model
+    result = train_reward_model(RMConfig(max_steps=100))   # -> {"eval_before", "eval_after", ...}
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ..config import RMConfig
+from ..models.loading import apply_lora_from_config, enable_gradient_checkpointing, load_tokenizer
+from ..models.reward import RewardModel, last_token_index
+from ..utils.distributed import all_reduce_sum
+from ..utils.logging import print_rank0
+from . import checkpoint as ckpt_lib
+from .common import (GlobalBatchSampler, describe_run, eval_batches, initialize_engine, run_training,
+                     setup_run, to_device, total_train_steps, training_dtype)
+
+
+def pair_scores(engine, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen (first half) and rejected (second half) rows of a PairCollator batch."""
+    # call through the engine (ZeRO-3 hooks run in its forward); RewardModel.forward gives per-token values
+    values = engine(batch["input_ids"], batch["attention_mask"])
+    scores = values.gather(1, last_token_index(batch["attention_mask"]).unsqueeze(1)).squeeze(1)
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+
+def rm_loss(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    chosen, rejected = pair_scores(engine, batch)
+    return pairwise_loss(chosen, rejected)
+
+
+@torch.no_grad()
+def evaluate_pairs(engine, dataset, collate, batch_size: int, rank: int, world: int,
+                   max_batches: Optional[int] = None) -> Dict[str, float]:
+    was_training = engine.training
+    engine.eval()
+    # sums: correct pairs, chosen scores, rejected scores, pairs, loss
+    sums = torch.zeros(5, dtype=torch.float64)
+    for batch, weight in eval_batches(dataset, collate, batch_size, rank, world, max_batches):
+        batch = to_device(batch, engine.device)
+        chosen, rejected = pair_scores(engine, batch)
+        losses = -torch.nn.functional.logsigmoid(chosen - rejected)
+        sums += weight * torch.tensor([(chosen > rejected).sum().item(), chosen.sum().item(),
+                                       rejected.sum().item(), chosen.numel(), losses.sum().item()],
+                                      dtype=torch.float64)
+    sums = all_reduce_sum(sums)
+    if was_training:
+        engine.train()
+    n = max(float(sums[3]), 1.0)
+    return {"accuracy": float(sums[0]) / n, "chosen_score": float(sums[1]) / n,
+            "rejected_score": float(sums[2]) / n, "loss": float(sums[4]) / n}
+
+
+def _fmt(m: Dict[str, float]) -> str:
+    return (f"accuracy {m['accuracy']:.3f}, mean chosen score {m['chosen_score']:.4f}, "
+            f"mean rejected score {m['rejected_score']:.4f}, loss {m['loss']:.4f}")
+
+
+def train_reward_model(cfg: RMConfig, *, model: Optional[RewardModel] = None, tokenizer=None,
+                       datasets: Optional[Tuple[Any, Any]] = None, collate=None) -> Dict[str, Any]:
+    """Run step 2 and save the reward model (documented format, see models/reward.py) to cfg.output_dir."""
+    cfg.validate()
+    ctx = setup_run(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
+    if datasets is None:
+        from ..data import build_datasets
+        datasets = build_datasets(cfg.data, tokenizer, 2)
+    train_ds, eval_ds = datasets
+    if collate is None:
+        from ..data import PairCollator
+        collate = PairCollator(tokenizer.pad_token_id)
+    if model is None:
+        model = RewardModel.from_pretrained(cfg.model_name_or_path, tokenizer=tokenizer, dtype=training_dtype(ctx),
+                                            seed=cfg.seed, ds_config=ctx.ds_config)
+    apply_lora_from_config(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size,
+                                 ctx.rank, cfg.seed)
+    total_steps = total_train_steps(cfg, sampler.steps_per_epoch)
+    engine = initialize_engine(model, cfg, ctx, total_steps)
+    describe_run(ctx, engine.module, len(train_ds), len(eval_ds), total_steps)
+    eval_bs = cfg.eval_batch_size or ctx.micro_batch_size
+
+    def evaluate() -> Dict[str, float]:
+        return evaluate_pairs(engine, eval_ds, collate, eval_bs, ctx.rank, ctx.world_size, cfg.eval_max_batches)
+
+    before = evaluate()
+    print_rank0(f"[step 2 RM] eval before training: {_fmt(before)}")
+    ctx.metrics.log({f"eval/{k}": v for k, v in before.items()}, 0)
+    result = run_training(engine=engine, ctx=ctx, train_dataset=train_ds, collate=collate, loss_fn=rm_loss,
+                          evaluate=evaluate, sampler=sampler, total_steps=total_steps, tokenizer=tokenizer,
+                          desc="step 2 RM")
+    after = evaluate()
+    print_rank0(f"[step 2 RM] eval after training:  {_fmt(after)}")
+    ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, result["step"])
+    ckpt_lib.save_hf_model(engine, cfg.output_dir, tokenizer=tokenizer, merge_lora=cfg.merge_lora_on_save)
+    print_rank0(f"[step 2 RM] reward model saved to {cfg.output_dir}")
+    ctx.metrics.close()
+    return {"eval_before": before, "eval_after": after, "losses": result["losses"], "steps": result["step"],
+            "output_dir": cfg.output_dir, "engine": engine}
