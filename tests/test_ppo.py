@@ -1,0 +1,194 @@
+"""Step 3 trainer on the bundled tiny Llama (random weights), CPU, fp32.
+
+The models are saved once per module and loaded back by path (the real loading code).
+"""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from fastrlhf.rlhf import rl_math as M
+from fastrlhf.rlhf.experience import answer_logprobs, sequence_scores
+from fastrlhf.rlhf.ppo import NonFiniteLossError, PPOConfig, PPOTrainer, train_ppo
+
+TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+    from fastrlhf.models.reward import RewardModel
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ppo_models")
+    tok = load_tokenizer(None, padding_side="left")
+    load_causal_lm(None, seed=1).save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    RewardModel.from_pretrained(None, seed=2).save_pretrained(str(root / "rm"))
+    tok.save_pretrained(root / "rm")
+    rows = [json.loads(line) for line in open(default_data_path())][:60]
+    items = [{"prompt": r["prompt"],
+              "prompt_input_ids": tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                          add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)} for r in rows]
+    return {"root": root, "tok": tok, "train": items[:48], "eval": items[48:]}
+
+
+def make_cfg(tiny, out, **over):
+    kw = dict(model_name_or_path=str(tiny["root"] / "sft"), reward_model=str(tiny["root"] / "rm"),
+              output_dir=str(out), rollout_batch_size=4, micro_batch_size=2, max_steps=3,
+              max_new_tokens=6, eval_prompts=4, learning_rate=1e-3, critic_learning_rate=1e-3, seed=7)
+    kw.update(over)
+    return PPOConfig(**kw)
+
+
+def trainer(tiny, out, models=None, **over):
+    return PPOTrainer(make_cfg(tiny, out, **over), prompts=tiny["train"], eval_prompts=tiny["eval"],
+                      models=models)
+
+
+def test_left_padding_does_not_change_answer_logprobs(tiny):
+    from fastrlhf.models.loading import load_causal_lm
+    model = load_causal_lm(str(tiny["root"] / "sft")).eval()
+    seq = torch.tensor([[5, 17, 33, 40, 41, 42]])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    mask_padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    with torch.no_grad():
+        a = answer_logprobs(model, seq, torch.ones_like(seq), prompt_len=3)
+        b = answer_logprobs(model, padded, mask_padded, prompt_len=6)
+        # the same number by hand: log-softmax of the logits one column before each answer token
+        logits = model(input_ids=seq).logits
+        manual = torch.log_softmax(logits[0, 2:5], -1).gather(-1, seq[0, 3:, None])[:, 0]
+    torch.testing.assert_close(a[0], manual)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_is_read_at_the_last_real_token_of_a_doubly_padded_rollout():
+    class Echo(torch.nn.Module):  # "value" of a token = its id, so the picked column is visible
+        def forward(self, input_ids, attention_mask):
+            return input_ids.float()
+    seqs = torch.tensor([[0, 0, 11, 12, 7, 2, 0, 0], [0, 13, 14, 15, 5, 6, 8, 9]])
+    att = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1]])
+    assert sequence_scores(Echo(), seqs, att).tolist() == [2.0, 9.0]
+
+
+def test_ppo_steps_log_every_metric_and_save_models_and_plot(tiny, tmp_path):
+    out = tmp_path / "run"
+    res = train_ppo(make_cfg(tiny, out, max_steps=2, ema_decay=0.5),
+                    prompts=tiny["train"], eval_prompts=tiny["eval"])
+    hist = res["history"]
+    assert [h["step"] for h in hist] == [1, 2]
+    need = {"reward_mean", "reward_std", "gt_score", "kl", "entropy", "policy_clipfrac", "value_clipfrac",
+            "value_error", "approx_kl", "gen_time", "train_time", "tokens_per_s", "kl_coef"}
+    for h in hist:
+        assert need <= set(h), need - set(h)
+        assert all(math.isfinite(v) for v in h.values())
+    # learning happened: step 2 saw a policy that moved (ratio != 1 somewhere)
+    assert hist[1]["approx_kl"] > 0 or hist[1]["policy_clipfrac"] > 0 or hist[1]["kl"] != 0
+    for name in ("actor", "critic", "actor_ema"):
+        assert os.path.isfile(out / name / "config.json"), name
+    assert os.path.getsize(out / "ppo_curves.png") > 1000
+    assert set(res["before"]) == {"reward", "gt_score", "kl_to_ref"}
+    assert res["before"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # actor == reference at start
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(out / "actor")
+    live = res["trainer"].actor.module
+    k = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(saved.state_dict()[k], live.state_dict()[k])
+
+
+def test_resume_reproduces_the_next_step_exactly(tiny, tmp_path):
+    full = trainer(tiny, tmp_path / "full", adaptive_kl=True, target_kl=0.1, kl_horizon=100,
+                   normalize_reward=True, ema_decay=0.9)
+    ref = [full.train_step() for _ in range(3)]
+    part = trainer(tiny, tmp_path / "part", adaptive_kl=True, target_kl=0.1, kl_horizon=100,
+                   normalize_reward=True, ema_decay=0.9)
+    part.train_step()
+    part.train_step()
+    part.save_checkpoint()
+    del part
+    resumed = trainer(tiny, tmp_path / "part", adaptive_kl=True, target_kl=0.1, kl_horizon=100,
+                      normalize_reward=True, ema_decay=0.9)
+    assert resumed.step == 2
+    got = resumed.train_step()
+    for k in ref[2]:
+        if k not in TIMING:
+            assert got[k] == ref[2][k], k
+    assert resumed.kl_ctl.value == full.kl_ctl.value != 0.05
+    for n, v in full.ema.shadow.items():
+        torch.testing.assert_close(resumed.ema.shadow[n], v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_critic_free_algorithms_train_without_a_critic(tiny, tmp_path, algo):
+    t = trainer(tiny, tmp_path / algo, algo=algo, group_size=2, rollout_batch_size=2, max_steps=2)
+    assert t.critic is None
+    m = t.train_step()
+    assert "value_loss" not in m and math.isfinite(m["policy_loss"]) and m["skipped_updates"] == 0
+    if algo == "grpo":
+        assert "kl_loss" in m
+
+
+def test_nan_reward_skips_steps_then_stops_with_a_message(tiny, tmp_path):
+    from fastrlhf.models.reward import RewardModel
+
+    class NaNReward(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids, attention_mask) * float("nan")
+
+    rm = NaNReward(RewardModel.from_pretrained(str(tiny["root"] / "rm")))
+    t = trainer(tiny, tmp_path / "nan", models={"reward": rm}, max_nonfinite_steps=2, max_steps=5)
+    before = {n: p.detach().clone() for n, p in t.actor.module.named_parameters()}
+    m = t.train_step()
+    assert m["skipped_updates"] == t.updates_per_step and m["nonfinite_steps"] == 1
+    for n, p in t.actor.module.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed on a skipped step"
+    with pytest.raises(NonFiniteLossError, match="2 consecutive PPO steps"):
+        t.train_step()
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tiny, tmp_path):
+    t = trainer(tiny, tmp_path / "sig", max_steps=5)
+    real_step = t.train_step
+
+    def step_then_signal():
+        m = real_step()
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return m
+    t.train_step = step_then_signal
+    with pytest.raises(SystemExit) as e:
+        t.train()
+    assert e.value.code == 128 + signal.SIGTERM
+    assert os.path.isfile(tmp_path / "sig" / "checkpoints" / "step_2" / "COMPLETE")
+    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored, not left installed
+    resumed = trainer(tiny, tmp_path / "sig", max_steps=5)
+    assert resumed.step == 2 and resumed.stream.pos == t.stream.pos
+
+
+def test_tokenizer_mismatch_and_overlong_are_clear_errors_before_training(tiny, tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    other = tmp_path / "other_rm"
+    import shutil
+    shutil.copytree(tiny["root"] / "rm", other)
+    tk = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    for f in os.listdir(other):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(other / f)
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>",
+                            pad_token="<unk>").save_pretrained(other)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        trainer(tiny, tmp_path / "mm", reward_model=str(other))
+    with pytest.raises(ValueError, match="exceeds the actor's 256 positions"):
+        trainer(tiny, tmp_path / "long", max_new_tokens=250)
+    with pytest.raises(ValueError, match="group_size"):
+        make_cfg(tiny, tmp_path, algo="grpo").validate()
