@@ -1,0 +1,188 @@
+"""Declarative architecture specs: where each piece of an HF decoder lives and how it behaves.
+
+One generic decoder forward (`decoder.py`) runs every family; a family is a small function
+from its HF config to an `ArchSpec`. Adding a family is a spec here plus a test, not code in
+the decoder. Module paths are attribute paths relative to the HF `*ForCausalLM` module
+(`backbone`) or to one decoder layer (the per-layer names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    # model-level paths (relative to the *ForCausalLM module)
+    backbone: str                      # the decoder stack, e.g. "model" or "transformer"
+    embed: str                         # relative to backbone
+    layers: str                        # relative to backbone, a ModuleList
+    final_norm: Optional[str]          # relative to backbone; None when the model has none
+    lm_head: str = "lm_head"           # relative to the CausalLM
+    pos_embed: Optional[str] = None    # learned positions table, relative to backbone
+    pos_offset: int = 0                # OPT adds 2 to every position id
+    rotary_module: Optional[str] = None  # HF rotary embedding module, relative to backbone
+    # per-layer paths
+    input_norm: str = "input_layernorm"
+    post_norm: Optional[str] = None    # None with a shared-norm parallel residual
+    q: Optional[str] = None            # separate projections ...
+    k: Optional[str] = None
+    v: Optional[str] = None
+    qkv: Optional[str] = None          # ... or one fused projection
+    qkv_layout: str = "split"          # "split": [q | k | v]; "grouped": [Hkv, group + 2, D]
+    o: str = "o_proj"
+    up: str = "up_proj"
+    gate: Optional[str] = None         # gated MLP: act(gate(x)) * up(x)
+    down: str = "down_proj"
+    # numerics
+    norm: str = "rms"                  # "rms" | "layer"
+    eps: float = 1e-6
+    act: str = "silu"                  # an ACT2FN name
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    rotary_dim: int = 0                # 0: no rotary
+    conv1d: bool = False               # GPT-2 Conv1D weights are [in, out]
+    parallel_residual: bool = False    # x + attn(ln1(x)) + mlp(ln2(x)) (ln2 = ln1 when post_norm is None)
+    pre_norm: bool = True              # False: OPT-350m style post-norm residual blocks
+    max_positions: int = 2048
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def _opt(c) -> ArchSpec:
+    if getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size:
+        raise UnsupportedArchitecture(
+            "OPT with word_embed_proj_dim != hidden_size (project_in/out, e.g. opt-350m) is not "
+            "supported by the engine spec; use EngineConfig(fallback='hf')")
+    pre = bool(c.do_layer_norm_before)
+    final = "final_layer_norm" if pre and not getattr(c, "_remove_final_layer_norm", False) else None
+    h = c.num_attention_heads
+    return ArchSpec(
+        family="opt", backbone="model.decoder", embed="embed_tokens", layers="layers", final_norm=final,
+        pos_embed="embed_positions", pos_offset=2, input_norm="self_attn_layer_norm",
+        post_norm="final_layer_norm", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+        o="self_attn.out_proj", up="fc1", down="fc2", norm="layer", eps=1e-5, act=c.activation_function,
+        n_heads=h, n_kv_heads=h, head_dim=c.hidden_size // h, pre_norm=pre,
+        max_positions=c.max_position_embeddings)
+
+
+def _llama(c) -> ArchSpec:
+    h = c.num_attention_heads
+    hkv = getattr(c, "num_key_value_heads", None) or h
+    hd = getattr(c, "head_dim", None) or c.hidden_size // h
+    rope = getattr(c, "rope_parameters", None) or {}
+    rd = int(hd * rope.get("partial_rotary_factor", 1.0))
+    return ArchSpec(
+        family="llama", backbone="model", embed="embed_tokens", layers="layers", final_norm="norm",
+        rotary_module="rotary_emb", input_norm="input_layernorm", post_norm="post_attention_layernorm",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="rms", eps=c.rms_norm_eps,
+        act=c.hidden_act, n_heads=h, n_kv_heads=hkv, head_dim=hd, rotary_dim=rd,
+        max_positions=c.max_position_embeddings)
+
+
+def _gpt_neox(c) -> ArchSpec:
+    h = c.num_attention_heads
+    hd = c.hidden_size // h
+    rope = getattr(c, "rope_parameters", None) or {}
+    pct = rope.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    return ArchSpec(
+        family="gpt_neox", backbone="gpt_neox", embed="embed_in", layers="layers",
+        final_norm="final_layer_norm",
+        rotary_module="rotary_emb", input_norm="input_layernorm", post_norm="post_attention_layernorm",
+        qkv="attention.query_key_value", qkv_layout="grouped", o="attention.dense",
+        up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", norm="layer", eps=c.layer_norm_eps,
+        act=c.hidden_act, n_heads=h, n_kv_heads=h, head_dim=hd, rotary_dim=int(hd * pct),
+        parallel_residual=bool(c.use_parallel_residual), max_positions=c.max_position_embeddings)
+
+
+def _gpt2(c) -> ArchSpec:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(c, flag, False):
+            raise UnsupportedArchitecture(f"GPT-2 with {flag}=True is not supported by the engine "
+                                          "spec; use EngineConfig(fallback='hf')")
+    if not getattr(c, "scale_attn_weights", True):
+        raise UnsupportedArchitecture("GPT-2 with scale_attn_weights=False is not supported; "
+                                      "use EngineConfig(fallback='hf')")
+    h = c.n_head
+    return ArchSpec(
+        family="gpt2", backbone="transformer", embed="wte", layers="h", final_norm="ln_f",
+        pos_embed="wpe", input_norm="ln_1", post_norm="ln_2", qkv="attn.c_attn", o="attn.c_proj",
+        up="mlp.c_fc", down="mlp.c_proj", norm="layer", eps=c.layer_norm_epsilon,
+        act=c.activation_function, n_heads=h, n_kv_heads=h, head_dim=c.n_embd // h, conv1d=True,
+        max_positions=c.n_positions)
+
+
+def _falcon(c) -> ArchSpec:
+    if getattr(c, "alibi", False):
+        raise UnsupportedArchitecture("Falcon with alibi=True is not supported by the engine spec; "
+                                      "use EngineConfig(fallback='hf')")
+    h = c.num_attention_heads
+    hd = c.hidden_size // h
+    new_arch = bool(c.new_decoder_architecture)
+    if new_arch:
+        hkv = c.num_kv_heads
+        layout = "grouped"
+        n_ln = getattr(c, "num_ln_in_parallel_attn", None) or 2
+        if n_ln == 2:
+            in_norm, post = "ln_attn", "ln_mlp"
+        else:
+            in_norm, post = "input_layernorm", None
+        parallel = True
+    elif c.multi_query:
+        hkv, layout = 1, "split"
+        in_norm = "input_layernorm"
+        post = None if c.parallel_attn else "post_attention_layernorm"
+        parallel = bool(c.parallel_attn)
+    else:
+        hkv, layout = h, "grouped"
+        in_norm = "input_layernorm"
+        post = None if c.parallel_attn else "post_attention_layernorm"
+        parallel = bool(c.parallel_attn)
+    rope = getattr(c, "rope_parameters", None) or {}
+    return ArchSpec(
+        family="falcon", backbone="transformer", embed="word_embeddings", layers="h", final_norm="ln_f",
+        rotary_module="rotary_emb", input_norm=in_norm, post_norm=post,
+        qkv="self_attention.query_key_value", qkv_layout=layout, o="self_attention.dense",
+        up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", norm="layer", eps=c.layer_norm_epsilon,
+        act=getattr(c, "activation", "gelu"), n_heads=h, n_kv_heads=hkv, head_dim=hd,
+        rotary_dim=int(hd * rope.get("partial_rotary_factor", 1.0)), parallel_residual=parallel,
+        max_positions=getattr(c, "max_position_embeddings", 2048))
+
+
+# model_type -> spec builder. Mistral and Qwen2 are Llama-shaped (GQA; Qwen2 has q/k/v biases,
+# which the generic decoder picks up from the modules themselves).
+SPEC_BUILDERS: Dict[str, Callable] = {
+    "opt": _opt,
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _llama,
+    "gpt_neox": _gpt_neox,
+    "gpt2": _gpt2,
+    "falcon": _falcon,
+}
+
+
+def supported_model_types() -> Tuple[str, ...]:
+    return tuple(sorted(SPEC_BUILDERS))
+
+
+def spec_for(config) -> ArchSpec:
+    """The ArchSpec of an HF config, or a clear error naming the supported types and the fallback."""
+    mt = getattr(config, "model_type", None)
+    builder = SPEC_BUILDERS.get(mt)
+    if builder is None:
+        raise UnsupportedArchitecture(
+            f"HybridEngine has no architecture spec for model_type={mt!r}; supported: "
+            f"{', '.join(supported_model_types())}. Pass EngineConfig(fallback='hf') to run plain "
+            "HF generate through the same interface.")
+    sw = getattr(config, "sliding_window", None)
+    if sw is not None and getattr(config, "use_sliding_window", True) and mt == "mistral":
+        spec = builder(config)
+        return ArchSpec(**{**spec.__dict__, "extra": {"sliding_window": int(sw)}})
+    return builder(config)

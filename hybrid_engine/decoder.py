@@ -1,0 +1,232 @@
+"""One generic decoder forward over `fastrlhf.ops`, driven by an ArchSpec.
+
+`build_model_weights` reads the generation weights out of an HF model (views; LoRA fused into
+buffers; optional QKV / gate-up concatenation). `Decoder.prefill` runs the left-padded prompt
+and fills the KV cache; `Decoder.decode` runs one token per sequence. Ops are resolved once per
+Decoder, so the per-step cost is the math plus a thin Python loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from fastrlhf import ops
+
+from .arch_spec import ArchSpec
+from .kv_cache import KVCache
+from .weights import Linear, Norm, concat_linears, resolve_linear, resolve_norm
+
+
+def get_path(root: nn.Module, path: Optional[str]):
+    if path is None:
+        return None
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _require(root: nn.Module, path: str, what: str):
+    obj = get_path(root, path)
+    if obj is None:
+        raise ValueError(f"the model has no {what} at {path!r}; its architecture does not match "
+                         "the engine spec (use EngineConfig(fallback='hf'))")
+    return obj
+
+
+@dataclass
+class LayerWeights:
+    in_norm: Norm
+    post_norm: Optional[Norm]
+    qkv: Optional[Linear]           # fused projection (native, or a concatenated copy)
+    q: Optional[Linear]
+    k: Optional[Linear]
+    v: Optional[Linear]
+    o: Linear
+    up: Optional[Linear]
+    gate: Optional[Linear]
+    gate_up: Optional[Linear]       # [gate | up] concatenated copy when fuse_projections
+    down: Linear
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor
+    pos_embed: Optional[torch.Tensor]
+    final_norm: Optional[Norm]
+    lm_head: Linear
+    layers: List[LayerWeights] = field(default_factory=list)
+    # ZeRO-3 layer-by-layer mode: a function yielding each layer's weights inside its gather
+    layer_iter: Optional[Callable[[], Iterator[LayerWeights]]] = None
+
+    def iter_layers(self) -> Iterator[LayerWeights]:
+        return self.layer_iter() if self.layer_iter is not None else iter(self.layers)
+
+
+def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
+                        backend: Optional[str]) -> LayerWeights:
+    lin = lambda p: resolve_linear(_require(layer, p, "linear"), backend=backend)  # noqa: E731
+    post = get_path(layer, spec.post_norm) if spec.post_norm else None
+    q = k = v = qkv = None
+    if spec.qkv is not None:
+        qkv = lin(spec.qkv)
+    else:
+        q, k, v = lin(spec.q), lin(spec.k), lin(spec.v)
+        if fuse_projections:  # one matmul instead of three, at the cost of a weight copy
+            qkv, q, k, v = concat_linears([q, k, v]), None, None, None
+    gate = lin(spec.gate) if spec.gate else None
+    up = lin(spec.up)
+    gate_up = None
+    if gate is not None and fuse_projections:
+        gate_up, gate, up = concat_linears([gate, up]), None, None
+    return LayerWeights(
+        in_norm=resolve_norm(_require(layer, spec.input_norm, "input norm")),
+        post_norm=None if post is None else resolve_norm(post),
+        qkv=qkv, q=q, k=k, v=v, o=lin(spec.o), up=up, gate=gate, gate_up=gate_up,
+        down=lin(spec.down))
+
+
+def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
+                        backend: Optional[str], per_layer: bool = True) -> ModelWeights:
+    backbone = _require(model, spec.backbone, "decoder stack")
+    embed = _require(backbone, spec.embed, "token embedding").weight.data
+    pos = get_path(backbone, spec.pos_embed)
+    fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
+    head = _require(model, spec.lm_head, "lm_head")
+    layers = []
+    if per_layer:
+        layers = [build_layer_weights(l, spec, fuse_projections=fuse_projections, backend=backend)
+                  for l in _require(backbone, spec.layers, "layer list")]
+    return ModelWeights(
+        embed=embed, pos_embed=None if pos is None else pos.weight.data,
+        final_norm=None if fnorm is None else resolve_norm(fnorm),
+        lm_head=resolve_linear(head, backend=backend), layers=layers)
+
+
+class Decoder:
+    """The generic forward. Shapes: hidden [B, S, E]; attention heads [B, H, S, D]."""
+
+    def __init__(self, spec: ArchSpec, device: torch.device, backend: Optional[str] = None,
+                 cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None):
+        self.spec = spec
+        self.cos, self.sin = cos, sin
+        r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
+        self._attn_prefill = r("attention_prefill")
+        self._attn_decode = r("attention_decode")
+        self._append = r("kv_cache_append")
+        self._rotary = r("rotary")
+        self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
+        self._act = ACT2FN[spec.act]
+        self.scale = spec.head_dim ** -0.5
+        hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self._split_sizes = [hq * d, hkv * d, hkv * d]
+
+    # -- building blocks -------------------------------------------------------------------
+    def _norm(self, x, n: Norm, residual=None):
+        if self.spec.norm == "rms":
+            return self._norm_fn(x, n.weight, self.spec.eps, residual)
+        return self._norm_fn(x, n.weight, n.bias, self.spec.eps, residual)
+
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor):
+        """q [B, Hq, S, D], k/v [B, Hkv, S, D] (views into the projection output)."""
+        b, s, _ = h.shape
+        sp = self.spec
+        if lw.qkv is None:
+            q, k, v = lw.q(h), lw.k(h), lw.v(h)
+        else:
+            out = lw.qkv(h)
+            if sp.qkv_layout == "grouped":  # [Hkv, group + 2, D] per token: NeoX, Falcon
+                g = sp.n_heads // sp.n_kv_heads
+                out = out.view(b, s, sp.n_kv_heads, g + 2, sp.head_dim)
+                q = out[:, :, :, :g].reshape(b, s, sp.n_heads, sp.head_dim)
+                k, v = out[:, :, :, g], out[:, :, :, g + 1]
+            else:
+                q, k, v = out.split(self._split_sizes, dim=-1)
+        q = q.reshape(b, s, sp.n_heads, sp.head_dim).transpose(1, 2)
+        k = k.reshape(b, s, sp.n_kv_heads, sp.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, sp.n_kv_heads, sp.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        if lw.gate_up is not None:
+            g, u = lw.gate_up(h).chunk(2, dim=-1)
+            return lw.down(self._act(g) * u)
+        if lw.gate is not None:
+            return lw.down(self._act(lw.gate(h)) * lw.up(h))
+        return lw.down(self._act(lw.up(h)))
+
+    def _attention(self, lw, h, positions, attend):
+        q, k, v = self._qkv(lw, h)
+        if self.spec.rotary_dim:
+            self._rotary(q, k, self.cos, self.sin, positions, rotary_dim=self.spec.rotary_dim)
+        o = attend(q, k, v)  # [B, Hq, S, D]
+        b, _, s, _ = o.shape
+        return lw.o(o.transpose(1, 2).reshape(b, s, -1))
+
+    def _layer(self, lw: LayerWeights, x, positions, attend):
+        sp = self.spec
+        if not sp.pre_norm:  # post-norm blocks (OPT-350m)
+            x = self._norm(x + self._attention(lw, x, positions, attend), lw.in_norm)
+            return self._norm(x + self._mlp(lw, x), lw.post_norm)
+        h = self._norm(x, lw.in_norm)
+        a = self._attention(lw, h, positions, attend)
+        if sp.parallel_residual:
+            h2 = h if lw.post_norm is None else self._norm(x, lw.post_norm)
+            return (self._mlp(lw, h2) + a) + x
+        h2, x = self._norm(a, lw.post_norm, residual=x)
+        return x + self._mlp(lw, h2)
+
+    def _embed(self, w: ModelWeights, ids, positions):
+        x = nn.functional.embedding(ids, w.embed)
+        if w.pos_embed is not None:
+            x = x + nn.functional.embedding(positions + self.spec.pos_offset, w.pos_embed)
+        return x
+
+    def _head(self, w: ModelWeights, x):
+        if w.final_norm is not None:
+            x = self._norm(x, w.final_norm)
+        return w.lm_head(x)
+
+    # -- passes ----------------------------------------------------------------------------
+    def prefill(self, w: ModelWeights, input_ids, attention_mask, positions, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run the prompts [B, P] (left-padded), write columns 0..P-1 of the cache, return the
+        logits of the last column [B, V] (or of every column [B, P, V] with all_logits)."""
+        b = input_ids.shape[0]
+        zero = torch.zeros(b, dtype=torch.int32, device=input_ids.device)
+        x = self._embed(w, input_ids, positions)
+        for i, lw in enumerate(w.iter_layers()):
+            kc, vc = cache.k[i], cache.v[i]
+
+            def attend(q, k, v, kc=kc, vc=vc):
+                self._append(kc, vc, k, v, zero)
+                return self._attn_prefill(q, k, v, causal=True, attention_mask=attention_mask,
+                                          scale=self.scale)
+            x = self._layer(lw, x, positions, attend)
+        return self._head(w, x) if all_logits else self._head(w, x[:, -1:])[:, -1]
+
+    def decode(self, w: ModelWeights, tokens, positions, write_col, cache_lens, cache: KVCache,
+               read_len: Optional[int] = None) -> torch.Tensor:
+        """One token per sequence. tokens/positions [B]; write_col [B] int32 (the same column for
+        all); cache_lens [B] = write_col + 1. `read_len` (python int) lets attention read only
+        the filled columns (not under CUDA graphs, whose shapes are fixed). Returns logits [B, V]."""
+        pos2 = positions[:, None]
+        x = self._embed(w, tokens[:, None], pos2)
+        starts = cache.starts
+        for i, lw in enumerate(w.iter_layers()):
+            kc, vc = cache.k[i], cache.v[i]
+
+            def attend(q, k, v, kc=kc, vc=vc):
+                self._append(kc, vc, k, v, write_col)
+                kr, vr = (kc, vc) if read_len is None else (kc[:, :, :read_len], vc[:, :, :read_len])
+                o = self._attn_decode(q[:, :, 0], kr, vr, cache_lens, cache_starts=starts,
+                                      scale=self.scale)
+                return o[:, :, None]
+            x = self._layer(lw, x, pos2, attend)
+        return self._head(w, x)[:, 0]

@@ -1,0 +1,280 @@
+"""HybridEngine: fast generation on the training weights of an HF causal LM.
+
+    engine = HybridEngine(model_or_deepspeed_engine, tokenizer, EngineConfig())
+    out = engine.generate(input_ids, attention_mask, max_new_tokens=64, do_sample=True)
+
+Inference mode (`eval()`, the `inference()` context, or implicitly around `generate`): gather
+ZeRO-3 partitions, read weight views and fuse LoRA into side buffers; `train()` drops all of it
+(the training parameters were never written) and releases gathered partitions.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .arch_spec import ArchSpec, spec_for
+from .decoder import Decoder, ModelWeights, build_layer_weights, build_model_weights, get_path
+from .engine_types import EngineConfig, GenerationOutput
+from .kv_cache import KVCache
+from .sampling import SamplingParams, make_generator
+from .zero3 import gathered, model_is_zero3
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside a DeepSpeed engine / DDP wrapper / PEFT model."""
+    m = model
+    while not hasattr(m, "config") and isinstance(getattr(m, "module", None), nn.Module):
+        m = m.module
+    get_base = getattr(m, "get_base_model", None)
+    if callable(get_base) and type(m).__name__.startswith("Peft"):
+        m = get_base()
+    return m
+
+
+def _as_id_list(x) -> List[int]:
+    if x is None:
+        return []
+    if isinstance(x, int):
+        return [x]
+    return [int(i) for i in x]
+
+
+class HybridEngine:
+    def __init__(self, model: nn.Module, tokenizer=None, config: Optional[EngineConfig] = None):
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.wrapped = model
+        self.model = unwrap_model(model)
+        self.tokenizer = tokenizer
+        self.spec: Optional[ArchSpec] = None
+        if self.config.fallback is None:
+            self.spec = spec_for(self.model.config)  # clear error for unsupported families
+        self._weights: Optional[ModelWeights] = None
+        self._stack: Optional[contextlib.ExitStack] = None
+        self._cache: Optional[KVCache] = None
+        self._decoder: Optional[Decoder] = None
+        self._tables = None  # (length, cos, sin)
+
+    # -- facts about the model --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def in_inference(self) -> bool:
+        return self._stack is not None
+
+    # -- mode switches -----------------------------------------------------------------------
+    def eval(self) -> "HybridEngine":
+        """Enter inference mode: gather ZeRO-3 params, build weight views, fuse LoRA."""
+        if self._stack is not None:
+            return self
+        stack = contextlib.ExitStack()
+        try:
+            if self.spec is None:  # HF fallback: gather for generate, nothing else to build
+                if self.config.zero3_gather == "all":
+                    stack.enter_context(gathered(self.model.parameters()))
+            else:
+                self._weights = self._build_weights(stack)
+        except BaseException:
+            stack.close()
+            self._weights = None
+            raise
+        self._stack = stack
+        return self
+
+    def train(self, release_cache: bool = False) -> "HybridEngine":
+        """Back to training mode: drop fused buffers and views, release gathered partitions."""
+        self._weights = None
+        self._decoder = None
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+        if release_cache:
+            self.release_cache()
+        return self
+
+    @contextlib.contextmanager
+    def inference(self):
+        entered = not self.in_inference
+        if entered:
+            self.eval()
+        try:
+            yield self
+        finally:
+            if entered:
+                self.train()
+
+    def release_cache(self) -> None:
+        self._cache = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _build_weights(self, stack: contextlib.ExitStack) -> ModelWeights:
+        spec, cfg = self.spec, self.config
+        build = dict(fuse_projections=cfg.fuse_projections, backend=cfg.backend)
+        layers = get_path(get_path(self.model, spec.backbone), spec.layers)
+        if cfg.zero3_gather == "layer" and model_is_zero3(self.model):
+            in_layers = {id(p) for p in layers.parameters()}
+            rest = [p for p in self.model.parameters() if id(p) not in in_layers]
+            stack.enter_context(gathered(rest))
+            weights = build_model_weights(self.model, spec, per_layer=False, **build)
+
+            def layer_iter():
+                for layer in layers:
+                    with gathered(layer.parameters()):
+                        yield build_layer_weights(layer, spec, **build)
+            weights.layer_iter = layer_iter
+            return weights
+        stack.enter_context(gathered(self.model.parameters()))
+        return build_model_weights(self.model, spec, **build)
+
+    # -- rotary tables from the HF module (so rope-scaling variants are honoured) -------------
+    def _rotary_tables(self, length: int):
+        spec = self.spec
+        if not spec.rotary_dim:
+            return None, None
+        if self._tables is not None and self._tables[0] >= length and self._tables[1].device == self.device:
+            return self._tables[1], self._tables[2]
+        length = max(length, spec.max_positions)
+        mod = get_path(get_path(self.model, spec.backbone), spec.rotary_module)
+        if mod is None:
+            raise ValueError(f"no rotary embedding module at {spec.backbone}.{spec.rotary_module}")
+        x = torch.zeros(1, 1, spec.head_dim, dtype=torch.float32, device=self.device)
+        pos = torch.arange(length, device=self.device)[None]
+        with torch.no_grad():
+            cos, sin = mod(x, pos)
+        if cos.shape[-1] != spec.rotary_dim:
+            raise ValueError(f"rotary module gives dim {cos.shape[-1]}, spec expects {spec.rotary_dim}")
+        half = spec.rotary_dim // 2
+        # HF's tables are cat(freqs, freqs): the first half is the per-frequency table
+        cos = cos[0, :, :half].float().contiguous()
+        sin = sin[0, :, :half].float().contiguous()
+        self._tables = (length, cos, sin)
+        return cos, sin
+
+    def _get_cache(self, batch: int, max_len: int) -> KVCache:
+        sp = self.spec
+        n_layers = len(get_path(get_path(self.model, sp.backbone), sp.layers))
+        args = (n_layers, batch, sp.n_kv_heads, max_len, sp.head_dim, self.dtype, self.device)
+        if self._cache is None or not self._cache.fits(*args):
+            self._cache = None  # free the old one before allocating
+            self._cache = KVCache(*args)
+        return self._cache
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 64, do_sample: bool = True, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
+                 pad_token_id: Optional[int] = None,
+                 generator: Union[torch.Generator, int, None] = None,
+                 return_logprobs: bool = False, release_cache: bool = False) -> GenerationOutput:
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens)
+        params.validate()
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, max_new_tokens)
+        eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else self._default_eos())
+        if pad_token_id is None:
+            pad_token_id = self._default_pad(eos_ids)
+        gen = make_generator(generator, self.device)
+        entered = not self.in_inference
+        if entered:
+            self.eval()
+        try:
+            with torch.no_grad():
+                if self.spec is None:
+                    from .hf_fallback import hf_generate
+                    return hf_generate(self.model, input_ids, attention_mask, max_new_tokens, params,
+                                       eos_ids, pad_token_id, gen, return_logprobs)
+                return self._generate(input_ids, attention_mask, max_new_tokens, params, eos_ids,
+                                      pad_token_id, gen, return_logprobs)
+        finally:
+            if entered:
+                self.train()
+            if release_cache:
+                self.release_cache()
+
+    def _default_eos(self):
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            return self.tokenizer.eos_token_id
+        gc = getattr(self.model, "generation_config", None)
+        return getattr(gc, "eos_token_id", None) if gc is not None else self.model.config.eos_token_id
+
+    def _default_pad(self, eos_ids: List[int]) -> int:
+        for src in (self.tokenizer, self.model.config):
+            pid = getattr(src, "pad_token_id", None) if src is not None else None
+            if pid is not None:
+                return int(pid)
+        if eos_ids:
+            return eos_ids[0]
+        raise ValueError("no pad_token_id: pass pad_token_id=..., or a tokenizer/model config with "
+                         "a pad or eos token")
+
+    def _check_inputs(self, input_ids, attention_mask, max_new_tokens):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [batch, prompt_len] tensor of token ids")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids = input_ids.to(self.device, torch.long)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        attention_mask = attention_mask.to(self.device)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("prompts must be LEFT-padded (the last column must be a real token for "
+                             "every row); set tokenizer.padding_side = 'left'")
+        if not bool(attention_mask.any(dim=-1).all()):
+            raise ValueError("every prompt needs at least one real token")
+        if self.spec is not None and self.spec.pos_embed is not None:
+            total = input_ids.shape[1] + max_new_tokens
+            if total > self.spec.max_positions:
+                raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's "
+                                 f"{self.spec.max_positions} learned positions")
+        if self.spec is not None and "sliding_window" in self.spec.extra:
+            total = input_ids.shape[1] + max_new_tokens
+            if total > self.spec.extra["sliding_window"]:
+                raise ValueError(f"prompt + max_new_tokens = {total} exceeds the sliding window "
+                                 f"({self.spec.extra['sliding_window']}), which the engine does not "
+                                 "implement; use EngineConfig(fallback='hf')")
+        return input_ids, attention_mask
+
+    def _decoder_for(self, total_len: int) -> Decoder:
+        cos, sin = self._rotary_tables(total_len)
+        if self._decoder is None or self._decoder.cos is not cos:
+            self._decoder = Decoder(self.spec, self.device, self.config.backend, cos, sin)
+        return self._decoder
+
+    @torch.no_grad()
+    def prefill_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """Logits of every prompt position [B, P, V] from the engine's forward (for checks)."""
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, 1)
+        with self.inference():
+            b, p = input_ids.shape
+            dec = self._decoder_for(p)
+            cache = KVCache(len(get_path(get_path(self.model, self.spec.backbone), self.spec.layers)),
+                            b, self.spec.n_kv_heads, p, self.spec.head_dim, self.dtype, self.device)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return dec.prefill(self._weights, input_ids, attention_mask, positions, cache, all_logits=True)
+
+    def _generate(self, input_ids, attention_mask, max_new, params, eos_ids, pad_id, gen, want_lp):
+        from .loop import generation_loop
+        b, p = input_ids.shape
+        total = p + max_new
+        dec = self._decoder_for(total)
+        cache = self._get_cache(b, total)
+        use_graphs = (self.config.cuda_graphs and self.device.type == "cuda"
+                      and self._weights.layer_iter is None)
+        return generation_loop(dec, self._weights, cache, input_ids, attention_mask, max_new, params,
+                               eos_ids, pad_id, gen, want_lp, use_graphs=use_graphs,
+                               stop_check_every=1 if self.device.type == "cpu" else self.config.stop_check_every)

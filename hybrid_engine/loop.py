@@ -1,0 +1,102 @@
+"""The generation loop: prefill once, then one decode step per new token.
+
+Cache columns: prompts occupy 0..P-1 (left-padded), new token t is written at column P + t for
+every sequence; sequence b attends columns [starts[b], P + t] and its position id is
+real_len[b] + t (HF's cumsum-of-mask positions). On GPU the decode step can be captured in a
+CUDA graph: its inputs live in static buffers and the attention reads the whole cache, so
+shapes never change between replays.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .decoder import Decoder, ModelWeights
+from .engine_types import GenerationOutput
+from .kv_cache import KVCache
+from .sampling import SamplingParams, choose_tokens, process_logits
+
+
+class _GraphedDecode:
+    """A decode step captured once per generate call (weights / cache addresses are fixed)."""
+
+    def __init__(self, dec: Decoder, w: ModelWeights, cache: KVCache, batch: int, first_col: int):
+        dev = cache.storage.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.col = torch.full((batch,), first_col, dtype=torch.int32, device=dev)
+        self.lens = torch.full((batch,), first_col + 1, dtype=torch.int32, device=dev)
+        step = lambda: dec.decode(w, self.tokens, self.positions, self.col, self.lens, cache)  # noqa: E731
+        # warm-up on a side stream (lazy inits, allocator) before capture; it writes column
+        # `first_col`, which the first real step overwrites
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+
+    def __call__(self, tokens, positions, col: int):
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.col.fill_(col)
+        self.lens.fill_(col + 1)
+        self.graph.replay()
+        return self.logits
+
+
+def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, attention_mask,
+                    max_new: int, params: SamplingParams, eos_ids: List[int], pad_id: int,
+                    gen: Optional[torch.Generator], want_logprobs: bool, *, use_graphs: bool,
+                    stop_check_every: int) -> GenerationOutput:
+    b, p = input_ids.shape
+    dev = input_ids.device
+    mask = attention_mask.to(torch.bool)
+    real_len = mask.sum(dim=-1)                                  # [B]
+    cache.starts = (p - real_len).to(torch.int32)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = dec.prefill(w, input_ids, mask, positions, cache)  # [B, V]
+
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=dev)
+        # pads are replaced by the (always real) last prompt token so they mark nothing extra
+        seen.scatter_(1, torch.where(mask, input_ids, input_ids[:, -1:]), True)
+    eos_t = torch.tensor(eos_ids, device=dev, dtype=torch.long) if eos_ids else None
+    finished = torch.zeros(b, dtype=torch.bool, device=dev)
+    out_tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=dev)
+    out_lp = torch.zeros(b, max_new, dtype=torch.float32, device=dev) if want_logprobs else None
+    write_cols = torch.arange(p, p + max_new, dtype=torch.int32, device=dev)
+    graphed = _GraphedDecode(dec, w, cache, b, p) if use_graphs and max_new > 1 else None
+
+    n = 0
+    for t in range(max_new):
+        raw = logits.float()
+        tok = choose_tokens(process_logits(raw, params, seen=seen, n_generated=t, eos_ids=eos_ids),
+                            params, gen)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        out_tokens[:, t] = tok
+        if out_lp is not None:
+            lp = torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
+            out_lp[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
+        n = t + 1
+        if eos_t is not None:
+            finished = finished | torch.isin(tok, eos_t)
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        if t == max_new - 1:
+            break
+        if eos_t is not None and (t + 1) % stop_check_every == 0 and bool(finished.all()):
+            break
+        pos = real_len + t
+        if graphed is not None:
+            logits = graphed(tok, pos, p + t)
+        else:
+            col = write_cols[t].expand(b)
+            logits = dec.decode(w, tok, pos, col, col + 1, cache, read_len=p + t + 1)
+    sequences = torch.cat([input_ids, out_tokens[:, :n]], dim=1)
+    return GenerationOutput(sequences, None if out_lp is None else out_lp[:, :n])

@@ -1,0 +1,55 @@
+"""Shared builders for the engine tests: tiny HF models of every supported family.
+
+Models are built from configs with random weights, saved with save_pretrained and loaded back
+by path (the real loading code, no hub). A larger initializer_range than HF's default makes
+the next-token distributions peaked, so greedy comparisons are not decided by near-ties.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 96
+TINY_CONFIGS = {
+    "opt": dict(hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
+                word_embed_proj_dim=48, max_position_embeddings=128, vocab_size=VOCAB,
+                pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "llama": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128),
+    "qwen2": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128),
+    "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+                     vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
+    "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+                 bos_token_id=0, eos_token_id=0),
+    "falcon": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                   max_position_embeddings=128),
+    "falcon_new": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                       new_decoder_architecture=True, vocab_size=VOCAB, max_position_embeddings=128,
+                       bias=True),
+}
+FAMILY_OF = {"falcon_new": "falcon"}
+
+
+def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: float = 0.25):
+    """A tiny random model of family `name`, saved to `path` and loaded back by path."""
+    kw = dict(TINY_CONFIGS[name])
+    cfg = AutoConfig.for_model(FAMILY_OF.get(name, name), **kw)
+    cfg.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(path))
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def left_padded_batch(lengths, vocab: int = VOCAB, pad_id: int = 0, seed: int = 1):
+    """input_ids [B, max(lengths)] left-padded with pad_id, and the matching attention mask.
+    Real tokens avoid ids 0..3 so they never collide with special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    p = max(lengths)
+    ids = torch.full((len(lengths), p), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), p, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, p - n:] = torch.randint(4, vocab, (n,), generator=g)
+        mask[i, p - n:] = 1
+    return ids, mask
