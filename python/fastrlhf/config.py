@@ -118,7 +118,8 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     """Step 1: supervised fine-tuning of a causal LM on prompt -> answer."""
     output_dir: str = _opt("output/step1_sft", "where checkpoints, the final model and logs are written")
-    learning_rate: float = _opt(1e-3, "peak learning rate")
+    learning_rate: float = _opt(1e-5, "peak learning rate")
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
     eval_max_batches: Optional[int] = _opt(None, "cap on eval batches (unset = the whole eval split)")
 
 
@@ -126,8 +127,20 @@ class SFTConfig(TrainConfig):
 class RMConfig(TrainConfig):
     """Step 2: reward model (causal-LM backbone + scalar head) trained on preference pairs."""
     output_dir: str = _opt("output/step2_rm", "where checkpoints, the final model and logs are written")
-    learning_rate: float = _opt(5e-4, "peak learning rate")
+    learning_rate: float = _opt(1e-5, "peak learning rate")
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
     eval_max_batches: Optional[int] = _opt(None, "cap on eval batches (unset = the whole eval split)")
+
+
+# Settings tuned for the bundled tiny default task (a few-million-parameter model trained from
+# scratch on 2 CPU cores); applied under the user's file and command line when no model is given.
+# The class defaults above suit pretrained models instead.
+DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
+    "sft": {"learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 4, "warmup_ratio": 0.05,
+            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
+    "rm": {"learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
+           "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
+}
 
 
 # ----------------------------------------------------------------------------- generic machinery
@@ -143,7 +156,7 @@ def _hints(cls) -> Dict[str, Any]:
 def _unknown_key(key: str, known: Sequence[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
-    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+    return ConfigError(f"unknown config key {where + key!r}{hint}")
 
 
 def _strip_optional(tp):

@@ -1,0 +1,328 @@
+"""The `fastrlhf` command line.
+
+    fastrlhf train [--steps 1 2 3] [--config run.yaml] [--model_name_or_path M] [--output_dir D] ...
+    fastrlhf sft   [--config sft.yaml] [--key value ...]
+    fastrlhf rm    [--config rm.yaml]  [--key value ...]
+    fastrlhf ppo   [--config ppo.yaml] [--key value ...]
+    fastrlhf ops
+
+Every option of a step's config is a `--key value` flag (nested: `--data.max_prompt_len 64`);
+precedence is defaults < bundled-task profile (only when no model is given) < --config file <
+command line. Multi-process: `deepspeed --num_gpus N $(which fastrlhf) train ...` or
+`torchrun --nproc_per_node N -m fastrlhf.cli train ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from .config import (DEFAULT_TASK_PROFILES, ConfigError, RMConfig, SFTConfig, TrainConfig, add_dataclass_arguments,
+                     config_from_dict, load_config_file, merge_dicts, namespace_overrides, unflatten)
+
+STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
+STEP_DIRS = {1: "step1_sft", 2: "step2_rm", 3: "step3_ppo"}
+
+TRAIN_EPILOG = """\
+examples:
+  fastrlhf train                                   # steps 1 and 2 (and 3 when available) on the bundled tiny task
+  fastrlhf train --steps 1 2 --output_dir runs/a   # SFT then reward model, into runs/a/step1_sft, runs/a/step2_rm
+  fastrlhf train --model_name_or_path facebook/opt-350m --data.paths Dahoas/rm-static \\
+      --zero_stage 2 --dtype bf16 --sft.learning_rate 2e-5 --rm.num_epochs 1
+  fastrlhf train --config run.yaml                 # top-level keys apply to every step; sections sft:, rm:, ppo:
+
+Options shared by all steps are listed below; any step-only option is given as --sft.KEY, --rm.KEY or
+--ppo.KEY (see `fastrlhf sft --help`, `fastrlhf rm --help`, `fastrlhf ppo --help` for the keys).
+"""
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _step_config_class(step: int):
+    if step == 1:
+        return SFTConfig
+    if step == 2:
+        return RMConfig
+    try:
+        from .rlhf.ppo import PPOConfig
+    except ImportError as e:
+        raise CLIError(f"step 3 (PPO) is not available in this installation ({e}); run --steps 1 2") from None
+    return PPOConfig
+
+
+def _profile(step_name: str, model_given: bool) -> Dict[str, Any]:
+    if model_given:
+        return {}
+    if step_name == "ppo":
+        try:
+            from .rlhf import ppo
+            return dict(getattr(ppo, "DEFAULT_TASK_PROFILE", {}))
+        except ImportError:
+            return {}
+    return dict(DEFAULT_TASK_PROFILES.get(step_name, {}))
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (command line wins)")
+    # the deepspeed launcher passes --local_rank; the process group reads LOCAL_RANK from the env
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=40, width=110)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastrlhf", formatter_class=_formatter, allow_abbrev=False,
+        description="fastrlhf: RLHF (SFT -> reward model -> PPO) on DeepSpeed with a fast hybrid generation "
+                    "engine.\nWith no model arguments everything runs on a bundled tiny task, on a CPU in minutes.",
+        epilog="run `fastrlhf COMMAND --help` for the options of a command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", allow_abbrev=False, help="run several steps, each feeding the next",
+                           formatter_class=_formatter,
+                           usage="fastrlhf train [--steps N [N ...]] [--rm_init {base,sft}] [--config FILE] "
+                                 "[--KEY VALUE ...] [--sft.KEY VALUE ...] [--rm.KEY VALUE ...] [--ppo.KEY VALUE ...]",
+                           description="Run the listed steps in order:\n"
+                                       "  step 1 SFT writes <output_dir>/step1_sft;\n"
+                                       "  step 2 trains the reward model into <output_dir>/step2_rm, initialised from\n"
+                                       "         the base model (or from the SFT model with --rm_init sft);\n"
+                                       "  step 3 PPO trains the SFT model against that reward model.",
+                           epilog=TRAIN_EPILOG)
+    train.add_argument("--steps", type=int, nargs="+", default=None, choices=(1, 2, 3), metavar="N",
+                       help="steps to run, from 1 2 3 (default: 1 2 3 when step 3 is installed, else 1 2)")
+    train.add_argument("--rm_init", choices=("base", "sft"), default="base",
+                       help="initialise the reward model from the base model (default, as DeepSpeed-Chat) "
+                            "or from the step-1 output")
+    _add_common(train)
+    add_dataclass_arguments(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    for name, cls, help_text in (("sft", SFTConfig, "step 1: supervised fine-tuning"),
+                                 ("rm", RMConfig, "step 2: reward model on preference pairs")):
+        p = sub.add_parser(name, allow_abbrev=False, help=help_text, formatter_class=_formatter,
+                           description=cls.__doc__,
+                           usage=f"fastrlhf {name} [--config FILE] [--KEY VALUE ...] [--data.KEY VALUE ...]")
+        _add_common(p)
+        add_dataclass_arguments(p, cls)
+        p.set_defaults(func=cmd_step, config_cls=cls, step=name)
+
+    ppo = sub.add_parser("ppo", help="step 3: PPO against a trained reward model", formatter_class=_formatter,
+                         add_help=False, description="Step 3 (PPO); options come from fastrlhf.rlhf.ppo.PPOConfig.")
+    ppo.add_argument("-h", "--help", action="store_true")
+    ppo.set_defaults(func=cmd_ppo)
+
+    ops = sub.add_parser("ops", help="show the kernel backends and the CUDA extension status",
+                         formatter_class=_formatter)
+    ops.set_defaults(func=cmd_ops)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _file_values(path: Optional[str]) -> Dict[str, Any]:
+    return load_config_file(path) if path else {}
+
+
+def cmd_step(args: argparse.Namespace, extra: List[str]) -> int:
+    if extra:
+        raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
+    cls = args.config_cls
+    file_values = _file_values(args.config)
+    overrides = namespace_overrides(args, cls)
+    model_given = bool(overrides.get("model_name_or_path") or file_values.get("model_name_or_path"))
+    values = merge_dicts(merge_dicts(_profile(args.step, model_given), file_values), overrides)
+    cfg = config_from_dict(cls, values)
+    if args.step == "sft":
+        from .rlhf.sft import train_sft
+        train_sft(cfg)
+    else:
+        from .rlhf.reward_trainer import train_reward_model
+        train_reward_model(cfg)
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace, extra: List[str]) -> int:
+    cls = _step_config_class(3)
+    from .rlhf.ppo import train_ppo
+    p = argparse.ArgumentParser(prog="fastrlhf ppo", formatter_class=_formatter, description=cls.__doc__)
+    _add_common(p)
+    add_dataclass_arguments(p, cls)
+    if args.help:
+        p.print_help()
+        return 0
+    ns = p.parse_args(extra)
+    file_values = _file_values(ns.config)
+    overrides = namespace_overrides(ns, cls)
+    model_given = bool(overrides.get("model_name_or_path") or file_values.get("model_name_or_path"))
+    cfg = config_from_dict(cls, merge_dicts(merge_dicts(_profile("ppo", model_given), file_values), overrides))
+    train_ppo(cfg)
+    return 0
+
+
+def _split_step_overrides(extra: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """`--sft.learning_rate 1e-5 --rm.data.max_samples 100` -> {"sft": {...}, "rm": {...}} (strings)."""
+    out: Dict[str, Dict[str, Any]] = {"sft": {}, "rm": {}, "ppo": {}}
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--"):
+            raise CLIError(f"unexpected argument {tok!r}; options look like --key value")
+        key, _, value = tok[2:].partition("=")
+        section, _, rest = key.partition(".")
+        if section not in out or not rest:
+            raise CLIError(f"unknown option --{key}; shared options are listed by `fastrlhf train --help`, "
+                           f"step-only ones are given as --sft.KEY, --rm.KEY or --ppo.KEY")
+        values: List[str] = [value] if value else []
+        while not value and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            values.append(extra[i + 1])
+            i += 1
+        i += 1
+        out[section][rest] = values[0] if len(values) == 1 else (values or "true")
+    return {k: unflatten(v) for k, v in out.items()}
+
+
+def _fields_of(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[int, Any]:
+    """The config of every requested step, wired so each step feeds the next."""
+    file_values = _file_values(args.config)
+    step_sections = {name: file_values.pop(name, None) or {} for name in ("sft", "rm", "ppo")}
+    common = merge_dicts(file_values, namespace_overrides(args, TrainConfig))
+    unknown = set(common) - _fields_of(TrainConfig)
+    if unknown:
+        raise CLIError(f"unknown config key(s) {sorted(unknown)} at the top level of {args.config}; "
+                       f"step-only keys go under sft:, rm: or ppo:")
+    cli_steps = _split_step_overrides(extra)
+    root = common.pop("output_dir", "output")
+    base_model = common.get("model_name_or_path")
+    steps = sorted(set(args.steps or _available_steps()))
+    configs: Dict[int, Any] = {}
+    for step in steps:
+        name = STEP_NAMES[step]
+        cls = _step_config_class(step)
+        fields = _fields_of(cls)
+        values = {k: v for k, v in common.items() if k in fields}
+        values["output_dir"] = os.path.join(root, STEP_DIRS[step])
+        if step == 2 and args.rm_init == "sft":
+            values["model_name_or_path"] = configs[1].output_dir if 1 in configs else os.path.join(root, STEP_DIRS[1])
+        if step == 3:
+            values["model_name_or_path"] = os.path.join(root, STEP_DIRS[1]) if 1 in steps or not base_model \
+                else base_model
+            values["reward_model"] = os.path.join(root, STEP_DIRS[2])
+            if "tokenizer" in values and not base_model:
+                values.pop("tokenizer")
+        values = merge_dicts(values, step_sections[name])
+        values = merge_dicts(values, cli_steps[name])
+        values = merge_dicts(_profile(name, bool(base_model)), values)
+        try:
+            configs[step] = config_from_dict(cls, values)
+        except ConfigError as e:
+            raise ConfigError(f"step {step} ({name}): {e}") from None
+    return configs
+
+
+def _available_steps() -> List[int]:
+    try:
+        from .rlhf import ppo  # noqa: F401
+        return [1, 2, 3]
+    except ImportError:
+        return [1, 2]
+
+
+def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
+    configs = build_step_configs(args, extra)
+    from .utils.logging import print_rank0
+    summary = []
+    t_start = time.time()
+    for step, cfg in configs.items():
+        t0 = time.time()
+        if step == 1:
+            from .rlhf.sft import train_sft
+            r = train_sft(cfg)
+            summary.append(f"step 1 SFT: eval perplexity {r['eval_before']['perplexity']:.3f} -> "
+                           f"{r['eval_after']['perplexity']:.3f}")
+        elif step == 2:
+            from .rlhf.reward_trainer import train_reward_model
+            r = train_reward_model(cfg)
+            summary.append(f"step 2 RM: eval accuracy {r['eval_before']['accuracy']:.3f} -> "
+                           f"{r['eval_after']['accuracy']:.3f}")
+        else:
+            try:
+                from .rlhf.ppo import train_ppo
+            except ImportError as e:
+                raise CLIError(f"step 3 (PPO) is not available ({e})") from None
+            r = train_ppo(cfg)
+            summary.append("step 3 PPO: done")
+        del r  # free the engines before the next step
+        summary[-1] += f" ({time.time() - t0:.0f}s, saved to {cfg.output_dir})"
+        _release_memory()
+    print_rank0("summary:\n  " + "\n  ".join(summary) + f"\n  total {time.time() - t_start:.0f}s")
+    return 0
+
+
+def _release_memory() -> None:
+    import gc
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
+    if extra:
+        raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
+    import torch
+    from . import ops
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    print(f"device: {device}; selected backend setting: {ops.get_backend()}")
+    for name in ops.BACKENDS:
+        if name == "auto":
+            continue
+        ok, why = ops.backend_status(name, device)
+        print(f"  {name:7s} {'available' if ok else 'not available'}{'' if ok or not why else ': ' + why}")
+    try:
+        from .ops import cuda_build
+    except ImportError:
+        print("CUDA extension: build module not installed")
+    else:
+        print(cuda_build.status_report())
+    return 0
+
+
+def _data_errors() -> tuple:
+    try:
+        from .data.errors import DataError
+        return (DataError,)
+    except ImportError:
+        return ()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args, extra) or 0
+    except (CLIError, ConfigError) + _data_errors() as e:
+        parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
