@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, next_pow2
+from ._launch import Kernel, new_empty, next_pow2
 
 SPLIT_SIZE = 256  # cache positions per chunk (fixed: see module docstring)
 TILE_N = 64       # positions per inner step inside a chunk (fixed for the same reason)
@@ -146,13 +146,13 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError("cache_lens / cache_starts must be integer tensors")
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = torch.empty_like(q)
+    out = new_empty(q.shape, q.dtype, q.device)
     if q.numel() == 0:
         return out
     n_splits = triton.cdiv(smax, SPLIT_SIZE)
-    mid_o = torch.empty(b, hq, n_splits, d, dtype=torch.float32, device=q.device)
-    mid_m = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
-    mid_l = torch.empty(b, hq, n_splits, dtype=torch.float32, device=q.device)
+    mid_o = new_empty((b, hq, n_splits, d), torch.float32, q.device)
+    mid_m = new_empty((b, hq, n_splits), torch.float32, q.device)
+    mid_l = new_empty((b, hq, n_splits), torch.float32, q.device)
     lens = cache_lens.to(q.device)
     starts = cache_starts.to(q.device) if cache_starts is not None else lens
     block_d = max(16, next_pow2(d))

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, next_pow2
+from ._launch import Kernel, new_empty, next_pow2
 
 
 def _prefill_kernel(Q, K, V, O, Mask,
@@ -130,7 +130,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = torch.empty_like(q)
+    out = new_empty(q.shape, q.dtype, q.device)
     if q.numel() == 0:
         return out
     mask = attention_mask

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, next_pow2
+from ._launch import Kernel, new_empty
 
 
 def _expand_kernel(Out, XA, Bw, M, N, R, scaling, som, son, sxm, sxr, sbn, sbr,
@@ -137,7 +137,7 @@ def lora_fuse(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     _check_lora(weight, lora_a, lora_b, "lora_fuse")
     if out is None:
-        out = torch.empty_like(weight)
+        out = new_empty(weight.shape, weight.dtype, weight.device)
     elif out.shape != weight.shape or out.dtype != weight.dtype:
         raise ValueError(f"lora_fuse: out must match weight's shape/dtype {tuple(weight.shape)}/{weight.dtype}; "
                          f"got {tuple(out.shape)}/{out.dtype}")

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, next_pow2
+from ._launch import Kernel, new_empty, next_pow2
 
 
 def _norm_kernel(X, R, W, Bias, Y, H, n_cols, sx, sr, sy, sh, eps,
@@ -58,9 +58,9 @@ def _norm(x, weight, bias, eps, residual, is_rms: bool):
     if n > 65536:
         raise ValueError(f"{name}: last dim {n} > 65536 is not supported by the triton backend; use backend='torch'")
     x2 = _rows(x, n)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = new_empty(x.shape, x.dtype, x.device)
     y2 = y.view(-1, n)
-    h = torch.empty_like(y) if residual is not None else None
+    h = new_empty(x.shape, x.dtype, x.device) if residual is not None else None
     r2 = _rows(residual, n) if residual is not None else x2
     h2 = h.view(-1, n) if h is not None else y2
     rows = x2.shape[0]

@@ -25,7 +25,7 @@ from fastrlhf.kernels import kv_cache as _kv
 from fastrlhf.kernels import lora as _lora
 from fastrlhf.kernels import norms as _norms
 from fastrlhf.kernels import rotary as _rotary
-from fastrlhf.kernels._launch import interpreting
+from fastrlhf.kernels._launch import interpreting, new_empty
 
 NAMESPACE = "fastrlhf_triton"
 
@@ -56,7 +56,7 @@ def _prefill_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor
 
 @_prefill_op.register_fake
 def _(q, k, v, attention_mask, causal, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
@@ -73,7 +73,7 @@ def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
 
 @_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_lens, cache_starts, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None):
@@ -149,7 +149,7 @@ def _(weight, lora_a, lora_b, scaling, out):
 def lora_fuse(weight, lora_a, lora_b, scaling, *, out=None):
     _lora._check_lora(weight, lora_a, lora_b, "lora_fuse")
     if out is None:
-        out = torch.empty_like(weight)
+        out = new_empty(weight.shape, weight.dtype, weight.device)
     elif out.shape != weight.shape or out.dtype != weight.dtype:
         raise ValueError(f"lora_fuse: out must match weight's shape/dtype {tuple(weight.shape)}/{weight.dtype}; "
                          f"got {tuple(out.shape)}/{out.dtype}")

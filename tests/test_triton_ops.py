@@ -1,0 +1,332 @@
+"""The triton backend against the torch reference, run by the Triton CPU interpreter.
+
+TRITON_INTERPRET=1 is set per test (monkeypatch), not for the whole process: the backend
+reads it at call time and wraps its kernels for the current mode on first launch, so this
+file behaves the same alone or after other files imported triton, and it does not switch
+other files' GPU kernels into the interpreter. fp32 and fp16 only (the interpreter's bf16
+tl.dot is wrong; bf16 is covered by tests/test_triton_gpu.py and the sm_90 compile check).
+Outputs the kernels allocate are NaN-poisoned (`poison_outputs`), so an element a kernel
+never writes fails the comparison.
+"""
+import math
+
+import pytest
+import torch
+
+from fastrlhf.kernels._launch import poison_outputs
+from fastrlhf.ops import reference as ref
+from fastrlhf.ops import triton_backend as tb
+
+# ||out - ref|| / ||ref|| allowed per dtype: a few units of the dtype's rounding error
+# (fp16 eps = 9.8e-4; fp32 results differ from the reference only by summation order)
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with poison_outputs():
+        yield
+
+
+def _rel(out, expected):
+    out, expected = out.double(), expected.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad masking)"
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _left_pad_mask(lengths, total, dtype=torch.long):
+    m = torch.zeros(len(lengths), total, dtype=dtype)
+    for i, n in enumerate(lengths):
+        if n:
+            m[i, total - n:] = 1
+    return m
+
+
+def _fp32_reference(fn, *tensors, **kw):
+    """The reference evaluated on fp32 copies (the ground truth for every dtype)."""
+    return fn(*[t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors], **kw)
+
+
+# ------------------------------------------------------------------ prefill attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("seq", [1, 17, 128, 300])
+def test_prefill_causal_left_padded_gqa(seq, ratio, dtype):
+    torch.manual_seed(seq * 10 + ratio)
+    d = 64 if (seq + ratio) % 2 else 128  # both head dims over the grid
+    hkv = 2 if ratio == 1 else 1
+    b = 3
+    q = torch.randn(b, hkv * ratio, seq, d, dtype=dtype)
+    k = torch.randn(b, hkv, seq, d, dtype=dtype)
+    v = torch.randn(b, hkv, seq, d, dtype=dtype)
+    lengths = [seq, (seq + 1) // 2, 1]  # mixed left padding; sequence 2 is almost all pad
+    mask = _left_pad_mask(lengths, seq)
+    out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)
+    expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, expected) < TOL[dtype]
+    # query rows at pad positions see no key: exactly zero, not NaN
+    for bi, n in enumerate(lengths):
+        assert torch.all(out[bi, :, : seq - n] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_queries_fewer_than_keys_bottom_right(dtype):
+    """Chunked prefill over a cache: query i sees keys j <= i + Sk - Sq."""
+    torch.manual_seed(1)
+    q = torch.randn(2, 8, 23, 64, dtype=dtype)
+    k = torch.randn(2, 2, 150, 64, dtype=dtype)
+    v = torch.randn(2, 2, 150, 64, dtype=dtype)
+    mask = _left_pad_mask([150, 40], 150)
+    out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask, scale=0.07)
+    expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask, scale=0.07)
+    assert _rel(out, expected) < TOL[dtype]
+
+
+def test_prefill_non_causal_arbitrary_bool_mask_strided_inputs():
+    """Random (not just left-pad) key masks, no mask rows, and [B, S, H, D]-strided views."""
+    torch.manual_seed(2)
+    b, s, hq, hkv, d = 3, 45, 4, 2, 64
+    q = torch.randn(b, s, hq, d).transpose(1, 2)  # non-contiguous, as from a qkv projection
+    k = torch.randn(b, s, hkv, d).transpose(1, 2)
+    v = torch.randn(b, s, hkv, d).transpose(1, 2)
+    mask = torch.rand(b, s) > 0.4
+    mask[2] = False  # a sequence with no visible key at all
+    out = tb.attention_prefill(q, k, v, causal=False, attention_mask=mask)
+    expected = ref.attention_prefill(q, k, v, causal=False, attention_mask=mask)
+    assert torch.all(out[2] == 0)
+    assert _rel(out[:2], expected[:2]) < TOL[torch.float32]
+    out_nomask = tb.attention_prefill(q, k, v, causal=False)
+    assert _rel(out_nomask, ref.attention_prefill(q, k, v, causal=False)) < TOL[torch.float32]
+
+
+def test_prefill_rejects_bad_inputs():
+    q = torch.randn(1, 6, 5, 64)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        tb.attention_prefill(q, torch.randn(1, 4, 5, 64), torch.randn(1, 4, 5, 64))
+    with pytest.raises(ValueError, match="attention_mask"):
+        tb.attention_prefill(q, torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64),
+                             attention_mask=torch.ones(1, 4))
+    with pytest.raises(TypeError, match="share"):
+        tb.attention_prefill(q, torch.randn(1, 2, 5, 64).half(), torch.randn(1, 2, 5, 64).half())
+
+
+# ------------------------------------------------------------------ decode attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("smax", [1, 17, 300, 600])
+def test_decode_matches_reference(smax, ratio, dtype):
+    torch.manual_seed(smax + ratio)
+    d = 128 if (smax + ratio) % 2 else 64
+    b, hkv = 4, 2
+    q = torch.randn(b, hkv * ratio, d, dtype=dtype)
+    kc = torch.randn(b, hkv, smax, d, dtype=dtype)
+    vc = torch.randn(b, hkv, smax, d, dtype=dtype)
+    lens = torch.randint(1, smax + 1, (b,))
+    lens[0] = smax
+    starts = (torch.rand(b) * lens).long()  # left-padded prompts start after their padding
+    starts[0] = 0
+    out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
+    expected = _fp32_reference(ref.attention_decode, q, kc, vc, lens, cache_starts=starts)
+    assert _rel(out, expected) < TOL[dtype]
+    out_no_starts = tb.attention_decode(q, kc, vc, lens)
+    assert _rel(out_no_starts, _fp32_reference(ref.attention_decode, q, kc, vc, lens)) < TOL[dtype]
+
+
+def test_decode_is_independent_of_batch_composition_and_cache_capacity():
+    """Rollout log-probs must not depend on who else is in the batch (fixed split size)."""
+    torch.manual_seed(3)
+    b, hq, hkv, smax, d = 5, 8, 2, 700, 64
+    q = torch.randn(b, hq, d, dtype=torch.float16)
+    kc = torch.randn(b, hkv, smax, d, dtype=torch.float16)
+    vc = torch.randn(b, hkv, smax, d, dtype=torch.float16)
+    lens = torch.tensor([700, 513, 256, 9, 300])
+    starts = torch.tensor([0, 100, 255, 3, 299])
+    full = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
+    for i in (1, 3):
+        alone = tb.attention_decode(q[i:i + 1], kc[i:i + 1], vc[i:i + 1], lens[i:i + 1],
+                                    cache_starts=starts[i:i + 1])
+        assert torch.equal(alone, full[i:i + 1])
+    bigger_k = torch.zeros(b, hkv, 1100, d, dtype=torch.float16)
+    bigger_v = torch.zeros_like(bigger_k)
+    bigger_k[:, :, :smax], bigger_v[:, :, :smax] = kc, vc
+    assert torch.equal(tb.attention_decode(q, bigger_k, bigger_v, lens, cache_starts=starts), full)
+
+
+def test_decode_rejects_bad_inputs():
+    q = torch.randn(2, 4, 64)
+    kc = torch.randn(2, 2, 10, 64)
+    with pytest.raises(ValueError, match="cache_lens"):
+        tb.attention_decode(q, kc, kc, torch.tensor([3]))
+    with pytest.raises(TypeError, match="integer"):
+        tb.attention_decode(q, kc, kc, torch.tensor([3.0, 2.0]))
+
+
+# ------------------------------------------------------------------ KV-cache append
+@pytest.mark.parametrize("t", [1, 19])
+def test_kv_cache_append_matches_reference(t):
+    torch.manual_seed(t)
+    kc = torch.randn(3, 2, 40, 80, dtype=torch.float16)
+    vc = torch.randn(3, 2, 40, 80, dtype=torch.float16)
+    k = torch.randn(3, 2, t, 80, dtype=torch.float16)
+    v = torch.randn(3, 2, t, 80, dtype=torch.float16)
+    pos = torch.tensor([0, 40 - t, 7])
+    kr, vr = kc.clone(), vc.clone()
+    ref.kv_cache_append(kr, vr, k, v, pos)
+    tb.kv_cache_append(kc, vc, k, v, pos)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+def test_kv_cache_append_overflow_is_a_clear_error():
+    kc = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(IndexError, match="capacity"):
+        tb.kv_cache_append(kc, kc.clone(), torch.ones(1, 1, 3, 16), torch.ones(1, 1, 3, 16), torch.tensor([6]))
+
+
+# ------------------------------------------------------------------ LoRA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [1, 8, 40])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_lora_linear_forward(rows, rank, dtype):
+    torch.manual_seed(rows * 100 + rank)
+    fin, fout = 96, 131
+    x = torch.randn(rows, 3, fin, dtype=dtype)
+    w = torch.randn(fout, fin, dtype=dtype) / math.sqrt(fin)
+    bias = torch.randn(fout, dtype=dtype)
+    a = torch.randn(rank, fin, dtype=dtype) / math.sqrt(fin)
+    bm = torch.randn(fout, rank, dtype=dtype)
+    out = tb.lora_linear(x, w, bias, a, bm, 1.5)
+    expected = _fp32_reference(ref.lora_linear, x, w, bias, a, bm, 1.5)
+    assert out.dtype == dtype and out.shape == (rows, 3, fout)
+    assert _rel(out, expected) < TOL[dtype]
+    # the LoRA term is really added (it is a sizeable part of the output)
+    base = _fp32_reference(ref.lora_linear, x, w, bias, None, None, 0.0)
+    assert _rel(base, expected) > 100 * TOL[dtype]
+    assert _rel(tb.lora_linear(x, w, None, None, None, 1.0), ref.lora_linear(x, w, None, None, None, 1.0)) == 0
+
+
+def test_lora_linear_backward_matches_autograd_of_reference():
+    torch.manual_seed(4)
+    x = torch.randn(2, 9, 48, dtype=torch.float64).float().requires_grad_()
+    params = [torch.randn(70, 48) / 7, torch.randn(70), torch.randn(12, 48) / 7, torch.randn(70, 12)]
+    params = [p.requires_grad_() for p in params]
+    grad = torch.randn(2, 9, 70)
+    out = tb.lora_linear(x, *params, 0.5)
+    got = torch.autograd.grad(out, [x, *params], grad)
+    expected = torch.autograd.grad(ref.lora_linear(x, *params, 0.5), [x, *params], grad)
+    for name, g, e in zip(["x", "weight", "bias", "lora_a", "lora_b"], got, expected):
+        assert _rel(g, e) < 1e-5, name
+    # frozen base (the usual LoRA setup): only the adapters and x get gradients
+    w, bias = params[0].detach(), params[1].detach()
+    out = tb.lora_linear(x, w, bias, params[2], params[3], 0.5)
+    ga, gb = torch.autograd.grad(out, [params[2], params[3]], grad)
+    assert _rel(ga, expected[3]) < 1e-5 and _rel(gb, expected[4]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_fuse_unfuse(dtype):
+    torch.manual_seed(5)
+    w = torch.randn(70, 133, dtype=dtype)
+    a = torch.randn(20, 133, dtype=dtype) * 0.1
+    bm = torch.randn(70, 20, dtype=dtype) * 0.1
+    fused = tb.lora_fuse(w, a, bm, 2.0)
+    expected = ref.lora_fuse(w, a, bm, 2.0)
+    # the product is computed in fp32 and rounded once: at most one ulp from the reference
+    assert (fused.float() - expected.float()).abs().max() <= 2 * torch.finfo(dtype).eps * expected.abs().max()
+    in_place = w.clone()
+    tb.lora_fuse(in_place, a, bm, 2.0, out=in_place)
+    assert torch.equal(in_place, fused)
+    restored = tb.lora_unfuse(fused, a, bm, 2.0)
+    assert _rel(restored, w) < TOL[dtype]
+    with pytest.raises(ValueError, match="do not chain"):
+        tb.lora_fuse(w, a, bm.t().contiguous(), 1.0)
+
+
+# ------------------------------------------------------------------ norms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 300, 1000])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norms(n, dtype, with_residual):
+    torch.manual_seed(n)
+    x = torch.randn(3, 5, n, dtype=dtype) * 3 + 1
+    res = torch.randn(3, 5, n, dtype=dtype) if with_residual else None
+    w = torch.randn(n, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    cases = [
+        (tb.rms_norm(x, w, 1e-6, res), ref.rms_norm(x, w, 1e-6, res)),
+        (tb.rms_norm(x, None, 1e-5, res), ref.rms_norm(x, None, 1e-5, res)),
+        (tb.layer_norm(x, w, bias, 1e-5, res), ref.layer_norm(x, w, bias, 1e-5, res)),
+        (tb.layer_norm(x, None, None, 1e-5, res), ref.layer_norm(x, None, None, 1e-5, res)),
+    ]
+    for got, expected in cases:
+        if with_residual:
+            assert torch.equal(got[1], expected[1])  # the residual stream is bit-exact
+            got, expected = got[0], expected[0]
+        if n == 1 and expected.abs().max() == 0:  # layer norm of one feature is exactly 0
+            assert torch.all(got == 0)
+            continue
+        assert _rel(got, expected) < TOL[dtype]
+
+
+# ------------------------------------------------------------------ rotary
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rotary_dim", [None, 32])
+def test_rotary_in_place(dtype, rotary_dim):
+    torch.manual_seed(6)
+    b, s, hq, hk, d = 3, 17, 8, 2, 64
+    # q and k as strided views of one fused qkv activation, the layout models produce
+    qkv = torch.randn(b, s, hq + 2 * hk, d, dtype=dtype)
+    q = qkv[:, :, :hq].transpose(1, 2)
+    k = qkv[:, :, hq:hq + hk].transpose(1, 2)
+    rd = d if rotary_dim is None else rotary_dim
+    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2).float() / rd))
+    angles = torch.arange(400).float()[:, None] * inv[None]
+    cos, sin = angles.cos(), angles.sin()
+    pos = (torch.arange(s)[None] + torch.tensor([[0], [5], [380]])).clamp_min(0)
+    pos[1, :4] = 0  # left-padded positions
+    q_ref, k_ref = q.clone(), k.clone()
+    ref.rotary(q_ref, k_ref, cos, sin, pos, rotary_dim=rotary_dim)
+    untouched_v = qkv[:, :, hq + hk:].clone()
+    q_out, k_out = tb.rotary(q, k, cos, sin, pos, rotary_dim=rotary_dim)
+    assert q_out is q and k_out is k
+    assert _rel(q, q_ref) < TOL[dtype] and _rel(k, k_ref) < TOL[dtype]
+    assert torch.equal(q[..., rd:], q_ref[..., rd:])  # the non-rotary features are untouched
+    assert torch.equal(qkv[:, :, hq + hk:], untouched_v)
+    with pytest.raises(TypeError, match="float32"):
+        tb.rotary(q, k, cos.half(), sin.half(), pos, rotary_dim=rotary_dim)
+
+
+# ------------------------------------------------------------------ torch.library registration
+def test_custom_ops_have_fake_implementations():
+    """torch.compile / CUDA graphs trace the ops through their fake (meta) implementations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 8, 5, 64, dtype=torch.float16)
+        k = torch.empty(2, 2, 5, 64, dtype=torch.float16)
+        assert tb.attention_prefill(q, k, k).shape == q.shape
+        assert tb.attention_decode(q[:, :, 0], k, k, torch.empty(2, dtype=torch.long)).shape == (2, 8, 64)
+        x = torch.empty(3, 4, 32)
+        y = tb.lora_linear(x, torch.empty(48, 32), None, torch.empty(4, 32), torch.empty(48, 4), 1.0)
+        assert y.shape == (3, 4, 48)
+        normed, h = tb.rms_norm(x, None, 1e-6, x)
+        assert normed.shape == h.shape == x.shape
+
+
+def test_opcheck_schemas_and_fakes():
+    torch.manual_seed(7)
+    q = torch.randn(2, 4, 5, 64)
+    k = torch.randn(2, 2, 5, 64)
+    mask = _left_pad_mask([5, 3], 5)
+    tests = ("test_schema", "test_faketensor")
+    ops = torch.ops.fastrlhf_triton
+    torch.library.opcheck(ops.attention_prefill, (q, k, k, mask, True, 0.125), test_utils=tests)
+    torch.library.opcheck(ops.attention_decode, (q[:, :, 0], k, k, torch.tensor([5, 4]), None, 0.125),
+                          test_utils=tests)
+    torch.library.opcheck(ops.rms_norm_residual, (q, q.clone(), None, 1e-6), test_utils=tests)
+    torch.library.opcheck(ops.lora_linear, (torch.randn(3, 32), torch.randn(48, 32), None,
+                                            torch.randn(4, 32), torch.randn(48, 4), 2.0),
+                          test_utils=tests + ("test_autograd_registration",))
+    torch.library.opcheck(ops.rotary, (q.clone(), k.clone(), torch.randn(9, 32), torch.randn(9, 32),
+                                       torch.zeros(2, 5, dtype=torch.long), 64), test_utils=tests)
