@@ -275,13 +275,13 @@ class PPOTrainer:
     # ------------------------------------------------------------------ setup
 
     def _load_prompts(self):
-        from ..data import PromptCollator, build_datasets  # noqa: F401  (collator used in _collate)
-        splits = build_datasets(self.cfg.data, self.tokenizer, step=3)
-        return list(splits["train"]), list(splits["eval"])
+        from ..data import build_datasets
+        train, eval_ = build_datasets(self.cfg.data, self.tokenizer, 3)
+        return [train[i] for i in range(len(train))], [eval_[i] for i in range(len(eval_))]
 
     def _load_ptx(self):
         from ..data import build_datasets
-        return build_datasets(self.cfg.data, self.tokenizer, step=1)["train"]
+        return build_datasets(self.cfg.data, self.tokenizer, 1)[0]
 
     def _ground_truth_fn(self):
         """The exact scorer of the bundled task, when that is the data being trained on."""
@@ -459,10 +459,10 @@ class PPOTrainer:
         return out.loss
 
     def _next_ptx_batch(self):
-        from ..data import SFTCollator
+        from ..data.collators import SFTCollator
         if not hasattr(self, "_ptx_order"):
             self._ptx_order, self._ptx_pos = [], 0
-            self._ptx_collate = SFTCollator(self.tokenizer)
+            self._ptx_collate = SFTCollator(self.tokenizer.pad_token_id)
         n = self.cfg.micro_batch_size
         if self._ptx_pos + n > len(self._ptx_order):
             g = torch.Generator().manual_seed(self.cfg.seed + self.step)
