@@ -1,0 +1,141 @@
+"""build_datasets: read, validate, split across the three steps, blend, tokenize, cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+
+import torch
+
+from fastrlhf.data.errors import DataError
+from fastrlhf.data.formats import PromptRenderer, Sample, parse_rows
+from fastrlhf.data.sources import read_source, source_fingerprint
+from fastrlhf.data.spec import DataSpec
+from fastrlhf.data.encoding import StepTokenizer, TokenizedDataset, log_stats
+
+CACHE_VERSION = 1
+STEP_NEEDS = {1: "a prompt and an answer (prompt/chosen or prompt/response or chat messages)",
+              2: "prompt/chosen/rejected pairs", 3: "prompts"}
+
+
+def split_indices(n: int, ratios: list[float], seed: int) -> list[list[int]]:
+    """Disjoint shares of range(n) for steps 1, 2, 3: one seeded permutation cut by the ratios.
+
+    The permutation depends only on the seed and n, so the same data gets the same split
+    whichever step is being built and however its path is spelled.
+    """
+    order = list(range(n))
+    random.Random(f"fastrlhf-split:{seed}:{n}").shuffle(order)
+    cuts = [0, round(n * ratios[0]), round(n * (ratios[0] + ratios[1])), n]
+    return [order[cuts[k]:cuts[k + 1]] for k in range(3)]
+
+
+def _eval_count(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, math.ceil(n * fraction)))
+
+
+def _usable(step: int, s: Sample) -> bool:
+    if step == 1:
+        return s.chosen is not None
+    if step == 2:
+        return s.chosen is not None and s.rejected is not None
+    return True
+
+
+def _weighted(rows: list, weight: float, rng: random.Random) -> list:
+    """``weight`` copies of ``rows``: whole copies, then a seeded sample for the fraction."""
+    whole, frac = int(weight), weight - int(weight)
+    return rows * whole + rng.sample(rows, round(len(rows) * frac))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = [type(tokenizer).__name__, getattr(tokenizer, "chat_template", None), tokenizer.bos_token,
+             tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id]
+    return hashlib.sha256((body + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+def _cache_path(spec: DataSpec, tokenizer, step: int, paths: list[str]) -> str | None:
+    if not spec.cache_dir:
+        return None
+    fields = {k: v for k, v in spec.to_dict().items() if k not in ("cache_dir", "paths")}
+    key = json.dumps({"v": CACHE_VERSION, "step": step, "spec": fields, "tokenizer": tokenizer_fingerprint(tokenizer),
+                      "sources": [source_fingerprint(p) for p in paths]}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return os.path.join(spec.cache_dir, f"step{step}-{digest}.pt")
+
+
+def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: list[str]):
+    """Train and eval Samples of ``step`` from every source, validated, blended and capped."""
+    ratios = spec.step_ratios()
+    if ratios[step - 1] == 0:
+        raise DataError(f"DataSpec.split_ratios={spec.split_ratios!r} gives step {step} no data. Fix: give "
+                        f"step {step} a positive share, e.g. '2,4,4'")
+    weights = spec.weights or [1.0] * len(paths)
+    rng = random.Random(f"fastrlhf-blend:{spec.seed}:{step}")
+    train, evals = [], []
+    for path, weight in zip(paths, weights):
+        source = read_source(path)
+        parsed = parse_rows(source.train, source.name)                 # validates every row
+        parsed_test = parse_rows(source.test, f"{source.name} (test split)") if source.test else None
+        share = split_indices(len(parsed), ratios, spec.seed)[step - 1]
+        if parsed_test is not None:
+            train_idx = share
+            eval_rows = [parsed_test[i] for i in split_indices(len(parsed_test), ratios, spec.seed)[step - 1]]
+        else:
+            n_eval = _eval_count(len(share), spec.eval_fraction)
+            train_idx, eval_rows = share[n_eval:], [parsed[i] for i in share[:n_eval]]
+        src_train = [s for s in (parsed[i].render(renderer) for i in train_idx) if _usable(step, s)]
+        src_eval = [s for s in (r.render(renderer) for r in eval_rows) if _usable(step, s)]
+        train += _weighted(src_train, weight, rng)
+        evals += src_eval
+    if not train:
+        raise DataError(f"no training rows for step {step} in {paths}: it needs {STEP_NEEDS[step]}. Fix: add "
+                        f"a dataset that has them, or set split_ratios so step {step} gets rows")
+    rng.shuffle(train)
+    rng.shuffle(evals)
+    if spec.max_samples is not None:
+        train = train[: spec.max_samples]
+        evals = evals[: max(1, math.ceil(spec.max_samples * spec.eval_fraction))] if evals else evals
+    return train, evals
+
+
+def build_datasets(spec: DataSpec, tokenizer, step: int) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """(train, eval) datasets of ``step`` (1 SFT, 2 reward model, 3 PPO prompts); see fastrlhf.data."""
+    if step not in (1, 2, 3):
+        raise ValueError(f"step must be 1 (SFT), 2 (reward model) or 3 (PPO), got {step!r}")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token, which every answer ends with. Fix: set "
+                        "tokenizer.eos_token before building the datasets")
+    if spec.paths:
+        paths = spec.paths
+    else:
+        from fastrlhf.data.default_task import default_data_path
+        paths = [default_data_path()]
+    cache = _cache_path(spec, tokenizer, step, paths)
+    if cache and os.path.exists(cache):
+        saved = torch.load(cache, weights_only=True)
+        return tuple(TokenizedDataset(step, saved[p]["items"], saved[p]["stats"]) for p in ("train", "eval"))
+    train, evals = _step_samples(spec, PromptRenderer(tokenizer), step, paths)
+    encoder = StepTokenizer(tokenizer, spec.max_prompt_len, spec.max_answer_len, spec.overlong,
+                            spec.train_on_prompt)
+    parts = {}
+    for name, samples in (("train", train), ("eval", evals)):
+        items, stats = encoder.encode(step, samples)
+        log_stats(step, name, stats, spec.overlong)
+        parts[name] = {"items": items, "stats": stats}
+    if not parts["train"]["items"]:
+        raise DataError(f"every step-{step} training row was over the length limits "
+                        f"(max_prompt_len={spec.max_prompt_len}, max_answer_len={spec.max_answer_len}). "
+                        f"Fix: raise the limits or use overlong='truncate'")
+    if cache:
+        os.makedirs(spec.cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        torch.save(parts, tmp)
+        os.replace(tmp, cache)       # atomic, so ranks building the same cache never see half a file
+    return tuple(TokenizedDataset(step, parts[p]["items"], parts[p]["stats"]) for p in ("train", "eval"))
