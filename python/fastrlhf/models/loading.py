@@ -163,7 +163,13 @@ def load_causal_lm(path: Optional[str] = None, *, tokenizer=None, dtype: str = "
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     # non-reentrant checkpointing also works when the inputs need no grad (frozen base + LoRA)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "backbone") and hasattr(model, "v_head"):  # RewardModel: its HF backbone
+        model = model.backbone
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = False
 

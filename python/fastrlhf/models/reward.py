@@ -74,11 +74,6 @@ class RewardModel(nn.Module):
         idx = last_token_index(attention_mask)
         return values.gather(1, idx.unsqueeze(1)).squeeze(1)
 
-    # -- HF-style conveniences used by the trainers
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.backbone.gradient_checkpointing_enable(**kwargs)
-        self.config.use_cache = False
-
     def save_pretrained(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
                         safe_serialization: bool = True) -> None:
         """Write the documented format; `state_dict` (keys `backbone.*`, `v_head.*`) overrides the
