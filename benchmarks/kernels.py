@@ -1,0 +1,259 @@
+"""Kernel benchmark: every op, every available backend, against PyTorch baselines.
+
+    python benchmarks/kernels.py            # full run on the GPU (bf16, production shapes)
+    python benchmarks/kernels.py --quick    # smoke run; works on the CPU (fp32, tiny shapes;
+                                            # triton only with TRITON_INTERPRET=1)
+
+Measured in one run, on one device:
+- prefill attention: TFLOP/s (causal FLOPs, 4·B·H·Sq·Sk·D halved) per backend, vs
+  torch SDPA and flash-attn (when installed);
+- decode attention: GB/s of KV bytes read (cold L2) and % of the device-to-device copy
+  bandwidth measured in the same run, vs SDPA;
+- LoRA: time of the unmerged fused LoRA linear over the base GEMM alone (overhead %), at
+  decode and prefill shapes; lora_fuse time;
+- norms, rotary, KV append: GB/s of bytes moved, % of copy.
+Rows are appended to benchmarks/results/kernels.jsonl (with device, date, commit), a
+markdown table is printed, and on CUDA the backend preference table
+python/fastrlhf/ops/tables/<device slug>.json (fastest first, per op) that `auto` dispatch
+loads is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from typing import Callable, Dict, List
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+from benchmarks.common import append_jsonl, bench, copy_bandwidth, device_info, markdown_table  # noqa: E402
+from fastrlhf import ops  # noqa: E402
+from fastrlhf.ops import dispatch  # noqa: E402
+
+RESULTS = os.path.join(_ROOT, "benchmarks", "results", "kernels.jsonl")
+TABLES = os.path.join(_ROOT, "python", "fastrlhf", "ops", "tables")
+GB = 1e9
+
+
+def backends_for(op: str, device: torch.device) -> List[str]:
+    """Backends that really run `op` on `device` (no silent fallback)."""
+    names = []
+    for name in ("torch", "triton", "cuda"):
+        ok, _ = dispatch.backend_status(name, device)
+        if not ok:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got, _ = dispatch.resolve(op, device, name)
+        if got == name:
+            names.append(name)
+    return names
+
+
+class Runner:
+    def __init__(self, device: torch.device, quick: bool):
+        self.device = device
+        self.quick = quick
+        self.rows: List[dict] = []
+        self.info = device_info(device)
+        self.reps = 5 if quick else 50
+        self.copy_gbps = copy_bandwidth(device, nbytes=(16 << 20) if quick else None)
+        print(f"# {self.info['device']}  {self.info['date']}  copy bandwidth {self.copy_gbps:.1f} GB/s",
+              flush=True)
+
+    def time(self, fn: Callable, cold_l2: bool = False) -> float:
+        return bench(fn, self.device, reps=self.reps, warmup=1 if self.quick else 5, cold_l2=cold_l2,
+                     max_seconds=3.0 if self.quick else 10.0)["median_ms"]
+
+    def record(self, op: str, shape: str, impl: str, ms: float, *, flops: float = 0.0,
+               nbytes: float = 0.0, **extra) -> None:
+        row = {**self.info, "op": op, "shape": shape, "impl": impl, "median_ms": ms, "quick": self.quick}
+        if flops:
+            row["tflops"] = flops / (ms * 1e-3) / 1e12
+        if nbytes:
+            row["gbps"] = nbytes / (ms * 1e-3) / GB
+            row["pct_of_copy"] = 100.0 * row["gbps"] / self.copy_gbps
+        row.update(extra)
+        self.rows.append(row)
+        print(f"{op:18s} {shape:34s} {impl:14s} {ms:9.3f} ms"
+              + (f"  {row['tflops']:7.2f} TFLOP/s" if "tflops" in row else "")
+              + (f"  {row['gbps']:8.1f} GB/s ({row['pct_of_copy']:.0f}% of copy)" if "gbps" in row else "")
+              + (f"  overhead {extra['overhead_pct']:+.1f}%" if "overhead_pct" in extra else ""), flush=True)
+
+
+def _rand(*shape, dtype, device):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def bench_prefill(r: Runner, dtype):
+    shapes = [(2, 4, 2, 64, 64)] if r.quick else [(4, 32, 8, 2048, 128), (2, 32, 8, 4096, 128),
+                                                   (1, 32, 8, 8192, 128), (8, 32, 32, 1024, 64)]
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    for b, hq, hkv, s, d in shapes:
+        q, k, v = (_rand(b, h, s, d, dtype=dtype, device=r.device) for h in (hq, hkv, hkv))
+        shape = f"B{b} H{hq}/{hkv} S{s} D{d} causal"
+        flops = 4 * b * hq * s * s * d / 2
+        for be in backends_for("attention_prefill", r.device):
+            fn = ops.resolve("attention_prefill", r.device, be)[1]
+            r.record("attention_prefill", shape, be, r.time(lambda: fn(q, k, v, causal=True)), flops=flops)
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                                         enable_gqa=hq != hkv)
+        r.record("attention_prefill", shape, "sdpa", r.time(sdpa), flops=flops)
+        if flash_attn_func is not None and r.device.type == "cuda":
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            r.record("attention_prefill", shape, "flash_attn", r.time(lambda: flash_attn_func(qt, kt, vt, causal=True)),
+                     flops=flops)
+
+
+def bench_decode(r: Runner, dtype):
+    shapes = [(2, 4, 2, 300, 64)] if r.quick else [(16, 32, 8, 4096, 128), (64, 32, 8, 4096, 128),
+                                                    (16, 32, 8, 16384, 128), (32, 32, 32, 2048, 128)]
+    for b, hq, hkv, ctx, d in shapes:
+        q = _rand(b, hq, d, dtype=dtype, device=r.device)
+        kc, vc = (_rand(b, hkv, ctx, d, dtype=dtype, device=r.device) for _ in range(2))
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=r.device)
+        shape = f"B{b} H{hq}/{hkv} ctx{ctx} D{d}"
+        kv_bytes = 2 * b * hkv * ctx * d * kc.element_size() + 2 * q.numel() * q.element_size()
+        for be in backends_for("attention_decode", r.device):
+            fn = ops.resolve("attention_decode", r.device, be)[1]
+            r.record("attention_decode", shape, be, r.time(lambda: fn(q, kc, vc, lens), cold_l2=True),
+                     nbytes=kv_bytes)
+        q4 = q[:, :, None]
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q4, kc, vc, enable_gqa=hq != hkv)  # noqa: E731
+        r.record("attention_decode", shape, "sdpa", r.time(sdpa, cold_l2=True), nbytes=kv_bytes)
+
+
+def bench_lora(r: Runner, dtype):
+    shapes = [(4, 64, 48, 8), (64, 64, 48, 8)] if r.quick else [
+        (16, 4096, 4096, 16), (16, 4096, 4096, 64), (64, 4096, 11008, 16),
+        (4096, 4096, 4096, 16), (4096, 4096, 4096, 64)]
+    for m, fin, fout, rank in shapes:
+        x = _rand(m, fin, dtype=dtype, device=r.device)
+        w = _rand(fout, fin, dtype=dtype, device=r.device) / math.sqrt(fin)
+        a = _rand(rank, fin, dtype=dtype, device=r.device) / math.sqrt(fin)
+        bm = _rand(fout, rank, dtype=dtype, device=r.device)
+        shape = f"M{m} {fin}->{fout} r{rank}"
+        base_ms = r.time(lambda: torch.nn.functional.linear(x, w), cold_l2=True)
+        w_bytes = w.numel() * w.element_size()
+        r.record("lora_linear", shape, "base_gemm", base_ms, nbytes=w_bytes, flops=2 * m * fin * fout)
+        with torch.no_grad():
+            for be in backends_for("lora_linear", r.device):
+                fn = ops.resolve("lora_linear", r.device, be)[1]
+                ms = r.time(lambda: fn(x, w, None, a, bm, 2.0), cold_l2=True)
+                r.record("lora_linear", shape, be, ms, nbytes=w_bytes, flops=2 * m * fin * fout,
+                         overhead_pct=100.0 * (ms / base_ms - 1))
+        if m == shapes[0][0]:
+            for be in backends_for("lora_fuse", r.device):
+                fn = ops.resolve("lora_fuse", r.device, be)[1]
+                out = torch.empty_like(w)
+                r.record("lora_fuse", shape, be, r.time(lambda: fn(w, a, bm, 2.0, out=out)), nbytes=2 * w_bytes)
+
+
+def bench_norms_rotary_append(r: Runner, dtype):
+    rows, hidden = (64, 512) if r.quick else (16384, 4096)
+    x = _rand(rows, hidden, dtype=dtype, device=r.device)
+    res = torch.randn_like(x)
+    w = _rand(hidden, dtype=dtype, device=r.device)
+    el = x.element_size()
+    shape = f"{rows}x{hidden}"
+    for be in backends_for("rms_norm", r.device):
+        fn = ops.resolve("rms_norm", r.device, be)[1]
+        r.record("rms_norm", shape, be, r.time(lambda: fn(x, w, 1e-6), cold_l2=True), nbytes=2 * x.numel() * el)
+        r.record("rms_norm+residual", shape, be, r.time(lambda: fn(x, w, 1e-6, res), cold_l2=True),
+                 nbytes=4 * x.numel() * el)
+    for be in backends_for("layer_norm", r.device):
+        fn = ops.resolve("layer_norm", r.device, be)[1]
+        r.record("layer_norm", shape, be, r.time(lambda: fn(x, w, w, 1e-5), cold_l2=True), nbytes=2 * x.numel() * el)
+
+    b, hq, hkv, s, d = (2, 4, 2, 33, 64) if r.quick else (16, 32, 8, 2048, 128)
+    q = _rand(b, hq, s, d, dtype=dtype, device=r.device)
+    k = _rand(b, hkv, s, d, dtype=dtype, device=r.device)
+    ang = torch.arange(s + 16, device=r.device).float()[:, None] * torch.rand(d // 2, device=r.device)
+    cos, sin = ang.cos(), ang.sin()
+    pos = torch.arange(s, device=r.device)[None].repeat(b, 1)
+    shape = f"B{b} H{hq}/{hkv} S{s} D{d}"
+    rot_bytes = 2 * (q.numel() + k.numel()) * el + 2 * b * s * (d // 2) * 4  # q,k r+w; cos/sin rows
+    for be in backends_for("rotary", r.device):
+        fn = ops.resolve("rotary", r.device, be)[1]
+        r.record("rotary", shape, be, r.time(lambda: fn(q, k, cos, sin, pos), cold_l2=True), nbytes=rot_bytes)
+
+    b, hkv, smax, t, d = (2, 2, 64, 8, 64) if r.quick else (64, 8, 4096, 1, 128)
+    kc = torch.zeros(b, hkv, smax, d, dtype=dtype, device=r.device)
+    vc = torch.zeros_like(kc)
+    kn = _rand(b, hkv, t, d, dtype=dtype, device=r.device)
+    vn = torch.randn_like(kn)
+    p = torch.zeros(b, dtype=torch.long, device=r.device)
+    shape = f"B{b} Hkv{hkv} T{t} D{d}"
+    for be in backends_for("kv_cache_append", r.device):
+        fn = ops.resolve("kv_cache_append", r.device, be)[1]
+        r.record("kv_cache_append", shape, be, r.time(lambda: fn(kc, vc, kn, vn, p)),
+                 nbytes=4 * kn.numel() * el)
+
+
+def preference_table(rows: List[dict]) -> Dict[str, List[str]]:
+    """Per op, the fused backends ordered by total time over the shapes all of them ran."""
+    order: Dict[str, List[str]] = {}
+    ops_seen = sorted({r["op"] for r in rows if r["impl"] in ("torch", "triton", "cuda")})
+    for op in ops_seen:
+        op_rows = [r for r in rows if r["op"] == op and r["impl"] in ("torch", "triton", "cuda")]
+        impls = sorted({r["impl"] for r in op_rows})
+        shapes = [s for s in {r["shape"] for r in op_rows}
+                  if all(any(r["shape"] == s and r["impl"] == i for r in op_rows) for i in impls)]
+        total = {i: sum(r["median_ms"] for r in op_rows if r["impl"] == i and r["shape"] in shapes) for i in impls}
+        if op in ops.OPS:  # variants such as "rms_norm+residual" are informative only
+            order[op] = sorted(impls, key=lambda i: total[i])
+    return order
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke test; CPU ok)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--results", default=RESULTS, help="JSONL file the rows are appended to")
+    ap.add_argument("--table-dir", default=None,
+                    help=f"where to write the backend preference table (default on CUDA: {TABLES}; "
+                         "on CPU no table unless given)")
+    ap.add_argument("--only", default="prefill,decode,lora,norms", help="comma list of benchmark groups")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA GPU is visible; use --device cpu --quick")
+    if device.type == "cpu" and not args.quick:
+        print("note: on the CPU only --quick makes sense; the numbers only show that the code runs")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    r = Runner(device, args.quick)
+    groups = {"prefill": bench_prefill, "decode": bench_decode, "lora": bench_lora,
+              "norms": bench_norms_rotary_append}
+    for name in args.only.split(","):
+        groups[name.strip()](r, dtype)
+    for row in r.rows:
+        row["dtype"] = str(dtype).replace("torch.", "")
+        row["copy_gbps"] = r.copy_gbps
+    append_jsonl(args.results, r.rows)
+    print()
+    print(markdown_table(r.rows, ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy",
+                                  "overhead_pct"]))
+    print(f"\nappended {len(r.rows)} rows to {args.results}")
+    table_dir = args.table_dir or (TABLES if device.type == "cuda" else None)
+    if table_dir:
+        os.makedirs(table_dir, exist_ok=True)
+        path = os.path.join(table_dir, dispatch.device_slug(r.info["device"]) + ".json")
+        with open(path, "w") as f:
+            json.dump({"device": r.info["device"], "date": r.info["date"], "quick": args.quick,
+                       "ops": preference_table(r.rows)}, f, indent=1)
+        print(f"wrote backend preference table {path}")
+    return r.rows
+
+
+if __name__ == "__main__":
+    main()

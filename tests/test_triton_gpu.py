@@ -1,0 +1,173 @@
+"""The triton backend on a CUDA GPU: bf16 (which the CPU interpreter cannot check), large
+shapes, head dims 80/96/256, CUDA-graph capture and torch.compile through the custom ops.
+
+Ground truth is the torch reference evaluated on fp32 copies of the inputs; outputs are
+NaN-poisoned first. Skipped without CUDA (run by the GPU suite).
+"""
+import math
+
+import pytest
+import torch
+
+from fastrlhf.kernels._launch import poison_outputs
+from fastrlhf.ops import reference as ref
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from fastrlhf.ops import triton_backend as tb  # noqa: E402
+
+# bf16 eps = 7.8e-3: allow about two roundings of relative error in the norm
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
+DEV = "cuda"
+
+
+def _rel(out, expected):
+    out, expected = out.double(), expected.double()
+    assert not torch.isnan(out).any()
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _f32(*ts):
+    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
+
+
+def _left_pad(lengths, total):
+    m = torch.zeros(len(lengths), total, dtype=torch.long, device=DEV)
+    for i, n in enumerate(lengths):
+        m[i, total - n:] = 1
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq,hq,hkv,d", [(2048, 32, 8, 128), (1000, 16, 16, 80), (777, 16, 2, 96),
+                                          (513, 8, 1, 256), (4096, 32, 8, 128)])
+def test_prefill_large(seq, hq, hkv, d, dtype):
+    torch.manual_seed(seq + d)
+    b = 2
+    q = torch.randn(b, hq, seq, d, dtype=dtype, device=DEV)
+    k = torch.randn(b, hkv, seq, d, dtype=dtype, device=DEV)
+    v = torch.randn(b, hkv, seq, d, dtype=dtype, device=DEV)
+    mask = _left_pad([seq, seq // 3], seq)
+    with poison_outputs():
+        out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)
+    expected = ref.attention_prefill(*_f32(q, k, v), causal=True, attention_mask=mask)
+    assert _rel(out, expected) < TOL[dtype]
+    assert torch.all(out[1, :, : seq - seq // 3] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hkv,smax,d", [(16, 32, 8, 4500, 128), (3, 8, 8, 300, 64), (32, 64, 8, 2048, 128)])
+def test_decode_large(b, hq, hkv, smax, d, dtype):
+    torch.manual_seed(b + smax)
+    q = torch.randn(b, hq, d, dtype=dtype, device=DEV)
+    kc = torch.randn(b, hkv, smax, d, dtype=dtype, device=DEV)
+    vc = torch.randn(b, hkv, smax, d, dtype=dtype, device=DEV)
+    lens = torch.randint(1, smax + 1, (b,), device=DEV)
+    starts = (torch.rand(b, device=DEV) * lens).long()
+    with poison_outputs():
+        out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
+    expected = ref.attention_decode(*_f32(q, kc, vc), lens, cache_starts=starts)
+    assert _rel(out, expected) < TOL[dtype]
+    alone = tb.attention_decode(q[1:2], kc[1:2], vc[1:2], lens[1:2], cache_starts=starts[1:2])
+    assert torch.equal(alone, out[1:2])  # independent of the batch composition
+
+
+def test_decode_under_cuda_graph_and_kv_append():
+    torch.manual_seed(0)
+    b, hq, hkv, smax, d = 8, 16, 4, 1024, 128
+    kc = torch.zeros(b, hkv, smax, d, dtype=torch.bfloat16, device=DEV)
+    vc = torch.zeros_like(kc)
+    q = torch.randn(b, hq, d, dtype=torch.bfloat16, device=DEV)
+    k_new = torch.randn(b, hkv, 1, d, dtype=torch.bfloat16, device=DEV)
+    v_new = torch.randn_like(k_new)
+    pos = torch.zeros(b, dtype=torch.long, device=DEV)
+
+    def step():
+        tb.kv_cache_append(kc, vc, k_new, v_new, pos)
+        return tb.attention_decode(q, kc, vc, pos + 1)
+
+    step()  # warm up: compile and autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for t in range(5):
+        pos.fill_(t * 37)
+        k_new.normal_()
+        v_new.normal_()
+        q.normal_()
+        graph.replay()
+        expected = ref.attention_decode(*_f32(q, kc, vc), pos + 1)
+        assert _rel(out, expected) < TOL[torch.bfloat16]
+        assert torch.equal(kc[:, :, t * 37], k_new[:, :, 0])
+
+
+def test_torch_compile_sees_through_the_custom_ops():
+    torch.manual_seed(1)
+    q = torch.randn(2, 8, 64, 64, dtype=torch.bfloat16, device=DEV)
+    k = torch.randn(2, 2, 64, 64, dtype=torch.bfloat16, device=DEV)
+    w = torch.randn(64, dtype=torch.bfloat16, device=DEV)
+
+    def block(q, k):
+        attn = tb.attention_prefill(q, k, k, causal=True)
+        return tb.rms_norm(attn, w, 1e-6)
+
+    compiled = torch.compile(block, fullgraph=True)
+    assert _rel(compiled(q, k), block(q, k)) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [16, 4096])
+@pytest.mark.parametrize("rank", [16, 64])
+def test_lora_linear_bf16_forward_backward(rows, rank):
+    torch.manual_seed(rows + rank)
+    fin, fout = 4096, 4096 + 7
+    x = torch.randn(rows, fin, dtype=torch.bfloat16, device=DEV, requires_grad=True)
+    w = (torch.randn(fout, fin, device=DEV) / math.sqrt(fin)).bfloat16()
+    a = (torch.randn(rank, fin, device=DEV) / math.sqrt(fin)).bfloat16().requires_grad_()
+    bm = torch.randn(fout, rank, dtype=torch.bfloat16, device=DEV).requires_grad_()
+    out = tb.lora_linear(x, w, None, a, bm, 0.5)
+    expected = ref.lora_linear(*_f32(x, w, None, a, bm), 0.5)
+    assert _rel(out, expected) < TOL[torch.bfloat16]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, a, bm], g)
+    xf, af, bf = [t.detach().float().requires_grad_() for t in (x, a, bm)]
+    exp = torch.autograd.grad(ref.lora_linear(xf, w.float(), None, af, bf, 0.5), [xf, af, bf], g.float())
+    for gg, e in zip(got, exp):
+        assert _rel(gg, e) < 2 * TOL[torch.bfloat16]
+
+
+def test_lora_fuse_unfuse_bf16_in_place():
+    torch.manual_seed(2)
+    w = torch.randn(4096, 4096 + 3, dtype=torch.bfloat16, device=DEV)
+    a = torch.randn(32, 4096 + 3, dtype=torch.bfloat16, device=DEV) * 0.02
+    bm = torch.randn(4096, 32, dtype=torch.bfloat16, device=DEV) * 0.02
+    expected = ref.lora_fuse(w, a, bm, 2.0)
+    fused = w.clone()
+    tb.lora_fuse(fused, a, bm, 2.0, out=fused)
+    ulp = torch.finfo(torch.bfloat16).eps
+    assert ((fused.float() - expected.float()).abs() <= ulp * expected.float().abs() + 1e-30).float().mean() > 0.999
+    assert _rel(tb.lora_unfuse(fused, a, bm, 2.0), w) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norms_and_rotary_bf16_large(dtype):
+    torch.manual_seed(3)
+    x = torch.randn(4, 1000, 8192, dtype=dtype, device=DEV)
+    r = torch.randn_like(x)
+    w = torch.randn(8192, dtype=dtype, device=DEV)
+    with poison_outputs():
+        y, h = tb.rms_norm(x, w, 1e-6, r)
+        z = tb.layer_norm(x, w, w, 1e-5)
+    ye, he = ref.rms_norm(x, w, 1e-6, r)
+    assert torch.equal(h, he) and _rel(y, ye) < TOL[dtype]
+    assert _rel(z, ref.layer_norm(x, w, w, 1e-5)) < TOL[dtype]
+    q = torch.randn(4, 32, 700, 128, dtype=dtype, device=DEV)
+    k = torch.randn(4, 8, 700, 128, dtype=dtype, device=DEV)
+    ang = torch.arange(4096, device=DEV).float()[:, None] / (10000 ** (torch.arange(0, 64, device=DEV).float() / 64))
+    pos = torch.arange(700, device=DEV)[None].repeat(4, 1) + torch.tensor([[0], [9], [100], [3000]], device=DEV)
+    qr, kr = q.clone(), k.clone()
+    ref.rotary(qr, kr, ang.cos(), ang.sin(), pos)
+    tb.rotary(q, k, ang.cos(), ang.sin(), pos)
+    assert _rel(q, qr) < TOL[dtype] and _rel(k, kr) < TOL[dtype]
