@@ -14,7 +14,9 @@ from fastrlhf.rlhf import rl_math as M
 from fastrlhf.rlhf.experience import answer_logprobs, sequence_scores
 from fastrlhf.rlhf.ppo import NonFiniteLossError, PPOConfig, PPOTrainer, train_ppo
 
-TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s"}
+TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s",
+          "time_actor_forward", "time_ref_forward", "time_reward_forward", "time_critic_forward",
+          "time_actor_train", "time_critic_train"}
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ class PPOConfig(TrainConfig):
     temperature: float = _opt(1.0, "sampling temperature of rollouts (> 0)")
     top_p: float = _opt(1.0, "nucleus sampling of rollouts")
     top_k: int = _opt(0, "top-k sampling of rollouts (0 = off)")
+    min_new_tokens: int = _opt(0, "suppress EOS for this many answer tokens (benchmarks force full length)")
     clip_eps: float = _opt(0.2, "policy ratio clip")
     value_clip: float = _opt(0.2, "value clip around the rollout values (0 = off)")
     value_loss_coef: float = _opt(1.0, "critic loss weight")
@@ -389,6 +390,7 @@ class PPOTrainer:
         cfg = self.cfg
         out = self.engine.generate(input_ids, attention_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   min_new_tokens=cfg.min_new_tokens,
                                    eos_token_id=self.tokenizer.eos_token_id,
                                    pad_token_id=self.tokenizer.pad_token_id, generator=self.gen)
         return out.sequences
@@ -412,19 +414,24 @@ class PPOTrainer:
         if cfg.group_size > 1:
             items = [it for it in items for _ in range(cfg.group_size)]  # the n samples adjacent
         input_ids, prompt_mask, prompts = self._collate(items)
-        t0 = time.perf_counter()
+        clock = self._clock()
         sequences = self.generate(input_ids, prompt_mask)
-        gen_time = time.perf_counter() - t0
+        gen_time = clock()
         P = input_ids.shape[1]
         action_mask = M.answer_mask(sequences[:, P:], self.tokenizer.eos_token_id)
         attention_mask = torch.cat([prompt_mask.float(), action_mask], 1).long()
-        t1 = time.perf_counter()
         self.actor.eval()
+        clock()
         old_logp = answer_logprobs(self.actor, sequences, attention_mask, P)
+        times = {"time_actor_forward": clock()}
         ref_logp = answer_logprobs(self.ref, sequences, attention_mask, P)
+        times["time_ref_forward"] = clock()
         scores = self._score(sequences, attention_mask, P)
+        times["time_reward_forward"] = clock()
         values = answer_values(self.critic, sequences, attention_mask, P) if self.critic is not None else None
-        fwd_time = time.perf_counter() - t1
+        if values is not None:
+            times["time_critic_forward"] = clock()
+        fwd_time = sum(times.values())
         raw_scores = scores.clone()
         if cfg.normalize_reward:
             self.reward_stats.update(_gather_all(scores))
@@ -435,7 +442,7 @@ class PPOTrainer:
         info = {"reward_mean": raw_scores.mean().item(), "reward_std": raw_scores.std().item() if len(raw_scores) > 1
                 else 0.0, "kl": stats["kl"], "kl_coef": self.kl_ctl.value,
                 "answer_len": action_mask.sum(1).mean().item(), "gen_time": gen_time, "forward_time": fwd_time,
-                "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9)}
+                "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}
         if self.gt_score is not None:
             answers = self._answers_text(sequences, action_mask, P)
             info["gt_score"] = float(np.mean([self.gt_score(p, a) for p, a in zip(prompts, answers)]))
@@ -444,6 +451,18 @@ class PPOTrainer:
                           prompt_len=P, old_values=values, returns=returns, info=info)
 
     # ------------------------------------------------------------------ update
+
+    def _clock(self):
+        """Seconds since the previous call (device work finished first, so GPU times are real)."""
+        last = [time.perf_counter()]
+
+        def lap() -> float:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            dt, last[0] = now - last[0], now
+            return dt
+        return lap
 
     def _all_finite(self, *tensors) -> bool:
         """Agreed over ranks: every rank skips the step together (ZeRO collectives stay in step)."""
@@ -480,13 +499,17 @@ class PPOTrainer:
         if self.critic is not None:
             self.critic.train()
         g = torch.Generator().manual_seed(cfg.seed * 31 + self.step)
+        clock, t_actor, t_critic = self._clock(), 0.0, 0.0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(exp), generator=g)
             for mb_idx in order.split(cfg.micro_batch_size):
                 mb = exp.select(mb_idx.to(exp.sequences.device))
+                clock()
                 stats = self._actor_step(mb)
+                t_actor += clock()
                 if self.critic is not None and stats is not None:
                     cstats = self._critic_step(mb)
+                    t_critic += clock()
                     stats = None if cstats is None else {**stats, **cstats}
                 if stats is None:
                     skipped += 1
@@ -496,6 +519,7 @@ class PPOTrainer:
                     sums[k] = sums.get(k, 0.0) + v
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out["skipped_updates"] = float(skipped)
+        out["time_actor_train"], out["time_critic_train"] = t_actor, t_critic
         return out
 
     def _actor_step(self, mb: Experience) -> Optional[Dict[str, float]]:

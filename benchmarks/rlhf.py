@@ -1,0 +1,180 @@
+"""End-to-end PPO iteration: the hybrid engine vs the same trainer with HF generate.
+
+One run builds random-weight actor / reward models from configs, saves them, and times PPO
+iterations of the real `PPOTrainer` twice: with the hybrid engine and with
+`generation_fallback="hf"` (same models, prompts, batch, seed). Every answer is forced to the
+full length (min_new_tokens = max_new_tokens) so both do the same work. Reported per mode:
+the median time split of an iteration (generation; actor / reference / reward / critic
+forwards; actor and critic training), sequences/s and generated tokens/s, and the end-to-end
+speedup. One JSON row per mode is appended to benchmarks/results/rlhf.jsonl.
+
+    python benchmarks/rlhf.py                 # CPU: the bundled tiny Llama (actor and reward)
+    python benchmarks/rlhf.py --gpu           # OPT-1.3B actor + OPT-350M reward, 256 + 256, bf16
+    python benchmarks/rlhf.py --preset opt-125m --batch 8 --prompt_len 64 --answer_len 64
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "rlhf.jsonl")
+
+OPT_1_3B = dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
+                word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048)
+OPT_350M = dict(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
+                word_embed_proj_dim=512, vocab_size=50272, max_position_embeddings=2048,
+                do_layer_norm_before=False)
+OPT_125M = dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                word_embed_proj_dim=768, vocab_size=50272, max_position_embeddings=2048)
+# name -> (actor config or None = bundled default, reward config or None, batch, prompt, answer, dtype)
+PRESETS = {
+    "tiny": (None, None, 8, 16, 16, "fp32"),
+    "opt-125m": (OPT_125M, OPT_125M, 8, 64, 64, "fp32"),
+    "opt-1.3b": (OPT_1_3B, OPT_350M, 16, 256, 256, "bf16"),
+}
+SPLIT = ("gen_time", "time_actor_forward", "time_ref_forward", "time_reward_forward", "time_critic_forward",
+         "time_actor_train", "time_critic_train")
+
+
+def build_models(root: str, actor_cfg, reward_cfg, seed: int):
+    """Save actor and reward model (random weights) + a tokenizer into root; returns (actor, rm) dirs."""
+    from transformers import OPTConfig
+    from fastrlhf.models.loading import build_from_config, load_causal_lm, load_tokenizer
+    from fastrlhf.models.reward import RewardModel
+    from transformers import AutoModel, AutoModelForCausalLM
+    tok = load_tokenizer(None)  # only its pad / eos ids matter: prompts are random ids
+    paths = []
+    for name, cfg, cls in (("actor", actor_cfg, None), ("reward", reward_cfg, "rm")):
+        d = os.path.join(root, name)
+        if cfg is None:
+            model = load_causal_lm(None, seed=seed) if cls is None else RewardModel.from_pretrained(None, seed=seed)
+        else:
+            conf = OPTConfig(**cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             bos_token_id=tok.bos_token_id)
+            conf.save_pretrained(d)
+            if cls is None:
+                model = build_from_config(AutoModelForCausalLM, d, torch.float32, seed)
+            else:
+                model = RewardModel(build_from_config(AutoModel, d, torch.float32, seed))
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        paths.append(d)
+        del model
+    return tuple(paths), tok
+
+
+def random_prompts(tok, n: int, length: int, vocab: int, seed: int):
+    """Prompts of random ordinary tokens (no specials), lengths between 3/4 and all of `length`,
+    so the batch is left-padded like real data."""
+    g = torch.Generator().manual_seed(seed)
+    low = max(tok.all_special_ids) + 1
+    items = []
+    for _ in range(n):
+        k = int(torch.randint(max(1, 3 * length // 4), length + 1, (1,), generator=g))
+        items.append({"prompt": "", "prompt_input_ids": torch.randint(low, vocab, (k,), generator=g)})
+    return items
+
+
+def run_mode(mode: str, paths, prompts, args, dtype: str):
+    from fastrlhf.rlhf.ppo import PPOConfig, PPOTrainer
+    actor_dir, rm_dir = paths
+    cfg = PPOConfig(model_name_or_path=actor_dir, reward_model=rm_dir, output_dir=os.path.join(args.workdir, mode),
+                    rollout_batch_size=args.batch, micro_batch_size=args.micro_batch or args.batch,
+                    max_new_tokens=args.answer_len, min_new_tokens=args.answer_len, dtype=dtype,
+                    zero_stage=args.zero_stage, max_steps=args.warmup + args.iters, eval_prompts=0, seed=1,
+                    generation_fallback="hf" if mode == "hf" else None, resume="no",
+                    data={"max_prompt_len": args.prompt_len, "max_answer_len": args.answer_len})
+    trainer = PPOTrainer(cfg, prompts=prompts, eval_prompts=prompts[:1])
+    trainer.gt_score = None  # random prompts: there is no ground truth to score
+    rows = []
+    for i in range(args.warmup + args.iters):
+        m = trainer.train_step()
+        if i >= args.warmup:
+            rows.append(m)
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in SPLIT + ("step_time",)}
+    med["seqs_per_s"] = args.batch / med["step_time"]
+    med["gen_tokens_per_s"] = args.batch * args.answer_len / med["gen_time"]
+    return med
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--gpu", action="store_true", help="shorthand for --preset opt-1.3b")
+    p.add_argument("--batch", type=int, default=None, help="prompts per iteration")
+    p.add_argument("--micro_batch", type=int, default=None, help="update mini-batch (default: the batch)")
+    p.add_argument("--prompt_len", type=int, default=None)
+    p.add_argument("--answer_len", type=int, default=None)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--zero_stage", type=int, default=0)
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--modes", nargs="+", default=["engine", "hf"], choices=("engine", "hf"))
+    p.add_argument("--no_save", action="store_true", help="do not append to the results file")
+    args = p.parse_args(argv)
+    if args.gpu:
+        args.preset = "opt-1.3b"
+    actor_cfg, reward_cfg, batch, plen, alen, dtype = PRESETS[args.preset]
+    args.batch, args.prompt_len = args.batch or batch, args.prompt_len or plen
+    args.answer_len, dtype = args.answer_len or alen, args.dtype or dtype
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("FASTRLHF_NO_PROGRESS", "1")
+    with tempfile.TemporaryDirectory() as root:
+        args.workdir = root
+        paths, tok = build_models(root, actor_cfg, reward_cfg, seed=0)
+        vocab = actor_cfg["vocab_size"] if actor_cfg else len(tok)
+        prompts = random_prompts(tok, args.batch * (args.warmup + args.iters), args.prompt_len, vocab, seed=0)
+        results = {mode: run_mode(mode, paths, prompts, args, dtype) for mode in args.modes}
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    dev = device_name()
+    print(f"\nPPO iteration, preset {args.preset}: batch {args.batch}, prompt {args.prompt_len} + answer "
+          f"{args.answer_len} tokens, {dtype}, ZeRO-{args.zero_stage}, device {dev}, {when}")
+    print(f"{'seconds (median)':<22}" + "".join(f"{m:>12}" for m in results))
+    for k in SPLIT + ("step_time",):
+        print(f"{k:<22}" + "".join(f"{results[m][k]:>12.4f}" for m in results))
+    for k in ("seqs_per_s", "gen_tokens_per_s"):
+        print(f"{k:<22}" + "".join(f"{results[m][k]:>12.2f}" for m in results))
+    speedup = None
+    if "engine" in results and "hf" in results:
+        speedup = results["hf"]["step_time"] / results["engine"]["step_time"]
+        gen_speedup = results["hf"]["gen_time"] / results["engine"]["gen_time"]
+        print(f"engine vs hf: end to end {speedup:.2f}x, generation {gen_speedup:.2f}x")
+    if not args.no_save:
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        with open(RESULTS, "a") as f:
+            for mode, r in results.items():
+                f.write(json.dumps({"bench": "rlhf_ppo_iteration", "date": when, "device": dev, "preset": args.preset,
+                                    "mode": mode, "batch": args.batch, "prompt_len": args.prompt_len,
+                                    "answer_len": args.answer_len, "dtype": dtype, "zero_stage": args.zero_stage,
+                                    "iters": args.iters, "torch": torch.__version__,
+                                    "speedup_vs_hf": speedup if mode == "engine" else None,
+                                    **{k: round(v, 6) for k, v in r.items()}}) + "\n")
+        print(f"appended to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
