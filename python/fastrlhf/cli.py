@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("-h", "--help", action="store_true")
     ppo.set_defaults(func=cmd_ppo)
 
+    # step-3 extras (fastrlhf.rlhf.chat / .dpo parse their own options, imported only when used)
+    for name, help_text in (("chat", "talk to a trained model: multi-turn on the hybrid engine (--prompt: one shot)"),
+                            ("dpo", "DPO: preference pairs -> policy, instead of steps 2 + 3")):
+        extra_cmd = sub.add_parser(name, help=help_text, add_help=False)
+        extra_cmd.add_argument("-h", "--help", action="store_true")
+        extra_cmd.set_defaults(func=cmd_chat if name == "chat" else cmd_dpo)
+
     ops = sub.add_parser("ops", help="show the kernel backends and the CUDA extension status",
                          formatter_class=_formatter)
     ops.set_defaults(func=cmd_ops)
@@ -261,7 +268,8 @@ def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
             except ImportError as e:
                 raise CLIError(f"step 3 (PPO) is not available ({e})") from None
             r = train_ppo(cfg)
-            summary.append("step 3 PPO: done")
+            summary.append("step 3 PPO: held-out reward %.3f -> %.3f, KL to reference %.3f" % (
+                r["before"]["reward"], r["after"]["reward"], r["after"]["kl_to_ref"]))
         del r  # free the engines before the next step
         summary[-1] += f" ({time.time() - t0:.0f}s, saved to {cfg.output_dir})"
         _release_memory()
@@ -278,6 +286,25 @@ def _release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def cmd_chat(args: argparse.Namespace, extra: List[str]) -> int:
+    from .rlhf.chat import main as chat_main
+    return chat_main(list(extra) + (["--help"] if args.help else []))
+
+
+def cmd_dpo(args: argparse.Namespace, extra: List[str]) -> int:
+    from .rlhf.dpo import DPOConfig, train_dpo
+    p = argparse.ArgumentParser(prog="fastrlhf dpo", formatter_class=_formatter, description=DPOConfig.__doc__)
+    _add_common(p)
+    add_dataclass_arguments(p, DPOConfig)
+    if args.help:
+        p.print_help()
+        return 0
+    ns = p.parse_args(extra)
+    cfg = config_from_dict(DPOConfig, merge_dicts(_file_values(ns.config), namespace_overrides(ns, DPOConfig)))
+    train_dpo(cfg)
+    return 0
 
 
 def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
