@@ -20,7 +20,7 @@ import triton.language as tl
 from ._launch import Kernel, new_empty, next_pow2
 
 
-def _prefill_kernel(Q, K, V, O, Mask,
+def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, smb, smk,
                     n_kv_heads, seq_q, seq_k, qk_scale_log2,
@@ -53,9 +53,13 @@ def _prefill_kernel(Q, K, V, O, Mask,
         last_q = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_q - 1)
         end_n = tl.maximum(tl.minimum(seq_k, last_q + offset + 1), 0)
 
+    start_n0 = 0
+    if HAS_MASK:
+        # left padding: key tiles before the first real key of this sequence are skipped
+        start_n0 = (tl.load(KeyStart + b) // BLOCK_N) * BLOCK_N
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
-    for start_n in range(0, end_n, BLOCK_N):
+    for start_n in range(start_n0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_k
         k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
@@ -137,9 +141,11 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
+    # index of each sequence's first visible key (0 for an all-pad row: nothing is visible)
+    key_start = mask.ne(0).to(torch.int32).argmax(1).to(torch.int32) if mask is not None else q
     smb, smk = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     grid = lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv)  # noqa: E731
-    _kernel.launch(grid, q, k, v, out, mask_arg,
+    _kernel.launch(grid, q, k, v, out, mask_arg, key_start,
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smk,
                    hkv, sq, sk, scale * 1.4426950408889634,
                    GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=mask is not None,

@@ -27,7 +27,8 @@ def _fits(records):
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.bfloat16, 128),
-                                            (torch.bfloat16, 256), (torch.float16, 128)])
+                                            (torch.bfloat16, 256), (torch.float16, 128),
+                                            (torch.float32, 64)])
 def test_attention_kernels_compile_for_sm90(dtype, head_dim):
     all_configs = head_dim == 128 and dtype == torch.bfloat16  # the main production case
     q = torch.randn(2, 8, 33, head_dim, dtype=dtype)
