@@ -194,3 +194,18 @@ def test_tokenizer_mismatch_and_overlong_are_clear_errors_before_training(tiny, 
         trainer(tiny, tmp_path / "long", max_new_tokens=250)
     with pytest.raises(ValueError, match="group_size"):
         make_cfg(tiny, tmp_path, algo="grpo").validate()
+
+
+def test_ppo_ptx_mixes_the_sft_loss_into_the_actor_update(tiny, tmp_path):
+    tok = tiny["tok"]
+    sft = []
+    for it in tiny["train"][:8]:
+        answer = tok(" the lake is joyful", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = list(it["prompt_input_ids"]) + answer
+        sft.append({"input_ids": torch.tensor(ids),
+                    "labels": torch.tensor([-100] * len(it["prompt_input_ids"]) + answer)})
+    cfg = make_cfg(tiny, tmp_path / "ptx", ptx_coef=0.5)
+    t = PPOTrainer(cfg, prompts=tiny["train"], eval_prompts=tiny["eval"], ptx_data=sft)
+    losses = [t.train_step()["ptx_loss"] for _ in range(3)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]  # lr 1e-3 on 8 repeated SFT rows: the LM loss must fall
