@@ -44,6 +44,11 @@ MAX_RESPONSE_TOKENS = 24     # words + punctuation, i.e. tokens of the word-leve
 MIN_RESPONSE_WORDS = 6
 MIN_SCORE_GAP = 0.1
 MIN_NET_GAP = 2
+# Share of prompts asking for the happy tone. With an exact 50/50 mix a word's value flips sign
+# with the prompt, its average is zero, and a reward model trained from scratch sits at chance
+# for its first few hundred steps (an XOR-like start); the 70/30 tilt gives it a first-order
+# signal (word valence) to start from, after which it learns the flip for sad prompts.
+HAPPY_FRACTION = 0.7
 
 HAPPY = (
     "joyful bright cheerful delightful warm glad lovely sunny merry radiant playful hopeful "
@@ -187,7 +192,8 @@ def _make_response(rng: random.Random, topic: str, tone: str, quality) -> str:
             return text
 
 
-def generate_rows(seed: int = DEFAULT_SEED, rows: int = DEFAULT_ROWS, happy_fraction: float = 0.5) -> list[dict]:
+def generate_rows(seed: int = DEFAULT_SEED, rows: int = DEFAULT_ROWS,
+                  happy_fraction: float = HAPPY_FRACTION) -> list[dict]:
     """Deterministic prompt/chosen/rejected rows; chosen wins by score and net tone words."""
     rng = random.Random(seed)
     out = []

@@ -39,13 +39,22 @@ class StepTokenizer:
         self.truncate = overlong == "truncate"
         self.train_on_prompt = train_on_prompt
 
-    def prompt_ids(self, text: str) -> list[int]:
+    def prompt_ids(self, texts: list[str]) -> list[list[int]]:
         # A chat template that writes BOS itself must not get a second one from the tokenizer.
-        add_special = not (self.bos_text and text.startswith(self.bos_text))
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        with_bos = [not (self.bos_text and t.startswith(self.bos_text)) for t in texts]
+        out: list = [None] * len(texts)
+        for flag in (True, False):
+            idx = [i for i, w in enumerate(with_bos) if w == flag]
+            if idx:
+                ids = self.tokenizer([texts[i] for i in idx], add_special_tokens=flag)["input_ids"]
+                for i, row in zip(idx, ids):
+                    out[i] = list(row)
+        return out
 
-    def answer_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos]
+    def answer_ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) + [self.eos] for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
         """Left-truncate to the limit, keeping a leading BOS."""
@@ -61,10 +70,12 @@ class StepTokenizer:
         stats = {"rows": len(samples), "kept": 0, "prompt_overlong": 0, "answer_overlong": 0,
                  "dropped": 0, "truncated": 0}
         items = []
-        for s in samples:
-            prompt = self.prompt_ids(s.prompt)
-            answers = ([] if step == 3 else [self.answer_ids(s.chosen)] if step == 1
-                       else [self.answer_ids(s.chosen), self.answer_ids(s.rejected)])
+        prompts = self.prompt_ids([s.prompt for s in samples])
+        chosen = self.answer_ids([s.chosen for s in samples]) if step in (1, 2) else []
+        rejected = self.answer_ids([s.rejected for s in samples]) if step == 2 else []
+        for k, s in enumerate(samples):
+            prompt = prompts[k]
+            answers = [chosen[k]] if step == 1 else [chosen[k], rejected[k]] if step == 2 else []
             long_prompt = len(prompt) > self.max_prompt_len
             long_answer = any(len(a) > self.max_answer_len for a in answers)
             stats["prompt_overlong"] += long_prompt
