@@ -108,6 +108,17 @@ class PPOConfig(TrainConfig):
                                  kl_in_reward=kl_in_reward)
 
 
+# PPO defaults for the bundled tiny task (applied by the CLI when no model is given): sized so
+# step 3 takes a few minutes on a 2-core CPU and clearly raises both the reward-model and the
+# ground-truth score of held-out prompts. Answers of the task are at most 24 tokens + EOS.
+DEFAULT_TASK_PROFILE: Dict[str, Any] = {
+    "rollout_batch_size": 32, "micro_batch_size": 16, "ppo_epochs": 2, "max_steps": 120,
+    "learning_rate": 3e-4, "critic_learning_rate": 1e-3, "critic_warmup_steps": 4,
+    "max_new_tokens": 28, "temperature": 1.0, "kl_coef": 0.02, "reward_clip": 5.0,
+    "eval_prompts": 128, "weight_decay": 0.0, "save_steps": 40, "log_steps": 1,
+}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -254,8 +265,8 @@ class PPOTrainer:
         self.total_steps = cfg.max_steps or cfg.num_epochs * self.stream.steps_per_epoch
         self.updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.group_size // cfg.micro_batch_size)
 
+        self._check_lengths(models)
         self._build_models(models)
-        self._check_lengths()
         self.kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else M.FixedKLController(cfg.kl_coef))
         self.reward_stats = M.RunningMoments()
@@ -361,12 +372,18 @@ class PPOTrainer:
             self.critic = self._trainable_engine(critic, cfg.critic_learning_rate, cfg.critic_warmup_steps,
                                                  cfg.critic_zero_stage, cfg.critic_offload)
 
-    def _check_lengths(self):
-        """Prompt + answer must fit every model's positions: fail now, not after an hour."""
+    def _check_lengths(self, models):
+        """Prompt + answer must fit every model's positions: checked from the configs, before
+        any model is loaded or any token generated."""
+        from transformers import AutoConfig
+        from ..models.loading import resolve_model_path
+        cfg = self.cfg
         longest = max(len(p["prompt_input_ids"]) for p in self.prompts + self.eval_prompt_items)
         need = longest + self.max_new_tokens
-        for name, mod in (("actor", self.actor.module), ("reward model", _unwrap(self.reward))):
-            limit = max_positions(getattr(mod, "config", None))
+        for name, key, path in (("actor", "actor", cfg.model_name_or_path), ("reward model", "reward", cfg.reward_model)):
+            conf = getattr(_unwrap(models[key]), "config", None) if key in models else \
+                AutoConfig.from_pretrained(resolve_model_path(path))
+            limit = max_positions(conf)
             if limit is not None and need > limit:
                 raise ValueError(
                     f"prompt ({longest} tokens) + answer ({self.max_new_tokens} tokens) = {need} exceeds the "
