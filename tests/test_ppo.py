@@ -209,3 +209,22 @@ def test_ppo_ptx_mixes_the_sft_loss_into_the_actor_update(tiny, tmp_path):
     losses = [t.train_step()["ptx_loss"] for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]  # lr 1e-3 on 8 repeated SFT rows: the LM loss must fall
+
+
+def test_lora_actor_trains_only_lora_and_is_saved_merged(tiny, tmp_path):
+    t = trainer(tiny, tmp_path / "lora", lora_rank=4, lora_alpha=8, only_optimize_lora=True,
+                lora_target_modules=["q_proj", "v_proj"], max_steps=1)
+    base = {n: p.detach().clone() for n, p in t.actor.module.named_parameters()}
+    m = t.train_step()
+    assert m["skipped_updates"] == 0
+    changed = {n for n, p in t.actor.module.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    paths = t.save_models()
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(paths["actor"])
+    assert not any("lora" in k for k in saved.state_dict())
+    ids = tiny["train"][0]["prompt_input_ids"]
+    x = torch.as_tensor(ids)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=x).logits, t.actor.module(input_ids=x).logits,
+                                   atol=1e-4, rtol=1e-4)
