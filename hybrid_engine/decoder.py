@@ -113,12 +113,23 @@ class Decoder:
     """The generic forward. Shapes: hidden [B, S, E]; attention heads [B, H, S, D]."""
 
     def __init__(self, spec: ArchSpec, device: torch.device, backend: Optional[str] = None,
-                 cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None):
+                 cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                 lean: bool = True):
         self.spec = spec
         self.cos, self.sin = cos, sin
         r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
         self._attn_prefill = r("attention_prefill")
-        self._attn_decode = r("attention_decode")
+        decode_backend, self._attn_decode = ops.resolve("attention_decode", device, backend)
+        # With the torch reference, a decode step is cheaper as a one-query prefill over the
+        # filled columns with a mask built once per step (not per layer) and GQA groups folded
+        # into the query axis (no per-layer copy of the cache to expand KV heads). Kernel
+        # backends get the real decode op (split-K, batch-invariant).
+        self.decode_as_prefill = decode_backend == "torch"
+        # CPU decode steps are dominated by per-op dispatch, not math: when every decode op
+        # resolves to the torch reference, `lean_decode` runs the same math in fewer,
+        # larger torch ops (see lean_decode.py). Kernel backends always go through ops.
+        self.lean = lean and all(ops.resolve(op, device, backend)[0] == "torch"
+                                 for op in ("attention_decode", "kv_cache_append", "rotary"))
         self._append = r("kv_cache_append")
         self._rotary = r("rotary")
         self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
@@ -169,13 +180,14 @@ class Decoder:
         b, _, s, _ = o.shape
         return lw.o(o.transpose(1, 2).reshape(b, s, -1))
 
-    def _layer(self, lw: LayerWeights, x, positions, attend):
+    def _layer(self, lw: LayerWeights, x, attention):
+        """One block; attention(lw, h) -> the projected attention output for hidden h."""
         sp = self.spec
         if not sp.pre_norm:  # post-norm blocks (OPT-350m)
-            x = self._norm(x + self._attention(lw, x, positions, attend), lw.in_norm)
+            x = self._norm(x + attention(lw, x), lw.in_norm)
             return self._norm(x + self._mlp(lw, x), lw.post_norm)
         h = self._norm(x, lw.in_norm)
-        a = self._attention(lw, h, positions, attend)
+        a = attention(lw, h)
         if sp.parallel_residual:
             h2 = h if lw.post_norm is None else self._norm(x, lw.post_norm)
             return (self._mlp(lw, h2) + a) + x
@@ -199,7 +211,7 @@ class Decoder:
         """Run the prompts [B, P] (left-padded), write columns 0..P-1 of the cache, return the
         logits of the last column [B, V] (or of every column [B, P, V] with all_logits)."""
         b = input_ids.shape[0]
-        zero = torch.zeros(b, dtype=torch.int32, device=input_ids.device)
+        zero = torch.zeros(b, dtype=torch.long, device=input_ids.device)
         x = self._embed(w, input_ids, positions)
         for i, lw in enumerate(w.iter_layers()):
             kc, vc = cache.k[i], cache.v[i]
@@ -208,25 +220,44 @@ class Decoder:
                 self._append(kc, vc, k, v, zero)
                 return self._attn_prefill(q, k, v, causal=True, attention_mask=attention_mask,
                                           scale=self.scale)
-            x = self._layer(lw, x, positions, attend)
+            x = self._layer(lw, x, lambda lw_, h: self._attention(lw_, h, positions, attend))
         return self._head(w, x) if all_logits else self._head(w, x[:, -1:])[:, -1]
 
     def decode(self, w: ModelWeights, tokens, positions, write_col, cache_lens, cache: KVCache,
                read_len: Optional[int] = None) -> torch.Tensor:
-        """One token per sequence. tokens/positions [B]; write_col [B] int32 (the same column for
-        all); cache_lens [B] = write_col + 1. `read_len` (python int) lets attention read only
-        the filled columns (not under CUDA graphs, whose shapes are fixed). Returns logits [B, V]."""
+        """One token per sequence. tokens/positions [B] int64; write_col [B] int64 (the same
+        column for all); cache_lens [B] = write_col + 1. `read_len` (python int) lets attention
+        read only the filled columns (not under CUDA graphs, whose shapes are fixed).
+        Returns logits [B, V]."""
+        if self.lean and read_len is not None:
+            from .lean_decode import lean_decode_step
+            return lean_decode_step(self, w, tokens, positions, read_len - 1, cache)
         pos2 = positions[:, None]
         x = self._embed(w, tokens[:, None], pos2)
         starts = cache.starts
+        sp = self.spec
+        if self.decode_as_prefill:
+            n = cache.max_len if read_len is None else read_len
+            col = torch.arange(n, device=tokens.device)[None, :]
+            visible = (col < cache_lens[:, None]) & (col >= starts[:, None])  # [B, n], once per step
+            g = sp.n_heads // sp.n_kv_heads
         for i, lw in enumerate(w.iter_layers()):
             kc, vc = cache.k[i], cache.v[i]
+            if read_len is not None:
+                kc_r, vc_r = kc[:, :, :read_len], vc[:, :, :read_len]
+            else:
+                kc_r, vc_r = kc, vc
 
-            def attend(q, k, v, kc=kc, vc=vc):
+            def attend(q, k, v, kc=kc, vc=vc, kc_r=kc_r, vc_r=vc_r):
                 self._append(kc, vc, k, v, write_col)
-                kr, vr = (kc, vc) if read_len is None else (kc[:, :, :read_len], vc[:, :, :read_len])
-                o = self._attn_decode(q[:, :, 0], kr, vr, cache_lens, cache_starts=starts,
+                b = q.shape[0]
+                if self.decode_as_prefill:
+                    qg = q.reshape(b, sp.n_kv_heads, g, sp.head_dim)  # GQA group as query rows
+                    o = self._attn_prefill(qg, kc_r, vc_r, causal=False, attention_mask=visible,
+                                           scale=self.scale)
+                    return o.reshape(b, sp.n_heads, 1, sp.head_dim)
+                o = self._attn_decode(q[:, :, 0], kc_r, vc_r, cache_lens, cache_starts=starts,
                                       scale=self.scale)
                 return o[:, :, None]
-            x = self._layer(lw, x, pos2, attend)
+            x = self._layer(lw, x, lambda lw_, h: self._attention(lw_, h, pos2, attend))
         return self._head(w, x)[:, 0]

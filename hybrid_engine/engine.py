@@ -252,7 +252,8 @@ class HybridEngine:
     def _decoder_for(self, total_len: int) -> Decoder:
         cos, sin = self._rotary_tables(total_len)
         if self._decoder is None or self._decoder.cos is not cos:
-            self._decoder = Decoder(self.spec, self.device, self.config.backend, cos, sin)
+            self._decoder = Decoder(self.spec, self.device, self.config.backend, cos, sin,
+                                    lean=self.config.lean_cpu_decode)
         return self._decoder
 
     @torch.no_grad()

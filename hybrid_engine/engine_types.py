@@ -14,6 +14,7 @@ class EngineConfig:
     zero3_gather: str = "all"            # "all" at once, or "layer" by layer (less memory)
     backend: Optional[str] = None        # fastrlhf.ops backend (None: the ops default)
     fuse_projections: bool = True        # concatenate q/k/v and gate/up weights (a copy)
+    lean_cpu_decode: bool = True         # torch-backend decode step in fewer ops (lean_decode.py)
     stop_check_every: int = 8            # GPU: host sync for "all finished?" every N steps
 
     def validate(self) -> None:

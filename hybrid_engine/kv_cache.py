@@ -21,7 +21,7 @@ class KVCache:
         self.k: List[torch.Tensor] = [self.storage[i, 0] for i in range(n_layers)]
         self.v: List[torch.Tensor] = [self.storage[i, 1] for i in range(n_layers)]
         self.batch, self.max_len = batch, max_len
-        self.starts: Optional[torch.Tensor] = None  # [B] int32, first real column per sequence
+        self.starts: Optional[torch.Tensor] = None  # [B] int64, first real column per sequence
 
     def fits(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
              dtype: torch.dtype, device: torch.device) -> bool:

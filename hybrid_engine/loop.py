@@ -25,8 +25,8 @@ class _GraphedDecode:
         dev = cache.storage.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.col = torch.full((batch,), first_col, dtype=torch.int32, device=dev)
-        self.lens = torch.full((batch,), first_col + 1, dtype=torch.int32, device=dev)
+        self.col = torch.full((batch,), first_col, dtype=torch.long, device=dev)
+        self.lens = torch.full((batch,), first_col + 1, dtype=torch.long, device=dev)
         step = lambda: dec.decode(w, self.tokens, self.positions, self.col, self.lens, cache)  # noqa: E731
         # warm-up on a side stream (lazy inits, allocator) before capture; it writes column
         # `first_col`, which the first real step overwrites
@@ -57,7 +57,7 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
     dev = input_ids.device
     mask = attention_mask.to(torch.bool)
     real_len = mask.sum(dim=-1)                                  # [B]
-    cache.starts = (p - real_len).to(torch.int32)
+    cache.starts = p - real_len  # int64 throughout: no per-op index casts
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = dec.prefill(w, input_ids, mask, positions, cache)  # [B, V]
 
@@ -70,7 +70,7 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
     out_tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros(b, max_new, dtype=torch.float32, device=dev) if want_logprobs else None
-    write_cols = torch.arange(p, p + max_new, dtype=torch.int32, device=dev)
+    write_cols = torch.arange(p, p + max_new, device=dev)
     graphed = _GraphedDecode(dec, w, cache, b, p) if use_graphs and max_new > 1 else None
 
     n = 0
@@ -78,11 +78,12 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
         raw = logits.float()
         tok = choose_tokens(process_logits(raw, params, seen=seen, n_generated=t, eos_ids=eos_ids),
                             params, gen)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        if eos_t is not None:
+            tok = tok.masked_fill(finished, pad_id)
         out_tokens[:, t] = tok
         if out_lp is not None:
             lp = torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
-            out_lp[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
+            out_lp[:, t] = lp.masked_fill(finished, 0.0) if eos_t is not None else lp
         n = t + 1
         if eos_t is not None:
             finished = finished | torch.isin(tok, eos_t)

@@ -1,0 +1,85 @@
+"""A decode step for the torch reference backend, in as few torch ops as the math allows.
+
+On a CPU a small model's decode step costs per-op dispatch, not FLOPs, and the reference ops
+are written for clarity (each call rebuilds masks, gathers rotary rows, expands GQA heads,
+scatters into the cache with advanced indexing). This step computes exactly the same
+function with the per-step pieces built once and shared by all layers:
+  - rotary cos/sin rows for this step's positions, applied to q and k together where the
+    fused projection makes them one strided tensor;
+  - the additive attention bias (left padding) for this step;
+  - the cache write as a plain column copy (every sequence writes the same column);
+  - GQA groups folded into the query axis (no copy of the cache per layer).
+It is used only when ops.resolve picks the torch backend for these ops; GPU kernels always
+go through fastrlhf.ops. Tests compare it with the ops path token for token.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _rotate_in_place(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int, rd: int):
+    """Rotate-half rotary on the first rd features of t [..., D]; cos/sin broadcast to [..., half]."""
+    x1, x2 = t[..., :half], t[..., half:rd]
+    if t.dtype == torch.float32:
+        r1 = x1 * cos - x2 * sin
+        r2 = x2 * cos + x1 * sin
+    else:  # rotary in fp32, as the reference does
+        f1, f2 = x1.float(), x2.float()
+        r1 = f1 * cos - f2 * sin
+        r2 = f2 * cos + f1 * sin
+    x1.copy_(r1)
+    x2.copy_(r2)
+
+
+def lean_decode_step(dec, w, tokens, positions, col: int, cache) -> torch.Tensor:
+    """One token per sequence written at cache column `col`; returns logits [B, V]."""
+    sp = dec.spec
+    b = tokens.shape[0]
+    hq, hkv, d = sp.n_heads, sp.n_kv_heads, sp.head_dim
+    g = hq // hkv
+    n = col + 1
+    x = dec._embed(w, tokens[:, None], positions[:, None])  # [B, 1, E]
+    rd = sp.rotary_dim
+    half = rd // 2
+    if rd:
+        cos_rows = dec.cos[positions][:, None, :]  # [B, 1, half]: broadcasts over heads
+        sin_rows = dec.sin[positions][:, None, :]
+    visible = torch.arange(n, device=tokens.device)[None, :] >= cache.starts[:, None]
+    bias = torch.zeros(b, 1, 1, n, dtype=torch.float32, device=tokens.device)
+    bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    scale = dec.scale
+
+    def attention_for(i):
+        kc, vc = cache.k[i], cache.v[i]
+
+        def attention(lw, h):
+            if lw.qkv is not None and sp.qkv_layout == "grouped":
+                out = lw.qkv(h).view(b, hkv, g + 2, d)
+                if rd:  # q and k heads of a group are adjacent: one rotary call for both
+                    _rotate_in_place(out[:, :, :g + 1], cos_rows[:, :, None], sin_rows[:, :, None], half, rd)
+                q, k, v = out[:, :, :g], out[:, :, g], out[:, :, g + 1]
+            else:
+                if lw.qkv is not None:
+                    out = lw.qkv(h).view(b, hq + 2 * hkv, d)
+                    if rd:  # [q heads | k heads | v heads]: q and k are one contiguous block
+                        _rotate_in_place(out[:, :hq + hkv], cos_rows, sin_rows, half, rd)
+                    q, k, v = out[:, :hq], out[:, hq:hq + hkv], out[:, hq + hkv:]
+                else:
+                    q = lw.q(h).view(b, hq, d)
+                    k = lw.k(h).view(b, hkv, d)
+                    v = lw.v(h).view(b, hkv, d)
+                    if rd:
+                        _rotate_in_place(q, cos_rows, sin_rows, half, rd)
+                        _rotate_in_place(k, cos_rows, sin_rows, half, rd)
+                q = q.reshape(b, hkv, g, d)
+            kc[:, :, col] = k
+            vc[:, :, col] = v
+            scores = torch.matmul(q, kc[:, :, :n].transpose(-1, -2)).float()  # [B, Hkv, g, n]
+            probs = torch.softmax(scores.mul_(scale).add_(bias), dim=-1)
+            o = torch.matmul(probs.to(vc.dtype), vc[:, :, :n])  # [B, Hkv, g, D]
+            return lw.o(o.reshape(b, 1, hq * d))
+        return attention
+
+    for i, lw in enumerate(w.iter_layers()):
+        x = dec._layer(lw, x, attention_for(i))
+    return dec._head(w, x)[:, 0]
