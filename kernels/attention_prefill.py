@@ -57,38 +57,55 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
     if HAS_MASK:
         # left padding: key tiles before the first real key of this sequence are skipped
         start_n0 = (tl.load(KeyStart + b) // BLOCK_N) * BLOCK_N
+    # Tiles below full_end are inside the sequence and visible to every row of this block
+    # under the causal rule: stage 0 runs them without the bounds/causal masking; stage 1
+    # runs the rest (the diagonal and the ragged end) with it.
+    full_end = seq_k
+    if CAUSAL:
+        first_q = (pid_m * BLOCK_M) // GROUP
+        full_end = tl.maximum(tl.minimum(seq_k, first_q + offset + 1), 0)
+    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, start_n0)
+    full_end = tl.minimum(full_end, tl.maximum(end_n, start_n0))
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
-    for start_n in range(start_n0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_k
-        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
+    for stage in tl.static_range(2):
+        if stage == 0:
+            lo = start_n0
+            hi = full_end
         else:
-            s = tl.dot(q, k)
-        s = s * qk_scale_log2
-        allowed = n_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= s_q[:, None] + offset)
-        if HAS_MASK:
-            km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
-            allowed = allowed & (km != 0)[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp gives 0
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            lo = full_end
+            hi = end_n
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < seq_k
+            k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee")
+            else:
+                s = tl.dot(q, k)
+            s = s * qk_scale_log2
+            if stage == 1:
+                allowed = n_ok[None, :] & row_ok[:, None]
+                if CAUSAL:
+                    allowed = allowed & (offs_n[None, :] <= s_q[:, None] + offset)
+                s = tl.where(allowed, s, float("-inf"))
+            if HAS_MASK:
+                km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
+                s = tl.where((km != 0)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp gives 0
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
