@@ -330,3 +330,28 @@ def test_opcheck_schemas_and_fakes():
                           test_utils=tests + ("test_autograd_registration",))
     torch.library.opcheck(ops.rotary, (q.clone(), k.clone(), torch.randn(9, 32), torch.randn(9, 32),
                                        torch.zeros(2, 5, dtype=torch.long), 64), test_utils=tests)
+
+
+def test_torch_compile_fullgraph_through_the_ops_including_in_place_ones():
+    """Dynamo + AOT autograd (functionalisation of the in-place ops) trace one graph."""
+    torch.manual_seed(8)
+    q, k = torch.randn(2, 4, 9, 64), torch.randn(2, 2, 9, 64)
+    w = torch.randn(64)
+    cos, sin = torch.randn(20, 32), torch.randn(20, 32)
+    pos = torch.arange(9)[None].repeat(2, 1)
+    caches = torch.zeros(2, 2, 2, 16, 64)
+
+    def block(q, k, kc, vc):
+        tb.rotary(q, k, cos, sin, pos)
+        tb.kv_cache_append(kc, vc, k, k, torch.tensor([0, 3]))
+        y, h = tb.rms_norm(tb.attention_prefill(q, k, k, causal=True), w, 1e-6, q)
+        return y, h, tb.attention_decode(q[:, :, -1], kc, vc, torch.tensor([9, 12]))
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    args_c = [q.clone(), k.clone(), caches[0].clone(), caches[1].clone()]
+    args_e = [q.clone(), k.clone(), caches[0].clone(), caches[1].clone()]
+    for got, expected in zip(compiled(*args_c), block(*args_e)):
+        assert torch.equal(got, expected)
+    for got, expected in zip(args_c, args_e):  # the in-place updates happened, once
+        assert torch.equal(got, expected)
+    assert not torch.equal(args_c[0], q) and args_c[2].abs().sum() > 0
