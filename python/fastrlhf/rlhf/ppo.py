@@ -597,7 +597,8 @@ class PPOTrainer:
                     "instead of fp16")
         else:
             self.nonfinite_streak = 0
-        self.kl_ctl.update(metrics["kl"], len(exp) * self.world)
+        # the controller sees the all-rank KL, so every rank keeps the same coefficient
+        self.kl_ctl.update(_mean_over_ranks(metrics["kl"], self.device, self.world), len(exp) * self.world)
         if self.ema is not None:
             self.ema.update(self.actor.module)
         self.step += 1
@@ -657,7 +658,11 @@ class PPOTrainer:
         """Mean reward-model score, ground-truth score (bundled task) and summed KL to the
         reference of sampled answers to held-out prompts (fixed sampling seed)."""
         items = items if items is not None else self.eval_prompt_items[:self.cfg.eval_prompts]
-        items = items[self.rank::self.world]
+        # equal batch counts on every rank (ZeRO-3 forwards are collective); filler rows weigh 0
+        per_rank = -(-len(items) // self.world)
+        mine = items[self.rank::self.world]
+        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+        items = mine + items[:1] * (per_rank - len(mine))
         saved_gen = self.gen
         self.gen = torch.Generator(device=self.device).manual_seed(10_000 + seed + self.rank)
         scores, kls, gts = [], [], []
@@ -680,11 +685,16 @@ class PPOTrainer:
                     gts.extend(self.gt_score(p, a) for p, a in zip(prompts, answers))
         finally:
             self.gen = saved_gen
-        out = {"reward": torch.cat(scores).mean().item() if scores else float("nan"),
-               "kl_to_ref": torch.cat(kls).mean().item() if kls else float("nan")}
+        w = torch.tensor(weights, dtype=torch.float64)
+        sums = [float((torch.cat(scores).double().cpu() * w).sum()) if scores else 0.0,
+                float((torch.cat(kls).double().cpu() * w).sum()) if kls else 0.0,
+                float((torch.tensor(gts, dtype=torch.float64) * w).sum()) if gts else 0.0, float(w.sum())]
+        total = _sum_over_ranks(sums, self.device, self.world)
+        n = total[3] if total[3] > 0 else float("nan")
+        out = {"reward": total[0] / n, "kl_to_ref": total[1] / n}
         if self.gt_score is not None:
-            out["gt_score"] = float(np.mean(gts)) if gts else float("nan")
-        return {k: _mean_over_ranks(v, self.device, self.world) for k, v in out.items()}
+            out["gt_score"] = total[2] / n
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -791,6 +801,14 @@ def _gather_all(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def _sum_over_ranks(values: List[float], device, world: int) -> List[float]:
+    if world == 1 or not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _mean_over_ranks(v: float, device, world: int) -> float:
