@@ -134,3 +134,19 @@ def test_tokenizer_without_eos_is_refused(tok, tmp_path):
     no_eos.eos_token = None
     with pytest.raises(DataError, match="EOS"):
         build_datasets(DataSpec(paths=[write_jsonl(tmp_path / "d.jsonl", good_rows())]), no_eos, 1)
+
+
+def test_chat_template_refusal_names_the_row(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fastrlhf.data.default_task import default_model_dir
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('system turns are not supported') }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 2
+    rows.append({"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "yo"}]})
+    path = write_jsonl(tmp_path / "sys.jsonl", rows)
+    with pytest.raises(DataError, match=r"sys.jsonl, row 2: the tokenizer's chat template failed.*system turns"):
+        build_datasets(DataSpec(paths=[path], split_ratios="1,0,0", eval_fraction=0.0), tok, 1)

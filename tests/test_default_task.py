@@ -76,7 +76,7 @@ def test_generator_is_deterministic_and_reproduces_the_shipped_file():
 
 def test_regenerating_writes_identical_artefacts(tmp_path):
     task.write_default_task(str(tmp_path), rows=20)
-    for name in ("tokenizer.json", "config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
         assert (tmp_path / name).read_text() == open(f"{default_model_dir()}/{name}").read()
 
 

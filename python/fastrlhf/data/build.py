@@ -70,6 +70,18 @@ def _cache_path(spec: DataSpec, tokenizer, step: int, paths: list[str]) -> str |
     return os.path.join(spec.cache_dir, f"step{step}-{digest}.pt")
 
 
+def _render(name: str, parsed: list, indices: list[int], renderer: PromptRenderer) -> list[Sample]:
+    out = []
+    for i in indices:
+        try:
+            out.append(parsed[i].render(renderer))
+        except Exception as e:   # a chat template may refuse a conversation (e.g. roles not alternating)
+            raise DataError(f"{name}, row {i}: the tokenizer's chat template failed on this row "
+                            f"({type(e).__name__}: {e}). Fix: make the row fit the template, or use a "
+                            f"tokenizer whose template accepts it") from None
+    return out
+
+
 def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: list[str]):
     """Train and eval Samples of ``step`` from every source, validated, blended and capped."""
     ratios = spec.step_ratios()
@@ -85,13 +97,13 @@ def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: li
         parsed_test = parse_rows(source.test, f"{source.name} (test split)") if source.test else None
         share = split_indices(len(parsed), ratios, spec.seed)[step - 1]
         if parsed_test is not None:
-            train_idx = share
-            eval_rows = [parsed_test[i] for i in split_indices(len(parsed_test), ratios, spec.seed)[step - 1]]
+            train_idx, eval_src = share, (f"{source.name} (test split)", parsed_test)
+            eval_idx = split_indices(len(parsed_test), ratios, spec.seed)[step - 1]
         else:
             n_eval = _eval_count(len(share), spec.eval_fraction)
-            train_idx, eval_rows = share[n_eval:], [parsed[i] for i in share[:n_eval]]
-        src_train = [s for s in (parsed[i].render(renderer) for i in train_idx) if _usable(step, s)]
-        src_eval = [s for s in (r.render(renderer) for r in eval_rows) if _usable(step, s)]
+            train_idx, eval_idx, eval_src = share[n_eval:], share[:n_eval], (source.name, parsed)
+        src_train = [s for s in _render(source.name, parsed, train_idx, renderer) if _usable(step, s)]
+        src_eval = [s for s in _render(*eval_src, eval_idx, renderer) if _usable(step, s)]
         train += _weighted(src_train, weight, rng)
         evals += src_eval
     if not train:

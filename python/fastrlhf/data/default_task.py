@@ -260,6 +260,12 @@ def write_default_task(out_dir: str, seed: int = DEFAULT_SEED, rows: int = DEFAU
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(str(out))
+    # transformers 4.x reads neither chat_template.jinja nor the v5 class name: keep both in the
+    # config too, so the folder loads with either major version.
+    config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
     config = build_model_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                                 tokenizer.eos_token_id)
     config.save_pretrained(str(out))
