@@ -22,22 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
-try:  # the data engineer's DataSpec; the fallback below mirrors its documented fields
-    from .data import DataSpec  # type: ignore
-except ImportError:  # pragma: no cover - only until fastrlhf.data lands
-    @dataclass
-    class DataSpec:  # type: ignore[no-redef]
-        paths: List[str] = field(default_factory=list)
-        weights: Optional[List[float]] = None
-        split_ratios: str = "2,4,4"
-        eval_fraction: float = 0.05
-        seed: int = 1234
-        cache_dir: Optional[str] = None
-        max_prompt_len: int = 128
-        max_answer_len: int = 128
-        overlong: str = "drop"
-        train_on_prompt: bool = False
-        max_samples: Optional[int] = None
+from .data import DataSpec
 
 T = TypeVar("T")
 

@@ -140,3 +140,41 @@ def losses_from_metrics(output_dir: str, name: str = "train/loss") -> Dict[int, 
             if name in row:
                 out[int(row["step"])] = row[name]
     return out
+
+
+def run_toy_sft(output_dir: str, model_dir: str, **over) -> Dict[int, float]:
+    """Toy SFT through the real trainer; returns {step: loss} (the same on every rank)."""
+    from ..config import SFTConfig
+    from ..models.loading import load_tokenizer
+    from ..rlhf.sft import train_sft
+    tok = load_tokenizer(model_dir)
+    cfg = SFTConfig(**tiny_train_kwargs(model_dir, output_dir, **over))
+    result = train_sft(cfg, tokenizer=tok, datasets=(ToySFTDataset(64, seed=0), ToySFTDataset(16, seed=1)),
+                       collate=ToySFTCollator(tok.pad_token_id))
+    return result["losses"]
+
+
+def main(argv=None) -> None:
+    """`python -m fastrlhf.utils.testing --model_dir D --output_dir O [--zero_stage 3 ...]`: a toy SFT run
+    (under torchrun too) whose per-step losses are written to O/losses.json by rank 0."""
+    import argparse
+    import json
+    from .distributed import is_rank0
+    p = argparse.ArgumentParser()
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--zero_stage", type=int, default=0)
+    p.add_argument("--micro_batch_size", type=int, default=4)
+    p.add_argument("--global_batch_size", type=int, default=8)
+    p.add_argument("--max_steps", type=int, default=6)
+    args = p.parse_args(argv)
+    losses = run_toy_sft(args.output_dir, args.model_dir, zero_stage=args.zero_stage,
+                         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                         max_steps=args.max_steps, eval_max_batches=1)
+    if is_rank0():
+        with open(os.path.join(args.output_dir, "losses.json"), "w") as f:
+            json.dump(losses, f)
+
+
+if __name__ == "__main__":
+    main()

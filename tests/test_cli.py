@@ -1,0 +1,101 @@
+import builtins
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastrlhf import cli
+
+
+def _train_args(argv):
+    parser = cli.build_parser()
+    args, extra = parser.parse_known_args(["train"] + argv)
+    return args, extra
+
+
+def test_help_lists_commands_and_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "sft", "rm", "ppo", "ops"):
+        assert command in out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--steps" in out and "--data.max_prompt_len" in out and "--sft.KEY" in out and "examples:" in out
+
+
+def test_console_script_help_runs_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "fastrlhf.cli", "sft", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--learning_rate" in proc.stdout and "--lora_rank" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--zero_stage", "9"], "zero_stage=9 is not allowed"),
+    (["train", "--sft.learnin_rate", "1"], "did you mean learning_rate"),
+    (["train", "--bogus", "1"], "unknown option --bogus"),
+    (["sft", "--micro_batch_size", "many"], "micro_batch_size='many' is not a valid int"),
+    (["rm", "--not_an_option", "1"], "unrecognized arguments"),
+    (["train", "--config", "/no/such/file.yaml"], "does not exist"),
+])
+def test_bad_arguments_give_one_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_wires_each_step_into_the_next(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("seed: 7\nzero_stage: 1\nsft:\n  num_epochs: 3\nrm:\n  learning_rate: 2.0e-3\n")
+    args, extra = _train_args(["--steps", "1", "2", "--config", str(f), "--output_dir", str(tmp_path / "o"),
+                               "--rm.max_steps", "5", "--sft.data.max_samples", "50", "--rm_init", "sft"])
+    configs = cli.build_step_configs(args, extra)
+    sft, rm = configs[1], configs[2]
+    assert sft.output_dir == str(tmp_path / "o" / "step1_sft") and rm.output_dir == str(tmp_path / "o" / "step2_rm")
+    assert sft.seed == rm.seed == 7 and sft.zero_stage == rm.zero_stage == 1
+    assert sft.num_epochs == 3 and sft.data.max_samples == 50 and rm.data.max_samples is None
+    assert rm.learning_rate == pytest.approx(2e-3) and rm.max_steps == 5
+    assert rm.model_name_or_path == sft.output_dir  # --rm_init sft
+    # bundled default: the tuned profile applies under the file and the command line
+    assert sft.learning_rate == pytest.approx(cli.DEFAULT_TASK_PROFILES["sft"]["learning_rate"])
+
+
+def test_rm_starts_from_the_base_model_by_default_and_profiles_stay_off_for_real_models(tmp_path):
+    args, extra = _train_args(["--steps", "1", "2", "--model_name_or_path", "some/model"])
+    configs = cli.build_step_configs(args, extra)
+    assert configs[2].model_name_or_path == "some/model"
+    assert configs[1].learning_rate == pytest.approx(1e-5)  # the class default, not the tiny-task profile
+
+
+def test_step3_missing_fails_with_a_message_not_a_traceback(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_ppo(name, globals=None, locals=None, fromlist=(), level=0):
+        if name.endswith("ppo") or (fromlist and "ppo" in fromlist and "rlhf" in name):
+            raise ImportError("No module named 'fastrlhf.rlhf.ppo'")
+        return real_import(name, globals, locals, fromlist, level)
+    monkeypatch.delitem(sys.modules, "fastrlhf.rlhf.ppo", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_ppo)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--steps", "3"])
+    assert e.value.code == 2
+    assert "step 3 (PPO) is not available" in capsys.readouterr().err
+
+
+def test_step3_gets_the_sft_and_reward_model_dirs(tmp_path):
+    args, extra = _train_args(["--steps", "1", "2", "3", "--output_dir", str(tmp_path), "--ppo.max_steps", "2"])
+    configs = cli.build_step_configs(args, extra)
+    assert configs[3].model_name_or_path == os.path.join(str(tmp_path), "step1_sft")
+    assert configs[3].reward_model == os.path.join(str(tmp_path), "step2_rm")
+    assert configs[3].max_steps == 2 and configs[1].max_steps is None
+
+
+def test_ops_command_reports_backends(capsys):
+    assert cli.main(["ops"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "available" in out
