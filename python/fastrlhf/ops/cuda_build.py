@@ -128,14 +128,42 @@ def toolchain_problem() -> Optional[str]:
     return None
 
 
+def env_key(archs: str) -> str:
+    """Hash of everything but the sources that changes the compiled objects."""
+    h = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}|{archs}|{_cuda_flags()}".encode())
+    return h.hexdigest()[:8]
+
+
 def build_key(archs: str, src_dir: Optional[str] = None) -> str:
+    """Cache key `<env>-<sources>`: a new source version gets its own directory."""
     h = hashlib.sha256()
     for path in sources(src_dir):
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             h.update(f.read())
-    h.update(f"{torch.__version__}|{torch.version.cuda}|{archs}|{_cuda_flags()}".encode())
-    return h.hexdigest()[:16]
+    return f"{env_key(archs)}-{h.hexdigest()[:12]}"
+
+
+def _seed_from_previous(build_dir: str, archs: str) -> None:
+    """Start a new build directory from the newest one with the same toolchain and arch.
+
+    Objects keep their timestamps, so ninja recompiles only the sources that changed
+    (it also tracks header dependencies) instead of the whole extension.
+    """
+    root = os.path.dirname(build_dir)
+    prefix = env_key(archs) + "-"
+    if os.path.exists(os.path.join(build_dir, "build.ninja")):
+        return
+    olds = [os.path.join(root, d) for d in os.listdir(root)
+            if d.startswith(prefix) and os.path.join(root, d) != build_dir
+            and os.path.exists(os.path.join(root, d, ".ninja_log"))]
+    if not olds:
+        return
+    newest = max(olds, key=os.path.getmtime)
+    for name in os.listdir(newest):
+        src = os.path.join(newest, name)
+        if os.path.isfile(src) and not name.endswith(".so") and name != "lock":
+            shutil.copy2(src, os.path.join(build_dir, name))
 
 
 def _cuda_flags() -> List[str]:
@@ -161,6 +189,10 @@ def build(verbose: bool = False, src_dir: Optional[str] = None) -> Tuple[bool, s
         key = build_key(archs, src_dir)
         build_dir = os.path.join(cache_root(), key)
         os.makedirs(build_dir, exist_ok=True)
+        try:
+            _seed_from_previous(build_dir, archs)
+        except OSError:
+            pass  # only an optimisation
         from torch.utils import cpp_extension
         # load() reads this module global for include/library paths and nvcc.
         cpp_extension.CUDA_HOME = cuda_home() or cpp_extension.CUDA_HOME
@@ -170,7 +202,9 @@ def build(verbose: bool = False, src_dir: Optional[str] = None) -> Tuple[bool, s
         t0 = time.perf_counter()
         try:
             cpp_extension.load(
-                name=f"{EXT_PREFIX}_{key}",
+                # A fixed name keeps compile commands identical across source versions,
+                # which is what lets a seeded directory rebuild incrementally.
+                name=EXT_PREFIX,
                 sources=_compiled_sources(src_dir),
                 extra_cflags=["-O3", "-std=c++20"],
                 extra_cuda_cflags=_cuda_flags(),

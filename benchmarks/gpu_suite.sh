@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The whole GPU check in ONE device call (<= 10 minutes): install the carried wheels and the
+# project, build the CUDA extension, run every GPU-marked test (cuda and triton backends,
+# engine), run the benchmark suite (kernels, generation, RLHF), write everything under $OUT,
+# and print a short table last.
+#
+#   once, in the checkout:  mkdir -p .whl && cp ../shared/device/wheels/*.whl .whl/
+#                           (and keep .whl/ out of git: echo /.whl/ >> .git/info/exclude)
+#   device call:            run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"])
+#
+# Robust by design: no `set -e`; every stage runs under its own time limit, clipped to what
+# is left of SUITE_BUDGET seconds (default 570), a failing stage is recorded and the next
+# one still runs, and each stage's status, duration and log land in $OUT.
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+OUT="${OUT:-$ROOT/gpu_suite_out}"
+mkdir -p "$OUT/logs"
+BUDGET="${SUITE_BUDGET:-570}"
+START=$(date +%s)
+STAGES="$OUT/stages.tsv"
+printf "stage\tstatus\tseconds\n" > "$STAGES"
+export FASTRLHF_CACHE="${FASTRLHF_CACHE:-/tmp/fastrlhf_ops_cache}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+# run_stage NAME CAP_SECONDS COMMAND...: run with min(CAP, time left - 5 s), log, record.
+run_stage() {
+  local name="$1" cap="$2"
+  shift 2
+  local now left limit t0 rc status
+  now=$(date +%s)
+  left=$((BUDGET - (now - START) - 5))
+  if [ "$left" -lt 15 ]; then
+    printf "%s\tskipped (out of time)\t0\n" "$name" >> "$STAGES"
+    echo "== $name: skipped, suite budget spent"
+    return 0
+  fi
+  limit=$((cap < left ? cap : left))
+  echo "== $name (limit ${limit}s)"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status="ok" ;;
+    124|137) status="timeout after ${limit}s" ;;
+    *) status="failed (rc $rc)" ;;
+  esac
+  printf "%s\t%s\t%s\n" "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$STAGES"
+  echo "   $status; last lines:"
+  tail -n 5 "$OUT/logs/$name.log" | sed 's/^/   | /'
+  return 0
+}
+
+# ---- environment: carried wheels (DeepSpeed and friends) and the project itself
+if ls .whl/*.whl > /dev/null 2>&1; then
+  run_stage install_wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  printf "install_wheels\tskipped (no .whl/ carried)\t0\n" >> "$STAGES"
+fi
+run_stage install_project 90 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+} > "$OUT/environment.txt"
+
+# ---- CUDA extension (the tests below reuse this build through FASTRLHF_CACHE)
+run_stage build_cuda_ext 240 "$PY" -c "
+import sys, time
+t0 = time.time()
+from fastrlhf.ops import cuda_backend, cuda_build
+ok, why = cuda_backend.load_extension()
+print(cuda_build.status_report())
+print(f'build+load wall seconds: {time.time() - t0:.1f}')
+sys.exit(0 if ok else 1)"
+
+# ---- every GPU-marked test (cuda, triton, engine, ...)
+run_stage gpu_tests 240 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfE \
+  --junitxml="$OUT/gpu_tests.xml" --durations=15
+
+# ---- benchmarks: kernels first (they write the backend preference table), then end to end
+mkdir -p "$OUT/tables"
+if [ -f benchmarks/kernels.py ]; then
+  run_stage bench_kernels 150 "$PY" benchmarks/kernels.py --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
+fi
+if [ -f benchmarks/generation.py ]; then
+  run_stage bench_generation 120 "$PY" benchmarks/generation.py --gpu --out "$OUT/generation.jsonl"
+fi
+if [ -f benchmarks/rlhf.py ]; then
+  run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu
+  cp benchmarks/results/rlhf.jsonl "$OUT/rlhf.jsonl" 2>/dev/null
+fi
+
+# ---- short table last
+"$PY" - "$OUT" <<'EOF' > "$OUT/summary.md" 2>&1
+import json, os, sys, xml.etree.ElementTree as ET
+out = sys.argv[1]
+print("| stage | status | s |\n| --- | --- | --- |")
+with open(os.path.join(out, "stages.tsv")) as f:
+    for line in list(f)[1:]:
+        print("| " + " | ".join(line.rstrip("\n").split("\t")) + " |")
+xml = os.path.join(out, "gpu_tests.xml")
+if os.path.exists(xml):
+    s = ET.parse(xml).getroot()
+    s = s if s.tag == "testsuite" else s.find("testsuite")
+    print(f"\ngpu tests: {s.get('tests')} run, {s.get('failures')} failed, {s.get('errors')} errors, "
+          f"{s.get('skipped')} skipped")
+kj = os.path.join(out, "kernels.jsonl")
+if os.path.exists(kj):
+    rows = [json.loads(l) for l in open(kj) if l.strip()]
+    cols = ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy", "overhead_pct"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for r in rows:
+        vals = [r.get(c, "") for c in cols]
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals) + " |")
+for name in ("generation.jsonl", "rlhf.jsonl"):
+    p = os.path.join(out, name)
+    if os.path.exists(p):
+        print(f"\n{name}:")
+        for l in open(p):
+            if l.strip():
+                r = json.loads(l)
+                keep = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in keep.items()))
+EOF
+echo
+echo "==== fastrlhf GPU suite: $(( $(date +%s) - START ))s, results in $OUT"
+cat "$OUT/summary.md"

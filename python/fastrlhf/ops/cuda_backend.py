@@ -1,0 +1,243 @@
+"""The `cuda` backend of fastrlhf.ops: the hand-written kernels in csrc/.
+
+The extension is JIT-built on first use (`fastrlhf.ops.cuda_build`) and registers its ops
+in C++ (`TORCH_LIBRARY(fastrlhf_cuda, ...)`); this module adds their fake (meta)
+implementations, so torch.compile and CUDA-graph capture see through them, and exposes
+one function per op with the reference's signature.
+
+Calls the kernels do not cover (float32 prefill, head dims that are not compiled, mixed
+dtypes, gradients through lora_linear) go to the triton backend when it is available,
+else to the torch reference, with a one-time warning naming the reason: asking for the
+cuda backend never makes a call fail that the reference would accept.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import cuda_build
+from . import reference as _reference
+
+NAMESPACE = "fastrlhf_cuda"
+OP_NAMES = ("attention_decode", "attention_prefill", "lora_linear", "lora_fuse", "lora_fuse_out", "rms_norm",
+            "rms_norm_residual", "layer_norm", "layer_norm_residual", "rotary_", "kv_cache_append_")
+PREFILL_HEAD_DIMS = (64, 80, 96, 128)  # instantiated in csrc/attention_prefill.cu
+_HALF = (torch.float16, torch.bfloat16)
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+_lock = threading.Lock()
+_fakes_registered = False
+_warned: set = set()
+
+
+def load_extension() -> Tuple[bool, str]:
+    """Build/load the extension once and register the fake implementations."""
+    global _fakes_registered
+    ok, why = cuda_build.ensure_loaded()
+    if ok and not _fakes_registered:
+        with _lock:
+            if not _fakes_registered:
+                _register_fakes()
+                _fakes_registered = True
+    return ok, why
+
+
+def available(device) -> Tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, "the cuda backend runs only on CUDA tensors"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    return load_extension()
+
+
+def _ops():
+    return getattr(torch.ops, NAMESPACE)
+
+
+# ---------------------------------------------------------------- fake implementations
+def _register_fakes() -> None:
+    reg = torch.library.register_fake
+    ns = NAMESPACE
+
+    @reg(f"{ns}::attention_decode")
+    def _(q, k_cache, v_cache, cache_lens, cache_starts, scale):
+        return q.new_empty(q.shape)
+
+    @reg(f"{ns}::attention_prefill")
+    def _(q, k, v, causal, attention_mask, scale):
+        return q.new_empty(q.shape)
+
+    @reg(f"{ns}::lora_linear")
+    def _(x, weight, bias, lora_a, lora_b, scaling):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @reg(f"{ns}::lora_fuse")
+    def _(weight, lora_a, lora_b, scaling):
+        return weight.new_empty(weight.shape)
+
+    @reg(f"{ns}::lora_fuse_out")
+    def _(weight, lora_a, lora_b, scaling, out):
+        return None
+
+    @reg(f"{ns}::rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @reg(f"{ns}::rms_norm_residual")
+    def _(x, weight, eps, residual):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @reg(f"{ns}::layer_norm")
+    def _(x, weight, bias, eps):
+        return x.new_empty(x.shape)
+
+    @reg(f"{ns}::layer_norm_residual")
+    def _(x, weight, bias, eps, residual):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @reg(f"{ns}::rotary_")
+    def _(q, k, cos, sin, positions, rotary_dim):
+        return None
+
+    @reg(f"{ns}::kv_cache_append_")
+    def _(k_cache, v_cache, k, v, positions):
+        return None
+
+
+# ---------------------------------------------------------------- fallback for uncovered calls
+def _fallback(op: str, device: torch.device, reason: str):
+    """The triton implementation of `op` when usable, else the torch reference."""
+    fn = getattr(_reference, op)
+    try:
+        from . import dispatch
+        ok, _ = dispatch.backend_status("triton", device)
+        mod = dispatch._load("triton")
+        if ok and not isinstance(mod, Exception) and hasattr(mod, op):
+            fn = getattr(mod, op)
+    except Exception:  # any trouble with triton: the reference is always right
+        pass
+    key = (op, reason)
+    if key not in _warned:
+        _warned.add(key)
+        where = getattr(fn, "__module__", "?").rsplit(".", 1)[-1]
+        warnings.warn(f"fastrlhf.ops cuda backend: {op} {reason}; using {where}", RuntimeWarning, stacklevel=3)
+    return fn
+
+
+_VEC = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}  # elements per 16-byte load
+
+
+def _vec(dtype: torch.dtype) -> int:
+    return _VEC[dtype]
+
+
+# ---------------------------------------------------------------- ops
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
+    d = q.shape[-1]
+    why = None
+    if q.dtype not in _HALF:
+        why = f"has no {q.dtype} kernel (float16/bfloat16 only)"
+    elif k.dtype != q.dtype or v.dtype != q.dtype:
+        why = "needs q, k and v in one dtype"
+    elif d not in PREFILL_HEAD_DIMS:
+        why = f"has no kernel for head dim {d} (compiled: {PREFILL_HEAD_DIMS})"
+    if why:
+        return _fallback("attention_prefill", q.device, why)(
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return _ops().attention_prefill(q, k, v, bool(causal), attention_mask, scale)
+
+
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None):
+    d = q.shape[-1]
+    why = None
+    if q.dtype not in _FLOAT or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        why = "needs q and the caches in one of float16/bfloat16/float32"
+    elif d % _vec(q.dtype) or d > 32 * _vec(q.dtype):
+        why = f"has no kernel for head dim {d} in {q.dtype}"
+    if why:
+        return _fallback("attention_decode", q.device, why)(
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return _ops().attention_decode(q, k_cache, v_cache, cache_lens, cache_starts, scale)
+
+
+def kv_cache_append(k_cache, v_cache, k, v, positions):
+    if k_cache.dtype not in _FLOAT:
+        return _fallback("kv_cache_append", k_cache.device, f"has no {k_cache.dtype} kernel")(
+            k_cache, v_cache, k, v, positions)
+    _ops().kv_cache_append_(k_cache, v_cache, k, v, positions)
+    return k_cache, v_cache
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling):
+    tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
+    why = None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # The fused kernel is for generation; training needs the differentiable product.
+        return _reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
+    if x.dtype not in _FLOAT or any(t.dtype != x.dtype for t in tensors):
+        why = "needs x, weight, bias and LoRA factors in one floating dtype"
+    if why:
+        return _fallback("lora_linear", x.device, why)(x, weight, bias, lora_a, lora_b, scaling)
+    if lora_a is None or lora_b is None:
+        lora_a = lora_b = None
+    return _ops().lora_linear(x, weight, bias, lora_a, lora_b, float(scaling))
+
+
+def lora_fuse(weight, lora_a, lora_b, scaling, *, out=None):
+    if weight.dtype not in _FLOAT:
+        return _fallback("lora_fuse", weight.device, f"has no {weight.dtype} kernel")(
+            weight, lora_a, lora_b, scaling, out=out)
+    if out is None:
+        return _ops().lora_fuse(weight, lora_a, lora_b, float(scaling))
+    _ops().lora_fuse_out(weight, lora_a, lora_b, float(scaling), out)
+    return out
+
+
+def lora_unfuse(weight, lora_a, lora_b, scaling, *, out=None):
+    return lora_fuse(weight, lora_a, lora_b, -scaling, out=out)
+
+
+def _norm_params_ok(x, *params) -> Optional[str]:
+    if x.dtype not in _FLOAT:
+        return f"has no {x.dtype} kernel"
+    dts = {p.dtype for p in params if p is not None}
+    if len(dts) > 1 or (dts and dts.pop() not in (x.dtype, torch.float32)):
+        return "needs weight/bias in float32 or x's dtype (and both the same)"
+    return None
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    why = _norm_params_ok(x, weight) or (
+        "needs residual in x's dtype" if residual is not None and residual.dtype != x.dtype else None)
+    if why:
+        return _fallback("rms_norm", x.device, why)(x, weight, eps, residual)
+    if residual is None:
+        return _ops().rms_norm(x, weight, float(eps))
+    y, h = _ops().rms_norm_residual(x, weight, float(eps), residual)
+    return y, h
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    why = _norm_params_ok(x, weight, bias) or (
+        "needs residual in x's dtype" if residual is not None and residual.dtype != x.dtype else None)
+    if why:
+        return _fallback("layer_norm", x.device, why)(x, weight, bias, eps, residual)
+    if residual is None:
+        return _ops().layer_norm(x, weight, bias, float(eps))
+    y, h = _ops().layer_norm_residual(x, weight, bias, float(eps), residual)
+    return y, h
+
+
+def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
+    if q.dtype not in _FLOAT or k.dtype != q.dtype:
+        return _fallback("rotary", q.device, "needs q and k in one floating dtype")(
+            q, k, cos, sin, positions, rotary_dim=rotary_dim)
+    _ops().rotary_(q, k, cos, sin, positions, -1 if rotary_dim is None else int(rotary_dim))
+    return q, k
