@@ -121,7 +121,7 @@ class RMConfig(TrainConfig):
 # scratch on 2 CPU cores); applied under the user's file and command line when no model is given.
 # The class defaults above suit pretrained models instead.
 DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
-    "sft": {"learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 4, "warmup_ratio": 0.05,
+    "sft": {"learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
             "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
     "rm": {"learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
