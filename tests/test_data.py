@@ -333,6 +333,14 @@ def test_steps_use_only_rows_that_have_what_they_need(tmp_path, tok):
         build_datasets(spec, tok, 2)
 
 
+def test_alpaca_instruction_input_output(tmp_path, tok):
+    rows = [{"instruction": "item 1 of al", "input": "extra context", "output": "done"},
+            {"instruction": "item 2 of al", "input": "", "output": "done"}]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    prompts = sorted(it["prompt"] for it in build_datasets(only(3, path), tok, 3)[0])
+    assert prompts == ["Human: item 1 of al\n\nextra context\n\nAssistant:", "Human: item 2 of al\n\nAssistant:"]
+
+
 def test_default_spec_loads_the_bundled_task():
     from transformers import AutoTokenizer
 

@@ -11,6 +11,8 @@ Accepted formats (the first that matches the dataset's columns wins):
             dialogues (no prompt column): the prompt is the text up to the last "Assistant:".
 * SFT:      a prompt (``prompt`` | ``question`` | ``instruction``) + a response
             (``response`` | ``completion`` | ``answer`` | ``output``); exactly one of each.
+            A non-empty ``input`` next to ``instruction`` (Alpaca) is appended to the prompt
+            after a blank line.
 * prompts:  a prompt column alone (usable by PPO only).
 
 Rendering: a prompt that already ends in "Assistant:" is used as is. Otherwise it goes
@@ -218,7 +220,11 @@ def parse_rows(rows: list[dict], source: str) -> list[ParsedRow]:
 def _parse_row(fmt: str, cols: dict, row: dict, source: str, i: int) -> ParsedRow:
     if fmt in ("pairs", "sft", "prompts"):
         answers = tuple(_text(row, cols[c], source, i) for c in ("chosen", "rejected", "response") if c in cols)
-        return ParsedRow(prompt_text=_text(row, cols["prompt"], source, i), answers=answers)
+        prompt = _text(row, cols["prompt"], source, i)
+        extra = row.get("input") if cols["prompt"] == "instruction" else None
+        if isinstance(extra, str) and extra.strip():     # Alpaca layout: instruction + optional input
+            prompt = f"{prompt}\n\n{extra}"
+        return ParsedRow(prompt_text=prompt, answers=answers)
     if fmt == "hh_pairs":
         prompt, chosen = _split_hh(_text(row, "chosen", source, i), source, i, "chosen")
         prompt_r, rejected = _split_hh(_text(row, "rejected", source, i), source, i, "rejected")
