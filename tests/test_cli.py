@@ -99,3 +99,20 @@ def test_ops_command_reports_backends(capsys):
     assert cli.main(["ops"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "available" in out
+
+
+def test_train_steps_1_2_on_the_bundled_default_end_to_end(tmp_path, capsys):
+    """The real path: bundled tokenizer/config/data, fastrlhf.data splits and collators, both trainers."""
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--steps", "1", "2", "--output_dir", str(out), "--data.max_samples", "64",
+                   "--max_steps", "2", "--micro_batch_size", "8", "--eval_max_batches", "1", "--data.cache_dir",
+                   str(tmp_path / "cache")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "[step 1 SFT] eval before training" in text and "[step 1 SFT] eval after training" in text
+    assert "[step 2 RM] eval after training:  accuracy" in text
+    from fastrlhf.models.loading import load_causal_lm
+    from fastrlhf.models.reward import RewardModel
+    assert load_causal_lm(str(out / "step1_sft")).config.model_type == "llama"
+    assert RewardModel.is_reward_model_dir(str(out / "step2_rm"))
+    RewardModel.from_pretrained(str(out / "step2_rm"))

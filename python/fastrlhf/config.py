@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
@@ -76,6 +77,7 @@ class TrainConfig:
     save_steps: int = _opt(0, "save a resumable checkpoint every N optimizer steps (0 = only at the end)")
     save_total_limit: int = _opt(2, "keep only the newest N step checkpoints (0 = keep all)")
     eval_steps: int = _opt(0, "evaluate every N optimizer steps (0 = only before and after training)")
+    eval_max_batches: Optional[int] = _opt(None, "cap on eval batches (unset = the whole eval split)")
     log_steps: int = _opt(10, "log the training loss every N optimizer steps")
     tensorboard_dir: Optional[str] = _opt(None, "tensorboard log dir; unset = <output_dir>/tensorboard")
     resume: str = _opt("auto", "'auto' = continue from the newest checkpoint in output_dir if any, "
@@ -105,7 +107,6 @@ class SFTConfig(TrainConfig):
     output_dir: str = _opt("output/step1_sft", "where checkpoints, the final model and logs are written")
     learning_rate: float = _opt(1e-5, "peak learning rate")
     warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
-    eval_max_batches: Optional[int] = _opt(None, "cap on eval batches (unset = the whole eval split)")
 
 
 @dataclass
@@ -114,7 +115,6 @@ class RMConfig(TrainConfig):
     output_dir: str = _opt("output/step2_rm", "where checkpoints, the final model and logs are written")
     learning_rate: float = _opt(1e-5, "peak learning rate")
     warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
-    eval_max_batches: Optional[int] = _opt(None, "cap on eval batches (unset = the whole eval split)")
 
 
 # Settings tuned for the bundled tiny default task (a few-million-parameter model trained from
@@ -145,7 +145,7 @@ def _unknown_key(key: str, known: Sequence[str], where: str) -> ConfigError:
 
 
 def _strip_optional(tp):
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return args[0], True
