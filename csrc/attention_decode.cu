@@ -71,23 +71,33 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
     for (int i = 0; i < V; ++i) qr[g][i] = tmp[i] * scale_log2;
   }
 
-  // Phase 1: scores (log2 domain). Loop bounds are block-uniform so shuffles are safe.
+  // Phase 1: scores (log2 domain). Each thread loads kRowsInFlight key rows before using
+  // them, so enough bytes are in flight per SM to cover HBM latency. Loop bounds are
+  // block-uniform, so the shuffles below are safe.
+  constexpr int kRowsInFlight = 2;
   const T* kbase = kc + b * k_sb + int64_t(kvh) * k_sh + d0;
-  for (int base = 0; base < n; base += NSUB) {
-    const int j = base + sub;
-    float kv[V];
+  for (int base = 0; base < n; base += NSUB * kRowsInFlight) {
+    float kv[kRowsInFlight][V];
 #pragma unroll
-    for (int i = 0; i < V; ++i) kv[i] = 0.f;
-    if (j < n && has_d) load_vec(kbase + (lo + j) * k_ss, kv);
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      const int j = base + u * NSUB + sub;
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g < ng) {  // ng is block-uniform
-        float s = 0.f;
+      for (int i = 0; i < V; ++i) kv[u][i] = 0.f;
+      if (j < n && has_d) load_vec(kbase + (lo + j) * k_ss, kv[u]);
+    }
 #pragma unroll
-        for (int i = 0; i < V; ++i) s = fmaf(qr[g][i], kv[i], s);
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      const int j = base + u * NSUB + sub;
 #pragma unroll
-        for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (part == 0 && j < n) s_p[g][j] = s;
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < ng) {  // ng is block-uniform
+          float s = 0.f;
+#pragma unroll
+          for (int i = 0; i < V; ++i) s = fmaf(qr[g][i], kv[u][i], s);
+#pragma unroll
+          for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          if (part == 0 && j < n) s_p[g][j] = s;
+        }
       }
     }
   }
@@ -118,6 +128,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
     for (int i = 0; i < V; ++i) acc[g][i] = 0.f;
   if (has_d) {
     const T* vbase = vc + b * v_sb + int64_t(kvh) * v_sh + d0;
+#pragma unroll 2
     for (int j = sub; j < n; j += NSUB) {
       float vv[V];
       load_vec(vbase + (lo + j) * v_ss, vv);
@@ -228,6 +239,7 @@ at::Tensor attention_decode(const at::Tensor& q_in, const at::Tensor& k_in, cons
   auto ws_acc = at::empty({B, Hq, n_splits, D}, fopts);
   auto ws_m = at::empty({B, Hq, n_splits}, fopts);
   auto ws_l = at::empty({B, Hq, n_splits}, fopts);
+  for (auto* t : {&out, &ws_acc, &ws_m, &ws_l}) poison_for_tests(*t);
 
   const int group = int(Hq / Hkv);
   const int n_chunks = (group + kMaxGroup - 1) / kMaxGroup;

@@ -233,6 +233,7 @@ at::Tensor attention_prefill(const at::Tensor& q_in, const at::Tensor& k_in, con
     mask = attention_mask->to(q.device()).ne(0).contiguous();
   }
   auto out = at::empty({B, Hq, Sq, D}, q.options());
+  poison_for_tests(out);
   if (out.numel() == 0) return out;
   const float scale_log2 = float(scale) * 1.4426950408889634f;
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;

@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
 
 namespace fastrlhf {
 
@@ -101,6 +103,14 @@ inline bool vector_friendly(const at::Tensor& t, int64_t vec) {
 }
 
 inline int64_t vec_elems(at::ScalarType s) { return 16 / static_cast<int64_t>(c10::elementSize(s)); }
+
+// With FASTRLHF_CUDA_POISON=1 (set by the tests) every output and workspace starts as
+// NaN, so an element that a kernel fails to write cannot pass for a correct value.
+inline void poison_for_tests(at::Tensor& t) {
+  const char* flag = std::getenv("FASTRLHF_CUDA_POISON");
+  if (flag != nullptr && flag[0] == '1' && t.defined() && t.is_floating_point())
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
 
 #define FASTRLHF_CHECK_CUDA(t) \
   TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor (got device ", (t).device(), ")")

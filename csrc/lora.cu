@@ -160,12 +160,14 @@ at::Tensor lora_linear(const at::Tensor& x_in, const at::Tensor& weight, const c
   x = x.contiguous();
   if (!vector_friendly(x, V)) x = x.clone();
   at::Tensor y = at::empty({M, out}, x.options());
+  poison_for_tests(y);
   if (M == 0 || out == 0) return y.reshape(out_shape);
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor xa, lb, b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (has_lora && r > 0) {
     xa = at::empty({M, r}, x.options().dtype(at::kFloat));
     lb = lora_b->contiguous();
+    poison_for_tests(xa);
   }
   FASTRLHF_DISPATCH_FLOAT(x.scalar_type(), "lora_linear", [&] {
     if (xa.defined()) {
@@ -245,6 +247,7 @@ void lora_fuse_out(const at::Tensor& weight, const at::Tensor& lora_a, const at:
   // otherwise (other dtype, strided) compute into a temporary and copy.
   const bool direct = out.is_contiguous() && out.scalar_type() == weight.scalar_type();
   at::Tensor dst = direct ? out : at::empty_like(w);
+  if (!direct) poison_for_tests(dst);  // never poison `out`: it may be the weight itself
   if (w.numel() > 0) {
     TORCH_CHECK(n_in < (int64_t(1) << 31) && (n_out + kFuseRows - 1) / kFuseRows < 65536 && r < (1 << 30),
                 "lora_fuse: weight too large");

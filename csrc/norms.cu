@@ -125,6 +125,8 @@ static std::tuple<at::Tensor, at::Tensor> norm_forward(const char* name, bool rm
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty_like(x);
   at::Tensor h = res.defined() ? at::empty_like(x) : at::Tensor();
+  poison_for_tests(y);
+  poison_for_tests(h);
   const int64_t rows = n > 0 ? x.numel() / n : 0;
   if (rows == 0 || n == 0) return {y, h};
   TORCH_CHECK(rows < (int64_t(1) << 31), name, ": too many rows");

@@ -45,7 +45,7 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos_in, const at::T
   const int64_t B = q.size(0), S = q.size(2), D = q.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(2) == S && k.size(3) == D, "rotary: k ", k.sizes(),
               " does not match q ", q.sizes(), " in batch, sequence or head dim");
-  const int64_t rd = rotary_dim <= 0 ? D : rotary_dim;
+  const int64_t rd = rotary_dim < 0 ? D : rotary_dim;  // -1: the whole head dim
   TORCH_CHECK(rd % 2 == 0 && rd <= D, "rotary: rotary_dim ", rd, " must be even and <= head dim ", D);
   const int64_t half = rd / 2;
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == S,
