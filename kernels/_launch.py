@@ -79,6 +79,26 @@ class Kernel:
 _stdlib_copies: Dict[str, object] = {}
 
 
+def _scoped_interpreted(fn):
+    """An interpreted copy of a triton library function that undoes its language patches.
+
+    Triton's InterpretedFunction, called as a device function, patches triton.language for
+    the interpreter and never restores it; with a compiled-mode triton that would break
+    every later GPU compile in the process. This copy restores the patches on return.
+    """
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+
+    class _Scoped(InterpretedFunction):
+        def __call__(self, *args, **kwargs):
+            scope = _patch_lang(self.fn)
+            try:
+                return self.rewrite()(*args, **kwargs)
+            finally:
+                scope.restore()
+
+    return _Scoped(fn)
+
+
 @contextlib.contextmanager
 def _interpreted_stdlib():
     import triton.language as tl
@@ -88,11 +108,9 @@ def _interpreted_stdlib():
     if not compiled:  # triton was imported in interpreter mode: nothing to swap
         yield
         return
-    from triton.runtime.interpreter import InterpretedFunction
-
     for name, f in compiled.items():
         if name not in _stdlib_copies:
-            _stdlib_copies[name] = InterpretedFunction(f.fn)
+            _stdlib_copies[name] = _scoped_interpreted(f.fn)
         setattr(tl, name, _stdlib_copies[name])
     try:
         yield

@@ -32,7 +32,7 @@ def _decode_partial_kernel(Q, K, V, Lens, Starts, MidO, MidM, MidL,
                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
+    b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * batch_stride can pass 2**31
     hkv = pid_bh % n_kv_heads
     end = tl.load(Lens + b).to(tl.int32)
     start = 0
@@ -91,7 +91,7 @@ def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, O, n_heads, n_splits, 
                           HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr,
                           SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)  # b * n_heads + h
-    b = pid // n_heads
+    b = (pid // n_heads).to(tl.int64)
     h = pid % n_heads
     end = tl.load(Lens + b).to(tl.int32)
     start = 0

@@ -29,7 +29,7 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
+    b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * batch_stride can pass 2**31
     hkv = pid_bh % n_kv_heads
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

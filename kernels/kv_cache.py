@@ -15,7 +15,7 @@ def _append_kernel(KC, VC, K, V, Pos, n_kv_heads, seq_new, cache_len,
                    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
+    b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * batch_stride can pass 2**31
     h = pid_bh % n_kv_heads
     pos0 = tl.load(Pos + b).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -19,7 +19,7 @@ from ._launch import Kernel, next_pow2
 def _rotary_kernel(X, Cos, Sin, Pos, n_heads, seq, sxb, sxh, sxs, sxd, spb, sps, sc,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     tok = tl.program_id(0)
-    b = tok // seq
+    b = (tok // seq).to(tl.int64)
     s = tok % seq
     pos = tl.load(Pos + b * spb + s * sps).to(tl.int64)
     offs_f = tl.arange(0, BLOCK_HALF)

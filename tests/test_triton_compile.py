@@ -63,3 +63,22 @@ def test_other_kernels_compile_for_sm90():
     for kernel in ("_append_kernel", "_expand_kernel", "_fuse_kernel", "_norm_kernel", "_rotary_kernel"):
         assert kernel in names
     assert all(_fits(rec.compiled).values()), rec.compiled
+
+
+def test_gpu_compile_still_works_after_interpreted_launches(monkeypatch):
+    """Interpreter runs (CPU tests) must leave triton.language unpatched for GPU compiles
+    later in the same process (e.g. the GPU tests after the interpreter tests)."""
+    x = torch.randn(3, 40)
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "1")
+        tb.layer_norm(x, None, None, 1e-5)  # tl.sum in the interpreter
+        tb.attention_decode(torch.randn(1, 2, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16),
+                            torch.tensor([9]))  # tl.max, tl.cdiv, tl.zeros
+    with compile_only(90) as rec:
+        tb.layer_norm(x.bfloat16(), None, None, 1e-5)
+        q = torch.randn(1, 2, 5, 16).bfloat16()
+        tb.attention_prefill(q, q, q)
+        tb.attention_decode(torch.randn(1, 2, 16).bfloat16(), torch.randn(1, 1, 9, 16).bfloat16(),
+                            torch.randn(1, 1, 9, 16).bfloat16(), torch.tensor([9]))
+    assert {r[0] for r in rec.compiled} == {"_norm_kernel", "_prefill_kernel", "_decode_partial_kernel",
+                                          "_decode_reduce_kernel"}
