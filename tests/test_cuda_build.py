@@ -112,9 +112,10 @@ def test_missing_nvcc_is_reported(monkeypatch):
     assert "nvcc not found" in cuda_build.toolchain_problem()
 
 
-def test_uncovered_calls_fall_back_on_cpu():
+def test_uncovered_calls_fall_back_on_cpu(monkeypatch):
     """Calls without a kernel (here fp32 prefill, gradients through lora_linear) are routed
     to another backend before any CUDA op is touched, so they also work on CPU tensors."""
+    monkeypatch.setattr(cb, "_warned", set())  # the warning is once per process
     torch.manual_seed(0)
     q = torch.randn(2, 4, 9, 32)
     with pytest.warns(RuntimeWarning, match="attention_prefill"):
@@ -126,3 +127,25 @@ def test_uncovered_calls_fall_back_on_cpu():
     y = cb.lora_linear(x, w, None, a, b, 0.5)
     y.sum().backward()
     assert x.grad is not None and torch.allclose(y, reference.lora_linear(x, w, None, a, b, 0.5))
+
+
+def test_new_source_version_is_seeded_from_previous_build(tmp_path, monkeypatch):
+    """A new build directory starts as a copy (timestamps kept) of the newest one for the
+    same toolchain/arch, so ninja recompiles only what changed; libraries and locks are
+    not copied, and other toolchains are never used as a seed."""
+    monkeypatch.setenv("FASTRLHF_CACHE", str(tmp_path))
+    env = cuda_build.env_key("9.0")
+    old = tmp_path / f"{env}-aaaa"
+    old.mkdir()
+    for name in (".ninja_log", "build.ninja", "norms.cuda.o", "fastrlhf_cuda.so", "lock"):
+        (old / name).write_text(name)
+    os.utime(old / "norms.cuda.o", (1_000_000, 1_000_000))
+    other = tmp_path / f"{cuda_build.env_key('8.0')}-cccc"
+    other.mkdir()
+    (other / ".ninja_log").write_text("x")
+    (other / "rotary_kv.cuda.o").write_text("x")
+    new = tmp_path / f"{env}-bbbb"
+    cuda_build._seed_from_previous(str(new), "9.0")
+    assert sorted(os.listdir(new)) == [".ninja_log", "build.ninja", "norms.cuda.o"]
+    assert os.path.getmtime(new / "norms.cuda.o") == 1_000_000
+    assert not [d for d in os.listdir(tmp_path) if ".tmp" in d]

@@ -147,7 +147,8 @@ def test_prefill_strided_inputs_no_mask(dtype):
     assert _rel(out, expected) < TOL[dtype]
 
 
-def test_prefill_uncovered_cases_fall_back():
+def test_prefill_uncovered_cases_fall_back(monkeypatch):
+    monkeypatch.setattr(cb, "_warned", set())  # the warning is once per process
     torch.manual_seed(0)
     q = torch.randn(2, 4, 9, 32, device=DEV)  # fp32 and head dim 32: no cuda kernel
     with pytest.warns(RuntimeWarning, match="attention_prefill"):
@@ -200,10 +201,14 @@ def test_lora_fuse_unfuse(n_out, n_in, r, dtype):
     bb = torch.randn(n_out, r, device=DEV) * 0.1
     fused = cb.lora_fuse(w, a, bb, 0.75)
     expected = ref.lora_fuse(w, a, bb, 0.75)
-    # one rounding of an fp32 value: at most one ulp apart (summation order differs)
-    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    # Both round one fp32 value once; the fp32 values differ only by summation order
+    # (a few fp32 eps of the operands' size), so the results are at most one ulp apart
+    # plus that difference where W and the update nearly cancel.
+    delta = (0.75 * bb.double() @ a.double()).abs()
+    order = 4 * torch.finfo(torch.float32).eps * (w.double().abs() + delta)
+    bound = torch.finfo(dtype).eps * expected.double().abs() + order
     assert not torch.isnan(fused).any()
-    assert torch.all((fused.float() - expected.float()).abs() <= ulp * 1.01)
+    assert torch.all((fused.double() - expected.double()).abs() <= bound)
     # in place, and into a separate NaN-poisoned out
     target = torch.full_like(w, float("nan"))
     assert cb.lora_fuse(w, a, bb, 0.75, out=target) is target

@@ -145,25 +145,32 @@ def build_key(archs: str, src_dir: Optional[str] = None) -> str:
 
 
 def _seed_from_previous(build_dir: str, archs: str) -> None:
-    """Start a new build directory from the newest one with the same toolchain and arch.
+    """Create `build_dir`, starting from the newest build with the same toolchain and arch.
 
     Objects keep their timestamps, so ninja recompiles only the sources that changed
-    (it also tracks header dependencies) instead of the whole extension.
+    (it also tracks header dependencies) instead of the whole extension. The copy is made
+    in a private directory and renamed into place, so ranks of one job starting together
+    never see a half-copied directory.
     """
+    if os.path.isdir(build_dir):
+        return
     root = os.path.dirname(build_dir)
     prefix = env_key(archs) + "-"
-    if os.path.exists(os.path.join(build_dir, "build.ninja")):
-        return
     olds = [os.path.join(root, d) for d in os.listdir(root)
-            if d.startswith(prefix) and os.path.join(root, d) != build_dir
+            if d.startswith(prefix) and ".tmp" not in d
             and os.path.exists(os.path.join(root, d, ".ninja_log"))]
-    if not olds:
-        return
-    newest = max(olds, key=os.path.getmtime)
-    for name in os.listdir(newest):
-        src = os.path.join(newest, name)
-        if os.path.isfile(src) and not name.endswith(".so") and name != "lock":
-            shutil.copy2(src, os.path.join(build_dir, name))
+    tmp = f"{build_dir}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    if olds:
+        newest = max(olds, key=os.path.getmtime)
+        for name in os.listdir(newest):
+            src = os.path.join(newest, name)
+            if os.path.isfile(src) and not name.endswith(".so") and name != "lock":
+                shutil.copy2(src, os.path.join(tmp, name))
+    try:
+        os.rename(tmp, build_dir)
+    except OSError:  # another process got there first; use its directory
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cuda_flags() -> List[str]:
@@ -188,11 +195,12 @@ def build(verbose: bool = False, src_dir: Optional[str] = None) -> Tuple[bool, s
             return _fail(problem or why)
         key = build_key(archs, src_dir)
         build_dir = os.path.join(cache_root(), key)
-        os.makedirs(build_dir, exist_ok=True)
+        os.makedirs(cache_root(), exist_ok=True)
         try:
             _seed_from_previous(build_dir, archs)
         except OSError:
-            pass  # only an optimisation
+            pass  # seeding is only an optimisation
+        os.makedirs(build_dir, exist_ok=True)
         from torch.utils import cpp_extension
         # load() reads this module global for include/library paths and nvcc.
         cpp_extension.CUDA_HOME = cuda_home() or cpp_extension.CUDA_HOME
