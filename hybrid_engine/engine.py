@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .arch_spec import ArchSpec, spec_for
 from .decoder import Decoder, ModelWeights, build_layer_weights, build_model_weights, get_path
@@ -26,7 +27,8 @@ from .zero3 import gathered, model_is_zero3
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The HF causal LM inside a DeepSpeed engine / DDP wrapper / PEFT model."""
     m = model
-    while not hasattr(m, "config") and isinstance(getattr(m, "module", None), nn.Module):
+    # DeepSpeedEngine forwards unknown attributes to its module, so test the type, not attributes
+    while not isinstance(m, PreTrainedModel) and isinstance(getattr(m, "module", None), nn.Module):
         m = m.module
     get_base = getattr(m, "get_base_model", None)
     if callable(get_base) and type(m).__name__.startswith("Peft"):
