@@ -7,7 +7,9 @@ each K/V element is read once. Pass 2 combines the chunks of a sequence in chunk
 
 Both the chunk size and the inner tile are constants, never autotuned: the arithmetic for a
 sequence then depends only on its own (cache_starts, cache_lens), not on the batch it is in,
-the cache capacity or the GPU, so rollout log-probs are reproducible.
+the cache capacity or the GPU, so rollout log-probs are reproducible. There is deliberately
+no one-pass variant for large batches: switching on batch size would change the summation
+order, and a large batch simply launches more chunk programs.
 """
 from __future__ import annotations
 

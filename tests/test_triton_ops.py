@@ -84,6 +84,22 @@ def test_prefill_queries_fewer_than_keys_bottom_right(dtype):
     assert _rel(out, expected) < TOL[dtype]
 
 
+@pytest.mark.parametrize("d", [80, 96])
+def test_attention_head_dims_not_a_power_of_two(d):
+    torch.manual_seed(d)
+    q = torch.randn(2, 4, 37, d, dtype=torch.float16)
+    k = torch.randn(2, 1, 37, d, dtype=torch.float16)
+    v = torch.randn(2, 1, 37, d, dtype=torch.float16)
+    mask = _left_pad_mask([37, 20], 37)
+    out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)
+    expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask)
+    assert _rel(out, expected) < TOL[torch.float16]
+    lens, starts = torch.tensor([37, 30]), torch.tensor([0, 17])
+    out = tb.attention_decode(q[:, :, -1], k, v, lens, cache_starts=starts)
+    expected = _fp32_reference(ref.attention_decode, q[:, :, -1], k, v, lens, cache_starts=starts)
+    assert _rel(out, expected) < TOL[torch.float16]
+
+
 def test_prefill_non_causal_arbitrary_bool_mask_strided_inputs():
     """Random (not just left-pad) key masks, no mask rows, and [B, S, H, D]-strided views."""
     torch.manual_seed(2)
