@@ -71,6 +71,8 @@ def test_fake_implementations_on_meta_tensors(cuda_ops, dtype):
 def test_status_report_names_arch_and_cache(cuda_ops):
     report = cuda_build.status_report()
     assert "cuda extension: loaded" in report
+    # a finished build is marked, so the next process loads it without running ninja
+    assert os.path.exists(os.path.join(cuda_build._state["path"], cuda_build.DONE_MARK))
     assert os.environ["TORCH_CUDA_ARCH_LIST"] in report
 
 
@@ -137,7 +139,7 @@ def test_new_source_version_is_seeded_from_previous_build(tmp_path, monkeypatch)
     env = cuda_build.env_key("9.0")
     old = tmp_path / f"{env}-aaaa"
     old.mkdir()
-    for name in (".ninja_log", "build.ninja", "norms.cuda.o", "fastrlhf_cuda.so", "lock"):
+    for name in (".ninja_log", "build.ninja", "norms.cuda.o", "fastrlhf_cuda.so", "lock", "BUILD_OK"):
         (old / name).write_text(name)
     os.utime(old / "norms.cuda.o", (1_000_000, 1_000_000))
     other = tmp_path / f"{cuda_build.env_key('8.0')}-cccc"

@@ -26,6 +26,7 @@ import torch
 
 EXT_PREFIX = "fastrlhf_cuda"
 SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
+DONE_MARK = "BUILD_OK"  # written after a successful build + load of a cache directory
 MIN_ARCH = (8, 0)  # bf16 tensor-core WMMA and the vector paths need sm_80+
 
 _lock = threading.Lock()
@@ -165,7 +166,7 @@ def _seed_from_previous(build_dir: str, archs: str) -> None:
         newest = max(olds, key=os.path.getmtime)
         for name in os.listdir(newest):
             src = os.path.join(newest, name)
-            if os.path.isfile(src) and not name.endswith(".so") and name != "lock":
+            if os.path.isfile(src) and not name.endswith(".so") and name not in ("lock", DONE_MARK):
                 shutil.copy2(src, os.path.join(tmp, name))
     try:
         os.rename(tmp, build_dir)
@@ -195,6 +196,8 @@ def build(verbose: bool = False, src_dir: Optional[str] = None) -> Tuple[bool, s
             return _fail(problem or why)
         key = build_key(archs, src_dir)
         build_dir = os.path.join(cache_root(), key)
+        if _load_finished_build(build_dir, archs):
+            return True, ""
         os.makedirs(cache_root(), exist_ok=True)
         try:
             _seed_from_previous(build_dir, archs)
@@ -231,7 +234,23 @@ def build(verbose: bool = False, src_dir: Optional[str] = None) -> Tuple[bool, s
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
         _state.update(loaded=True, reason="", path=build_dir, archs=archs,
                       build_seconds=time.perf_counter() - t0)
+        with open(os.path.join(build_dir, DONE_MARK), "w") as f:
+            f.write(key + "\n")
         return True, ""
+
+
+def _load_finished_build(build_dir: str, archs: str) -> bool:
+    """Load a library this key already built, without running ninja (fast start; also
+    works when the sources now live elsewhere, e.g. a wheel after an ahead-of-time build)."""
+    lib = os.path.join(build_dir, EXT_PREFIX + ".so")
+    if not (os.path.exists(os.path.join(build_dir, DONE_MARK)) and os.path.exists(lib)):
+        return False
+    try:
+        torch.ops.load_library(lib)
+    except Exception:  # unreadable or stale library: rebuild through ninja instead
+        return False
+    _state.update(loaded=True, reason="", path=build_dir, archs=archs, build_seconds=None)
+    return True
 
 
 def _fail(reason: str) -> Tuple[bool, str]:
@@ -270,7 +289,7 @@ def status_report() -> str:
     if _state["loaded"]:
         secs = _state["build_seconds"]
         lines.append(f"cuda extension: loaded, arch {_state['archs']}, from {_state['path']}"
-                     + (f" (build/load took {secs:.1f}s)" if secs is not None else ""))
+                     + (f" (build/load took {secs:.1f}s)" if secs is not None else " (finished build reused)"))
         return "\n".join(lines)
     problem = toolchain_problem()
     archs, why = target_archs()
