@@ -241,9 +241,15 @@ class PPOTrainer:
                  eval_prompts: Optional[List[Dict[str, Any]]] = None, ptx_data=None):
         cfg.validate()
         self.cfg = cfg
+        from ..utils.logging import quiet_libraries
+        quiet_libraries()
         self.device = init_distributed()
         self.rank, self.world = get_rank(), get_world_size()
         _seed_all(cfg.seed)
+        if is_rank0():
+            from ..config import save_config
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.output_dir, "training_config.yaml"))
         models = dict(models or {})
         from ..models.loading import load_tokenizer
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path, padding_side="left")
