@@ -61,18 +61,35 @@ SAD = (
 NEUTRAL_ADJ = (
     "old large small wide tall long round green blue wooden open busy early late simple plain "
     "narrow deep flat new low high short thick thin square local northern southern ordinary "
-    "stone brick main public central eastern western red white yellow").split()
+    "stone brick main public central eastern western red white yellow brown black orange purple "
+    "pink metal glass paper modern ancient crowded upper lower inner outer huge tiny "
+    "middle usual common rural urban coastal seasonal daily weekly formal casual "
+    "straight curved steep shallow dry wet loud soft smooth rough striped painted folded hidden quick slow "
+    "sandy rocky grassy leafy snowy").split()
 TOPICS = (
     "garden river city forest kitchen library market beach mountain village station school "
     "harbor bridge festival winter morning evening storm road park museum farm island desert "
     "lake castle street office cafe train concert meadow hospital bakery church valley field "
-    "orchard lighthouse playground airport classroom zoo theater factory campsite wedding").split()
+    "orchard lighthouse playground airport classroom zoo theater factory campsite wedding "
+    "summer autumn spring holiday birthday picnic parade stadium gallery studio workshop barn "
+    "harvest fair circus carnival garage cellar attic balcony porch rooftop subway tram bus ferry "
+    "canal pier dock cliff cave glacier volcano jungle swamp prairie canyon waterfall pond "
+    "fountain plaza courtyard hotel restaurant shop mall bookstore pharmacy bank "
+    "laboratory greenhouse vineyard pasture stable").split()
 NOUNS = (
     "air light sky sound path water music wind crowd door room corner roof floor grass gate "
-    "tower yard table fence lamp sign bench window wall hill boat bird cloud song").split()
-PEOPLE = "people children visitors neighbors workers friends families strangers travelers".split()
-PREPS = "near in around by beside behind inside outside across".split()
-ADVERBS = "very so quite rather truly always often still almost".split()
+    "tower yard table fence lamp sign bench window wall hill boat bird cloud song "
+    "smell voice shadow stair chimney clock flag bell tree leaf sand snow "
+    "roadside sidewalk doorway hallway ceiling carpet curtain shelf basket bottle cup plate "
+    "bicycle car wagon kite candle poster statue mural rail pathway lantern bucket ladder rope wheel map "
+    "ticket coat hat umbrella blanket pillow mirror piano guitar drum radio phone letter box tent").split()
+PEOPLE = ("people children visitors neighbors workers friends families strangers travelers "
+          "students teachers farmers sailors artists musicians dancers tourists shoppers "
+          "passengers cooks guards painters builders runners drivers pilots doctors nurses bakers fishermen").split()
+PREPS = "near in around by beside behind inside outside across along above below beyond past".split()
+ADVERBS = "very so quite rather truly always often still almost fairly mostly somewhat".split()
+VERBS = ("walk talk wait work sit stand read cook travel gather paint build sing dance play rest "
+         "eat drink write draw run meet listen watch move climb swim jump ride drive fly sleep study").split()
 TONES = ("happy", "sad")
 LEXICON = {"happy": frozenset(HAPPY), "sad": frozenset(SAD)}
 OPPOSITE = {"happy": "sad", "sad": "happy"}
@@ -96,6 +113,8 @@ CLAUSE_TEMPLATES = (
     "there is a A {noun} {prep} the {topic}",
     "it feels A",
     "the A {noun} stays A",
+    "{people} {verb} {prep} the A {topic}",
+    "{people} {verb} and {verb} {prep} the {noun}",
 )
 JOINERS = (" , and ", " , ", " . ", " but ", " while ")
 # (P(tone word), P(opposite word)) per adjective slot; the rest are neutral adjectives.
@@ -165,8 +184,9 @@ def _make_prompt(rng: random.Random, happy_fraction: float) -> tuple[str, str, s
 def _fill_clause(rng: random.Random, template: str, topic: str, tone: str, quality) -> str:
     p_tone, p_opposite = quality
     words = []
-    for word in template.format(topic=topic, adv=rng.choice(ADVERBS), noun=rng.choice(NOUNS),
-                                people=rng.choice(PEOPLE), prep=rng.choice(PREPS)).split():
+    slots = dict(topic=topic, adv=rng.choice(ADVERBS), noun=rng.choice(NOUNS), people=rng.choice(PEOPLE),
+                 prep=rng.choice(PREPS))
+    for word in re.sub(r"\{verb\}", lambda _: rng.choice(VERBS), template).format(**slots).split():
         if word == "A":
             u = rng.random()
             pool = (LEXICON[tone] if u < p_tone else
@@ -212,7 +232,7 @@ def generate_rows(seed: int = DEFAULT_SEED, rows: int = DEFAULT_ROWS,
 def vocabulary() -> list[str]:
     """Every word and punctuation mark the task and its chat template use, lowercase, sorted."""
     words = set(HAPPY) | set(SAD) | set(NEUTRAL_ADJ) | set(TOPICS) | set(NOUNS) | set(PEOPLE)
-    words |= set(PREPS) | set(ADVERBS) | set(TONES)
+    words |= set(PREPS) | set(ADVERBS) | set(TONES) | set(VERBS)
     for text in PROMPT_TEMPLATES + CLAUSE_TEMPLATES + JOINERS:
         words |= set(_TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", text).lower()))
     words |= {"human", "assistant", "system", "user", ":", "!", "?", "'", "-"}
