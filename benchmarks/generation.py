@@ -108,6 +108,8 @@ def bench_model(name, args, device, dtype):
     ids, mask = make_prompts(model.config.vocab_size, args.batch, args.prompt_len, device)
     n_new = args.new_tokens
     engine = HybridEngine(model, None, EngineConfig(cuda_graphs=not args.no_graphs))
+    fused = engine._fuse_projections()
+    alt = HybridEngine(model, None, EngineConfig(cuda_graphs=not args.no_graphs, fuse_projections=not fused))
     impls = {
         "hf": lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
                                      min_new_tokens=n_new, do_sample=False, pad_token_id=0),
@@ -116,6 +118,10 @@ def bench_model(name, args, device, dtype):
                                             cache_implementation="static"),
         "engine": lambda: engine.generate(ids, mask, max_new_tokens=n_new, do_sample=False,
                                           eos_token_id=[], pad_token_id=0),
+        # the engine with the other fuse_projections setting than its auto choice, to measure
+        # whether concatenating q/k/v and gate/up (a weight copy per generate) pays
+        "engine-alt": lambda: alt.generate(ids, mask, max_new_tokens=n_new, do_sample=False,
+                                           eos_token_id=[], pad_token_id=0),
     }
     for skip in args.skip:
         impls.pop(skip, None)
@@ -136,14 +142,19 @@ def bench_model(name, args, device, dtype):
     for k, ts in times.items():
         med = statistics.median(ts)
         med_cpu = statistics.median(cpu[k])
-        rows.append(dict(model=name, params_m=round(n_params / 1e6, 1), impl=k, batch=args.batch,
+        impl = k
+        if k.startswith("engine"):
+            impl = f"engine-{'fused' if fused == (k == 'engine') else 'nofuse'}"
+            impl += "" if k == "engine" else "(alt)"
+        rows.append(dict(model=name, params_m=round(n_params / 1e6, 1), impl=impl, batch=args.batch,
                          prompt_len=args.prompt_len, new_tokens=n_new, dtype=str(dtype).split(".")[-1],
                          median_s=round(med, 4), tokens_per_s=round(args.batch * n_new / med, 1),
                          speedup_vs_hf=None if base is None else round(base / med, 3),
                          cpu_median_s=round(med_cpu, 4),
                          cpu_speedup_vs_hf=None if base_cpu is None else round(base_cpu / med_cpu, 3),
                          runs=args.runs, all_s=[round(t, 4) for t in ts],
-                         logprob_max_abs_diff=gap if k == "engine" else None))
+                         logprob_max_abs_diff=gap if k == "engine" else None,
+                         lean_cpu_decode=engine.config.lean_cpu_decode if k.startswith("engine") else None))
     del engine, model
     return rows
 
@@ -184,13 +195,13 @@ def main(argv=None):
             row.update(device=dev_name, date=date, ops_backend=backend, torch=torch.__version__)
             all_rows.append(row)
     print(f"\ndevice: {dev_name}  date: {date}  ops backend: {backend}")
-    print(f"{'model':<12}{'params(M)':>10}{'impl':>11}{'tok/s':>10}{'median s':>10}{'x hf':>7}"
+    print(f"{'model':<12}{'params(M)':>10}{'impl':>20}{'tok/s':>10}{'median s':>10}{'x hf':>7}"
           f"{'cpu s':>9}{'cpu x hf':>9}{'lp diff':>10}")
     for r in all_rows:
         lp = "" if r["logprob_max_abs_diff"] is None else f"{r['logprob_max_abs_diff']:.1e}"
         sp = "" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}"
         csp = "" if r["cpu_speedup_vs_hf"] is None else f"{r['cpu_speedup_vs_hf']:.2f}"
-        print(f"{r['model']:<12}{r['params_m']:>10}{r['impl']:>11}{r['tokens_per_s']:>10}"
+        print(f"{r['model']:<12}{r['params_m']:>10}{r['impl']:>20}{r['tokens_per_s']:>10}"
               f"{r['median_s']:>10}{sp:>7}{r['cpu_median_s']:>9}{csp:>9}{lp:>10}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as f:

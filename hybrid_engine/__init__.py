@@ -10,7 +10,7 @@ from .kv_cache import KVCache
 
 
 def inject(model, **kwargs):
-    from .inject import inject as _inject
+    from .injection import inject as _inject
 
     return _inject(model, **kwargs)
 

@@ -121,7 +121,7 @@ class HybridEngine:
 
     def _build_weights(self, stack: contextlib.ExitStack) -> ModelWeights:
         spec, cfg = self.spec, self.config
-        build = dict(fuse_projections=cfg.fuse_projections, backend=cfg.backend)
+        build = dict(fuse_projections=self._fuse_projections(), backend=cfg.backend)
         layers = get_path(get_path(self.model, spec.backbone), spec.layers)
         if cfg.zero3_gather == "layer" and model_is_zero3(self.model):
             in_layers = {id(p) for p in layers.parameters()}
@@ -137,6 +137,16 @@ class HybridEngine:
             return weights
         stack.enter_context(gathered(self.model.parameters()))
         return build_model_weights(self.model, spec, **build)
+
+    AUTO_FUSE_MAX_PARAMS = 50_000_000
+
+    def _fuse_projections(self) -> bool:
+        if self.config.fuse_projections is not None:
+            return self.config.fuse_projections
+        if self.device.type != "cpu":
+            return False  # GPU: CUDA graphs remove the launch cost; the copy costs memory
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return n <= self.AUTO_FUSE_MAX_PARAMS
 
     # -- rotary tables from the HF module (so rope-scaling variants are honoured) -------------
     def _rotary_tables(self, length: int):

@@ -13,7 +13,11 @@ class EngineConfig:
     cuda_graphs: bool = True             # capture decode steps on GPU (ignored on CPU)
     zero3_gather: str = "all"            # "all" at once, or "layer" by layer (less memory)
     backend: Optional[str] = None        # fastrlhf.ops backend (None: the ops default)
-    fuse_projections: bool = True        # concatenate q/k/v and gate/up weights (a copy)
+    # concatenate q/k/v and gate/up weights (a COPY, made at every eval()): True, False, or
+    # None = auto: only for small models on CPU, where per-op overhead dominates (measured in
+    # benchmarks/generation.py: it pays on the tiny default model, and does not on ~110M
+    # models, which are weight-bandwidth bound and pay the copy every generate)
+    fuse_projections: Optional[bool] = None
     lean_cpu_decode: bool = True         # torch-backend decode step in fewer ops (lean_decode.py)
     stop_check_every: int = 8            # GPU: host sync for "all finished?" every N steps
 
