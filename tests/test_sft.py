@@ -71,3 +71,13 @@ def test_unmerged_fastrlhf_lora_round_trips(tmp_path):
     ids = torch.randint(5, len(WORDS), (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_bf16_zero2_cpu_offload_trains_and_saves(tmp_path):
+    import math
+    result, _, cfg = _run(tmp_path, max_steps=3, dtype="bf16", zero_stage=2, offload="cpu", learning_rate=1e-2,
+                          eval_max_batches=1)
+    assert all(math.isfinite(v) for v in result["losses"].values())
+    assert result["losses"][3] < result["losses"][1]
+    saved = load_causal_lm(cfg.output_dir)
+    assert torch.isfinite(saved.get_input_embeddings().weight).all()

@@ -94,8 +94,10 @@ def make_optimizer(model: nn.Module, cfg, ds_config: Dict[str, Any]) -> torch.op
     groups = param_groups(model, cfg.weight_decay)
     betas = tuple(cfg.adam_betas)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    if offload:
-        try:  # DeepSpeed's vectorised CPU Adam is much faster than torch's for offloaded states
+    # with GPUs, offloaded optimizer states want DeepSpeed's vectorised CPU Adam; on a CPU-only
+    # machine everything is on the CPU already and JIT-building that op only costs minutes
+    if offload and torch.cuda.is_available():
+        try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=betas, adamw_mode=True)
         except Exception as e:  # building the op needs a compiler; torch AdamW still works
