@@ -123,7 +123,7 @@ class RMConfig(TrainConfig):
 DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
     "sft": {"learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
             "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-    "rm": {"learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
+    "rm": {"learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
 }
 
