@@ -26,7 +26,7 @@ SPLIT_SIZE = 256  # cache positions per chunk (fixed: see module docstring)
 TILE_N = 64       # positions per inner step inside a chunk (fixed for the same reason)
 
 
-def _decode_partial_kernel(Q, K, V, Lens, Starts, MidO, MidM, MidL,
+def _decode_partial_kernel(Q, K, V, Lens, Starts, s_lens, s_starts, MidO, MidM, MidL,
                            sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                            n_kv_heads, n_splits, qk_scale_log2,
                            GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -36,10 +36,10 @@ def _decode_partial_kernel(Q, K, V, Lens, Starts, MidO, MidM, MidL,
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * batch_stride can pass 2**31
     hkv = pid_bh % n_kv_heads
-    end = tl.load(Lens + b).to(tl.int32)
+    end = tl.load(Lens + b * s_lens).to(tl.int32)  # lens/starts may be expanded (stride 0)
     start = 0
     if HAS_STARTS:
-        start = tl.load(Starts + b).to(tl.int32)
+        start = tl.load(Starts + b * s_starts).to(tl.int32)
     lo = pid_s * SPLIT
     hi = tl.minimum(lo + SPLIT, end)
     # skip whole tiles before `start`: a fully masked tile leaves (m, l, acc) unchanged
@@ -89,16 +89,17 @@ def _decode_partial_kernel(Q, K, V, Lens, Starts, MidO, MidM, MidL,
              mask=g_ok[:, None] & d_ok[None, :])
 
 
-def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, O, n_heads, n_splits, sob, soh, sod,
+def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, s_lens, s_starts, O, n_heads, n_splits,
+                          sob, soh, sod,
                           HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr,
                           SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)  # b * n_heads + h
     b = (pid // n_heads).to(tl.int64)
     h = pid % n_heads
-    end = tl.load(Lens + b).to(tl.int32)
+    end = tl.load(Lens + b * s_lens).to(tl.int32)  # lens/starts may be expanded (stride 0)
     start = 0
     if HAS_STARTS:
-        start = tl.load(Starts + b).to(tl.int32)
+        start = tl.load(Starts + b * s_starts).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m = float("-inf")
@@ -160,12 +161,13 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = max(16, next_pow2(d))
     has_starts = cache_starts is not None
     _partial.launch(lambda meta: (n_splits, b * hkv), q, k_cache, v_cache, lens, starts,
-                    mid_o, mid_m, mid_l, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+                    lens.stride(0), starts.stride(0), mid_o, mid_m, mid_l, *q.stride(), *k_cache.stride(), *v_cache.stride(),
                     hkv, n_splits, scale * 1.4426950408889634,
                     GROUP=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=d,
                     HAS_STARTS=has_starts, IEEE=q.dtype == torch.float32,
                     SPLIT=SPLIT_SIZE, BLOCK_N=TILE_N, BLOCK_D=block_d)
-    _reduce.launch(lambda meta: (b * hq,), mid_o, mid_m, mid_l, lens, starts, out, hq, n_splits,
+    _reduce.launch(lambda meta: (b * hq,), mid_o, mid_m, mid_l, lens, starts, lens.stride(0),
+                   starts.stride(0), out, hq, n_splits,
                    *out.stride(), HEAD_DIM=d, HAS_STARTS=has_starts, SPLIT=SPLIT_SIZE,
                    BLOCK_D=block_d, num_warps=1)
     return out

@@ -9,7 +9,7 @@ import triton.language as tl
 from ._launch import Kernel, next_pow2
 
 
-def _append_kernel(KC, VC, K, V, Pos, n_kv_heads, seq_new, cache_len,
+def _append_kernel(KC, VC, K, V, Pos, spos, n_kv_heads, seq_new, cache_len,
                    sckb, sckh, scks, sckd, scvb, scvh, scvs, scvd,
                    skb, skh, sks, skd, svb, svh, svs, svd,
                    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -17,7 +17,7 @@ def _append_kernel(KC, VC, K, V, Pos, n_kv_heads, seq_new, cache_len,
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * batch_stride can pass 2**31
     h = pid_bh % n_kv_heads
-    pos0 = tl.load(Pos + b).to(tl.int64)
+    pos0 = tl.load(Pos + b * spos).to(tl.int64)  # positions may be an expanded (stride 0) scalar
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     dst_t = pos0 + offs_t
@@ -43,6 +43,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
         raise ValueError(f"k, v must be [B={b}, Hkv={hkv}, T, D={d}]; got {tuple(k.shape)}, {tuple(v.shape)}")
     if positions.shape != (b,) or positions.is_floating_point():
         raise ValueError(f"positions must be an integer tensor of shape [{b}]")
+    positions = positions.to(k_cache.device)
     if k_cache.device.type == "cpu":  # cheap here; on GPU it would cost a sync per decode step
         if int(positions.min()) < 0 or int(positions.max()) + k.shape[2] > smax:
             raise IndexError(f"kv_cache_append: positions {positions.tolist()} + {k.shape[2]} new tokens "
@@ -52,7 +53,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
         return k_cache, v_cache
     block_t = min(64, max(1, next_pow2(t)))
     _kernel.launch(lambda meta: (triton.cdiv(t, block_t), b * hkv), k_cache, v_cache, k, v,
-                   positions.to(k_cache.device), hkv, t, smax, *k_cache.stride(), *v_cache.stride(),
+                   positions, positions.stride(0), hkv, t, smax, *k_cache.stride(), *v_cache.stride(),
                    *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_T=block_t,
                    BLOCK_D=next_pow2(d), num_warps=4)
     return k_cache, v_cache

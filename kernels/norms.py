@@ -58,6 +58,8 @@ def _norm(x, weight, bias, eps, residual, is_rms: bool):
     if n > 65536:
         raise ValueError(f"{name}: last dim {n} > 65536 is not supported by the triton backend; use backend='torch'")
     x2 = _rows(x, n)
+    weight = weight.contiguous() if weight is not None else None  # no-ops for parameters
+    bias = bias.contiguous() if bias is not None else None
     y = new_empty(x.shape, x.dtype, x.device)
     y2 = y.view(-1, n)
     h = new_empty(x.shape, x.dtype, x.device) if residual is not None else None

@@ -194,6 +194,23 @@ def test_kv_cache_append_matches_reference(t):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
+def test_kv_cache_append_and_decode_accept_expanded_position_tensors():
+    """The engine passes one write column for the whole batch as an expanded (stride-0) tensor."""
+    torch.manual_seed(9)
+    kc, vc = torch.randn(3, 2, 30, 64), torch.randn(3, 2, 30, 64)
+    k, v = torch.randn(3, 2, 1, 64), torch.randn(3, 2, 1, 64)
+    col = torch.tensor(11).expand(3)
+    assert col.stride() == (0,)
+    kr, vr = kc.clone(), vc.clone()
+    ref.kv_cache_append(kr, vr, k, v, col)
+    tb.kv_cache_append(kc, vc, k, v, col)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    q = torch.randn(3, 8, 64)
+    lens, starts = torch.tensor(12).expand(3), torch.tensor(4).expand(3)
+    out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
+    assert _rel(out, ref.attention_decode(q, kc, vc, lens, cache_starts=starts)) < TOL[torch.float32]
+
+
 def test_kv_cache_append_overflow_is_a_clear_error():
     kc = torch.zeros(1, 1, 8, 16)
     with pytest.raises(IndexError, match="capacity"):
