@@ -2,7 +2,8 @@
 
 One run builds random-weight actor / reward models from configs, saves them, and times PPO
 iterations of the real `PPOTrainer` twice: with the hybrid engine and with
-`generation_fallback="hf"` (same models, prompts, batch, seed). Every answer is forced to the
+`generation_fallback="hf"` (same models, prompts, batch, seed), iterations interleaved so a
+shared machine's load hits both alike. Every answer is forced to the
 full length (min_new_tokens = max_new_tokens) so both do the same work. Reported per mode:
 the median time split of an iteration (generation; actor / reference / reward / critic
 forwards; actor and critic training), sequences/s and generated tokens/s, and the end-to-end
@@ -86,7 +87,7 @@ def random_prompts(tok, n: int, length: int, vocab: int, seed: int):
     return items
 
 
-def run_mode(mode: str, paths, prompts, args, dtype: str):
+def make_trainer(mode: str, paths, prompts, args, dtype: str):
     from fastrlhf.rlhf.ppo import PPOConfig, PPOTrainer
     actor_dir, rm_dir = paths
     cfg = PPOConfig(model_name_or_path=actor_dir, reward_model=rm_dir, output_dir=os.path.join(args.workdir, mode),
@@ -97,19 +98,33 @@ def run_mode(mode: str, paths, prompts, args, dtype: str):
                     data={"max_prompt_len": args.prompt_len, "max_answer_len": args.answer_len})
     trainer = PPOTrainer(cfg, prompts=prompts, eval_prompts=prompts[:1])
     trainer.gt_score = None  # random prompts: there is no ground truth to score
-    rows = []
-    for i in range(args.warmup + args.iters):
-        m = trainer.train_step()
-        if i >= args.warmup:
-            rows.append(m)
-    del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return trainer
+
+
+def summarize(rows, args):
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in SPLIT + ("step_time",)}
     med["seqs_per_s"] = args.batch / med["step_time"]
     med["gen_tokens_per_s"] = args.batch * args.answer_len / med["gen_time"]
     return med
+
+
+def run_modes(paths, prompts, args, dtype: str):
+    """Interleaved (engine, hf, engine, hf, ...) so load from other jobs hits both alike;
+    --sequential builds one trainer at a time (half the memory, for big models)."""
+    rows = {m: [] for m in args.modes}
+    groups = [args.modes] if not args.sequential else [[m] for m in args.modes]
+    for group in groups:
+        trainers = {m: make_trainer(m, paths, prompts, args, dtype) for m in group}
+        for i in range(args.warmup + args.iters):
+            for m in group:
+                r = trainers[m].train_step()
+                if i >= args.warmup:
+                    rows[m].append(r)
+        del trainers
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {m: summarize(rows[m], args) for m in args.modes}
 
 
 def device_name() -> str:
@@ -132,11 +147,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--modes", nargs="+", default=["engine", "hf"], choices=("engine", "hf"))
+    p.add_argument("--sequential", action="store_true", help="one trainer at a time instead of interleaved")
     p.add_argument("--no_save", action="store_true", help="do not append to the results file")
     args = p.parse_args(argv)
     if args.gpu:
         args.preset = "opt-1.3b"
     actor_cfg, reward_cfg, batch, plen, alen, dtype = PRESETS[args.preset]
+    if args.gpu and args.sequential is False and torch.cuda.is_available():
+        args.sequential = True  # two full PPO setups of OPT-1.3B do not both fit comfortably
     args.batch, args.prompt_len = args.batch or batch, args.prompt_len or plen
     args.answer_len, dtype = args.answer_len or alen, args.dtype or dtype
     if args.threads:
@@ -147,7 +165,7 @@ def main(argv=None) -> int:
         paths, tok = build_models(root, actor_cfg, reward_cfg, seed=0)
         vocab = actor_cfg["vocab_size"] if actor_cfg else len(tok)
         prompts = random_prompts(tok, args.batch * (args.warmup + args.iters), args.prompt_len, vocab, seed=0)
-        results = {mode: run_mode(mode, paths, prompts, args, dtype) for mode in args.modes}
+        results = run_modes(paths, prompts, args, dtype)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     dev = device_name()
     print(f"\nPPO iteration, preset {args.preset}: batch {args.batch}, prompt {args.prompt_len} + answer "
@@ -170,6 +188,7 @@ def main(argv=None) -> int:
                                     "mode": mode, "batch": args.batch, "prompt_len": args.prompt_len,
                                     "answer_len": args.answer_len, "dtype": dtype, "zero_stage": args.zero_stage,
                                     "iters": args.iters, "torch": torch.__version__,
+                                    "interleaved": not args.sequential,
                                     "speedup_vs_hf": speedup if mode == "engine" else None,
                                     **{k: round(v, 6) for k, v in r.items()}}) + "\n")
         print(f"appended to {RESULTS}")
