@@ -108,3 +108,21 @@ def test_peft_adapter_dir_is_loaded_with_its_base(model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits)
     assert any(p.requires_grad for n, p in loaded.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_reward_model_with_lora_saves_merged_or_apart(model_dir, tmp_path, merge):
+    from fastrlhf.models.lora import apply_lora
+    from fastrlhf.rlhf.checkpoint import save_hf_model
+    rm = RewardModel.from_pretrained(model_dir, seed=4).eval()
+    apply_lora(rm, r=2, alpha=4, target_modules=["q_proj", "down_proj"])
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_()
+    save_hf_model(rm, str(tmp_path / "rm"), merge_lora=merge)
+    back = RewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    assert any(n.endswith("lora_a") for n, _ in back.named_parameters()) == (not merge)
+    ids, mask = _pad(_rows(5, seed=9), 0, left=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back.score(ids, mask), rm.score(ids, mask), rtol=1e-4, atol=1e-5)

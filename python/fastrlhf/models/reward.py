@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .loading import load_pretrained, resize_for_tokenizer, resolve_model_path, torch_dtype
+from .loading import load_fastrlhf_lora, load_pretrained, resize_for_tokenizer, resolve_model_path, torch_dtype
 
 HEAD_FILE = "value_head.safetensors"
 META_FILE = "reward_model.json"
@@ -98,6 +98,7 @@ class RewardModel(nn.Module):
         path = resolve_model_path(path_or_name)
         backbone = load_pretrained(AutoModel, path, dtype=torch_dtype(dtype), seed=seed, ds_config=ds_config)
         resize_for_tokenizer(backbone, tokenizer, seed)
+        load_fastrlhf_lora(backbone, path)  # saved with merge_lora_on_save=False
         model = cls(backbone, head_seed=seed)
         head_file = os.path.join(path, HEAD_FILE)
         if os.path.isfile(head_file):
