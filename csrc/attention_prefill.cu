@@ -183,7 +183,14 @@ static void launch_prefill(const at::Tensor& q, const at::Tensor& k, const at::T
                            const bool* mask, int group, bool causal, float scale_log2) {
   using L = PrefillLayout<T, D>;
   auto kernel = prefill_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
+  // > 48 KiB of dynamic shared memory needs an opt-in, once per device and instantiation.
+  static bool opted_in[128] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 128 || !opted_in[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
+    if (dev >= 0 && dev < 128) opted_in[dev] = true;
+  }
   const int B = int(q.size(0)), Hq = int(q.size(1)), Sq = int(q.size(2)), Sk = int(k.size(2));
   const int n_tiles = (Sq + kBM - 1) / kBM;
   const dim3 grid(unsigned(int64_t(n_tiles) * B * Hq));
