@@ -8,6 +8,7 @@ shapes never change between replays.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 import torch
@@ -71,7 +72,14 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
     out_tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros(b, max_new, dtype=torch.float32, device=dev) if want_logprobs else None
     write_cols = torch.arange(p, p + max_new, device=dev)
-    graphed = _GraphedDecode(dec, w, cache, b, p) if use_graphs and max_new > 1 else None
+    graphed = None
+    if use_graphs and max_new > 1:
+        try:
+            graphed = _GraphedDecode(dec, w, cache, b, p)
+        except Exception as e:  # an op that cannot be captured must not end the user's run
+            warnings.warn(f"fastrlhf engine: CUDA-graph capture of the decode step failed ({e}); "
+                          "decoding without graphs (EngineConfig(cuda_graphs=False) silences this)",
+                          RuntimeWarning, stacklevel=3)
 
     n = 0
     for t in range(max_new):
