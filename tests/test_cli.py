@@ -116,3 +116,24 @@ def test_train_steps_1_2_on_the_bundled_default_end_to_end(tmp_path, capsys):
     assert load_causal_lm(str(out / "step1_sft")).config.model_type == "llama"
     assert RewardModel.is_reward_model_dir(str(out / "step2_rm"))
     RewardModel.from_pretrained(str(out / "step2_rm"))
+
+
+def test_deepspeed_launcher_local_rank_flag_is_accepted(tmp_path):
+    args, extra = _train_args(["--local_rank=1", "--steps", "1", "--output_dir", str(tmp_path)])
+    assert extra == [] and args.local_rank == 1
+    assert cli.build_step_configs(args, extra)[1].output_dir == str(tmp_path / "step1_sft")
+
+
+def test_only_rank0_writes_logs(tmp_path, monkeypatch):
+    from fastrlhf.utils import logging as fl_logging
+    monkeypatch.setattr(fl_logging, "is_rank0", lambda: False)
+    logger = fl_logging.MetricsLogger(str(tmp_path / "tb_rank1"))
+    logger.log({"train/loss": 1.0}, 1)
+    logger.close()
+    assert not (tmp_path / "tb_rank1").exists()
+    monkeypatch.setattr(fl_logging, "is_rank0", lambda: True)
+    logger = fl_logging.MetricsLogger(str(tmp_path / "tb_rank0"))
+    logger.log({"train/loss": 1.5}, 3)
+    logger.close()
+    assert (tmp_path / "tb_rank0" / "metrics.jsonl").read_text().strip() == '{"step": 3, "train/loss": 1.5}'
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb_rank0").iterdir())
