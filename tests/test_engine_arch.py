@@ -16,11 +16,12 @@ def tiny(request, tmp_path_factory):
     return request.param, build_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
 
-@pytest.mark.parametrize("fuse_projections", [True, False])
-def test_greedy_tokens_equal_hf(tiny, fuse_projections):
+def test_greedy_tokens_equal_hf(tiny):
     name, model = tiny
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
-    engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse_projections))
+    # families with separate q/k/v (and gate/up) run with both weight layouts
+    fuse = {"llama": False, "qwen2": True, "mistral": True, "opt": False}.get(name)
+    engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
@@ -81,6 +82,31 @@ def test_unsupported_architecture_names_supported_ones_and_fallback(tmp_path):
                          do_sample=False, pad_token_id=0)
     assert torch.equal(out.sequences, ref)
     assert out.logprobs.shape == (2, 5) and (out.logprobs <= 0).all()
+
+
+def test_cache_is_reused_across_calls_and_released_on_request(tiny):
+    name, model = tiny
+    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
+    ids, mask = left_padded_batch([4, 7], pad_id=0, seed=6)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    first = engine.generate(ids, mask, **kw).sequences
+    cache = engine._cache
+    assert cache is not None and cache.storage.shape[2] == 2
+    # a smaller request reuses the allocation; stale columns from the first call must not leak in
+    small_ids, small_mask = ids[:, 3:], mask[:, 3:]
+    engine.generate(small_ids, small_mask, **kw)
+    assert engine._cache is cache
+    again = engine.generate(ids, mask, release_cache=True, **kw).sequences
+    assert torch.equal(first, again)
+    assert engine._cache is None
+
+
+def test_request_longer_than_the_sliding_window_is_refused(tmp_path):
+    model = build_tiny("mistral", tmp_path)  # sliding_window=96
+    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
+    ids, mask = left_padded_batch([4, 7], pad_id=0)
+    with pytest.raises(ValueError, match="sliding window"):
+        engine.generate(ids, mask, max_new_tokens=100, do_sample=False, pad_token_id=0)
 
 
 def test_right_padded_prompts_are_rejected_with_the_fix(tiny):
