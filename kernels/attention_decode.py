@@ -121,7 +121,7 @@ def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, s_lens, s_starts, O, n
     tl.store(O + b * sob + h * soh + offs_d * sod, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-_WARPS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (8, 2), (2, 3)]]
+_WARPS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 3), (8, 2)]]
 _partial = Kernel(_decode_partial_kernel, configs=_WARPS, key=["GROUP", "HEAD_DIM"],
                   interpret_meta={})
 _reduce = Kernel(_decode_reduce_kernel)
