@@ -82,6 +82,8 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = _opt(None, "tensorboard log dir; unset = <output_dir>/tensorboard")
     resume: str = _opt("auto", "'auto' = continue from the newest checkpoint in output_dir if any, "
                        "'no' = start fresh, or a checkpoint dir")
+    cpu_threads: Optional[int] = _opt(None, "torch intra-op threads when training on the CPU; unset = torch's "
+                                      "default (one per core)")
     deepspeed_config: Optional[str] = _opt(None, "your own DeepSpeed JSON; replaces the generated one "
                                            "('auto' values are filled in from this config)")
 
@@ -121,9 +123,11 @@ class RMConfig(TrainConfig):
 # scratch on 2 CPU cores); applied under the user's file and command line when no model is given.
 # The class defaults above suit pretrained models instead.
 DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
-    "sft": {"learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
+    # cpu_threads 1: the tiny model's matrices are too small to split across cores, and extra
+    # threads spin-wait (10x the CPU time per step) whenever the cores are shared
+    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
             "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-    "rm": {"learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
+    "rm": {"cpu_threads": 1, "learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
 }
 

@@ -56,6 +56,8 @@ def seed_everything(seed: int) -> None:
 def setup_run(cfg) -> RunContext:
     quiet_libraries()
     device = init_distributed()
+    if device.type == "cpu" and getattr(cfg, "cpu_threads", None):
+        torch.set_num_threads(cfg.cpu_threads)
     world = get_world_size()
     ds_config = build_ds_config(cfg, world)
     seed_everything(cfg.seed)

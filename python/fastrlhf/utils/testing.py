@@ -124,7 +124,7 @@ def tiny_train_kwargs(model_dir: str, output_dir: str, **over) -> Dict[str, obje
     """Config values for a seconds-long run on the toy data."""
     kw = dict(model_name_or_path=model_dir, output_dir=output_dir, micro_batch_size=4, global_batch_size=8,
               learning_rate=3e-3, lr_scheduler="constant", warmup_ratio=0.0, log_steps=1, resume="no",
-              eval_max_batches=None)
+              eval_max_batches=None, cpu_threads=1)
     kw.update(over)
     return kw
 
