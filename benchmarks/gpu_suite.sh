@@ -93,6 +93,34 @@ mkdir -p "$OUT/tables"
 if [ -f benchmarks/kernels.py ]; then
   run_stage bench_kernels 150 "$PY" benchmarks/kernels.py --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
 fi
+# The two prefill kernels (WMMA default, mma.sync opt-in) against SDPA, in the same run.
+run_stage bench_prefill_variants 60 "$PY" - "$OUT/prefill_variants.jsonl" <<'PYBENCH'
+import json, os, sys, torch
+import torch.nn.functional as F
+from fastrlhf.ops import cuda_backend as cb
+assert cb.load_extension()[0], "cuda extension not loaded"
+def median_ms(fn, reps=20):
+    fn(); torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record(); fn(); e1.record(); torch.cuda.synchronize(); times.append(e0.elapsed_time(e1))
+    return sorted(times)[len(times) // 2]
+rows = []
+for b, h, s, d in [(4, 32, 2048, 128), (1, 32, 4096, 128), (1, 32, 8192, 128), (8, 16, 1024, 64)]:
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * b * h * s * s * d / 2  # causal
+    res = {"sdpa": median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+    for kind in ("wmma", "mma"):
+        os.environ["FASTRLHF_PREFILL_KERNEL"] = kind
+        res[kind] = median_ms(lambda: cb.attention_prefill(q, k, v, causal=True))
+    for impl, t in res.items():
+        rows.append({"bench": "prefill_variants", "shape": f"{b}x{h}x{s}x{d}", "impl": impl, "median_ms": t,
+                     "tflops": flops / t / 1e9, "vs_sdpa": res["sdpa"] / t})
+        print(rows[-1])
+with open(sys.argv[1], "a") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+PYBENCH
 if [ -f benchmarks/generation.py ]; then
   run_stage bench_generation 120 "$PY" benchmarks/generation.py --gpu --out "$OUT/generation.jsonl"
 fi
@@ -125,7 +153,7 @@ if os.path.exists(kj):
     for r in rows:
         vals = [r.get(c, "") for c in cols]
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals) + " |")
-for name in ("generation.jsonl", "rlhf.jsonl"):
+for name in ("prefill_variants.jsonl", "generation.jsonl", "rlhf.jsonl"):
     p = os.path.join(out, name)
     if os.path.exists(p):
         print(f"\n{name}:")

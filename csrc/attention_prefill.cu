@@ -10,6 +10,8 @@
 // Rows that see no key end with l == 0 and are written as zeros.
 #include <mma.h>
 
+#include <string>
+
 #include "common.cuh"
 
 namespace fastrlhf {
@@ -203,6 +205,15 @@ static void launch_prefill(const at::Tensor& q, const at::Tensor& k, const at::T
   FASTRLHF_LAUNCH_CHECK();
 }
 
+// attention_prefill_mma.cu: the register-resident mma.sync variant (opt-in, see there).
+void prefill_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const bool* mask,
+                 int group, bool causal, float scale_log2);
+
+static bool use_mma_variant() {
+  const char* kind = std::getenv("FASTRLHF_PREFILL_KERNEL");
+  return kind != nullptr && std::string(kind) == "mma";
+}
+
 bool prefill_supported_head_dim(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128; }
 
 at::Tensor attention_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -245,6 +256,10 @@ at::Tensor attention_prefill(const at::Tensor& q_in, const at::Tensor& k_in, con
   const float scale_log2 = float(scale) * 1.4426950408889634f;
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   const int group = int(Hq / Hkv);
+  if (use_mma_variant()) {
+    prefill_mma(q, k, v, out, mp, group, causal, scale_log2);
+    return out;
+  }
   FASTRLHF_DISPATCH_HALF(q.scalar_type(), "attention_prefill", [&] {
     switch (D) {
       case 64: launch_prefill<scalar_t, 64>(q, k, v, out, mp, group, causal, scale_log2); break;

@@ -110,6 +110,13 @@ def test_decode_strided_query_and_int32_lengths():
 
 
 # ---------------------------------------------------------------- prefill
+@pytest.fixture(params=["wmma", "mma"])
+def prefill_kernel(request, monkeypatch):
+    """Both prefill kernels: WMMA (default) and the register-resident mma.sync variant."""
+    monkeypatch.setenv("FASTRLHF_PREFILL_KERNEL", request.param)  # read by the extension per call
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,hq,hkv,sq,sk,d,causal", [
     (2, 4, 4, 123, 123, 64, True),
@@ -120,7 +127,7 @@ def test_decode_strided_query_and_int32_lengths():
     (3, 4, 2, 1, 129, 64, True),      # one query over a cache
     (1, 8, 8, 1000, 1000, 128, True),
 ])
-def test_prefill_matches_reference(b, hq, hkv, sq, sk, d, causal, dtype):
+def test_prefill_matches_reference(b, hq, hkv, sq, sk, d, causal, dtype, prefill_kernel):
     torch.manual_seed(sq * 7 + sk + d)
     q = torch.randn(b, hq, sq, d, dtype=dtype, device=DEV)
     k = torch.randn(b, hkv, sk, d, dtype=dtype, device=DEV)
@@ -136,7 +143,7 @@ def test_prefill_matches_reference(b, hq, hkv, sq, sk, d, causal, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill_strided_inputs_no_mask(dtype):
+def test_prefill_strided_inputs_no_mask(dtype, prefill_kernel):
     """q/k/v as views of a [B, S, 3, H, D] projection, as a fused QKV layer produces them."""
     torch.manual_seed(11)
     b, s, h, d = 2, 150, 6, 64
