@@ -114,9 +114,10 @@ class Decoder:
 
     def __init__(self, spec: ArchSpec, device: torch.device, backend: Optional[str] = None,
                  cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                 lean: bool = True):
+                 lean: bool = True, pack_prefill: bool = True):
         self.spec = spec
         self.cos, self.sin = cos, sin
+        self.pack_prefill = pack_prefill
         r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
         self._attn_prefill = r("attention_prefill")
         decode_backend, self._attn_decode = ops.resolve("attention_decode", device, backend)
@@ -144,14 +145,17 @@ class Decoder:
             return self._norm_fn(x, n.weight, self.spec.eps, residual)
         return self._norm_fn(x, n.weight, n.bias, self.spec.eps, residual)
 
-    def _qkv(self, lw: LayerWeights, h: torch.Tensor):
-        """q [B, Hq, S, D], k/v [B, Hkv, S, D] (views into the projection output)."""
-        b, s, _ = h.shape
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor, unpack=None):
+        """q [B, Hq, S, D], k/v [B, Hkv, S, D] (views into the projection output). With
+        `unpack`, h holds only real tokens and unpack() lays projections out as [B, S, N]."""
         sp = self.spec
+        un = (lambda t: t) if unpack is None else unpack  # noqa: E731
         if lw.qkv is None:
-            q, k, v = lw.q(h), lw.k(h), lw.v(h)
+            q, k, v = un(lw.q(h)), un(lw.k(h)), un(lw.v(h))
         else:
-            out = lw.qkv(h)
+            out = un(lw.qkv(h))
+        b, s = (q if lw.qkv is None else out).shape[:2]
+        if lw.qkv is not None:
             if sp.qkv_layout == "grouped":  # [Hkv, group + 2, D] per token: NeoX, Falcon
                 g = sp.n_heads // sp.n_kv_heads
                 out = out.view(b, s, sp.n_kv_heads, g + 2, sp.head_dim)
@@ -172,13 +176,14 @@ class Decoder:
             return lw.down(self._act(lw.gate(h)) * lw.up(h))
         return lw.down(self._act(lw.up(h)))
 
-    def _attention(self, lw, h, positions, attend):
-        q, k, v = self._qkv(lw, h)
+    def _attention(self, lw, h, positions, attend, unpack=None, pack=None):
+        q, k, v = self._qkv(lw, h, unpack)
         if self.spec.rotary_dim:
             self._rotary(q, k, self.cos, self.sin, positions, rotary_dim=self.spec.rotary_dim)
         o = attend(q, k, v)  # [B, Hq, S, D]
         b, _, s, _ = o.shape
-        return lw.o(o.transpose(1, 2).reshape(b, s, -1))
+        o = o.transpose(1, 2).reshape(b, s, -1)
+        return lw.o(o if pack is None else pack(o))
 
     def _layer(self, lw: LayerWeights, x, attention):
         """One block; attention(lw, h) -> the projected attention output for hidden h."""
@@ -210,9 +215,25 @@ class Decoder:
                 all_logits: bool = False) -> torch.Tensor:
         """Run the prompts [B, P] (left-padded), write columns 0..P-1 of the cache, return the
         logits of the last column [B, V] (or of every column [B, P, V] with all_logits)."""
-        b = input_ids.shape[0]
+        b, p = input_ids.shape
         zero = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-        x = self._embed(w, input_ids, positions)
+        # Padded prompts: every per-token matmul (projections, MLP) runs on the real tokens
+        # only, packed [1, T, E]; only attention sees the padded [B, H, P, D] layout the ops
+        # and the cache use. Saves the pad fraction of the prefill FLOPs.
+        unpack = pack = None
+        if self.pack_prefill and not all_logits and not bool(attention_mask.all()):
+            real = attention_mask.reshape(-1).nonzero()[:, 0]  # [T], row-major: rows stay contiguous
+
+            def unpack(t):  # [1, T, N] -> [B, P, N], zeros at pads
+                buf = t.new_zeros(b * p, t.shape[-1])
+                buf[real] = t[0]
+                return buf.view(b, p, -1)
+
+            def pack(t):  # [B, P, N] -> [1, T, N]
+                return t.reshape(b * p, -1)[real][None]
+            x = self._embed(w, input_ids.reshape(-1)[real][None], positions.reshape(-1)[real][None])
+        else:
+            x = self._embed(w, input_ids, positions)
         for i, lw in enumerate(w.iter_layers()):
             kc, vc = cache.k[i], cache.v[i]
 
@@ -220,8 +241,14 @@ class Decoder:
                 self._append(kc, vc, k, v, zero)
                 return self._attn_prefill(q, k, v, causal=True, attention_mask=attention_mask,
                                           scale=self.scale)
-            x = self._layer(lw, x, lambda lw_, h: self._attention(lw_, h, positions, attend))
-        return self._head(w, x) if all_logits else self._head(w, x[:, -1:])[:, -1]
+            x = self._layer(lw, x, lambda lw_, h: self._attention(lw_, h, positions, attend,
+                                                                  unpack, pack))
+        if all_logits:
+            return self._head(w, x)
+        if unpack is not None:  # each row's last token (left padding: its last column)
+            last = attention_mask.long().sum(-1).cumsum(0) - 1
+            return self._head(w, x[0, last][:, None])[:, 0]
+        return self._head(w, x[:, -1:])[:, -1]
 
     def decode(self, w: ModelWeights, tokens, positions, write_col, cache_lens, cache: KVCache,
                read_len: Optional[int] = None) -> torch.Tensor:
