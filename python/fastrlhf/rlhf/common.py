@@ -273,8 +273,10 @@ def run_training(*, engine, ctx: RunContext, train_dataset, collate: Callable, l
 
 
 def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, total_steps: int) -> None:
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def numel(p):  # ZeRO-3 leaves an empty placeholder; ds_numel is the full size
+        return getattr(p, "ds_numel", p.numel())
+    n_params = sum(numel(p) for p in model.parameters())
+    n_train_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
     cfg = ctx.cfg
     print_rank0(f"{n_params / 1e6:.2f}M parameters ({n_train_params / 1e6:.2f}M trainable), "
                 f"{n_train} train / {n_eval} eval examples, {total_steps} steps of {ctx.global_batch_size} "
