@@ -27,6 +27,12 @@ def test_help_lists_commands_and_options(capsys):
     assert "--steps" in out and "--data.max_prompt_len" in out and "--sft.KEY" in out and "examples:" in out
 
 
+def test_ppo_help_lists_the_step3_options(capsys):
+    assert cli.main(["ppo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--reward_model" in out and "--learning_rate" in out
+
+
 def test_console_script_help_runs_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-m", "fastrlhf.cli", "sft", "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -225,8 +225,6 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
             values["model_name_or_path"] = os.path.join(root, STEP_DIRS[1]) if 1 in steps or not base_model \
                 else base_model
             values["reward_model"] = os.path.join(root, STEP_DIRS[2])
-            if "tokenizer" in values and not base_model:
-                values.pop("tokenizer")
         values = merge_dicts(values, step_sections[name])
         values = merge_dicts(values, cli_steps[name])
         values = merge_dicts(_profile(name, bool(base_model)), values)
