@@ -138,15 +138,8 @@ class HybridEngine:
         stack.enter_context(gathered(self.model.parameters()))
         return build_model_weights(self.model, spec, **build)
 
-    AUTO_FUSE_MAX_PARAMS = 50_000_000
-
     def _fuse_projections(self) -> bool:
-        if self.config.fuse_projections is not None:
-            return self.config.fuse_projections
-        if self.device.type != "cpu":
-            return False  # GPU: CUDA graphs remove the launch cost; the copy costs memory
-        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-        return n <= self.AUTO_FUSE_MAX_PARAMS
+        return bool(self.config.fuse_projections)
 
     # -- rotary tables from the HF module (so rope-scaling variants are honoured) -------------
     def _rotary_tables(self, length: int):

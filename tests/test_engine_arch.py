@@ -20,7 +20,7 @@ def test_greedy_tokens_equal_hf(tiny):
     name, model = tiny
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
     # families with separate q/k/v (and gate/up) run with both weight layouts
-    fuse = {"llama": False, "qwen2": True, "mistral": True, "opt": False}.get(name)
+    fuse = name in ("qwen2", "mistral", "opt")
     engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)

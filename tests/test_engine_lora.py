@@ -80,7 +80,8 @@ def test_base_weights_bit_identical_after_100_cycles(base_models, kind, dtype):
     for cycle in range(100):
         engine.eval()  # fuse
         fused_seen += sum(lin.fused_lora for lw in engine._weights.layers
-                          for lin in (lw.qkv, lw.o, lw.gate_up, lw.down) if lin is not None)
+                          for lin in (lw.qkv, lw.q, lw.k, lw.v, lw.o, lw.gate, lw.up, lw.gate_up, lw.down)
+                          if lin is not None)
         if cycle % 25 == 0:
             engine.generate(ids, mask, max_new_tokens=3, generator=cycle, pad_token_id=0)
         engine.train()  # unfuse

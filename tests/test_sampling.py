@@ -1,5 +1,4 @@
 """Sampling: filters against hand-computed / HF results, seeded reproducibility, distributions."""
-import math
 
 import pytest
 import torch
