@@ -11,10 +11,22 @@ from .distributed import is_rank0
 _LOGGER_NAME = "fastrlhf"
 
 
+class _CurrentStdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (pytest capture, notebooks, redirections)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def get_logger() -> logging.Logger:
     logger = logging.getLogger(_LOGGER_NAME)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _CurrentStdoutHandler()
         handler.setFormatter(logging.Formatter("[fastrlhf %(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
