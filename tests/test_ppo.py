@@ -190,6 +190,10 @@ def test_tokenizer_mismatch_and_overlong_are_clear_errors_before_training(tiny, 
                             pad_token="<unk>").save_pretrained(other)
     with pytest.raises(ValueError, match="different tokenizers"):
         trainer(tiny, tmp_path / "mm", reward_model=str(other))
+    # or, by option, answers are decoded and re-encoded with the reward model's tokenizer
+    t = trainer(tiny, tmp_path / "retok", reward_model=str(other), reward_tokenizer="retokenize", max_steps=1)
+    m = t.train_step()
+    assert math.isfinite(m["reward_mean"]) and m["skipped_updates"] == 0
     with pytest.raises(ValueError, match="exceeds the actor's 256 positions"):
         trainer(tiny, tmp_path / "long", max_new_tokens=250)
     with pytest.raises(ValueError, match="group_size"):
