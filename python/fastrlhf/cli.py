@@ -4,6 +4,8 @@
     fastrlhf sft   [--config sft.yaml] [--key value ...]
     fastrlhf rm    [--config rm.yaml]  [--key value ...]
     fastrlhf ppo   [--config ppo.yaml] [--key value ...]
+    fastrlhf dpo   [--key value ...]        (fastrlhf.rlhf.dpo)
+    fastrlhf chat  --model DIR              (fastrlhf.rlhf.chat)
     fastrlhf ops
 
 Every option of a step's config is a `--key value` flag (nested: `--data.max_prompt_len 64`);
