@@ -635,7 +635,7 @@ class PPOTrainer:
                     path = self.save_checkpoint()
                     print_rank0(f"signal {self._stop_signal}: checkpoint saved to {path} at step {self.step}; exiting")
                     raise SystemExit(128 + self._stop_signal)
-                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                if cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == self.total_steps):
                     self.save_checkpoint()
         finally:
             bar.close()
