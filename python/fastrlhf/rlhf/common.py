@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import batch_geometry, build_ds_config, ds_precision, save_config
+from ..config import build_ds_config, ds_precision, save_config
 from ..utils.distributed import all_reduce_sum, barrier, get_rank, get_world_size, init_distributed, is_rank0
 from ..utils.logging import MetricsLogger, print_rank0, progress_bar, quiet_libraries
 from . import checkpoint as ckpt_lib
@@ -277,7 +277,6 @@ def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, t
         return getattr(p, "ds_numel", p.numel())
     n_params = sum(numel(p) for p in model.parameters())
     n_train_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    cfg = ctx.cfg
     print_rank0(f"{n_params / 1e6:.2f}M parameters ({n_train_params / 1e6:.2f}M trainable), "
                 f"{n_train} train / {n_eval} eval examples, {total_steps} steps of {ctx.global_batch_size} "
                 f"(micro {ctx.micro_batch_size} x accumulation {ctx.accumulation} x {ctx.world_size} processes), "
@@ -286,3 +285,55 @@ def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, t
 
 def config_summary(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def run_supervised_step(cfg, *, step: int, label: str, load_model: Callable, default_collate: Callable,
+                        loss_fn: Callable, evaluate_fn: Callable, fmt: Callable[[Dict[str, float]], str],
+                        model=None, tokenizer=None, datasets=None, collate=None) -> Dict[str, Any]:
+    """The driver shared by step 1 (SFT) and step 2 (reward model): load what was not passed in,
+    evaluate, train through DeepSpeed, evaluate again, save in HF format to cfg.output_dir.
+
+    `load_model(path, tokenizer=, dtype=, seed=, ds_config=)` builds the model; `evaluate_fn(engine,
+    dataset, collate, batch_size, rank, world, max_batches)` returns a metrics dict that `fmt`
+    renders for the before/after lines."""
+    from ..models.loading import apply_lora_from_config, enable_gradient_checkpointing, load_tokenizer
+
+    cfg.validate()
+    ctx = setup_run(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
+    if datasets is None:
+        from ..data import build_datasets
+        datasets = build_datasets(cfg.data, tokenizer, step)
+    train_ds, eval_ds = datasets
+    if collate is None:
+        collate = default_collate(tokenizer.pad_token_id)
+    if model is None:
+        model = load_model(cfg.model_name_or_path, tokenizer=tokenizer, dtype=training_dtype(ctx),
+                           seed=cfg.seed, ds_config=ctx.ds_config)
+    apply_lora_from_config(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size,
+                                 ctx.rank, cfg.seed)
+    total_steps = total_train_steps(cfg, sampler.steps_per_epoch)
+    engine = initialize_engine(model, cfg, ctx, total_steps)
+    describe_run(ctx, engine.module, len(train_ds), len(eval_ds), total_steps)
+    eval_bs = cfg.eval_batch_size or ctx.micro_batch_size
+
+    def evaluate() -> Dict[str, float]:
+        return evaluate_fn(engine, eval_ds, collate, eval_bs, ctx.rank, ctx.world_size, cfg.eval_max_batches)
+
+    before = evaluate()
+    print_rank0(f"[{label}] eval before training: {fmt(before)}")
+    ctx.metrics.log({f"eval/{k}": v for k, v in before.items()}, 0)
+    result = run_training(engine=engine, ctx=ctx, train_dataset=train_ds, collate=collate, loss_fn=loss_fn,
+                          evaluate=evaluate, sampler=sampler, total_steps=total_steps, tokenizer=tokenizer,
+                          desc=label)
+    after = evaluate()
+    print_rank0(f"[{label}] eval after training:  {fmt(after)}")
+    ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, result["step"])
+    ckpt_lib.save_hf_model(engine, cfg.output_dir, tokenizer=tokenizer, merge_lora=cfg.merge_lora_on_save)
+    print_rank0(f"[{label}] model saved to {cfg.output_dir}")
+    ctx.metrics.close()
+    return {"eval_before": before, "eval_after": after, "losses": result["losses"], "steps": result["step"],
+            "output_dir": cfg.output_dir, "engine": engine}

@@ -15,13 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..config import RMConfig
-from ..models.loading import apply_lora_from_config, enable_gradient_checkpointing, load_tokenizer
 from ..models.reward import RewardModel, last_token_index
 from ..utils.distributed import all_reduce_sum
-from ..utils.logging import print_rank0
-from . import checkpoint as ckpt_lib
-from .common import (GlobalBatchSampler, describe_run, eval_batches, initialize_engine, run_training,
-                     setup_run, to_device, total_train_steps, training_dtype)
+from .common import eval_batches, run_supervised_step, to_device
 
 
 def pair_scores(engine, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,43 +68,8 @@ def _fmt(m: Dict[str, float]) -> str:
 def train_reward_model(cfg: RMConfig, *, model: Optional[RewardModel] = None, tokenizer=None,
                        datasets: Optional[Tuple[Any, Any]] = None, collate=None) -> Dict[str, Any]:
     """Run step 2 and save the reward model (documented format, see models/reward.py) to cfg.output_dir."""
-    cfg.validate()
-    ctx = setup_run(cfg)
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
-    if datasets is None:
-        from ..data import build_datasets
-        datasets = build_datasets(cfg.data, tokenizer, 2)
-    train_ds, eval_ds = datasets
-    if collate is None:
-        from ..data import PairCollator
-        collate = PairCollator(tokenizer.pad_token_id)
-    if model is None:
-        model = RewardModel.from_pretrained(cfg.model_name_or_path, tokenizer=tokenizer, dtype=training_dtype(ctx),
-                                            seed=cfg.seed, ds_config=ctx.ds_config)
-    apply_lora_from_config(model, cfg)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size,
-                                 ctx.rank, cfg.seed)
-    total_steps = total_train_steps(cfg, sampler.steps_per_epoch)
-    engine = initialize_engine(model, cfg, ctx, total_steps)
-    describe_run(ctx, engine.module, len(train_ds), len(eval_ds), total_steps)
-    eval_bs = cfg.eval_batch_size or ctx.micro_batch_size
-
-    def evaluate() -> Dict[str, float]:
-        return evaluate_pairs(engine, eval_ds, collate, eval_bs, ctx.rank, ctx.world_size, cfg.eval_max_batches)
-
-    before = evaluate()
-    print_rank0(f"[step 2 RM] eval before training: {_fmt(before)}")
-    ctx.metrics.log({f"eval/{k}": v for k, v in before.items()}, 0)
-    result = run_training(engine=engine, ctx=ctx, train_dataset=train_ds, collate=collate, loss_fn=rm_loss,
-                          evaluate=evaluate, sampler=sampler, total_steps=total_steps, tokenizer=tokenizer,
-                          desc="step 2 RM")
-    after = evaluate()
-    print_rank0(f"[step 2 RM] eval after training:  {_fmt(after)}")
-    ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, result["step"])
-    ckpt_lib.save_hf_model(engine, cfg.output_dir, tokenizer=tokenizer, merge_lora=cfg.merge_lora_on_save)
-    print_rank0(f"[step 2 RM] reward model saved to {cfg.output_dir}")
-    ctx.metrics.close()
-    return {"eval_before": before, "eval_after": after, "losses": result["losses"], "steps": result["step"],
-            "output_dir": cfg.output_dir, "engine": engine}
+    from ..data import PairCollator
+    return run_supervised_step(
+        cfg, step=2, label="step 2 RM", load_model=RewardModel.from_pretrained, default_collate=PairCollator,
+        loss_fn=rm_loss, evaluate_fn=evaluate_pairs, fmt=_fmt,
+        model=model, tokenizer=tokenizer, datasets=datasets, collate=collate)
