@@ -85,6 +85,9 @@ def lean_decode_step(dec, w, tokens, positions, col: int, cache) -> torch.Tensor
     return _lean_head(dec, w, x[:, 0])
 
 
+_BIG_HEAD = 1 << 20  # weight elements from which W @ h^T pays (measured at 472x128 and 32000x768)
+
+
 def _lean_head(dec, w, h: torch.Tensor) -> torch.Tensor:
     """logits [B, V] for the last hidden states h [B, E].
 
@@ -97,7 +100,7 @@ def _lean_head(dec, w, h: torch.Tensor) -> torch.Tensor:
     if w.final_norm is not None:
         h = dec._norm(h, w.final_norm)
     lm = w.lm_head
-    if lm.transposed:  # Conv1D-style [E, V] weight
-        return lm(h)
+    if lm.transposed or lm.weight.numel() < _BIG_HEAD:  # Conv1D [E, V] weight; tiny heads:
+        return lm(h)  # there the plain form wins (472 x 128: 15 us vs 21 us + a strided argmax)
     logits = torch.mm(lm.weight, h.t()).t()
     return logits if lm.bias is None else logits + lm.bias
