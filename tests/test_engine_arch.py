@@ -115,3 +115,24 @@ def test_right_padded_prompts_are_rejected_with_the_fix(tiny):
     engine = HybridEngine(model, None, EngineConfig(backend="torch"))
     with pytest.raises(ValueError, match="LEFT-padded"):
         engine.generate(ids.flip(1), mask.flip(1), max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
+    """The CPU decode step computes large lm_heads as W @ h^T; force it on a tiny model."""
+    from fastrlhf.hybrid_engine import lean_decode
+    monkeypatch.setattr(lean_decode, "_BIG_HEAD", 1)
+    model = build_tiny(family, tmp_path)
+    ids, mask = left_padded_batch([6, 2, 9], pad_id=0, seed=7)
+    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
+    ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                           min_new_tokens=NEW_TOKENS, pad_token_id=0, return_logprobs=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.sequences, ref)
+    with torch.no_grad():
+        logits = model(input_ids=ours.sequences, attention_mask=torch.cat(
+            [mask, torch.ones(3, NEW_TOKENS, dtype=mask.dtype)], 1)).logits
+    lp = torch.log_softmax(logits[:, ids.shape[1] - 1:-1].float(), -1)
+    ref_lp = lp.gather(-1, ours.sequences[:, ids.shape[1]:, None])[..., 0]
+    assert (ours.logprobs - ref_lp).abs().max() < 1e-4
