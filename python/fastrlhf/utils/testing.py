@@ -12,6 +12,7 @@ import os
 from typing import Dict, List, Optional
 
 import torch
+from ..data.collators import pad_sequences
 
 WORDS = ["<unk>", "<s>", "</s>", "good", "bad"] + [f"w{i}" for i in range(40)]
 EOS_ID = 2
@@ -90,25 +91,14 @@ class ToyPairDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _pad(rows: List[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if left:
-            out[i, width - len(r):] = r
-        else:
-            out[i, :len(r)] = r
-    return out
-
-
 class ToySFTCollator:
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
 
     def __call__(self, items):
         ids = [x["input_ids"] for x in items]
-        return {"input_ids": _pad(ids, self.pad), "attention_mask": _pad([torch.ones_like(i) for i in ids], 0),
-                "labels": _pad([x["labels"] for x in items], -100)}
+        return {"input_ids": pad_sequences(ids, self.pad), "attention_mask": pad_sequences([torch.ones_like(i) for i in ids], 0),
+                "labels": pad_sequences([x["labels"] for x in items], -100)}
 
 
 class ToyPairCollator:
@@ -117,7 +107,7 @@ class ToyPairCollator:
 
     def __call__(self, items):
         rows = [x["chosen_input_ids"] for x in items] + [x["rejected_input_ids"] for x in items]
-        return {"input_ids": _pad(rows, self.pad), "attention_mask": _pad([torch.ones_like(r) for r in rows], 0)}
+        return {"input_ids": pad_sequences(rows, self.pad), "attention_mask": pad_sequences([torch.ones_like(r) for r in rows], 0)}
 
 
 def tiny_train_kwargs(model_dir: str, output_dir: str, **over) -> Dict[str, object]:
