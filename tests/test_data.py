@@ -246,8 +246,15 @@ def _long_rows():
 def test_overlong_rows_dropped_and_counted(tmp_path, tok, caplog):
     path = write_jsonl(tmp_path / "d.jsonl", _long_rows())
     spec = DataSpec(paths=[path], split_ratios="0,1,0", eval_fraction=0.0, max_prompt_len=24, max_answer_len=16)
-    with caplog.at_level(logging.INFO, logger="fastrlhf.data"):
-        train, _ = build_datasets(spec, tok, 2)
+    # The "fastrlhf" logger stops propagation once get_logger() has set it up (any earlier test may
+    # have), so hang pytest's handler on the data logger itself rather than relying on the root.
+    data_logger = logging.getLogger("fastrlhf.data")
+    data_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="fastrlhf.data"):
+            train, _ = build_datasets(spec, tok, 2)
+    finally:
+        data_logger.removeHandler(caplog.handler)
     assert train.stats["prompt_overlong"] == 3 and train.stats["answer_overlong"] == 1
     assert train.stats["dropped"] == 4 and len(train) == 26 and train.stats["kept"] == 26
     assert {i for _, i in row_ids(tok, train, 2)} == set(range(30)) - {2, 5, 7, 11}
