@@ -21,6 +21,7 @@ os.environ["FASTRLHF_CUDA_POISON"] = "1"  # read by the extension on every call
 from fastrlhf import ops  # noqa: E402
 from fastrlhf.ops import cuda_backend as cb  # noqa: E402
 from fastrlhf.ops import reference as ref  # noqa: E402
+from fastrlhf.utils.testing import as_fp32, left_pad_mask, rel_err  # noqa: E402
 
 DEV = "cuda"
 # about two roundings of the output dtype, in the relative norm
@@ -31,23 +32,6 @@ TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
 def extension():
     ok, why = cb.load_extension()
     assert ok, f"the CUDA extension did not build/load: {why}"
-
-
-def _rel(out, expected):
-    out, expected = out.double(), expected.double()
-    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN output"
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def _f32(*ts):
-    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
-
-
-def _left_pad(lengths, total):
-    m = torch.zeros(len(lengths), total, dtype=torch.long, device=DEV)
-    for i, n in enumerate(lengths):
-        m[i, total - n:] = 1
-    return m
 
 
 # ---------------------------------------------------------------- decode
@@ -70,8 +54,8 @@ def test_decode_matches_reference(b, hq, hkv, d, smax, dtype):
     starts = (torch.rand(b, device=DEV) * lens.float() * 0.5).long()  # left padding
     starts[-1] = lens[-1]  # nothing visible -> zeros
     out = cb.attention_decode(q, kc, vc, lens, cache_starts=starts)
-    expected = ref.attention_decode(*_f32(q, kc, vc), lens, cache_starts=starts)
-    assert _rel(out, expected) < TOL[dtype]
+    expected = ref.attention_decode(*as_fp32(q, kc, vc), lens, cache_starts=starts)
+    assert rel_err(out, expected) < TOL[dtype]
     assert torch.all(out[-1] == 0)
 
 
@@ -105,8 +89,8 @@ def test_decode_strided_query_and_int32_lengths():
     vc = torch.randn(b, hkv, smax, d, dtype=torch.float16, device=DEV)
     lens = torch.tensor([333, 100, 1], dtype=torch.int32, device=DEV)
     out = cb.attention_decode(q, kc, vc, lens, scale=0.3)
-    expected = ref.attention_decode(*_f32(q, kc, vc), lens, scale=0.3)
-    assert _rel(out, expected) < TOL[torch.float16]
+    expected = ref.attention_decode(*as_fp32(q, kc, vc), lens, scale=0.3)
+    assert rel_err(out, expected) < TOL[torch.float16]
 
 
 # ---------------------------------------------------------------- prefill
@@ -133,10 +117,10 @@ def test_prefill_matches_reference(b, hq, hkv, sq, sk, d, causal, dtype, prefill
     k = torch.randn(b, hkv, sk, d, dtype=dtype, device=DEV)
     v = torch.randn(b, hkv, sk, d, dtype=dtype, device=DEV)
     lengths = [sk] + [max(1, sk - 17 * (i + 1)) for i in range(b - 1)]
-    mask = _left_pad(lengths, sk)
+    mask = left_pad_mask(lengths, sk, device=DEV)
     out = cb.attention_prefill(q, k, v, causal=causal, attention_mask=mask)
-    expected = ref.attention_prefill(*_f32(q, k, v), causal=causal, attention_mask=mask)
-    assert _rel(out, expected) < TOL[dtype]
+    expected = ref.attention_prefill(*as_fp32(q, k, v), causal=causal, attention_mask=mask)
+    assert rel_err(out, expected) < TOL[dtype]
     if causal and sq == sk:  # left-pad query rows see no key: exactly zero
         for i, n in enumerate(lengths):
             assert torch.all(out[i, :, : sk - n] == 0)
@@ -150,8 +134,8 @@ def test_prefill_strided_inputs_no_mask(dtype, prefill_kernel):
     qkv = torch.randn(b, s, 3, h, d, dtype=dtype, device=DEV)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     out = cb.attention_prefill(q, k, v, causal=True, scale=0.2)
-    expected = ref.attention_prefill(*_f32(q, k, v), causal=True, scale=0.2)
-    assert _rel(out, expected) < TOL[dtype]
+    expected = ref.attention_prefill(*as_fp32(q, k, v), causal=True, scale=0.2)
+    assert rel_err(out, expected) < TOL[dtype]
 
 
 def test_prefill_uncovered_cases_fall_back(monkeypatch):
@@ -160,7 +144,7 @@ def test_prefill_uncovered_cases_fall_back(monkeypatch):
     q = torch.randn(2, 4, 9, 32, device=DEV)  # fp32 and head dim 32: no cuda kernel
     with pytest.warns(RuntimeWarning, match="attention_prefill"):
         out = cb.attention_prefill(q, q, q, causal=True)
-    assert _rel(out, ref.attention_prefill(q, q, q, causal=True)) < 1e-4
+    assert rel_err(out, ref.attention_prefill(q, q, q, causal=True)) < 1e-4
 
 
 # ---------------------------------------------------------------- LoRA
@@ -184,8 +168,8 @@ def test_lora_linear_matches_reference(lead, n_in, n_out, r, bias, dtype):
         out = cb.lora_linear(x, w, b, a, bb, 0.5)
         no_lora = cb.lora_linear(x, w, b, None, None, 0.5)
     assert out.shape == (*lead, n_out)
-    assert _rel(out, ref.lora_linear(*_f32(x, w, b, a, bb), 0.5)) < TOL[dtype]
-    assert _rel(no_lora, ref.lora_linear(*_f32(x, w, b), None, None, 0.5)) < TOL[dtype]
+    assert rel_err(out, ref.lora_linear(*as_fp32(x, w, b, a, bb), 0.5)) < TOL[dtype]
+    assert rel_err(no_lora, ref.lora_linear(*as_fp32(x, w, b), None, None, 0.5)) < TOL[dtype]
 
 
 def test_lora_linear_with_grad_is_differentiable():
@@ -224,7 +208,7 @@ def test_lora_fuse_unfuse(n_out, n_in, r, dtype):
     cb.lora_fuse(inplace, a, bb, 0.75, out=inplace)
     assert torch.equal(inplace, fused)
     back = cb.lora_unfuse(fused, a, bb, 0.75)
-    assert _rel(back, w) < TOL[dtype]
+    assert rel_err(back, w) < TOL[dtype]
 
 
 # ---------------------------------------------------------------- norms
@@ -240,16 +224,16 @@ def test_norms_match_reference(shape, dtype, wdtype):
     w = None if wdtype is None else torch.randn(n, dtype=wd, device=DEV)
     b = None if wdtype is None else torch.randn(n, dtype=wd, device=DEV)
     y = cb.rms_norm(x, w, 1e-6)
-    assert _rel(y, ref.rms_norm(x.float(), None if w is None else w.float(), 1e-6)) < TOL[dtype]
+    assert rel_err(y, ref.rms_norm(x.float(), None if w is None else w.float(), 1e-6)) < TOL[dtype]
     y, h = cb.rms_norm(x, w, 1e-6, residual=res)
     ey, eh = ref.rms_norm(x, w, 1e-6, residual=res)
     assert torch.equal(h, eh)  # x + residual rounded once, like the reference
-    assert _rel(y, ref.rms_norm(eh.float(), None if w is None else w.float(), 1e-6)) < TOL[dtype]
+    assert rel_err(y, ref.rms_norm(eh.float(), None if w is None else w.float(), 1e-6)) < TOL[dtype]
     y = cb.layer_norm(x, w, b, 1e-5)
-    assert _rel(y, ref.layer_norm(*_f32(x, w, b), 1e-5)) < TOL[dtype]
+    assert rel_err(y, ref.layer_norm(*as_fp32(x, w, b), 1e-5)) < TOL[dtype]
     y, h = cb.layer_norm(x, w, b, 1e-5, residual=res)
     assert torch.equal(h, eh)
-    assert _rel(y, ref.layer_norm(*_f32(eh, w, b), 1e-5)) < TOL[dtype]
+    assert rel_err(y, ref.layer_norm(*as_fp32(eh, w, b), 1e-5)) < TOL[dtype]
 
 
 # ---------------------------------------------------------------- rotary, KV cache
@@ -271,7 +255,7 @@ def test_rotary_in_place(hq, hk, s, d, rd, dtype):
     q0, k0 = q.clone(), k.clone()
     rq, rk = cb.rotary(q, k, cos, sin, pos, rotary_dim=rd)
     assert rq is q and rk is k
-    assert _rel(q, eq) < TOL[dtype] and _rel(k, ek) < TOL[dtype]
+    assert rel_err(q, eq) < TOL[dtype] and rel_err(k, ek) < TOL[dtype]
     r = rd or d
     assert torch.equal(q[..., r:], q0[..., r:]) and torch.equal(k[..., r:], k0[..., r:])
 

@@ -5,17 +5,7 @@ import pytest
 import torch
 
 from fastrlhf import ops
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def _left_pad_mask(lengths, total):
-    m = torch.zeros(len(lengths), total, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        m[i, total - n:] = 1
-    return m
+from fastrlhf.utils.testing import rel_err, left_pad_mask
 
 
 def _naive_attention(q, k, v, mask_bool, scale):
@@ -41,7 +31,7 @@ def test_prefill_causal_left_padding_gqa(b, hq, hk, sq, sk, d):
     torch.manual_seed(b * 100 + sq)
     q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hk, sk, d), torch.randn(b, hk, sk, d)
     lengths = [sk - i * 2 for i in range(b)]
-    am = _left_pad_mask(lengths, sk)
+    am = left_pad_mask(lengths, sk)
     allowed = torch.zeros(b, sq, sk, dtype=torch.bool)
     for bi in range(b):
         for i in range(sq):
@@ -51,7 +41,7 @@ def test_prefill_causal_left_padding_gqa(b, hq, hk, sq, sk, d):
     ref = _naive_attention(q, k, v, allowed, scale)
     out = ops.attention_prefill(q, k, v, causal=True, attention_mask=am, backend="torch")
     assert not torch.isnan(out).any()
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
     # fully masked query rows (left-pad positions when sq == sk) are exactly zero
     for bi in range(b):
         for i in range(sq):
@@ -66,7 +56,7 @@ def test_prefill_non_causal_right_padding():
     allowed = am[:, None, :].bool().expand(2, 6, 6)
     ref = _naive_attention(q, k, v, allowed, 0.3)
     out = ops.attention_prefill(q, k, v, causal=False, attention_mask=am, scale=0.3, backend="torch")
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_decode_matches_naive_with_starts_and_lens():
@@ -80,7 +70,7 @@ def test_decode_matches_naive_with_starts_and_lens():
         allowed[bi, 0, starts[bi]:lens[bi]] = True
     ref = _naive_attention(q[:, :, None], kc, vc, allowed, 1 / math.sqrt(d))[:, :, 0]
     out = ops.attention_decode(q, kc, vc, lens, cache_starts=starts, backend="torch")
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_kv_cache_append_writes_only_its_slots():
@@ -103,10 +93,10 @@ def test_lora_linear_and_fuse_match_float64():
     a, bm = torch.randn(4, 33), torch.randn(19, 4)
     s = 0.75
     ref = x.double() @ w.double().T + bias.double() + s * (x.double() @ a.double().T) @ bm.double().T
-    assert _rel(ops.lora_linear(x, w, bias, a, bm, s, backend="torch"), ref) < 1e-6
+    assert rel_err(ops.lora_linear(x, w, bias, a, bm, s, backend="torch"), ref) < 1e-6
     fused = ops.lora_fuse(w, a, bm, s, backend="torch")
-    assert _rel(fused, w.double() + s * bm.double() @ a.double()) < 1e-6
-    assert _rel(ops.lora_unfuse(fused, a, bm, s, backend="torch"), w) < 1e-5
+    assert rel_err(fused, w.double() + s * bm.double() @ a.double()) < 1e-6
+    assert rel_err(ops.lora_unfuse(fused, a, bm, s, backend="torch"), w) < 1e-5
     w2 = w.clone()
     ops.lora_fuse(w2, a, bm, s, out=w2, backend="torch")
     assert torch.equal(w2, fused)
@@ -117,14 +107,14 @@ def test_norms_match_float64_and_residual():
     x, r, w, bb = torch.randn(3, 5, 37), torch.randn(3, 5, 37), torch.randn(37), torch.randn(37)
     xd = x.double()
     ref = xd / torch.sqrt((xd ** 2).mean(-1, keepdim=True) + 1e-6) * w.double()
-    assert _rel(ops.rms_norm(x, w, 1e-6, backend="torch"), ref) < 1e-6
+    assert rel_err(ops.rms_norm(x, w, 1e-6, backend="torch"), ref) < 1e-6
     y, h = ops.rms_norm(x, w, 1e-6, residual=r, backend="torch")
     hd = xd + r.double()
-    assert _rel(h, hd) < 1e-7
-    assert _rel(y, hd / torch.sqrt((hd ** 2).mean(-1, keepdim=True) + 1e-6) * w.double()) < 1e-6
+    assert rel_err(h, hd) < 1e-7
+    assert rel_err(y, hd / torch.sqrt((hd ** 2).mean(-1, keepdim=True) + 1e-6) * w.double()) < 1e-6
     mu, var = xd.mean(-1, keepdim=True), xd.var(-1, unbiased=False, keepdim=True)
     ref_ln = (xd - mu) / torch.sqrt(var + 1e-5) * w.double() + bb.double()
-    assert _rel(ops.layer_norm(x, w, bb, 1e-5, backend="torch"), ref_ln) < 1e-6
+    assert rel_err(ops.layer_norm(x, w, bb, 1e-5, backend="torch"), ref_ln) < 1e-6
 
 
 @pytest.mark.parametrize("rotary_dim", [None, 8])
@@ -144,7 +134,7 @@ def test_rotary_matches_complex_rotation(rotary_dim):
         z = torch.complex(t0[..., :half].double(), t0[..., half:rd].double())
         rot = z * torch.polar(torch.ones_like(ang[pos]), ang[pos])[:, None]
         ref = torch.cat([rot.real, rot.imag, t0[..., rd:].double()], -1)
-        assert _rel(t, ref) < 1e-6
+        assert rel_err(t, ref) < 1e-6
 
 
 def test_dispatch_unavailable_backend_warns_and_falls_back(monkeypatch):

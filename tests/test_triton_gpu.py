@@ -17,27 +17,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from fastrlhf.ops import triton_backend as tb  # noqa: E402
+from fastrlhf.utils.testing import rel_err, as_fp32, left_pad_mask
 
 # bf16 eps = 7.8e-3: allow about two roundings of relative error in the norm
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
 DEV = "cuda"
-
-
-def _rel(out, expected):
-    out, expected = out.double(), expected.double()
-    assert not torch.isnan(out).any()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def _f32(*ts):
-    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
-
-
-def _left_pad(lengths, total):
-    m = torch.zeros(len(lengths), total, dtype=torch.long, device=DEV)
-    for i, n in enumerate(lengths):
-        m[i, total - n:] = 1
-    return m
 
 
 # bf16 over the shapes, fp16 on one (each new dtype/head-dim/group is an autotuning session)
@@ -51,11 +35,11 @@ def test_prefill_large(seq, hq, hkv, d, dtype):
     q = torch.randn(b, hq, seq, d, dtype=dtype, device=DEV)
     k = torch.randn(b, hkv, seq, d, dtype=dtype, device=DEV)
     v = torch.randn(b, hkv, seq, d, dtype=dtype, device=DEV)
-    mask = _left_pad([seq, seq // 3], seq)
+    mask = left_pad_mask([seq, seq // 3], seq, device=DEV)
     with poison_outputs():
         out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)
-    expected = ref.attention_prefill(*_f32(q, k, v), causal=True, attention_mask=mask)
-    assert _rel(out, expected) < TOL[dtype]
+    expected = ref.attention_prefill(*as_fp32(q, k, v), causal=True, attention_mask=mask)
+    assert rel_err(out, expected) < TOL[dtype]
     assert torch.all(out[1, :, : seq - seq // 3] == 0)
 
 
@@ -71,8 +55,8 @@ def test_decode_large(b, hq, hkv, smax, d, dtype):
     starts = (torch.rand(b, device=DEV) * lens).long()
     with poison_outputs():
         out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
-    expected = ref.attention_decode(*_f32(q, kc, vc), lens, cache_starts=starts)
-    assert _rel(out, expected) < TOL[dtype]
+    expected = ref.attention_decode(*as_fp32(q, kc, vc), lens, cache_starts=starts)
+    assert rel_err(out, expected) < TOL[dtype]
     alone = tb.attention_decode(q[1:2], kc[1:2], vc[1:2], lens[1:2], cache_starts=starts[1:2])
     assert torch.equal(alone, out[1:2])  # independent of the batch composition
 
@@ -102,8 +86,8 @@ def test_decode_under_cuda_graph_and_kv_append():
         v_new.normal_()
         q.normal_()
         graph.replay()
-        expected = ref.attention_decode(*_f32(q, kc, vc), pos + 1)
-        assert _rel(out, expected) < TOL[torch.bfloat16]
+        expected = ref.attention_decode(*as_fp32(q, kc, vc), pos + 1)
+        assert rel_err(out, expected) < TOL[torch.bfloat16]
         assert torch.equal(kc[:, :, t * 37], k_new[:, :, 0])
 
 
@@ -118,7 +102,7 @@ def test_torch_compile_sees_through_the_custom_ops():
         return tb.rms_norm(attn, w, 1e-6)
 
     compiled = torch.compile(block, fullgraph=True)
-    assert _rel(compiled(q, k), block(q, k)) < 1e-3
+    assert rel_err(compiled(q, k), block(q, k)) < 1e-3
 
 
 @pytest.mark.parametrize("rows", [16, 4096])
@@ -131,14 +115,14 @@ def test_lora_linear_bf16_forward_backward(rows, rank):
     a = (torch.randn(rank, fin, device=DEV) / math.sqrt(fin)).bfloat16().requires_grad_()
     bm = torch.randn(fout, rank, dtype=torch.bfloat16, device=DEV).requires_grad_()
     out = tb.lora_linear(x, w, None, a, bm, 0.5)
-    expected = ref.lora_linear(*_f32(x, w, None, a, bm), 0.5)
-    assert _rel(out, expected) < TOL[torch.bfloat16]
+    expected = ref.lora_linear(*as_fp32(x, w, None, a, bm), 0.5)
+    assert rel_err(out, expected) < TOL[torch.bfloat16]
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, a, bm], g)
     xf, af, bf = [t.detach().float().requires_grad_() for t in (x, a, bm)]
     exp = torch.autograd.grad(ref.lora_linear(xf, w.float(), None, af, bf, 0.5), [xf, af, bf], g.float())
     for gg, e in zip(got, exp):
-        assert _rel(gg, e) < 2 * TOL[torch.bfloat16]
+        assert rel_err(gg, e) < 2 * TOL[torch.bfloat16]
 
 
 def test_lora_fuse_unfuse_bf16_in_place():
@@ -151,7 +135,7 @@ def test_lora_fuse_unfuse_bf16_in_place():
     tb.lora_fuse(fused, a, bm, 2.0, out=fused)
     ulp = torch.finfo(torch.bfloat16).eps
     assert ((fused.float() - expected.float()).abs() <= ulp * expected.float().abs() + 1e-30).float().mean() > 0.999
-    assert _rel(tb.lora_unfuse(fused, a, bm, 2.0), w) < TOL[torch.bfloat16]
+    assert rel_err(tb.lora_unfuse(fused, a, bm, 2.0), w) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -164,8 +148,8 @@ def test_norms_and_rotary_bf16_large(dtype):
         y, h = tb.rms_norm(x, w, 1e-6, r)
         z = tb.layer_norm(x, w, w, 1e-5)
     ye, he = ref.rms_norm(x, w, 1e-6, r)
-    assert torch.equal(h, he) and _rel(y, ye) < TOL[dtype]
-    assert _rel(z, ref.layer_norm(x, w, w, 1e-5)) < TOL[dtype]
+    assert torch.equal(h, he) and rel_err(y, ye) < TOL[dtype]
+    assert rel_err(z, ref.layer_norm(x, w, w, 1e-5)) < TOL[dtype]
     q = torch.randn(4, 32, 700, 128, dtype=dtype, device=DEV)
     k = torch.randn(4, 8, 700, 128, dtype=dtype, device=DEV)
     ang = torch.arange(4096, device=DEV).float()[:, None] / (10000 ** (torch.arange(0, 64, device=DEV).float() / 64))
@@ -173,4 +157,4 @@ def test_norms_and_rotary_bf16_large(dtype):
     qr, kr = q.clone(), k.clone()
     ref.rotary(qr, kr, ang.cos(), ang.sin(), pos)
     tb.rotary(q, k, ang.cos(), ang.sin(), pos)
-    assert _rel(q, qr) < TOL[dtype] and _rel(k, kr) < TOL[dtype]
+    assert rel_err(q, qr) < TOL[dtype] and rel_err(k, kr) < TOL[dtype]

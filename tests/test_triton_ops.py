@@ -16,6 +16,7 @@ import torch
 from fastrlhf.kernels._launch import poison_outputs
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
+from fastrlhf.utils.testing import rel_err, left_pad_mask
 
 # ||out - ref|| / ||ref|| allowed per dtype: a few units of the dtype's rounding error
 # (fp16 eps = 9.8e-4; fp32 results differ from the reference only by summation order)
@@ -27,20 +28,6 @@ def _interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with poison_outputs():
         yield
-
-
-def _rel(out, expected):
-    out, expected = out.double(), expected.double()
-    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad masking)"
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def _left_pad_mask(lengths, total, dtype=torch.long):
-    m = torch.zeros(len(lengths), total, dtype=dtype)
-    for i, n in enumerate(lengths):
-        if n:
-            m[i, total - n:] = 1
-    return m
 
 
 def _fp32_reference(fn, *tensors, **kw):
@@ -61,11 +48,11 @@ def test_prefill_causal_left_padded_gqa(seq, ratio, dtype):
     k = torch.randn(b, hkv, seq, d, dtype=dtype)
     v = torch.randn(b, hkv, seq, d, dtype=dtype)
     lengths = [seq, (seq + 1) // 2, 1]  # mixed left padding; sequence 2 is almost all pad
-    mask = _left_pad_mask(lengths, seq)
+    mask = left_pad_mask(lengths, seq)
     out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)
     expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask)
     assert out.dtype == dtype and out.shape == q.shape
-    assert _rel(out, expected) < TOL[dtype]
+    assert rel_err(out, expected) < TOL[dtype]
     # query rows at pad positions see no key: exactly zero, not NaN
     for bi, n in enumerate(lengths):
         assert torch.all(out[bi, :, : seq - n] == 0)
@@ -78,10 +65,10 @@ def test_prefill_queries_fewer_than_keys_bottom_right(dtype):
     q = torch.randn(2, 8, 23, 64, dtype=dtype)
     k = torch.randn(2, 2, 150, 64, dtype=dtype)
     v = torch.randn(2, 2, 150, 64, dtype=dtype)
-    mask = _left_pad_mask([150, 40], 150)
+    mask = left_pad_mask([150, 40], 150)
     out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask, scale=0.07)
     expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask, scale=0.07)
-    assert _rel(out, expected) < TOL[dtype]
+    assert rel_err(out, expected) < TOL[dtype]
 
 
 @pytest.mark.parametrize("d", [80, 96])
@@ -90,14 +77,14 @@ def test_attention_head_dims_not_a_power_of_two(d):
     q = torch.randn(2, 4, 37, d, dtype=torch.float16)
     k = torch.randn(2, 1, 37, d, dtype=torch.float16)
     v = torch.randn(2, 1, 37, d, dtype=torch.float16)
-    mask = _left_pad_mask([37, 20], 37)
+    mask = left_pad_mask([37, 20], 37)
     out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)
     expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask)
-    assert _rel(out, expected) < TOL[torch.float16]
+    assert rel_err(out, expected) < TOL[torch.float16]
     lens, starts = torch.tensor([37, 30]), torch.tensor([0, 17])
     out = tb.attention_decode(q[:, :, -1], k, v, lens, cache_starts=starts)
     expected = _fp32_reference(ref.attention_decode, q[:, :, -1], k, v, lens, cache_starts=starts)
-    assert _rel(out, expected) < TOL[torch.float16]
+    assert rel_err(out, expected) < TOL[torch.float16]
 
 
 def test_prefill_non_causal_arbitrary_bool_mask_strided_inputs():
@@ -112,9 +99,9 @@ def test_prefill_non_causal_arbitrary_bool_mask_strided_inputs():
     out = tb.attention_prefill(q, k, v, causal=False, attention_mask=mask)
     expected = ref.attention_prefill(q, k, v, causal=False, attention_mask=mask)
     assert torch.all(out[2] == 0)
-    assert _rel(out[:2], expected[:2]) < TOL[torch.float32]
+    assert rel_err(out[:2], expected[:2]) < TOL[torch.float32]
     out_nomask = tb.attention_prefill(q, k, v, causal=False)
-    assert _rel(out_nomask, ref.attention_prefill(q, k, v, causal=False)) < TOL[torch.float32]
+    assert rel_err(out_nomask, ref.attention_prefill(q, k, v, causal=False)) < TOL[torch.float32]
 
 
 def test_prefill_rejects_bad_inputs():
@@ -145,9 +132,9 @@ def test_decode_matches_reference(smax, ratio, dtype):
     starts[0] = 0
     out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
     expected = _fp32_reference(ref.attention_decode, q, kc, vc, lens, cache_starts=starts)
-    assert _rel(out, expected) < TOL[dtype]
+    assert rel_err(out, expected) < TOL[dtype]
     out_no_starts = tb.attention_decode(q, kc, vc, lens)
-    assert _rel(out_no_starts, _fp32_reference(ref.attention_decode, q, kc, vc, lens)) < TOL[dtype]
+    assert rel_err(out_no_starts, _fp32_reference(ref.attention_decode, q, kc, vc, lens)) < TOL[dtype]
 
 
 def test_decode_is_independent_of_batch_composition_and_cache_capacity():
@@ -208,7 +195,7 @@ def test_kv_cache_append_and_decode_accept_expanded_position_tensors():
     q = torch.randn(3, 8, 64)
     lens, starts = torch.tensor(12).expand(3), torch.tensor(4).expand(3)
     out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts)
-    assert _rel(out, ref.attention_decode(q, kc, vc, lens, cache_starts=starts)) < TOL[torch.float32]
+    assert rel_err(out, ref.attention_decode(q, kc, vc, lens, cache_starts=starts)) < TOL[torch.float32]
 
 
 def test_kv_cache_append_overflow_is_a_clear_error():
@@ -232,11 +219,11 @@ def test_lora_linear_forward(rows, rank, dtype):
     out = tb.lora_linear(x, w, bias, a, bm, 1.5)
     expected = _fp32_reference(ref.lora_linear, x, w, bias, a, bm, 1.5)
     assert out.dtype == dtype and out.shape == (rows, 3, fout)
-    assert _rel(out, expected) < TOL[dtype]
+    assert rel_err(out, expected) < TOL[dtype]
     # the LoRA term is really added (it is a sizeable part of the output)
     base = _fp32_reference(ref.lora_linear, x, w, bias, None, None, 0.0)
-    assert _rel(base, expected) > 100 * TOL[dtype]
-    assert _rel(tb.lora_linear(x, w, None, None, None, 1.0), ref.lora_linear(x, w, None, None, None, 1.0)) == 0
+    assert rel_err(base, expected) > 100 * TOL[dtype]
+    assert rel_err(tb.lora_linear(x, w, None, None, None, 1.0), ref.lora_linear(x, w, None, None, None, 1.0)) == 0
 
 
 def test_lora_linear_backward_matches_autograd_of_reference():
@@ -249,12 +236,12 @@ def test_lora_linear_backward_matches_autograd_of_reference():
     got = torch.autograd.grad(out, [x, *params], grad)
     expected = torch.autograd.grad(ref.lora_linear(x, *params, 0.5), [x, *params], grad)
     for name, g, e in zip(["x", "weight", "bias", "lora_a", "lora_b"], got, expected):
-        assert _rel(g, e) < 1e-5, name
+        assert rel_err(g, e) < 1e-5, name
     # frozen base (the usual LoRA setup): only the adapters and x get gradients
     w, bias = params[0].detach(), params[1].detach()
     out = tb.lora_linear(x, w, bias, params[2], params[3], 0.5)
     ga, gb = torch.autograd.grad(out, [params[2], params[3]], grad)
-    assert _rel(ga, expected[3]) < 1e-5 and _rel(gb, expected[4]) < 1e-5
+    assert rel_err(ga, expected[3]) < 1e-5 and rel_err(gb, expected[4]) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -271,7 +258,7 @@ def test_lora_fuse_unfuse(dtype):
     tb.lora_fuse(in_place, a, bm, 2.0, out=in_place)
     assert torch.equal(in_place, fused)
     restored = tb.lora_unfuse(fused, a, bm, 2.0)
-    assert _rel(restored, w) < TOL[dtype]
+    assert rel_err(restored, w) < TOL[dtype]
     with pytest.raises(ValueError, match="do not chain"):
         tb.lora_fuse(w, a, bm.t().contiguous(), 1.0)
 
@@ -299,7 +286,7 @@ def test_norms(n, dtype, with_residual):
         if n == 1 and expected.abs().max() == 0:  # layer norm of one feature is exactly 0
             assert torch.all(got == 0)
             continue
-        assert _rel(got, expected) < TOL[dtype]
+        assert rel_err(got, expected) < TOL[dtype]
 
 
 # ------------------------------------------------------------------ rotary
@@ -323,7 +310,7 @@ def test_rotary_in_place(dtype, rotary_dim):
     untouched_v = qkv[:, :, hq + hk:].clone()
     q_out, k_out = tb.rotary(q, k, cos, sin, pos, rotary_dim=rotary_dim)
     assert q_out is q and k_out is k
-    assert _rel(q, q_ref) < TOL[dtype] and _rel(k, k_ref) < TOL[dtype]
+    assert rel_err(q, q_ref) < TOL[dtype] and rel_err(k, k_ref) < TOL[dtype]
     assert torch.equal(q[..., rd:], q_ref[..., rd:])  # the non-rotary features are untouched
     assert torch.equal(qkv[:, :, hq + hk:], untouched_v)
     with pytest.raises(TypeError, match="float32"):
@@ -351,7 +338,7 @@ def test_opcheck_schemas_and_fakes():
     torch.manual_seed(7)
     q = torch.randn(2, 4, 5, 64)
     k = torch.randn(2, 2, 5, 64)
-    mask = _left_pad_mask([5, 3], 5)
+    mask = left_pad_mask([5, 3], 5)
     tests = ("test_schema", "test_faketensor")
     ops = torch.ops.fastrlhf_triton
     torch.library.opcheck(ops.attention_prefill, (q, k, k, mask, True, 0.125), test_utils=tests)

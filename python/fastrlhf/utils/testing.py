@@ -5,6 +5,7 @@
 The toy tasks are trivially learnable, so a few optimizer steps show the trainers work:
   - `ToySFTDataset`: the answer is the prompt's first words shifted by a fixed offset;
   - `ToyPairDataset`: the chosen answer contains the word "good", the rejected one "bad".
+`rel_err`, `left_pad_mask` and `as_fp32` are the comparison helpers the op and kernel tests share.
 """
 from __future__ import annotations
 
@@ -18,6 +19,27 @@ WORDS = ["<unk>", "<s>", "</s>", "good", "bad"] + [f"w{i}" for i in range(40)]
 EOS_ID = 2
 GOOD_ID, BAD_ID = 3, 4
 FIRST_WORD_ID = 5
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """||out - expected|| / ||expected|| in float64; fails on NaN (an unwritten, poisoned element)."""
+    out, expected = out.double(), expected.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad masking)"
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def left_pad_mask(lengths, total: int, device="cpu", dtype=torch.long) -> torch.Tensor:
+    """[len(lengths), total] attention mask whose row i ends in lengths[i] ones (left padding)."""
+    m = torch.zeros(len(lengths), total, dtype=dtype, device=device)
+    for i, n in enumerate(lengths):
+        if n:
+            m[i, total - n:] = 1
+    return m
+
+
+def as_fp32(*ts):
+    """The floating tensors among `ts` cast to fp32 (others passed through), for references."""
+    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
 
 
 def make_tiny_model_dir(path: str, *, hidden: int = 32, layers: int = 2, with_weights: bool = False,
