@@ -139,15 +139,33 @@ def _file_values(path: Optional[str]) -> Dict[str, Any]:
     return load_config_file(path) if path else {}
 
 
+def _layered_values(step: Optional[str], file_values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The step's bundled-task profile (only when no model is named) < config file < command line."""
+    values = merge_dicts(file_values, overrides)
+    if step is None:
+        return values
+    return merge_dicts(_profile(step, bool(values.get("model_name_or_path"))), values)
+
+
+def _parse_late_options(prog: str, cls, args: argparse.Namespace, extra: List[str]):
+    """Options of a command whose config class is imported only when it runs (ppo, dpo).
+
+    Returns (config-file values, command-line overrides), or None after printing --help."""
+    p = argparse.ArgumentParser(prog=prog, formatter_class=_formatter, description=cls.__doc__)
+    _add_common(p)
+    add_dataclass_arguments(p, cls)
+    if args.help:
+        p.print_help()
+        return None
+    ns = p.parse_args(extra)
+    return _file_values(ns.config), namespace_overrides(ns, cls)
+
+
 def cmd_step(args: argparse.Namespace, extra: List[str]) -> int:
     if extra:
         raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
     cls = args.config_cls
-    file_values = _file_values(args.config)
-    overrides = namespace_overrides(args, cls)
-    model_given = bool(overrides.get("model_name_or_path") or file_values.get("model_name_or_path"))
-    values = merge_dicts(merge_dicts(_profile(args.step, model_given), file_values), overrides)
-    cfg = config_from_dict(cls, values)
+    cfg = config_from_dict(cls, _layered_values(args.step, _file_values(args.config), namespace_overrides(args, cls)))
     if args.step == "sft":
         from .rlhf.sft import train_sft
         train_sft(cfg)
@@ -160,18 +178,9 @@ def cmd_step(args: argparse.Namespace, extra: List[str]) -> int:
 def cmd_ppo(args: argparse.Namespace, extra: List[str]) -> int:
     cls = _step_config_class(3)
     from .rlhf.ppo import train_ppo
-    p = argparse.ArgumentParser(prog="fastrlhf ppo", formatter_class=_formatter, description=cls.__doc__)
-    _add_common(p)
-    add_dataclass_arguments(p, cls)
-    if args.help:
-        p.print_help()
-        return 0
-    ns = p.parse_args(extra)
-    file_values = _file_values(ns.config)
-    overrides = namespace_overrides(ns, cls)
-    model_given = bool(overrides.get("model_name_or_path") or file_values.get("model_name_or_path"))
-    cfg = config_from_dict(cls, merge_dicts(merge_dicts(_profile("ppo", model_given), file_values), overrides))
-    train_ppo(cfg)
+    parsed = _parse_late_options("fastrlhf ppo", cls, args, extra)
+    if parsed is not None:
+        train_ppo(config_from_dict(cls, _layered_values("ppo", *parsed)))
     return 0
 
 
@@ -295,15 +304,9 @@ def cmd_chat(args: argparse.Namespace, extra: List[str]) -> int:
 
 def cmd_dpo(args: argparse.Namespace, extra: List[str]) -> int:
     from .rlhf.dpo import DPOConfig, train_dpo
-    p = argparse.ArgumentParser(prog="fastrlhf dpo", formatter_class=_formatter, description=DPOConfig.__doc__)
-    _add_common(p)
-    add_dataclass_arguments(p, DPOConfig)
-    if args.help:
-        p.print_help()
-        return 0
-    ns = p.parse_args(extra)
-    cfg = config_from_dict(DPOConfig, merge_dicts(_file_values(ns.config), namespace_overrides(ns, DPOConfig)))
-    train_dpo(cfg)
+    parsed = _parse_late_options("fastrlhf dpo", DPOConfig, args, extra)
+    if parsed is not None:
+        train_dpo(config_from_dict(DPOConfig, _layered_values(None, *parsed)))
     return 0
 
 
