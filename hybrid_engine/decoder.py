@@ -98,7 +98,11 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
     embed = _require(backbone, spec.embed, "token embedding").weight.data
     pos = get_path(backbone, spec.pos_embed)
     fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
-    head = _require(model, spec.lm_head, "lm_head")
+    head = get_path(model, spec.lm_head)
+    if head is None and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()  # e.g. GPT-NeoX's `embed_out` before transformers 5
+    if head is None:
+        head = _require(model, spec.lm_head, "lm_head")  # raises the clear error
     layers = []
     if per_layer:
         layers = [build_layer_weights(l, spec, fuse_projections=fuse_projections, backend=backend)

@@ -149,7 +149,12 @@ class HybridEngine:
         if self._tables is not None and self._tables[0] >= length and self._tables[1].device == self.device:
             return self._tables[1], self._tables[2]
         length = max(length, spec.max_positions)
-        mod = get_path(get_path(self.model, spec.backbone), spec.rotary_module)
+        backbone = get_path(self.model, spec.backbone)
+        mod = get_path(backbone, spec.rotary_module)
+        if mod is None and "." in spec.o:  # older transformers (Mistral < 4.48): one per attention layer
+            layers = get_path(backbone, spec.layers)
+            attn = spec.o.rsplit(".", 1)[0]
+            mod = get_path(layers[0], f"{attn}.{spec.rotary_module}") if layers is not None and len(layers) else None
         if mod is None:
             raise ValueError(f"no rotary embedding module at {spec.backbone}.{spec.rotary_module}")
         x = torch.zeros(1, 1, spec.head_dim, dtype=torch.float32, device=self.device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fastrlhf.models.loading import hf_dtype_kwargs
+
 VOCAB = 96
 TINY_CONFIGS = {
     "opt": dict(hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
@@ -42,7 +44,7 @@ def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: fl
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(path))
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), **hf_dtype_kwargs(dtype)).eval()
 
 
 def left_padded_batch(lengths, vocab: int = VOCAB, pad_id: int = 0, seed: int = 1):

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from fastrlhf.models.loading import hf_dtype_kwargs
 from test_engine_utils import build_tiny, left_padded_batch
 
 NEW_TOKENS = 12
@@ -31,7 +32,7 @@ def _worker(model_dir: str, out_path: str) -> None:
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                  "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9}
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while loading)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **hf_dtype_kwargs(torch.float32))
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds_engine, optim, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
     params = list(ds_engine.module.parameters())

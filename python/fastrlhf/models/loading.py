@@ -12,6 +12,7 @@ to a multiple of 8 (tensor-core friendly).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -39,6 +40,19 @@ def default_model_dir() -> str:
 
 def resolve_model_path(path: Optional[str]) -> str:
     return str(path) if path else default_model_dir()
+
+
+def hf_dtype_kwargs(dtype: torch.dtype) -> Dict[str, torch.dtype]:
+    """The dtype keyword for HF `from_pretrained`/`from_config`: `dtype` since transformers 4.56,
+    `torch_dtype` before (older releases hand an unknown `dtype=` to the model's __init__)."""
+    return {_hf_dtype_keyword(): dtype}
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_dtype_keyword() -> str:
+    import transformers
+    from packaging.version import Version
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -104,7 +118,7 @@ def build_from_config(auto_cls, path: str, dtype: torch.dtype, seed: int):
     config = AutoConfig.from_pretrained(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same weights on every rank and every run
-        model = auto_cls.from_config(config, dtype=dtype)
+        model = auto_cls.from_config(config, **hf_dtype_kwargs(dtype))
     return model
 
 
@@ -116,7 +130,7 @@ def load_pretrained(auto_cls, path: str, *, dtype: torch.dtype, seed: int,
     hf_ds = _zero3_loading_context(ds_config)
     if hf_ds is None:
         _no_zero3_init()
-    model = auto_cls.from_pretrained(path, dtype=dtype)
+    model = auto_cls.from_pretrained(path, **hf_dtype_kwargs(dtype))
     if hf_ds is not None:
         object.__setattr__(model, "_fastrlhf_hf_ds_config", hf_ds)
     return model
