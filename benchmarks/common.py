@@ -10,6 +10,8 @@
   practical ceiling that memory-bound kernels are reported against (% of copy).
 - `device_info(device)`: {"device": name, "date": ISO UTC timestamp, ...} for result rows.
 - `append_jsonl(path, rows)` and `markdown_table(rows, columns)` to record and print.
+- `machine_load()`: the 1-minute load average before a run (recorded in CPU rows, with a
+  warning when the machine is busy: see its docstring).
 
 Medians, not means: a few slow outliers (clock ramp-up, a neighbour process) must not
 move the number. Everything here works on the CPU too (for smoke tests), where the
@@ -23,6 +25,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -113,6 +116,26 @@ def device_info(device) -> Dict[str, str]:
     return {"device": device_name(device),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "commit": _git_commit()}
+
+
+def machine_load(warn: bool = True) -> Dict[str, float]:
+    """{"load_avg_1m": ..., "cpu_count": ...}, printing a warning when other work is running.
+
+    CPU timings taken while other processes run are not comparable with quiet ones, and not
+    even between the two sides of one run: torch's OpenMP threads wait at every op for a
+    sibling thread that the OS has descheduled, so loops of many small ops (token-by-token
+    decoding) slow down several times more than large GEMMs do. Seen here: a PPO iteration on
+    OPT-125M measured 18.6 s of generation beside a running test suite vs 2.0 s alone.
+    """
+    try:
+        load1 = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load1 = float("nan")
+    cores = os.cpu_count() or 1
+    if warn and load1 > 0.5:
+        print(f"WARNING: load average {load1:.2f} on {cores} cores before the run: other work is running, so "
+              f"CPU timings (and engine-vs-HF ratios) are unreliable; rerun on a quiet machine", file=sys.stderr)
+    return {"load_avg_1m": round(load1, 2), "cpu_count": cores}
 
 
 def append_jsonl(path: str, rows: Iterable[dict]) -> None:

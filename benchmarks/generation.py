@@ -26,6 +26,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import machine_load  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "..", "python", "fastrlhf", "data", "default", "config.json")
 
@@ -189,10 +192,11 @@ def main(argv=None):
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     from fastrlhf import ops
     backend = ops.resolve("attention_decode", torch.device(device))[0]
+    load = machine_load(warn=device == "cpu")
     all_rows = []
     for name in models:
         for row in bench_model(name, args, device, dtype):
-            row.update(device=dev_name, date=date, ops_backend=backend, torch=torch.__version__)
+            row.update(device=dev_name, date=date, ops_backend=backend, torch=torch.__version__, **load)
             all_rows.append(row)
     print(f"\ndevice: {dev_name}  date: {date}  ops backend: {backend}")
     print(f"{'model':<12}{'params(M)':>10}{'impl':>20}{'tok/s':>10}{'median s':>10}{'x hf':>7}"

@@ -24,9 +24,11 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import machine_load  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "rlhf.jsonl")
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("FASTRLHF_NO_PROGRESS", "1")
+    load = machine_load(warn=not torch.cuda.is_available())
     with tempfile.TemporaryDirectory() as root:
         args.workdir = root
         paths, tok = build_models(root, actor_cfg, reward_cfg, seed=0)
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
                                     "mode": mode, "batch": args.batch, "prompt_len": args.prompt_len,
                                     "answer_len": args.answer_len, "dtype": dtype, "zero_stage": args.zero_stage,
                                     "iters": args.iters, "torch": torch.__version__,
-                                    "interleaved": not args.sequential,
+                                    "interleaved": not args.sequential, **load,
                                     "speedup_vs_hf": speedup if mode == "engine" else None,
                                     **{k: round(v, 6) for k, v in r.items()}}) + "\n")
         print(f"appended to {RESULTS}")
