@@ -291,6 +291,8 @@ def write_default_task(out_dir: str, seed: int = DEFAULT_SEED, rows: int = DEFAU
     tok_config = json.loads(config_path.read_text())
     tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
     config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+    # transformers 5 saves the template as chat_template.jinja, 4.46 only into tokenizer_config.json
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     config = build_model_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                                 tokenizer.eos_token_id)
     config.save_pretrained(str(out))
