@@ -10,6 +10,7 @@ Parameters (so optimizers, ZeRO partitioning and state-dict keys are unchanged).
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -55,6 +56,40 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
 
 
+MIN_TRANSFORMERS_FOR_ATTENTION = "4.54"  # AttentionMaskInterface + PreTrainedModel.set_attn_implementation
+# families whose 4.x attention cannot run on a 2-D padding mask: OPT builds its own 4-D mask, GPT-2
+# (4.55-4.57) passes is_causal=False whenever there is a mask (which would then have to carry causality)
+ATTENTION_NEEDS_TRANSFORMERS_5 = ("gpt2", "opt")
+
+
+def _attention_not_injectable(hf: nn.Module) -> Optional[str]:
+    """Why the attention of `hf` cannot be routed to fastrlhf, or None when it can."""
+    import transformers
+    from packaging.version import Version
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: F401
+        old = not hasattr(hf, "set_attn_implementation")
+    except ImportError:
+        old = True
+    if old:
+        return (f"attention injection needs transformers >= {MIN_TRANSFORMERS_FOR_ATTENTION} (its attention "
+                f"and attention-mask interfaces); this is transformers {transformers.__version__}")
+    if not getattr(hf, "_supports_attention_backend", False):
+        return f"{type(hf).__name__} does not route attention through the transformers attention interface"
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    if model_type in ATTENTION_NEEDS_TRANSFORMERS_5 and Version(transformers.__version__).major < 5:
+        return (f"{model_type} attention injection needs transformers >= 5.0 (its 4.x attention does not "
+                f"take a 2-D padding mask); this is transformers {transformers.__version__}")
+    modeling = sys.modules.get(type(hf).__module__)
+    if modeling is not None and not hasattr(modeling, "create_causal_mask"):
+        # a model that builds its own 4-D mask (as OPT and GPT-2 did in 4.x) would not get ours
+        return (f"{type(hf).__name__} builds its own 4-D attention mask in transformers "
+                f"{transformers.__version__} instead of asking the attention-mask interface (newer "
+                "transformers releases do)")
+    return None
+
+
 class FastRMSNorm(nn.Module):
     def __init__(self, weight: nn.Parameter, eps: float):
         super().__init__()
@@ -93,11 +128,10 @@ def inject(model: nn.Module, *, attention: bool = True, norms: bool = True) -> n
 
     hf = unwrap_model(model)
     if attention:
-        if not getattr(hf, "_supports_attention_backend", False):
-            raise NotImplementedError(
-                f"{type(hf).__name__} does not route attention through the transformers attention "
-                "interface, so fastrlhf cannot inject its attention; call inject(model, "
-                "attention=False) to replace only the norms")
+        why = _attention_not_injectable(hf)
+        if why:
+            raise NotImplementedError(f"{why}, so fastrlhf cannot inject its attention; call "
+                                      "inject(model, attention=False) to replace only the norms")
         _register()
         hf.set_attn_implementation(ATTN_NAME)
         if hf.config._attn_implementation != ATTN_NAME:
