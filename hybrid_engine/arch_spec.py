@@ -23,6 +23,8 @@ class ArchSpec:
     pos_embed: Optional[str] = None    # learned positions table, relative to backbone
     pos_offset: int = 0                # OPT adds 2 to every position id
     rotary_module: Optional[str] = None  # HF rotary embedding module, relative to backbone
+    project_in: Optional[str] = None   # linear after the token embedding (OPT-350m), relative to backbone
+    project_out: Optional[str] = None  # linear before the lm_head, after the final norm (OPT-350m)
     # per-layer paths
     input_norm: str = "input_layernorm"
     post_norm: Optional[str] = None    # None with a shared-norm parallel residual
@@ -31,9 +33,12 @@ class ArchSpec:
     v: Optional[str] = None
     qkv: Optional[str] = None          # ... or one fused projection
     qkv_layout: str = "split"          # "split": [q | k | v]; "grouped": [Hkv, group + 2, D]
+    q_norm: Optional[str] = None       # per-head norm over head_dim on q / k, before rotary (Qwen3)
+    k_norm: Optional[str] = None
     o: str = "o_proj"
     up: str = "up_proj"
     gate: Optional[str] = None         # gated MLP: act(gate(x)) * up(x)
+    gate_up: Optional[str] = None      # ... or one fused [gate | up] projection (Phi-3)
     down: str = "down_proj"
     # numerics
     norm: str = "rms"                  # "rms" | "layer"
@@ -84,6 +89,18 @@ def _llama(c) -> ArchSpec:
         gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="rms", eps=c.rms_norm_eps,
         act=c.hidden_act, n_heads=h, n_kv_heads=hkv, head_dim=hd, rotary_dim=rd,
         max_positions=c.max_position_embeddings)
+
+
+def _qwen3(c) -> ArchSpec:
+    """Llama plus RMSNorm over head_dim on every q and k head (before rotary); head_dim is
+    explicit and need not be hidden_size / heads."""
+    spec = _llama(c)
+    extra = {}
+    if getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", False) \
+            and "sliding_attention" in (getattr(c, "layer_types", None) or ["sliding_attention"]):
+        extra["sliding_window"] = int(c.sliding_window)  # requests beyond it are refused
+    return ArchSpec(**{**spec.__dict__, "family": "qwen3", "q_norm": "self_attn.q_norm",
+                       "k_norm": "self_attn.k_norm", "extra": extra})
 
 
 def _gpt_neox(c) -> ArchSpec:
@@ -162,6 +179,7 @@ SPEC_BUILDERS: Dict[str, Callable] = {
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _llama,
+    "qwen3": _qwen3,
     "gpt_neox": _gpt_neox,
     "gpt2": _gpt2,
     "falcon": _falcon,

@@ -51,8 +51,10 @@ class LayerWeights:
     o: Linear
     up: Optional[Linear]
     gate: Optional[Linear]
-    gate_up: Optional[Linear]       # [gate | up] concatenated copy when fuse_projections
+    gate_up: Optional[Linear]       # [gate | up]: native (Phi-3), or a concatenated copy when fuse_projections
     down: Linear
+    q_norm: Optional[Norm] = None   # per-head norms over head_dim (Qwen3)
+    k_norm: Optional[Norm] = None
 
 
 @dataclass
@@ -61,6 +63,8 @@ class ModelWeights:
     pos_embed: Optional[torch.Tensor]
     final_norm: Optional[Norm]
     lm_head: Linear
+    project_in: Optional[Linear] = None   # OPT-350m: embed dim -> hidden size
+    project_out: Optional[Linear] = None  # and back, before the lm_head
     layers: List[LayerWeights] = field(default_factory=list)
     # ZeRO-3 layer-by-layer mode: a function yielding each layer's weights inside its gather
     layer_iter: Optional[Callable[[], Iterator[LayerWeights]]] = None
@@ -80,16 +84,20 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
         q, k, v = lin(spec.q), lin(spec.k), lin(spec.v)
         if fuse_projections:  # one matmul instead of three, at the cost of a weight copy
             qkv, q, k, v = concat_linears([q, k, v]), None, None, None
-    gate = lin(spec.gate) if spec.gate else None
-    up = lin(spec.up)
-    gate_up = None
-    if gate is not None and fuse_projections:
-        gate_up, gate, up = concat_linears([gate, up]), None, None
+    gate = up = gate_up = None
+    if spec.gate_up is not None:
+        gate_up = lin(spec.gate_up)
+    else:
+        gate = lin(spec.gate) if spec.gate else None
+        up = lin(spec.up)
+        if gate is not None and fuse_projections:
+            gate_up, gate, up = concat_linears([gate, up]), None, None
+    norm = lambda p: None if p is None else resolve_norm(_require(layer, p, "norm"))  # noqa: E731
     return LayerWeights(
         in_norm=resolve_norm(_require(layer, spec.input_norm, "input norm")),
         post_norm=None if post is None else resolve_norm(post),
         qkv=qkv, q=q, k=k, v=v, o=lin(spec.o), up=up, gate=gate, gate_up=gate_up,
-        down=lin(spec.down))
+        down=lin(spec.down), q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm))
 
 
 def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
@@ -103,6 +111,8 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
         head = model.get_output_embeddings()  # e.g. GPT-NeoX's `embed_out` before transformers 5
     if head is None:
         head = _require(model, spec.lm_head, "lm_head")  # raises the clear error
+    proj = lambda p: None if p is None else resolve_linear(  # noqa: E731
+        _require(backbone, p, "projection"), backend=backend)
     layers = []
     if per_layer:
         layers = [build_layer_weights(l, spec, fuse_projections=fuse_projections, backend=backend)
@@ -110,7 +120,8 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
     return ModelWeights(
         embed=embed, pos_embed=None if pos is None else pos.weight.data,
         final_norm=None if fnorm is None else resolve_norm(fnorm),
-        lm_head=resolve_linear(head, backend=backend), layers=layers)
+        lm_head=resolve_linear(head, backend=backend), project_in=proj(spec.project_in),
+        project_out=proj(spec.project_out), layers=layers)
 
 
 class Decoder:
@@ -139,6 +150,9 @@ class Decoder:
         self._rotary = r("rotary")
         self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
         self._act = ACT2FN[spec.act]
+        self.qk_norm = spec.q_norm is not None
+        if self.qk_norm != (spec.k_norm is not None):
+            raise ValueError("ArchSpec: q_norm and k_norm go together")
         self.scale = spec.head_dim ** -0.5
         hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self._split_sizes = [hq * d, hkv * d, hkv * d]
@@ -167,10 +181,12 @@ class Decoder:
                 k, v = out[:, :, :, g], out[:, :, :, g + 1]
             else:
                 q, k, v = out.split(self._split_sizes, dim=-1)
-        q = q.reshape(b, s, sp.n_heads, sp.head_dim).transpose(1, 2)
-        k = k.reshape(b, s, sp.n_kv_heads, sp.head_dim).transpose(1, 2)
+        q = q.reshape(b, s, sp.n_heads, sp.head_dim)
+        k = k.reshape(b, s, sp.n_kv_heads, sp.head_dim)
+        if self.qk_norm:  # per-head norm over head_dim (new tensors; rotary then runs on them)
+            q, k = self._norm(q, lw.q_norm), self._norm(k, lw.k_norm)
         v = v.reshape(b, s, sp.n_kv_heads, sp.head_dim).transpose(1, 2)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         if lw.gate_up is not None:
@@ -205,6 +221,8 @@ class Decoder:
 
     def _embed(self, w: ModelWeights, ids, positions):
         x = nn.functional.embedding(ids, w.embed)
+        if w.project_in is not None:
+            x = w.project_in(x)
         if w.pos_embed is not None:
             x = x + nn.functional.embedding(positions + self.spec.pos_offset, w.pos_embed)
         return x
@@ -212,6 +230,8 @@ class Decoder:
     def _head(self, w: ModelWeights, x):
         if w.final_norm is not None:
             x = self._norm(x, w.final_norm)
+        if w.project_out is not None:
+            x = w.project_out(x)
         return w.lm_head(x)
 
     # -- passes ----------------------------------------------------------------------------

@@ -31,6 +31,17 @@ def _rotate_in_place(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half
     x2.copy_(r2)
 
 
+def _qkv_heads(lw, h, b, hq, hkv, g, d, layout):
+    """q [B, Hq, D], k/v [B, Hkv, D] (views) from separate or fused projections."""
+    if lw.qkv is not None and layout == "grouped":
+        out = lw.qkv(h).view(b, hkv, g + 2, d)
+        return out[:, :, :g].reshape(b, hq, d), out[:, :, g], out[:, :, g + 1]
+    if lw.qkv is not None:
+        out = lw.qkv(h).view(b, hq + 2 * hkv, d)
+        return out[:, :hq], out[:, hq:hq + hkv], out[:, hq + hkv:]
+    return lw.q(h).view(b, hq, d), lw.k(h).view(b, hkv, d), lw.v(h).view(b, hkv, d)
+
+
 def lean_decode_step(dec, w, tokens, positions, col: int, cache) -> torch.Tensor:
     """One token per sequence written at cache column `col`; returns logits [B, V]."""
     sp = dec.spec
@@ -48,12 +59,20 @@ def lean_decode_step(dec, w, tokens, positions, col: int, cache) -> torch.Tensor
     bias = torch.zeros(b, 1, 1, n, dtype=torch.float32, device=tokens.device)
     bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
     scale = dec.scale
+    qk_norm = dec.qk_norm
 
     def attention_for(i):
         kc, vc = cache.k[i], cache.v[i]
 
         def attention(lw, h):
-            if lw.qkv is not None and sp.qkv_layout == "grouped":
+            if qk_norm:  # per-head norms (new tensors), then rotary on each
+                q, k, v = _qkv_heads(lw, h, b, hq, hkv, g, d, sp.qkv_layout)
+                q, k = dec._norm(q, lw.q_norm), dec._norm(k, lw.k_norm)
+                if rd:
+                    _rotate_in_place(q, cos_rows, sin_rows, half, rd)
+                    _rotate_in_place(k, cos_rows, sin_rows, half, rd)
+                q = q.reshape(b, hkv, g, d)
+            elif lw.qkv is not None and sp.qkv_layout == "grouped":
                 out = lw.qkv(h).view(b, hkv, g + 2, d)
                 if rd:  # q and k heads of a group are adjacent: one rotary call for both
                     _rotate_in_place(out[:, :, :g + 1], cos_rows[:, :, None], sin_rows[:, :, None], half, rd)
@@ -99,6 +118,8 @@ def _lean_head(dec, w, h: torch.Tensor) -> torch.Tensor:
     over dim -1 read it in place."""
     if w.final_norm is not None:
         h = dec._norm(h, w.final_norm)
+    if w.project_out is not None:
+        h = w.project_out(h)
     lm = w.lm_head
     if lm.transposed or lm.weight.numel() < _BIG_HEAD:  # Conv1D [E, V] weight; tiny heads:
         return lm(h)  # there the plain form wins (472 x 128: 15 us vs 21 us + a strided argmax)

@@ -20,7 +20,7 @@ def test_greedy_tokens_equal_hf(tiny):
     name, model = tiny
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
     # families with separate q/k/v (and gate/up) run with both weight layouts
-    fuse = name in ("qwen2", "mistral", "opt")
+    fuse = name in ("qwen2", "mistral", "opt", "qwen3")
     engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -136,3 +136,14 @@ def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
     lp = torch.log_softmax(logits[:, ids.shape[1] - 1:-1].float(), -1)
     ref_lp = lp.gather(-1, ours.sequences[:, ids.shape[1]:, None])[..., 0]
     assert (ours.logprobs - ref_lp).abs().max() < 1e-4
+
+
+def test_qwen3_sliding_window_is_honoured_by_refusing_longer_requests():
+    from transformers import AutoConfig
+    from fastrlhf.hybrid_engine.arch_spec import spec_for
+    kw = dict(TINY_CONFIGS["qwen3"])
+    assert "sliding_window" not in spec_for(AutoConfig.for_model("qwen3", **kw)).extra
+    cfg = AutoConfig.for_model("qwen3", use_sliding_window=True, sliding_window=64, max_window_layers=1, **kw)
+    spec = spec_for(cfg)
+    assert spec.family == "qwen3" and spec.extra["sliding_window"] == 64
+    assert spec.q_norm and spec.k_norm and spec.head_dim == 16

@@ -16,7 +16,7 @@ from test_engine_utils import build_tiny, left_padded_batch
 
 @pytest.fixture(scope="module")
 def base_models(tmp_path_factory):
-    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt")}
+    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt", "qwen3")}
 
 
 def with_fastrlhf_lora(model, dtype):
@@ -48,7 +48,7 @@ def base_weights(model):
 # fastrlhf's apply_lora wraps nn.Linear only, so GPT-2's Conv1D is covered through PEFT
 # (fan_in_fan_out: the transposed-weight fuse path)
 @pytest.mark.parametrize("family,kind", [("llama", "fastrlhf"), ("opt", "fastrlhf"), ("llama", "peft"),
-                                         ("gpt2", "peft")])
+                                         ("gpt2", "peft"), ("qwen3", "fastrlhf"), ("qwen3", "peft")])
 def test_generation_uses_fused_lora(base_models, kind, family):
     model = WRAPPERS[kind](base_models[family], torch.float32).eval()
     ids, mask = left_padded_batch([4, 9, 6], seed=2)

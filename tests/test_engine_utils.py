@@ -23,6 +23,13 @@ TINY_CONFIGS = {
                     sliding_window=96),
     "qwen2": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=6,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128),
+    # head_dim explicit and != hidden / heads; per-head q/k RMSNorm
+    "qwen3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+                  tie_word_embeddings=False),
+    "qwen3_tied": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=6,
+                       num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128,
+                       tie_word_embeddings=True),
     "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                      vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
@@ -33,7 +40,10 @@ TINY_CONFIGS = {
                        new_decoder_architecture=True, vocab_size=VOCAB, max_position_embeddings=128,
                        bias=True),
 }
-FAMILY_OF = {"falcon_new": "falcon"}
+FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3"}
+# families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
+# norm mix-up changes the logits
+RANDOM_NORMS = {"qwen3", "qwen3_tied"}
 
 
 def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: float = 0.25):
@@ -43,6 +53,11 @@ def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: fl
     cfg.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
+    if name in RANDOM_NORMS:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n and n.endswith("weight"):
+                    p.uniform_(0.5, 1.5)
     model.save_pretrained(str(path))
     return AutoModelForCausalLM.from_pretrained(str(path), **hf_dtype_kwargs(dtype)).eval()
 
