@@ -60,16 +60,15 @@ class UnsupportedArchitecture(ValueError):
 
 
 def _opt(c) -> ArchSpec:
-    if getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size:
-        raise UnsupportedArchitecture(
-            "OPT with word_embed_proj_dim != hidden_size (project_in/out, e.g. opt-350m) is not "
-            "supported by the engine spec; use EngineConfig(fallback='hf')")
+    # opt-350m: embeddings (and the lm_head) live in word_embed_proj_dim, linears project in and out
+    proj = getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size
     pre = bool(c.do_layer_norm_before)
     final = "final_layer_norm" if pre and not getattr(c, "_remove_final_layer_norm", False) else None
     h = c.num_attention_heads
     return ArchSpec(
         family="opt", backbone="model.decoder", embed="embed_tokens", layers="layers", final_norm=final,
-        pos_embed="embed_positions", pos_offset=2, input_norm="self_attn_layer_norm",
+        pos_embed="embed_positions", pos_offset=2, project_in="project_in" if proj else None,
+        project_out="project_out" if proj else None, input_norm="self_attn_layer_norm",
         post_norm="final_layer_norm", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
         o="self_attn.out_proj", up="fc1", down="fc2", norm="layer", eps=1e-5, act=c.activation_function,
         n_heads=h, n_kv_heads=h, head_dim=c.hidden_size // h, pre_norm=pre,

@@ -20,7 +20,7 @@ def test_greedy_tokens_equal_hf(tiny):
     name, model = tiny
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
     # families with separate q/k/v (and gate/up) run with both weight layouts
-    fuse = name in ("qwen2", "mistral", "opt", "qwen3")
+    fuse = name in ("qwen2", "mistral", "opt", "qwen3", "opt_proj")
     engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -117,7 +117,7 @@ def test_right_padded_prompts_are_rejected_with_the_fix(tiny):
         engine.generate(ids.flip(1), mask.flip(1), max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "opt_proj"])
 def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
     """The CPU decode step computes large lm_heads as W @ h^T; force it on a tiny model."""
     from fastrlhf.hybrid_engine import lean_decode

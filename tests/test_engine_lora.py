@@ -16,13 +16,14 @@ from test_engine_utils import build_tiny, left_padded_batch
 
 @pytest.fixture(scope="module")
 def base_models(tmp_path_factory):
-    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt", "qwen3")}
+    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt", "qwen3", "opt_proj")}
 
 
 def with_fastrlhf_lora(model, dtype):
     m = copy.deepcopy(model).to(dtype)
     apply_lora(m, r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                  "down_proj", "out_proj", "fc1"])
+                                                  "down_proj", "out_proj", "fc1", "project_in",
+                                                  "project_out"])
     g = torch.Generator().manual_seed(0)
     for mod in lora_modules(m):  # B starts at zero; make the update real
         mod.lora_b.data.copy_(torch.randn(mod.lora_b.shape, generator=g) * 0.3)
@@ -48,7 +49,8 @@ def base_weights(model):
 # fastrlhf's apply_lora wraps nn.Linear only, so GPT-2's Conv1D is covered through PEFT
 # (fan_in_fan_out: the transposed-weight fuse path)
 @pytest.mark.parametrize("family,kind", [("llama", "fastrlhf"), ("opt", "fastrlhf"), ("llama", "peft"),
-                                         ("gpt2", "peft"), ("qwen3", "fastrlhf"), ("qwen3", "peft")])
+                                         ("gpt2", "peft"), ("qwen3", "fastrlhf"), ("qwen3", "peft"),
+                                         ("opt_proj", "fastrlhf")])
 def test_generation_uses_fused_lora(base_models, kind, family):
     model = WRAPPERS[kind](base_models[family], torch.float32).eval()
     ids, mask = left_padded_batch([4, 9, 6], seed=2)

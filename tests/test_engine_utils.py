@@ -16,6 +16,10 @@ TINY_CONFIGS = {
     "opt": dict(hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
                 word_embed_proj_dim=48, max_position_embeddings=128, vocab_size=VOCAB,
                 pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    # opt-350m's shape: embeddings in word_embed_proj_dim (project_in/out), post-norm blocks
+    "opt_proj": dict(hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
+                     word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=128,
+                     vocab_size=VOCAB, pad_token_id=1, bos_token_id=2, eos_token_id=2),
     "llama": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128),
     "mistral": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
@@ -40,10 +44,10 @@ TINY_CONFIGS = {
                        new_decoder_architecture=True, vocab_size=VOCAB, max_position_embeddings=128,
                        bias=True),
 }
-FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3"}
+FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
-RANDOM_NORMS = {"qwen3", "qwen3_tied"}
+RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj"}
 
 
 def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: float = 0.25):
