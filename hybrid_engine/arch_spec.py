@@ -36,7 +36,7 @@ class ArchSpec:
     q_norm: Optional[str] = None       # per-head norm over head_dim on q / k, before rotary (Qwen3)
     k_norm: Optional[str] = None
     o: str = "o_proj"
-    up: str = "up_proj"
+    up: Optional[str] = "up_proj"      # None with a fused gate_up
     gate: Optional[str] = None         # gated MLP: act(gate(x)) * up(x)
     gate_up: Optional[str] = None      # ... or one fused [gate | up] projection (Phi-3)
     down: str = "down_proj"
@@ -100,6 +100,24 @@ def _qwen3(c) -> ArchSpec:
         extra["sliding_window"] = int(c.sliding_window)  # requests beyond it are refused
     return ArchSpec(**{**spec.__dict__, "family": "qwen3", "q_norm": "self_attn.q_norm",
                        "k_norm": "self_attn.k_norm", "extra": extra})
+
+
+def _phi3(c) -> ArchSpec:
+    """Llama with one fused [q | k | v] projection (GQA possible) and one fused [gate | up]."""
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type != "default":
+        # longrope switches tables with the sequence length inside HF's forward (short factors up
+        # to original_max_position_embeddings, long ones beyond), which one table cannot mirror
+        raise UnsupportedArchitecture(f"Phi-3 with rope type {rope_type!r} (e.g. the 128k-context "
+                                      "models) is not supported by the engine spec; use "
+                                      "EngineConfig(fallback='hf')")
+    spec = _llama(c)
+    sw = getattr(c, "sliding_window", None)
+    return ArchSpec(**{**spec.__dict__, "family": "phi3", "q": None, "k": None, "v": None,
+                       "qkv": "self_attn.qkv_proj", "qkv_layout": "split", "gate": None, "up": None,
+                       "gate_up": "mlp.gate_up_proj",
+                       "extra": {} if sw is None else {"sliding_window": int(sw)}})
 
 
 def _gpt_neox(c) -> ArchSpec:
@@ -179,6 +197,7 @@ SPEC_BUILDERS: Dict[str, Callable] = {
     "mistral": _llama,
     "qwen2": _llama,
     "qwen3": _qwen3,
+    "phi3": _phi3,
     "gpt_neox": _gpt_neox,
     "gpt2": _gpt2,
     "falcon": _falcon,

@@ -101,8 +101,9 @@ def test_cache_is_reused_across_calls_and_released_on_request(tiny):
     assert engine._cache is None
 
 
-def test_request_longer_than_the_sliding_window_is_refused(tmp_path):
-    model = build_tiny("mistral", tmp_path)  # sliding_window=96
+@pytest.mark.parametrize("name", ["mistral", "phi3"])
+def test_request_longer_than_the_sliding_window_is_refused(tmp_path, name):
+    model = build_tiny(name, tmp_path)  # sliding_window=96
     engine = HybridEngine(model, None, EngineConfig(backend="torch"))
     ids, mask = left_padded_batch([4, 7], pad_id=0)
     with pytest.raises(ValueError, match="sliding window"):
@@ -147,3 +148,15 @@ def test_qwen3_sliding_window_is_honoured_by_refusing_longer_requests():
     spec = spec_for(cfg)
     assert spec.family == "qwen3" and spec.extra["sliding_window"] == 64
     assert spec.q_norm and spec.k_norm and spec.head_dim == 16
+
+
+def test_phi3_longrope_is_refused_with_the_fallback():
+    from transformers import AutoConfig
+    from fastrlhf.hybrid_engine.arch_spec import spec_for
+    cfg = AutoConfig.for_model("phi3", **TINY_CONFIGS["phi3"])
+    spec = spec_for(cfg)
+    assert spec.qkv == "self_attn.qkv_proj" and spec.gate_up == "mlp.gate_up_proj" and spec.rotary_dim == 6
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "longrope", "short_factor": [1.0] * 3,
+                           "long_factor": [2.0] * 3, "original_max_position_embeddings": 64}
+    with pytest.raises(UnsupportedArchitecture, match="longrope.*fallback='hf'"):
+        spec_for(cfg)

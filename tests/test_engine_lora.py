@@ -16,14 +16,14 @@ from test_engine_utils import build_tiny, left_padded_batch
 
 @pytest.fixture(scope="module")
 def base_models(tmp_path_factory):
-    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt", "qwen3", "opt_proj")}
+    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt", "qwen3", "opt_proj", "phi3")}
 
 
 def with_fastrlhf_lora(model, dtype):
     m = copy.deepcopy(model).to(dtype)
     apply_lora(m, r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                   "down_proj", "out_proj", "fc1", "project_in",
-                                                  "project_out"])
+                                                  "project_out", "qkv_proj", "gate_up_proj"])
     g = torch.Generator().manual_seed(0)
     for mod in lora_modules(m):  # B starts at zero; make the update real
         mod.lora_b.data.copy_(torch.randn(mod.lora_b.shape, generator=g) * 0.3)
@@ -33,8 +33,10 @@ def with_fastrlhf_lora(model, dtype):
 def with_peft_lora(model, dtype):
     m = copy.deepcopy(model).to(dtype)
     gpt2 = m.config.model_type == "gpt2"
+    targets = {"gpt2": ["c_attn", "c_fc"], "phi3": ["qkv_proj", "gate_up_proj", "o_proj"]}.get(
+        m.config.model_type, ["q_proj", "v_proj", "up_proj", "o_proj"])
     cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, fan_in_fan_out=gpt2,
-                     target_modules=["c_attn", "c_fc"] if gpt2 else ["q_proj", "v_proj", "up_proj", "o_proj"])
+                     target_modules=targets)
     return get_peft_model(m, cfg)
 
 
@@ -50,7 +52,7 @@ def base_weights(model):
 # (fan_in_fan_out: the transposed-weight fuse path)
 @pytest.mark.parametrize("family,kind", [("llama", "fastrlhf"), ("opt", "fastrlhf"), ("llama", "peft"),
                                          ("gpt2", "peft"), ("qwen3", "fastrlhf"), ("qwen3", "peft"),
-                                         ("opt_proj", "fastrlhf")])
+                                         ("opt_proj", "fastrlhf"), ("phi3", "fastrlhf"), ("phi3", "peft")])
 def test_generation_uses_fused_lora(base_models, kind, family):
     model = WRAPPERS[kind](base_models[family], torch.float32).eval()
     ids, mask = left_padded_batch([4, 9, 6], seed=2)

@@ -34,6 +34,10 @@ TINY_CONFIGS = {
     "qwen3_tied": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=6,
                        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128,
                        tie_word_embeddings=True),
+    # fused qkv_proj (GQA) and gate_up_proj; partial rotary; a sliding window longer than the tests
+    "phi3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=96,
+                 partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                      vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
@@ -47,7 +51,7 @@ TINY_CONFIGS = {
 FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
-RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj"}
+RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3"}
 
 
 def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: float = 0.25):
