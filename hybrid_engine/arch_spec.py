@@ -113,8 +113,12 @@ def _phi3(c) -> ArchSpec:
                                       "models) is not supported by the engine spec; use "
                                       "EngineConfig(fallback='hf')")
     spec = _llama(c)
+    # transformers 5 keeps the factor in rope_parameters, 4.x (Phi-4-mini era) as an attribute
+    factor = (getattr(c, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
     sw = getattr(c, "sliding_window", None)
-    return ArchSpec(**{**spec.__dict__, "family": "phi3", "q": None, "k": None, "v": None,
+    return ArchSpec(**{**spec.__dict__, "family": "phi3", "rotary_dim": int(spec.head_dim * factor),
+                       "q": None, "k": None, "v": None,
                        "qkv": "self_attn.qkv_proj", "qkv_layout": "split", "gate": None, "up": None,
                        "gate_up": "mlp.gate_up_proj",
                        "extra": {} if sw is None else {"sliding_window": int(sw)}})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine, UnsupportedArchitecture
-from test_engine_utils import TINY_CONFIGS, build_tiny, left_padded_batch
+from test_engine_utils import TINY_CONFIGS, build_tiny, left_padded_batch, tiny_config
 
 NEW_TOKENS = 36
 
@@ -140,23 +140,25 @@ def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
 
 
 def test_qwen3_sliding_window_is_honoured_by_refusing_longer_requests():
-    from transformers import AutoConfig
     from fastrlhf.hybrid_engine.arch_spec import spec_for
-    kw = dict(TINY_CONFIGS["qwen3"])
-    assert "sliding_window" not in spec_for(AutoConfig.for_model("qwen3", **kw)).extra
-    cfg = AutoConfig.for_model("qwen3", use_sliding_window=True, sliding_window=64, max_window_layers=1, **kw)
+    cfg = tiny_config("qwen3")
+    assert "sliding_window" not in spec_for(cfg).extra
+    cfg = type(cfg)(use_sliding_window=True, sliding_window=64, max_window_layers=1, **TINY_CONFIGS["qwen3"])
     spec = spec_for(cfg)
     assert spec.family == "qwen3" and spec.extra["sliding_window"] == 64
     assert spec.q_norm and spec.k_norm and spec.head_dim == 16
 
 
 def test_phi3_longrope_is_refused_with_the_fallback():
-    from transformers import AutoConfig
     from fastrlhf.hybrid_engine.arch_spec import spec_for
-    cfg = AutoConfig.for_model("phi3", **TINY_CONFIGS["phi3"])
+    cfg = tiny_config("phi3")
     spec = spec_for(cfg)
-    assert spec.qkv == "self_attn.qkv_proj" and spec.gate_up == "mlp.gate_up_proj" and spec.rotary_dim == 6
-    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "longrope", "short_factor": [1.0] * 3,
-                           "long_factor": [2.0] * 3, "original_max_position_embeddings": 64}
+    assert spec.qkv == "self_attn.qkv_proj" and spec.gate_up == "mlp.gate_up_proj"
+    longrope = {"rope_type": "longrope", "type": "longrope", "short_factor": [1.0] * 3,
+                "long_factor": [2.0] * 3, "original_max_position_embeddings": 64}
+    if hasattr(cfg, "rope_parameters"):  # transformers 5
+        cfg.rope_parameters = {**cfg.rope_parameters, **longrope}
+    else:
+        cfg.rope_scaling = longrope
     with pytest.raises(UnsupportedArchitecture, match="longrope.*fallback='hf'"):
         spec_for(cfg)

@@ -11,12 +11,12 @@ from peft import LoraConfig, get_peft_model
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 from fastrlhf.models.lora import apply_lora, lora_modules
-from test_engine_utils import build_tiny, left_padded_batch
+from test_engine_utils import TinyModels, left_padded_batch
 
 
 @pytest.fixture(scope="module")
 def base_models(tmp_path_factory):
-    return {name: build_tiny(name, tmp_path_factory.mktemp(name)) for name in ("llama", "gpt2", "opt", "qwen3", "opt_proj", "phi3")}
+    return TinyModels(tmp_path_factory)
 
 
 def with_fastrlhf_lora(model, dtype):

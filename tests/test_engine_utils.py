@@ -6,8 +6,10 @@ the next-token distributions peaked, so greedy comparisons are not decided by ne
 """
 from __future__ import annotations
 
+import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import transformers
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from fastrlhf.models.loading import hf_dtype_kwargs
 
@@ -37,7 +39,7 @@ TINY_CONFIGS = {
     # fused qkv_proj (GQA) and gate_up_proj; partial rotary; a sliding window longer than the tests
     "phi3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=96,
-                 partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                      vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
@@ -54,10 +56,42 @@ FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt"}
 RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3"}
 
 
+def _phi3_has_partial_rotary() -> bool:  # transformers 4.46's Phi-3 rotates all of head_dim
+    cfg = CONFIG_MAPPING["phi3"]()
+    return hasattr(cfg, "partial_rotary_factor") or hasattr(cfg, "rope_parameters")
+
+
+def tiny_config(name: str):
+    """The HF config of tiny model `name`; skips the test where this transformers lacks the family
+    (e.g. qwen3 before 4.51)."""
+    family = FAMILY_OF.get(name, name)
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family!r} models")
+    kw = dict(TINY_CONFIGS[name])
+    if family == "phi3" and _phi3_has_partial_rotary():
+        kw["partial_rotary_factor"] = 0.5
+    return AutoConfig.for_model(family, **kw)
+
+
+class TinyModels(dict):
+    """name -> tiny model, built on first use, so that a family this transformers lacks skips
+    only the tests that use it. `prepare(model)` runs once on each."""
+
+    def __init__(self, tmp_path_factory, prepare=None):
+        super().__init__()
+        self._tmp, self._prepare = tmp_path_factory, prepare
+
+    def __missing__(self, name):
+        model = build_tiny(name, self._tmp.mktemp(name))
+        if self._prepare is not None:
+            self._prepare(model)
+        self[name] = model
+        return model
+
+
 def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: float = 0.25):
     """A tiny random model of family `name`, saved to `path` and loaded back by path."""
-    kw = dict(TINY_CONFIGS[name])
-    cfg = AutoConfig.for_model(FAMILY_OF.get(name, name), **kw)
+    cfg = tiny_config(name)
     cfg.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 import fastrlhf
 from fastrlhf.hybrid_engine.injection import FastLayerNorm, FastRMSNorm
 from fastrlhf.models.lora import apply_lora, lora_modules
-from test_engine_utils import build_tiny, left_padded_batch
+from test_engine_utils import TinyModels, left_padded_batch
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "opt", "gpt2", "gpt_neox"]
 # attention injection needs transformers' attention-mask interface (4.54); OPT and GPT-2 attention
@@ -34,14 +34,11 @@ def _inject(model, name):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-    for name in FAMILIES + ["falcon"]:
-        m = build_tiny(name, tmp_path_factory.mktemp(name))
+    def no_dropout(m):
         for key in ("attn_pdrop", "attention_dropout", "resid_pdrop", "embd_pdrop", "dropout"):
             if hasattr(m.config, key):
                 setattr(m.config, key, 0.0)
-        out[name] = m
-    return out
+    return TinyModels(tmp_path_factory, no_dropout)  # built on first use (qwen3 needs 4.51)
 
 
 def _forward(model, ids, mask):
