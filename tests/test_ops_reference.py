@@ -8,8 +8,9 @@ from fastrlhf import ops
 from fastrlhf.utils.testing import rel_err, left_pad_mask
 
 
-def _naive_attention(q, k, v, mask_bool, scale):
-    """Explicit per-(batch, head, query) loop in float64: softmax(q·kᵀ·s + mask)·v."""
+def _naive_attention(q, k, v, mask_bool, scale, softcap=None):
+    """Explicit per-(batch, head, query) loop in float64: softmax(q·kᵀ·s + mask)·v
+    (scores capped to softcap·tanh(scores / softcap) when softcap is given)."""
     b, hq, sq, d = q.shape
     hk = k.shape[1]
     out = torch.zeros(b, hq, sq, d, dtype=torch.float64)
@@ -21,6 +22,8 @@ def _naive_attention(q, k, v, mask_bool, scale):
                 if len(keys) == 0:
                     continue
                 s = (k[bi, kh, keys].double() @ q[bi, h, i].double()) * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
                 p = torch.softmax(s, 0)
                 out[bi, h, i] = p @ v[bi, kh, keys].double()
     return out
@@ -71,6 +74,34 @@ def test_decode_matches_naive_with_starts_and_lens():
     ref = _naive_attention(q[:, :, None], kc, vc, allowed, 1 / math.sqrt(d))[:, :, 0]
     out = ops.attention_decode(q, kc, vc, lens, cache_starts=starts, backend="torch")
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_attention_softcap_prefill_and_decode_match_naive(backend, monkeypatch):
+    """softcap= caps the scores (Gemma2); a backend without a softcap kernel hands such calls to
+    the reference (the cuda backend's functions are called directly: its fallback works on CPU
+    tensors too)."""
+    prefill, decode = ops.attention_prefill, ops.attention_decode
+    kw = dict(backend=backend)
+    if backend == "cuda":
+        from fastrlhf.ops import cuda_backend
+        prefill, decode, kw = cuda_backend.attention_prefill, cuda_backend.attention_decode, {}
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(3)
+    b, hq, hk, s, d, cap = 2, 4, 2, 6, 8, 1.5
+    q, k, v = torch.randn(b, hq, s, d) * 2, torch.randn(b, hk, s, d) * 2, torch.randn(b, hk, s, d)
+    am = left_pad_mask([6, 4], s)
+    allowed = torch.tril(torch.ones(s, s, dtype=torch.bool))[None] & am[:, None, :].bool()
+    ref = _naive_attention(q, k, v, allowed, 0.4, softcap=cap)
+    out = prefill(q, k, v, causal=True, attention_mask=am, scale=0.4, softcap=cap, **kw)
+    assert rel_err(out[:, :, 2:], ref[:, :, 2:]) < 1e-5
+    uncapped = _naive_attention(q, k, v, allowed, 0.4)
+    assert rel_err(uncapped[:, :, 2:], ref[:, :, 2:]) > 1e-2, "the cap had no effect"
+    lens, starts = torch.tensor([6, 6]), torch.tensor([0, 2])
+    dec = decode(q[:, :, -1], k, v, lens, cache_starts=starts, scale=0.4, softcap=cap, **kw)
+    assert rel_err(dec, ref[:, :, -1]) < 1e-5
 
 
 def test_kv_cache_append_writes_only_its_slots():

@@ -26,28 +26,36 @@ OPS = ("attention_prefill", "attention_decode", "kv_cache_append", "lora_linear"
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                       attention_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                      backend: Optional[str] = None) -> torch.Tensor:
+                      softcap: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Attention of q [B, Hq, Sq, D] over k, v [B, Hkv, Sk, D] -> [B, Hq, Sq, D].
 
     causal: query i sees keys j <= i + (Sk - Sq) (bottom-right aligned, as with a KV cache).
     attention_mask: [B, Sk], nonzero = real token (HF convention; left or right padding).
     A query row with no visible key (e.g. a left-pad position) returns zeros, never NaN.
     scale defaults to 1/sqrt(D). Softmax is computed in fp32.
+    softcap (optional): scores -> softcap * tanh(scores / softcap) before masking (Gemma2's
+    attention logit softcapping). Kernel backends without it hand such calls to the reference.
     """
     _, fn = resolve("attention_prefill", q.device, backend)
+    if softcap is not None:
+        return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
     return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_lens: torch.Tensor, *, cache_starts: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, softcap: Optional[float] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over caches [B, Hkv, Smax, D] -> [B, Hq, D].
 
     Sequence b attends cache positions cache_starts[b] <= j < cache_lens[b] (int tensors [B];
     starts default to 0; left-padded prompts start after their padding). GPU backends split
     the cache into fixed-size chunks so results do not depend on the batch composition.
+    softcap: as in attention_prefill.
     """
     _, fn = resolve("attention_decode", q.device, backend)
+    if softcap is not None:
+        return fn(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
     return fn(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale)
 
 

@@ -137,9 +137,12 @@ def _vec(dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------- ops
-def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
     d = q.shape[-1]
     why = None
+    if softcap is not None:
+        return _fallback("attention_prefill", q.device, "has no softcap kernel")(
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
     if q.dtype not in _HALF:
         why = f"has no {q.dtype} kernel (float16/bfloat16 only)"
     elif k.dtype != q.dtype or v.dtype != q.dtype:
@@ -153,9 +156,12 @@ def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
     return _ops().attention_prefill(q, k, v, bool(causal), attention_mask, scale)
 
 
-def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None):
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
     d = q.shape[-1]
     why = None
+    if softcap is not None:
+        return _fallback("attention_decode", q.device, "has no softcap kernel")(
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
     if q.dtype not in _FLOAT or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         why = "needs q and the caches in one of float16/bfloat16/float32"
     elif d % _vec(q.dtype) or d > 32 * _vec(q.dtype):

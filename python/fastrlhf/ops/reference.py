@@ -22,14 +22,17 @@ def _expand_kv(k: torch.Tensor, n_q_heads: int) -> torch.Tensor:
     return k.repeat_interleave(n_q_heads // n_kv, dim=1)
 
 
-def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
-    """softmax(q kᵀ·scale + mask) v over [B, H, S, D] tensors; fully masked rows give 0."""
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
+    """softmax(q kᵀ·scale + mask) v over [B, H, S, D] tensors; fully masked rows give 0.
+    softcap: scores become softcap·tanh(scores / softcap) before the mask (Gemma2)."""
     b, hq, sq, d = q.shape
     sk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kf = _expand_kv(k, hq).float()
     vf = _expand_kv(v, hq).float()
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if causal:
         # bottom-right alignment: the last query sees every key
@@ -48,7 +51,7 @@ def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
     return out.to(q.dtype)
 
 
-def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None):
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
     """One query token per sequence over cache positions [cache_starts[b], cache_lens[b])."""
     b, hq, d = q.shape
     smax = k_cache.shape[2]
@@ -57,7 +60,7 @@ def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scal
     if cache_starts is not None:
         valid = valid & (pos >= cache_starts.to(q.device).long()[:, None])
     out = attention_prefill(q[:, :, None, :], k_cache, v_cache, causal=False,
-                            attention_mask=valid, scale=scale)
+                            attention_mask=valid, scale=scale, softcap=softcap)
     return out[:, :, 0, :]
 
 

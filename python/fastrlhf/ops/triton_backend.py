@@ -47,6 +47,20 @@ def _op(name: str, mutates=()):
     return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates)
 
 
+_softcap_warned: set = set()
+
+
+def _reference_for_softcap(op: str):
+    """The torch reference of `op`, for calls with attention logit softcapping (no kernel yet)."""
+    from fastrlhf.ops import reference
+    if op not in _softcap_warned:
+        _softcap_warned.add(op)
+        import warnings
+        warnings.warn(f"fastrlhf.ops triton backend: {op} has no softcap kernel; using the torch "
+                      "reference for softcapped calls", RuntimeWarning, stacklevel=3)
+    return getattr(reference, op)
+
+
 # ---------------------------------------------------------------- attention
 @_op("attention_prefill")
 def _prefill_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], causal: bool,
@@ -59,7 +73,10 @@ def _(q, k, v, attention_mask, causal, scale):
     return q.new_empty(q.shape)
 
 
-def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None):
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
+    if softcap is not None:  # no softcapping kernel: the reference computes such calls
+        return _reference_for_softcap("attention_prefill")(
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
     _prefill.check_inputs(q, k, v, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _prefill_op(q, k, v, attention_mask, bool(causal), scale)
@@ -76,7 +93,10 @@ def _(q, k_cache, v_cache, cache_lens, cache_starts, scale):
     return q.new_empty(q.shape)
 
 
-def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None):
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
+    if softcap is not None:
+        return _reference_for_softcap("attention_decode")(
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
     if q.dim() != 3:
         raise ValueError(f"attention_decode expects q [B, Hq, D], got {tuple(q.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
