@@ -25,6 +25,8 @@ class ArchSpec:
     rotary_module: Optional[str] = None  # HF rotary embedding module, relative to backbone
     project_in: Optional[str] = None   # linear after the token embedding (OPT-350m), relative to backbone
     project_out: Optional[str] = None  # linear before the lm_head, after the final norm (OPT-350m)
+    embed_scale: Optional[float] = None  # embeddings times this, cast to the embedding dtype (Gemma)
+    final_logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) (Gemma2)
     # per-layer paths
     input_norm: str = "input_layernorm"
     post_norm: Optional[str] = None    # None with a shared-norm parallel residual
@@ -35,6 +37,8 @@ class ArchSpec:
     qkv_layout: str = "split"          # "split": [q | k | v]; "grouped": [Hkv, group + 2, D]
     q_norm: Optional[str] = None       # per-head norm over head_dim on q / k, before rotary (Qwen3)
     k_norm: Optional[str] = None
+    attn_out_norm: Optional[str] = None  # sandwich norms (Gemma2): on the attention output before
+    mlp_out_norm: Optional[str] = None   # the residual add, and on the MLP output likewise
     o: str = "o_proj"
     up: Optional[str] = "up_proj"      # None with a fused gate_up
     gate: Optional[str] = None         # gated MLP: act(gate(x)) * up(x)
@@ -43,11 +47,14 @@ class ArchSpec:
     # numerics
     norm: str = "rms"                  # "rms" | "layer"
     eps: float = 1e-6
+    norm_offset: float = 0.0           # RMSNorm scales by (norm_offset + weight): Gemma's 1 + w
     act: str = "silu"                  # an ACT2FN name
     n_heads: int = 0
     n_kv_heads: int = 0
     head_dim: int = 0
     rotary_dim: int = 0                # 0: no rotary
+    attn_scale: Optional[float] = None  # None: head_dim ** -0.5
+    attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma2)
     conv1d: bool = False               # GPT-2 Conv1D weights are [in, out]
     parallel_residual: bool = False    # x + attn(ln1(x)) + mlp(ln2(x)) (ln2 = ln1 when post_norm is None)
     pre_norm: bool = True              # False: OPT-350m style post-norm residual blocks
@@ -86,7 +93,8 @@ def _llama(c) -> ArchSpec:
         rotary_module="rotary_emb", input_norm="input_layernorm", post_norm="post_attention_layernorm",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="rms", eps=c.rms_norm_eps,
-        act=c.hidden_act, n_heads=h, n_kv_heads=hkv, head_dim=hd, rotary_dim=rd,
+        act=getattr(c, "hidden_act", None) or c.hidden_activation,  # Gemma2 (5.x) has only the latter
+        n_heads=h, n_kv_heads=hkv, head_dim=hd, rotary_dim=rd,
         max_positions=c.max_position_embeddings)
 
 
@@ -122,6 +130,58 @@ def _phi3(c) -> ArchSpec:
                        "qkv": "self_attn.qkv_proj", "qkv_layout": "split", "gate": None, "up": None,
                        "gate_up": "mlp.gate_up_proj",
                        "extra": {} if sw is None else {"sliding_window": int(sw)}})
+
+
+def _gemma_act(c) -> str:
+    """The MLP activation HF's Gemma uses in this transformers release: 4.4x read
+    `hidden_activation` (default gelu_pytorch_tanh, `hidden_act` ignored); later releases read
+    `hidden_act` (5.x maps the legacy "gelu" to gelu_pytorch_tanh in the config)."""
+    import inspect
+    try:
+        from transformers.models.gemma import modeling_gemma
+        reads_hidden_activation = "hidden_activation" in inspect.getsource(modeling_gemma.GemmaMLP.__init__)
+    except (ImportError, AttributeError, OSError, TypeError):
+        reads_hidden_activation = False
+    if reads_hidden_activation:
+        return getattr(c, "hidden_activation", None) or "gelu_pytorch_tanh"
+    return c.hidden_act
+
+
+def _gemma(c) -> ArchSpec:
+    """Llama-shaped with RMSNorm scaling by (1 + w), embeddings times sqrt(hidden_size) (in the
+    embedding dtype), a gelu-tanh gated MLP, explicit head_dim, tied lm_head."""
+    spec = _llama(c)
+    return ArchSpec(**{**spec.__dict__, "family": "gemma", "act": _gemma_act(c), "norm_offset": 1.0,
+                       "embed_scale": float(c.hidden_size) ** 0.5})
+
+
+def _gemma2(c) -> ArchSpec:
+    """Gemma plus sandwich norms (post-attention, pre/post feed-forward), attention scale
+    query_pre_attn_scalar ** -0.5, tanh softcapping of attention scores and of the final logits,
+    and sliding-window attention on alternate layers (recorded: longer requests are refused)."""
+    spec = _llama(c)
+    extra = {}
+    sw = getattr(c, "sliding_window", None)
+    layer_types = getattr(c, "layer_types", None)  # 4.5x+; 4.4x slides on the even layers
+    if sw is not None and (layer_types is None or "sliding_attention" in layer_types):
+        extra["sliding_window"] = int(sw)
+    soft = lambda v: None if v is None else float(v)  # noqa: E731
+    attn_cap = soft(getattr(c, "attn_logit_softcapping", None))
+    if attn_cap is not None and getattr(c, "_attn_implementation", None) == "sdpa":
+        import warnings
+        warnings.warn("this Gemma2 model runs transformers' sdpa attention, which ignores "
+                      f"attn_logit_softcapping={attn_cap}; the engine applies it, so generation and the "
+                      "model's own forward differ. Load the model with attn_implementation='eager'.",
+                      RuntimeWarning, stacklevel=3)
+    return ArchSpec(**{**spec.__dict__, "family": "gemma2", "act": getattr(c, "hidden_activation", None) or c.hidden_act,
+                       "norm_offset": 1.0, "embed_scale": float(c.hidden_size) ** 0.5,
+                       "post_norm": "pre_feedforward_layernorm",
+                       "attn_out_norm": "post_attention_layernorm",
+                       "mlp_out_norm": "post_feedforward_layernorm",
+                       "attn_scale": float(c.query_pre_attn_scalar) ** -0.5,
+                       "attn_logit_softcap": attn_cap,
+                       "final_logit_softcap": soft(getattr(c, "final_logit_softcapping", None)),
+                       "extra": extra})
 
 
 def _gpt_neox(c) -> ArchSpec:
@@ -202,6 +262,8 @@ SPEC_BUILDERS: Dict[str, Callable] = {
     "qwen2": _llama,
     "qwen3": _qwen3,
     "phi3": _phi3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
     "gpt_neox": _gpt_neox,
     "gpt2": _gpt2,
     "falcon": _falcon,

@@ -7,6 +7,7 @@ Decoder, so the per-step cost is the math plus a thin Python loop.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional
 
@@ -55,6 +56,8 @@ class LayerWeights:
     down: Linear
     q_norm: Optional[Norm] = None   # per-head norms over head_dim (Qwen3)
     k_norm: Optional[Norm] = None
+    attn_out_norm: Optional[Norm] = None  # sandwich norms on the block outputs (Gemma2)
+    mlp_out_norm: Optional[Norm] = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class ModelWeights:
     lm_head: Linear
     project_in: Optional[Linear] = None   # OPT-350m: embed dim -> hidden size
     project_out: Optional[Linear] = None  # and back, before the lm_head
+    embed_scale: Optional[torch.Tensor] = None  # 0-d, in the embedding dtype (Gemma: sqrt(hidden))
     layers: List[LayerWeights] = field(default_factory=list)
     # ZeRO-3 layer-by-layer mode: a function yielding each layer's weights inside its gather
     layer_iter: Optional[Callable[[], Iterator[LayerWeights]]] = None
@@ -77,6 +81,7 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
                         backend: Optional[str]) -> LayerWeights:
     lin = lambda p: resolve_linear(_require(layer, p, "linear"), backend=backend)  # noqa: E731
     post = get_path(layer, spec.post_norm) if spec.post_norm else None
+    off = spec.norm_offset
     q = k = v = qkv = None
     if spec.qkv is not None:
         qkv = lin(spec.qkv)
@@ -92,12 +97,13 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
         up = lin(spec.up)
         if gate is not None and fuse_projections:
             gate_up, gate, up = concat_linears([gate, up]), None, None
-    norm = lambda p: None if p is None else resolve_norm(_require(layer, p, "norm"))  # noqa: E731
+    norm = lambda p: None if p is None else resolve_norm(_require(layer, p, "norm"), off)  # noqa: E731
     return LayerWeights(
-        in_norm=resolve_norm(_require(layer, spec.input_norm, "input norm")),
-        post_norm=None if post is None else resolve_norm(post),
+        in_norm=resolve_norm(_require(layer, spec.input_norm, "input norm"), off),
+        post_norm=None if post is None else resolve_norm(post, off),
         qkv=qkv, q=q, k=k, v=v, o=lin(spec.o), up=up, gate=gate, gate_up=gate_up,
-        down=lin(spec.down), q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm))
+        down=lin(spec.down), q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm),
+        attn_out_norm=norm(spec.attn_out_norm), mlp_out_norm=norm(spec.mlp_out_norm))
 
 
 def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
@@ -119,9 +125,17 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
                   for l in _require(backbone, spec.layers, "layer list")]
     return ModelWeights(
         embed=embed, pos_embed=None if pos is None else pos.weight.data,
-        final_norm=None if fnorm is None else resolve_norm(fnorm),
+        final_norm=None if fnorm is None else resolve_norm(fnorm, spec.norm_offset),
         lm_head=resolve_linear(head, backend=backend), project_in=proj(spec.project_in),
-        project_out=proj(spec.project_out), layers=layers)
+        project_out=proj(spec.project_out), layers=layers,
+        # HF casts the normaliser to the embedding dtype before multiplying (bf16 sqrt(3072) = 55.5)
+        embed_scale=None if spec.embed_scale is None else torch.tensor(
+            spec.embed_scale, dtype=embed.dtype, device=embed.device))
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), as HF's Gemma2 head computes it."""
+    return torch.tanh(logits / cap) * cap
 
 
 class Decoder:
@@ -136,6 +150,10 @@ class Decoder:
         r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
         self._attn_prefill = r("attention_prefill")
         decode_backend, self._attn_decode = ops.resolve("attention_decode", device, backend)
+        self.attn_softcap = spec.attn_logit_softcap
+        if self.attn_softcap is not None:  # bound once; other families call the ops unchanged
+            self._attn_prefill = functools.partial(self._attn_prefill, softcap=self.attn_softcap)
+            self._attn_decode = functools.partial(self._attn_decode, softcap=self.attn_softcap)
         # With the torch reference, a decode step is cheaper as a one-query prefill over the
         # filled columns with a mask built once per step (not per layer) and GQA groups folded
         # into the query axis (no per-layer copy of the cache to expand KV heads). Kernel
@@ -153,7 +171,14 @@ class Decoder:
         self.qk_norm = spec.q_norm is not None
         if self.qk_norm != (spec.k_norm is not None):
             raise ValueError("ArchSpec: q_norm and k_norm go together")
-        self.scale = spec.head_dim ** -0.5
+        if (spec.attn_out_norm is None) != (spec.mlp_out_norm is None):
+            raise ValueError("ArchSpec: attn_out_norm and mlp_out_norm go together")
+        if spec.attn_out_norm is not None:  # resolved once: the plain block gains no work
+            if not spec.pre_norm or spec.parallel_residual:
+                raise ValueError("ArchSpec: sandwich norms need a sequential pre-norm block")
+            self._layer = self._sandwich_layer
+        self.softcap = spec.final_logit_softcap
+        self.scale = spec.head_dim ** -0.5 if spec.attn_scale is None else spec.attn_scale
         hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self._split_sizes = [hq * d, hkv * d, hkv * d]
 
@@ -219,8 +244,16 @@ class Decoder:
         h2, x = self._norm(a, lw.post_norm, residual=x)
         return x + self._mlp(lw, h2)
 
+    def _sandwich_layer(self, lw: LayerWeights, x, attention):
+        """Gemma2: x + norm(attn(norm(x))), then + norm(mlp(norm(x)))."""
+        a = self._norm(attention(lw, self._norm(x, lw.in_norm)), lw.attn_out_norm)
+        h2, x = self._norm(a, lw.post_norm, residual=x)
+        return x + self._norm(self._mlp(lw, h2), lw.mlp_out_norm)
+
     def _embed(self, w: ModelWeights, ids, positions):
         x = nn.functional.embedding(ids, w.embed)
+        if w.embed_scale is not None:
+            x = x * w.embed_scale
         if w.project_in is not None:
             x = w.project_in(x)
         if w.pos_embed is not None:
@@ -232,6 +265,8 @@ class Decoder:
             x = self._norm(x, w.final_norm)
         if w.project_out is not None:
             x = w.project_out(x)
+        if self.softcap is not None:
+            return softcap(w.lm_head(x), self.softcap)
         return w.lm_head(x)
 
     # -- passes ----------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from torch import nn
 from fastrlhf import ops
 
 ATTN_NAME = "fastrlhf"
-# RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight (Gemma's 1 + weight is not)
+# RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "OlmoRMSNorm",
                     "Phi3RMSNorm")
+# ... and those scaling by (1 + weight), computed in fp32 (Gemma, Gemma2)
+RMS_NORM_PLUS_ONE_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm")
 
 
 def fastrlhf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,7 +45,7 @@ def fastrlhf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if causal is None:
         causal = True
     out = ops.attention_prefill(query, key, value, causal=bool(causal), attention_mask=attention_mask,
-                                scale=scaling)
+                                scale=scaling, softcap=kwargs.get("softcap"))  # Gemma2 passes softcap
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -91,12 +93,17 @@ def _attention_not_injectable(hf: nn.Module) -> Optional[str]:
 
 
 class FastRMSNorm(nn.Module):
-    def __init__(self, weight: nn.Parameter, eps: float):
+    """ops.rms_norm with the module's weight; `offset` 1.0 scales by (1 + weight) in fp32 (Gemma)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = weight
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return ops.rms_norm(x, self.weight.float() + self.offset, self.eps)
         return ops.rms_norm(x, self.weight, self.eps)
 
 
@@ -116,6 +123,8 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
     if name in RMS_NORM_CLASSES:
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
         return FastRMSNorm(module.weight, eps)
+    if name in RMS_NORM_PLUS_ONE_CLASSES:
+        return FastRMSNorm(module.weight, getattr(module, "eps", 1e-6), offset=1.0)
     if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
         return FastLayerNorm(module.weight, module.bias, module.eps)
     return None

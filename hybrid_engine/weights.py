@@ -119,7 +119,13 @@ class Norm:
     bias: Optional[torch.Tensor]
 
 
-def resolve_norm(module: nn.Module) -> Norm:
+def resolve_norm(module: nn.Module, offset: float = 0.0) -> Norm:
+    """The norm's weight/bias as views of the training parameters; with an `offset` (Gemma's
+    RMSNorm scales by 1 + w) the weight is a NEW fp32 buffer offset + w, built here once per
+    inference entry (like fused LoRA), so it follows the live (e.g. ZeRO-3 gathered) weight."""
     w = getattr(module, "weight", None)
     b = getattr(module, "bias", None)
+    if w is not None and offset:
+        w = w.data.float() + offset  # fp32, as HF computes (1.0 + w.float())
+        return Norm(w, None if b is None else b.data)
     return Norm(None if w is None else w.data, None if b is None else b.data)

@@ -20,7 +20,7 @@ def test_greedy_tokens_equal_hf(tiny):
     name, model = tiny
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
     # families with separate q/k/v (and gate/up) run with both weight layouts
-    fuse = name in ("qwen2", "mistral", "opt", "qwen3", "opt_proj")
+    fuse = name in ("qwen2", "mistral", "opt", "qwen3", "opt_proj", "gemma2")
     engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -101,7 +101,7 @@ def test_cache_is_reused_across_calls_and_released_on_request(tiny):
     assert engine._cache is None
 
 
-@pytest.mark.parametrize("name", ["mistral", "phi3"])
+@pytest.mark.parametrize("name", ["mistral", "phi3", "gemma2"])
 def test_request_longer_than_the_sliding_window_is_refused(tmp_path, name):
     model = build_tiny(name, tmp_path)  # sliding_window=96
     engine = HybridEngine(model, None, EngineConfig(backend="torch"))
@@ -118,7 +118,7 @@ def test_right_padded_prompts_are_rejected_with_the_fix(tiny):
         engine.generate(ids.flip(1), mask.flip(1), max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "opt_proj"])
+@pytest.mark.parametrize("family", ["llama", "opt", "opt_proj", "gemma", "gemma2"])
 def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
     """The CPU decode step computes large lm_heads as W @ h^T; force it on a tiny model."""
     from fastrlhf.hybrid_engine import lean_decode
@@ -162,3 +162,34 @@ def test_phi3_longrope_is_refused_with_the_fallback():
         cfg.rope_scaling = longrope
     with pytest.raises(UnsupportedArchitecture, match="longrope.*fallback='hf'"):
         spec_for(cfg)
+
+
+def test_gemma_norm_offset_follows_training_updates(tmp_path):
+    """Gemma's (1 + w) norm weights are new buffers built at each inference entry: after a
+    training step writes the norm parameters, the next generation sees them, and the
+    training parameters themselves are never written."""
+    model = build_tiny("gemma", tmp_path)
+    ids, mask = left_padded_batch([5, 9, 3], pad_id=0, seed=8)
+    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    for step in range(2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ours = engine.prefill_logits(ids, mask)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        assert ((ours[real] - ref[real]).norm() / ref[real].norm()).item() < 1e-5
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), f"{n} was written by the engine"
+        with torch.no_grad():  # an "optimizer step" on every norm weight
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.mul_(-0.7).add_(0.1)
+
+
+def test_gemma2_spec_reads_the_attention_scale_caps_and_window():
+    from fastrlhf.hybrid_engine.arch_spec import spec_for
+    spec = spec_for(tiny_config("gemma2"))
+    assert spec.attn_scale == 24 ** -0.5 and spec.attn_logit_softcap == 2.0
+    assert spec.final_logit_softcap == 6.0 and spec.extra["sliding_window"] == 96
+    assert spec.norm_offset == 1.0 and spec.embed_scale == 48 ** 0.5

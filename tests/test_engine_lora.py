@@ -52,7 +52,9 @@ def base_weights(model):
 # (fan_in_fan_out: the transposed-weight fuse path)
 @pytest.mark.parametrize("family,kind", [("llama", "fastrlhf"), ("opt", "fastrlhf"), ("llama", "peft"),
                                          ("gpt2", "peft"), ("qwen3", "fastrlhf"), ("qwen3", "peft"),
-                                         ("opt_proj", "fastrlhf"), ("phi3", "fastrlhf"), ("phi3", "peft")])
+                                         ("opt_proj", "fastrlhf"), ("phi3", "fastrlhf"), ("phi3", "peft"),
+                                         ("gemma", "fastrlhf"), ("gemma", "peft"), ("gemma2", "fastrlhf"),
+                                         ("gemma2", "peft")])
 def test_generation_uses_fused_lora(base_models, kind, family):
     model = WRAPPERS[kind](base_models[family], torch.float32).eval()
     ids, mask = left_padded_batch([4, 9, 6], seed=2)

@@ -40,6 +40,18 @@ TINY_CONFIGS = {
     "phi3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=96,
                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # RMSNorm by (1 + w), embeddings * sqrt(hidden), gelu-tanh gated MLP, MQA, head_dim != hidden / heads, tied
+    "gemma": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+                  hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # Gemma plus sandwich norms, query_pre_attn_scalar != head_dim, attention and final-logit tanh
+    # softcapping (caps small enough to matter at this scale), GQA, sliding window on alternate layers
+    "gemma2": dict(hidden_size=48, num_hidden_layers=3, intermediate_size=80, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=6.0,
+                   sliding_window=96, hidden_activation="gelu_pytorch_tanh",
+                   pad_token_id=0, bos_token_id=2, eos_token_id=1),
     "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                      vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
@@ -53,7 +65,10 @@ TINY_CONFIGS = {
 FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
-RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3"}
+RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3", "gemma", "gemma2"}
+# families loaded with eager attention: transformers 4.5x defaults Gemma2 to sdpa, which silently
+# drops attn_logit_softcapping (HF's own Gemma2 docs ask for eager)
+EAGER = {"gemma2"}
 
 
 def _phi3_has_partial_rotary() -> bool:  # transformers 4.46's Phi-3 rotates all of head_dim
@@ -101,7 +116,8 @@ def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: fl
                 if "norm" in n and n.endswith("weight"):
                     p.uniform_(0.5, 1.5)
     model.save_pretrained(str(path))
-    return AutoModelForCausalLM.from_pretrained(str(path), **hf_dtype_kwargs(dtype)).eval()
+    kw = dict(attn_implementation="eager") if name in EAGER else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), **hf_dtype_kwargs(dtype), **kw).eval()
 
 
 def left_padded_batch(lengths, vocab: int = VOCAB, pad_id: int = 0, seed: int = 1):
