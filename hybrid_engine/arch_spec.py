@@ -184,6 +184,43 @@ def _gemma2(c) -> ArchSpec:
                        "extra": extra})
 
 
+def _stablelm(c) -> ArchSpec:
+    """Llama-shaped with LayerNorm (bias), partial rotary, optional q/k/v biases (read from the
+    modules) and an optional parallel residual with one shared norm. The per-head q/k
+    LayerNorms (qk_layernorm, StableLM-2 12B: a separate norm per head) are refused."""
+    if getattr(c, "qk_layernorm", False):
+        raise UnsupportedArchitecture("StableLM with qk_layernorm=True (a LayerNorm per head) is not "
+                                      "supported by the engine spec; use EngineConfig(fallback='hf')")
+    h = c.num_attention_heads
+    hd = c.hidden_size // h
+    factor = (getattr(c, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    parallel = bool(getattr(c, "use_parallel_residual", False))
+    return ArchSpec(
+        family="stablelm", backbone="model", embed="embed_tokens", layers="layers", final_norm="norm",
+        rotary_module="rotary_emb", input_norm="input_layernorm",
+        post_norm=None if parallel else "post_attention_layernorm",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="layer", eps=c.layer_norm_eps,
+        act=c.hidden_act, n_heads=h, n_kv_heads=c.num_key_value_heads, head_dim=hd,
+        rotary_dim=int(hd * factor), parallel_residual=parallel, max_positions=c.max_position_embeddings)
+
+
+def _starcoder2(c) -> ArchSpec:
+    """GQA attention with biases (use_bias), LayerNorm with bias, a plain c_fc/c_proj MLP,
+    full rotary; the sliding window is recorded (longer requests are refused)."""
+    h = c.num_attention_heads
+    hd = c.hidden_size // h
+    sw = getattr(c, "sliding_window", None)
+    return ArchSpec(
+        family="starcoder2", backbone="model", embed="embed_tokens", layers="layers", final_norm="norm",
+        rotary_module="rotary_emb", input_norm="input_layernorm", post_norm="post_attention_layernorm",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        up="mlp.c_fc", down="mlp.c_proj", norm="layer", eps=c.norm_epsilon, act=c.hidden_act,
+        n_heads=h, n_kv_heads=c.num_key_value_heads, head_dim=hd, rotary_dim=hd,
+        max_positions=c.max_position_embeddings, extra={} if sw is None else {"sliding_window": int(sw)})
+
+
 def _gpt_neox(c) -> ArchSpec:
     h = c.num_attention_heads
     hd = c.hidden_size // h
@@ -264,6 +301,8 @@ SPEC_BUILDERS: Dict[str, Callable] = {
     "phi3": _phi3,
     "gemma": _gemma,
     "gemma2": _gemma2,
+    "stablelm": _stablelm,
+    "starcoder2": _starcoder2,
     "gpt_neox": _gpt_neox,
     "gpt2": _gpt2,
     "falcon": _falcon,

@@ -20,7 +20,7 @@ def test_greedy_tokens_equal_hf(tiny):
     name, model = tiny
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
     # families with separate q/k/v (and gate/up) run with both weight layouts
-    fuse = name in ("qwen2", "mistral", "opt", "qwen3", "opt_proj", "gemma2")
+    fuse = name in ("qwen2", "mistral", "opt", "qwen3", "opt_proj", "gemma2", "stablelm_parallel")
     engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -101,7 +101,7 @@ def test_cache_is_reused_across_calls_and_released_on_request(tiny):
     assert engine._cache is None
 
 
-@pytest.mark.parametrize("name", ["mistral", "phi3", "gemma2"])
+@pytest.mark.parametrize("name", ["mistral", "phi3", "gemma2", "starcoder2"])
 def test_request_longer_than_the_sliding_window_is_refused(tmp_path, name):
     model = build_tiny(name, tmp_path)  # sliding_window=96
     engine = HybridEngine(model, None, EngineConfig(backend="torch"))
@@ -185,6 +185,17 @@ def test_gemma_norm_offset_follows_training_updates(tmp_path):
             for n, p in model.named_parameters():
                 if "norm" in n:
                     p.mul_(-0.7).add_(0.1)
+
+
+def test_stablelm_per_head_qk_layernorm_is_refused_with_the_fallback():
+    from fastrlhf.hybrid_engine.arch_spec import spec_for
+    cfg = tiny_config("stablelm")
+    spec = spec_for(cfg)
+    assert spec.norm == "layer" and spec.rotary_dim == spec.head_dim // 2 and not spec.parallel_residual
+    assert spec_for(tiny_config("stablelm_parallel")).post_norm is None
+    cfg.qk_layernorm = True
+    with pytest.raises(UnsupportedArchitecture, match="qk_layernorm.*fallback='hf'"):
+        spec_for(cfg)
 
 
 def test_gemma2_spec_reads_the_attention_scale_caps_and_window():

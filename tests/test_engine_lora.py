@@ -23,7 +23,7 @@ def with_fastrlhf_lora(model, dtype):
     m = copy.deepcopy(model).to(dtype)
     apply_lora(m, r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                   "down_proj", "out_proj", "fc1", "project_in",
-                                                  "project_out", "qkv_proj", "gate_up_proj"])
+                                                  "project_out", "qkv_proj", "gate_up_proj", "c_fc"])
     g = torch.Generator().manual_seed(0)
     for mod in lora_modules(m):  # B starts at zero; make the update real
         mod.lora_b.data.copy_(torch.randn(mod.lora_b.shape, generator=g) * 0.3)
@@ -33,7 +33,8 @@ def with_fastrlhf_lora(model, dtype):
 def with_peft_lora(model, dtype):
     m = copy.deepcopy(model).to(dtype)
     gpt2 = m.config.model_type == "gpt2"
-    targets = {"gpt2": ["c_attn", "c_fc"], "phi3": ["qkv_proj", "gate_up_proj", "o_proj"]}.get(
+    targets = {"gpt2": ["c_attn", "c_fc"], "phi3": ["qkv_proj", "gate_up_proj", "o_proj"],
+               "starcoder2": ["q_proj", "v_proj", "o_proj", "c_fc", "c_proj"]}.get(
         m.config.model_type, ["q_proj", "v_proj", "up_proj", "o_proj"])
     cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, fan_in_fan_out=gpt2,
                      target_modules=targets)
@@ -54,7 +55,9 @@ def base_weights(model):
                                          ("gpt2", "peft"), ("qwen3", "fastrlhf"), ("qwen3", "peft"),
                                          ("opt_proj", "fastrlhf"), ("phi3", "fastrlhf"), ("phi3", "peft"),
                                          ("gemma", "fastrlhf"), ("gemma", "peft"), ("gemma2", "fastrlhf"),
-                                         ("gemma2", "peft")])
+                                         ("gemma2", "peft"), ("stablelm", "fastrlhf"), ("stablelm", "peft"),
+                                         ("stablelm_parallel", "fastrlhf"), ("starcoder2", "fastrlhf"),
+                                         ("starcoder2", "peft")])
 def test_generation_uses_fused_lora(base_models, kind, family):
     model = WRAPPERS[kind](base_models[family], torch.float32).eval()
     ids, mask = left_padded_batch([4, 9, 6], seed=2)

@@ -23,7 +23,7 @@ def _greedy_pair(model, config, lengths=(5, 9, 3), new=10, device="cpu"):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox", "falcon", "opt", "qwen3", "opt_proj", "phi3",
-                                  "gemma", "gemma2"])
+                                  "gemma", "gemma2", "stablelm", "stablelm_parallel", "starcoder2"])
 def test_pure_ops_decode_path_equals_hf(tmp_path, name):
     model = build_tiny(name, tmp_path)
     ours, ref = _greedy_pair(model, EngineConfig(backend="torch", lean_cpu_decode=False,
@@ -31,7 +31,8 @@ def test_pure_ops_decode_path_equals_hf(tmp_path, name):
     assert torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt_neox", "falcon_new", "qwen3", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "falcon_new", "qwen3", "phi3", "gemma", "gemma2",
+                                  "stablelm", "starcoder2"])
 def test_triton_kernels_path_equals_hf(tmp_path, monkeypatch, name):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -52,6 +52,19 @@ TINY_CONFIGS = {
                    query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=6.0,
                    sliding_window=96, hidden_activation="gelu_pytorch_tanh",
                    pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # LayerNorm, partial rotary, q/k/v biases, GQA; and the parallel-residual variant
+    "stablelm": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                     partial_rotary_factor=0.5, use_qkv_bias=True, pad_token_id=0, bos_token_id=2,
+                     eos_token_id=1),
+    "stablelm_parallel": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=80,
+                              num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                              max_position_embeddings=128, partial_rotary_factor=0.25,
+                              use_parallel_residual=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # biases everywhere, LayerNorm, plain gelu MLP c_fc/c_proj, GQA, tied, a sliding window
+    "starcoder2": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                       sliding_window=96, use_bias=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
     "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                      vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
@@ -62,10 +75,11 @@ TINY_CONFIGS = {
                        new_decoder_architecture=True, vocab_size=VOCAB, max_position_embeddings=128,
                        bias=True),
 }
-FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt"}
+FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt", "stablelm_parallel": "stablelm"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
-RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3", "gemma", "gemma2"}
+RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3", "gemma", "gemma2", "stablelm", "stablelm_parallel",
+                "starcoder2"}
 # families loaded with eager attention: transformers 4.5x defaults Gemma2 to sdpa, which silently
 # drops attn_logit_softcapping (HF's own Gemma2 docs ask for eager)
 EAGER = {"gemma2"}
