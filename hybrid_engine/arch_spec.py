@@ -139,7 +139,8 @@ def _gemma_act(c) -> str:
     import inspect
     try:
         from transformers.models.gemma import modeling_gemma
-        reads_hidden_activation = "hidden_activation" in inspect.getsource(modeling_gemma.GemmaMLP.__init__)
+        src = inspect.getsource(modeling_gemma.GemmaMLP.__init__)
+        reads_hidden_activation = "hidden_activation" in src
     except (ImportError, AttributeError, OSError, TypeError):
         reads_hidden_activation = False
     if reads_hidden_activation:
@@ -173,9 +174,9 @@ def _gemma2(c) -> ArchSpec:
                       f"attn_logit_softcapping={attn_cap}; the engine applies it, so generation and the "
                       "model's own forward differ. Load the model with attn_implementation='eager'.",
                       RuntimeWarning, stacklevel=3)
-    return ArchSpec(**{**spec.__dict__, "family": "gemma2", "act": getattr(c, "hidden_activation", None) or c.hidden_act,
-                       "norm_offset": 1.0, "embed_scale": float(c.hidden_size) ** 0.5,
-                       "post_norm": "pre_feedforward_layernorm",
+    act = getattr(c, "hidden_activation", None) or c.hidden_act
+    return ArchSpec(**{**spec.__dict__, "family": "gemma2", "act": act, "norm_offset": 1.0,
+                       "embed_scale": float(c.hidden_size) ** 0.5, "post_norm": "pre_feedforward_layernorm",
                        "attn_out_norm": "post_attention_layernorm",
                        "mlp_out_norm": "post_feedforward_layernorm",
                        "attn_scale": float(c.query_pre_attn_scalar) ** -0.5,

@@ -40,7 +40,8 @@ TINY_CONFIGS = {
     "phi3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=96,
                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    # RMSNorm by (1 + w), embeddings * sqrt(hidden), gelu-tanh gated MLP, MQA, head_dim != hidden / heads, tied
+    # RMSNorm by (1 + w), embeddings * sqrt(hidden), gelu-tanh gated MLP, MQA, tied,
+    # head_dim != hidden / heads
     "gemma": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
                   hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
@@ -75,7 +76,8 @@ TINY_CONFIGS = {
                        new_decoder_architecture=True, vocab_size=VOCAB, max_position_embeddings=128,
                        bias=True),
 }
-FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt", "stablelm_parallel": "stablelm"}
+FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt",
+             "stablelm_parallel": "stablelm"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
 RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3", "gemma", "gemma2", "stablelm", "stablelm_parallel",
