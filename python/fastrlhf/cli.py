@@ -277,8 +277,11 @@ def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
             except ImportError as e:
                 raise CLIError(f"step 3 (PPO) is not available ({e})") from None
             r = train_ppo(cfg)
-            summary.append("step 3 PPO: held-out reward %.3f -> %.3f, KL to reference %.3f" % (
-                r["before"]["reward"], r["after"]["reward"], r["after"]["kl_to_ref"]))
+            before, after = r["before"], r["after"]
+            gt = (f", ground truth {before['gt_score']:.3f} -> {after['gt_score']:.3f}"
+                  if before.get("gt_score") is not None and after.get("gt_score") is not None else "")
+            summary.append(f"step 3 PPO: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}{gt}, "
+                           f"KL to reference {after['kl_to_ref']:.3f}")
         del r  # free the engines before the next step
         summary[-1] += f" ({time.time() - t0:.0f}s, saved to {cfg.output_dir})"
         _release_memory()

@@ -25,7 +25,7 @@ def plot_ppo_history(history: Sequence[Dict[str, float]], path: str,
         steps, vals = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(steps, vals, color="tab:blue", alpha=0.35, linewidth=1)
         ax.plot(steps, _moving_average(vals, max(1, len(vals) // 10)), color="tab:blue", linewidth=2)
-        ax.set_ylabel(label)
+        ax.set_title(label, loc="left", fontsize=10)  # a y label longer than the panel would be clipped
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("PPO step")
     fig.tight_layout()
