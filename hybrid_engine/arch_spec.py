@@ -66,6 +66,22 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
+def _window_extra(c) -> Dict[str, object]:
+    """{"sliding_window": W} when some layer of the model attends only its last W positions, else {}.
+
+    The engine's attention is global, so a recorded window makes it refuse requests longer than
+    W (see HybridEngine._check_inputs). A window counts when the config has one, its
+    `use_sliding_window` switch (Qwen2/Qwen3; absent elsewhere) is on, and `layer_types`
+    (newer releases) names at least one sliding layer."""
+    sw = getattr(c, "sliding_window", None)
+    if sw is None or not getattr(c, "use_sliding_window", True):
+        return {}
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return {}
+    return {"sliding_window": int(sw)}
+
+
 def _opt(c) -> ArchSpec:
     # opt-350m: embeddings (and the lm_head) live in word_embed_proj_dim, linears project in and out
     proj = getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size
@@ -95,19 +111,15 @@ def _llama(c) -> ArchSpec:
         gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="rms", eps=c.rms_norm_eps,
         act=getattr(c, "hidden_act", None) or c.hidden_activation,  # Gemma2 (5.x) has only the latter
         n_heads=h, n_kv_heads=hkv, head_dim=hd, rotary_dim=rd,
-        max_positions=c.max_position_embeddings)
+        max_positions=c.max_position_embeddings, extra=_window_extra(c))
 
 
 def _qwen3(c) -> ArchSpec:
     """Llama plus RMSNorm over head_dim on every q and k head (before rotary); head_dim is
     explicit and need not be hidden_size / heads."""
     spec = _llama(c)
-    extra = {}
-    if getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", False) \
-            and "sliding_attention" in (getattr(c, "layer_types", None) or ["sliding_attention"]):
-        extra["sliding_window"] = int(c.sliding_window)  # requests beyond it are refused
     return ArchSpec(**{**spec.__dict__, "family": "qwen3", "q_norm": "self_attn.q_norm",
-                       "k_norm": "self_attn.k_norm", "extra": extra})
+                       "k_norm": "self_attn.k_norm"})
 
 
 def _phi3(c) -> ArchSpec:
@@ -124,12 +136,10 @@ def _phi3(c) -> ArchSpec:
     # transformers 5 keeps the factor in rope_parameters, 4.x (Phi-4-mini era) as an attribute
     factor = (getattr(c, "rope_parameters", None) or {}).get(
         "partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
-    sw = getattr(c, "sliding_window", None)
     return ArchSpec(**{**spec.__dict__, "family": "phi3", "rotary_dim": int(spec.head_dim * factor),
                        "q": None, "k": None, "v": None,
                        "qkv": "self_attn.qkv_proj", "qkv_layout": "split", "gate": None, "up": None,
-                       "gate_up": "mlp.gate_up_proj",
-                       "extra": {} if sw is None else {"sliding_window": int(sw)}})
+                       "gate_up": "mlp.gate_up_proj"})
 
 
 def _gemma_act(c) -> str:
@@ -161,11 +171,6 @@ def _gemma2(c) -> ArchSpec:
     query_pre_attn_scalar ** -0.5, tanh softcapping of attention scores and of the final logits,
     and sliding-window attention on alternate layers (recorded: longer requests are refused)."""
     spec = _llama(c)
-    extra = {}
-    sw = getattr(c, "sliding_window", None)
-    layer_types = getattr(c, "layer_types", None)  # 4.5x+; 4.4x slides on the even layers
-    if sw is not None and (layer_types is None or "sliding_attention" in layer_types):
-        extra["sliding_window"] = int(sw)
     soft = lambda v: None if v is None else float(v)  # noqa: E731
     attn_cap = soft(getattr(c, "attn_logit_softcapping", None))
     if attn_cap is not None and getattr(c, "_attn_implementation", None) == "sdpa":
@@ -181,8 +186,7 @@ def _gemma2(c) -> ArchSpec:
                        "mlp_out_norm": "post_feedforward_layernorm",
                        "attn_scale": float(c.query_pre_attn_scalar) ** -0.5,
                        "attn_logit_softcap": attn_cap,
-                       "final_logit_softcap": soft(getattr(c, "final_logit_softcapping", None)),
-                       "extra": extra})
+                       "final_logit_softcap": soft(getattr(c, "final_logit_softcapping", None))})
 
 
 def _stablelm(c) -> ArchSpec:
@@ -212,14 +216,13 @@ def _starcoder2(c) -> ArchSpec:
     full rotary; the sliding window is recorded (longer requests are refused)."""
     h = c.num_attention_heads
     hd = c.hidden_size // h
-    sw = getattr(c, "sliding_window", None)
     return ArchSpec(
         family="starcoder2", backbone="model", embed="embed_tokens", layers="layers", final_norm="norm",
         rotary_module="rotary_emb", input_norm="input_layernorm", post_norm="post_attention_layernorm",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         up="mlp.c_fc", down="mlp.c_proj", norm="layer", eps=c.norm_epsilon, act=c.hidden_act,
         n_heads=h, n_kv_heads=c.num_key_value_heads, head_dim=hd, rotary_dim=hd,
-        max_positions=c.max_position_embeddings, extra={} if sw is None else {"sliding_window": int(sw)})
+        max_positions=c.max_position_embeddings, extra=_window_extra(c))
 
 
 def _gpt_neox(c) -> ArchSpec:
@@ -323,8 +326,4 @@ def spec_for(config) -> ArchSpec:
             f"HybridEngine has no architecture spec for model_type={mt!r}; supported: "
             f"{', '.join(supported_model_types())}. Pass EngineConfig(fallback='hf') to run plain "
             "HF generate through the same interface.")
-    sw = getattr(config, "sliding_window", None)
-    if sw is not None and getattr(config, "use_sliding_window", True) and mt == "mistral":
-        spec = builder(config)
-        return ArchSpec(**{**spec.__dict__, "extra": {"sliding_window": int(sw)}})
     return builder(config)

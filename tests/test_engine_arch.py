@@ -4,6 +4,7 @@ Tiny random fp32 models, torch ops backend, a left-padded batch of prompts of di
 """
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine, UnsupportedArchitecture
 from test_engine_utils import TINY_CONFIGS, build_tiny, left_padded_batch, tiny_config
@@ -139,14 +140,30 @@ def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
     assert (ours.logprobs - ref_lp).abs().max() < 1e-4
 
 
-def test_qwen3_sliding_window_is_honoured_by_refusing_longer_requests():
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_qwen_sliding_window_is_honoured_by_refusing_longer_requests(name, tmp_path):
+    """Qwen2/Qwen3 slide only with use_sliding_window=True (and, in newer releases, only where
+    layer_types says so); then requests longer than the window are refused."""
     from fastrlhf.hybrid_engine.arch_spec import spec_for
-    cfg = tiny_config("qwen3")
+    cfg = tiny_config(name)
     assert "sliding_window" not in spec_for(cfg).extra
-    cfg = type(cfg)(use_sliding_window=True, sliding_window=64, max_window_layers=1, **TINY_CONFIGS["qwen3"])
+    cfg = type(cfg)(use_sliding_window=True, sliding_window=64, max_window_layers=1, **TINY_CONFIGS[name])
     spec = spec_for(cfg)
-    assert spec.family == "qwen3" and spec.extra["sliding_window"] == 64
-    assert spec.q_norm and spec.k_norm and spec.head_dim == 16
+    assert spec.family == {"qwen2": "llama", "qwen3": "qwen3"}[name]
+    assert spec.extra["sliding_window"] == 64
+    if getattr(cfg, "layer_types", None) is not None:
+        full = type(cfg)(use_sliding_window=True, sliding_window=64, **TINY_CONFIGS[name],
+                         layer_types=["full_attention"] * cfg.num_hidden_layers)
+        assert "sliding_window" not in spec_for(full).extra
+    if name == "qwen3":
+        assert spec.q_norm and spec.k_norm and spec.head_dim == 16
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
+    ids, mask = left_padded_batch([4, 7], pad_id=0)
+    with pytest.raises(ValueError, match="sliding window"):
+        engine.generate(ids, mask, max_new_tokens=70, do_sample=False, pad_token_id=0)
+    out = engine.generate(ids, mask, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=[])
+    assert out.sequences.shape == (2, ids.shape[1] + 40)
 
 
 def test_phi3_longrope_is_refused_with_the_fallback():
