@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Kernel, new_empty, next_pow2
+from .attention_prefill import check_softcap
 
 SPLIT_SIZE = 256  # cache positions per chunk (fixed: see module docstring)
 TILE_N = 64       # positions per inner step inside a chunk (fixed for the same reason)
@@ -28,9 +29,9 @@ TILE_N = 64       # positions per inner step inside a chunk (fixed for the same 
 
 def _decode_partial_kernel(Q, K, V, Lens, Starts, s_lens, s_starts, MidO, MidM, MidL,
                            sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                           n_kv_heads, n_splits, qk_scale_log2,
+                           n_kv_heads, n_splits, qk_scale_log2, softcap,
                            GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           HAS_STARTS: tl.constexpr, IEEE: tl.constexpr,
+                           HAS_STARTS: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -66,7 +67,15 @@ def _decode_partial_kernel(Q, K, V, Lens, Starts, s_lens, s_starts, MidO, MidM, 
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = tl.where(n_ok[None, :], s * qk_scale_log2, float("-inf"))
+        if SOFTCAP:
+            # softcap * tanh(scale * qk / softcap) in log2 units (see attention_prefill.py)
+            x = s * (qk_scale_log2 / (softcap * 1.4426950408889634))
+            t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+            th = (1.0 - t) / (1.0 + t)
+            s = tl.where(x < 0, -th, th) * (softcap * 1.4426950408889634)
+        else:
+            s = s * qk_scale_log2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
@@ -122,14 +131,16 @@ def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, s_lens, s_starts, O, n
 
 
 _WARPS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 3), (8, 2)]]
-_partial = Kernel(_decode_partial_kernel, configs=_WARPS, key=["GROUP", "HEAD_DIM"],
+_partial = Kernel(_decode_partial_kernel, configs=_WARPS, key=["GROUP", "HEAD_DIM", "SOFTCAP"],
                   interpret_meta={})
 _reduce = Kernel(_decode_reduce_kernel)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_lens: torch.Tensor, *, cache_starts: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, softcap: Optional[float] = None) -> torch.Tensor:
+    """softcap: scores -> softcap * tanh(scores / softcap) before the masks (Gemma2)."""
+    check_softcap(softcap)
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError("attention_decode expects q [B, Hq, D] and equal caches [B, Hkv, Smax, D]; "
                          f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -163,8 +174,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _partial.launch(lambda meta: (n_splits, b * hkv), q, k_cache, v_cache, lens, starts,
                     lens.stride(0), starts.stride(0), mid_o, mid_m, mid_l, *q.stride(), *k_cache.stride(), *v_cache.stride(),
                     hkv, n_splits, scale * 1.4426950408889634,
+                    float(softcap) if softcap is not None else 0.0,
                     GROUP=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=d,
-                    HAS_STARTS=has_starts, IEEE=q.dtype == torch.float32,
+                    HAS_STARTS=has_starts, IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
                     SPLIT=SPLIT_SIZE, BLOCK_N=TILE_N, BLOCK_D=block_d)
     _reduce.launch(lambda meta: (b * hq,), mid_o, mid_m, mid_l, lens, starts, lens.stride(0),
                    starts.stride(0), out, hq, n_splits,

@@ -23,9 +23,9 @@ from ._launch import Kernel, new_empty, next_pow2
 def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, smb, smk,
-                    n_kv_heads, seq_q, seq_k, qk_scale_log2,
+                    n_kv_heads, seq_q, seq_k, qk_scale_log2, softcap,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -84,7 +84,16 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
                 s = tl.dot(q, k, input_precision="ieee")
             else:
                 s = tl.dot(q, k)
-            s = s * qk_scale_log2
+            if SOFTCAP:
+                # softcap * tanh(scale * qk / softcap), then to log2 units; qk_scale_log2 =
+                # scale * log2(e). tanh(|x|) = (1 - t) / (1 + t), t = exp(-2|x|) in (0, 1]:
+                # no overflow for any x.
+                x = s * (qk_scale_log2 / (softcap * 1.4426950408889634))
+                t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+                th = (1.0 - t) / (1.0 + t)
+                s = tl.where(x < 0, -th, th) * (softcap * 1.4426950408889634)
+            else:
+                s = s * qk_scale_log2
             if stage == 1:
                 allowed = n_ok[None, :] & row_ok[:, None]
                 if CAUSAL:
@@ -120,7 +129,7 @@ _CONFIGS = [
     for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
 ]
 _kernel = Kernel(_prefill_kernel, configs=_CONFIGS,
-                 key=["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK"],
+                 key=["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK", "SOFTCAP"],
                  interpret_meta={"BLOCK_M": 64, "BLOCK_N": 64})
 
 
@@ -143,10 +152,17 @@ def check_inputs(q, k, v, attention_mask):
                          f"got {tuple(attention_mask.shape)}")
 
 
+def check_softcap(softcap):
+    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+
+
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                       attention_mask: Optional[torch.Tensor] = None,
-                      scale: Optional[float] = None) -> torch.Tensor:
+                      scale: Optional[float] = None, softcap: Optional[float] = None) -> torch.Tensor:
+    """softcap: scores -> softcap * tanh(scores / softcap) before the masks (Gemma2)."""
     check_inputs(q, k, v, attention_mask)
+    check_softcap(softcap)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -165,6 +181,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     _kernel.launch(grid, q, k, v, out, mask_arg, key_start,
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smk,
                    hkv, sq, sk, scale * 1.4426950408889634,
+                   float(softcap) if softcap is not None else 0.0,
                    GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=mask is not None,
-                   IEEE=q.dtype == torch.float32, BLOCK_D=max(16, next_pow2(d)))
+                   IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
+                   BLOCK_D=max(16, next_pow2(d)))
     return out

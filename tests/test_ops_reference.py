@@ -78,9 +78,9 @@ def test_decode_matches_naive_with_starts_and_lens():
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_attention_softcap_prefill_and_decode_match_naive(backend, monkeypatch):
-    """softcap= caps the scores (Gemma2); a backend without a softcap kernel hands such calls to
-    the reference (the cuda backend's functions are called directly: its fallback works on CPU
-    tensors too)."""
+    """softcap= caps the scores (Gemma2): the triton kernels apply it themselves (interpreter);
+    the cuda backend has no softcap kernel and hands such calls to the reference (its functions
+    are called directly: the fallback works on CPU tensors too)."""
     prefill, decode = ops.attention_prefill, ops.attention_decode
     kw = dict(backend=backend)
     if backend == "cuda":

@@ -36,8 +36,15 @@ def test_attention_kernels_compile_for_sm90(dtype, head_dim):
     with compile_only(90, all_configs=all_configs) as rec:
         tb.attention_prefill(q, k, k, causal=True, attention_mask=torch.ones(2, 33, dtype=torch.long))
         tb.attention_decode(q[:, :, 0], k, k, torch.tensor([3, 33]), cache_starts=torch.tensor([0, 2]))
+        # the attention logit softcapping variants (Gemma2)
+        tb.attention_prefill(q, k, k, causal=True, attention_mask=torch.ones(2, 33, dtype=torch.long),
+                             softcap=50.0)
+        tb.attention_decode(q[:, :, 0], k, k, torch.tensor([3, 33]), cache_starts=torch.tensor([0, 2]),
+                            softcap=50.0)
     names = {r[0] for r in rec.compiled}
     assert names == {"_prefill_kernel", "_decode_partial_kernel", "_decode_reduce_kernel"}
+    capped = {(r[0], r[1]["SOFTCAP"]) for r in rec.compiled if "SOFTCAP" in r[1]}
+    assert capped == {(n, c) for n in ("_prefill_kernel", "_decode_partial_kernel") for c in (False, True)}
     if all_configs:
         assert sum(r[0] == "_prefill_kernel" for r in rec.compiled) > 1
     assert all(_fits(rec.compiled).values()), rec.compiled

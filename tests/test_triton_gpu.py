@@ -61,6 +61,35 @@ def test_decode_large(b, hq, hkv, smax, d, dtype):
     assert torch.equal(alone, out[1:2])  # independent of the batch composition
 
 
+@pytest.mark.parametrize("seq,hq,hkv,d,dtype", [
+    (1000, 8, 2, 256, torch.bfloat16), (777, 16, 4, 128, torch.bfloat16), (130, 8, 8, 64, torch.bfloat16),
+    (1000, 8, 2, 256, torch.float16)])
+def test_attention_softcap_bf16(seq, hq, hkv, d, dtype):
+    """Gemma2's attention logit softcapping (cap 50, head dim 256 as in Gemma2; a small cap of 2 on
+    large-norm q/k on the other shapes, where the cap visibly changes the result)."""
+    torch.manual_seed(seq + hq)
+    cap, amp = (50.0, 1.0) if d == 256 else (2.0, 3.0)
+    b = 2
+    q = (torch.randn(b, hq, seq, d, device=DEV) * amp).to(dtype)
+    k = (torch.randn(b, hkv, seq, d, device=DEV) * amp).to(dtype)
+    v = torch.randn(b, hkv, seq, d, dtype=dtype, device=DEV)
+    mask = left_pad_mask([seq, seq // 3], seq, device=DEV)
+    with poison_outputs():
+        out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask, softcap=cap)
+    expected = ref.attention_prefill(*as_fp32(q, k, v), causal=True, attention_mask=mask, softcap=cap)
+    assert rel_err(out, expected) < TOL[dtype]
+    assert torch.all(out[1, :, : seq - seq // 3] == 0)
+    if cap == 2.0:
+        uncapped = ref.attention_prefill(*as_fp32(q, k, v), causal=True, attention_mask=mask)
+        assert rel_err(uncapped, expected) > 0.1
+    lens = torch.tensor([seq, seq], device=DEV)
+    starts = torch.tensor([0, seq - seq // 3], device=DEV)
+    with poison_outputs():
+        dec = tb.attention_decode(q[:, :, -1], k, v, lens, cache_starts=starts, softcap=cap)
+    dec_expected = ref.attention_decode(*as_fp32(q[:, :, -1], k, v), lens, cache_starts=starts, softcap=cap)
+    assert rel_err(dec, dec_expected) < TOL[dtype]
+
+
 def test_decode_under_cuda_graph_and_kv_append():
     torch.manual_seed(0)
     b, hq, hkv, smax, d = 8, 16, 4, 1024, 128

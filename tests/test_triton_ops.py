@@ -166,6 +166,93 @@ def test_decode_rejects_bad_inputs():
         tb.attention_decode(q, kc, kc, torch.tensor([3.0, 2.0]))
 
 
+# ------------------------------------------------------------------ attention logit softcapping
+def _capped_inputs(b, hq, hkv, s, d, dtype, seed):
+    """Large-norm q/k (scores of tens at scale 1/sqrt(d)) so a cap of 2.0 changes the result."""
+    torch.manual_seed(seed)
+    q = (torch.randn(b, hq, s, d) * 3).to(dtype)
+    k = (torch.randn(b, hkv, s, d) * 3).to(dtype)
+    v = torch.randn(b, hkv, s, d, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("seq", [1, 17, 130])
+def test_prefill_softcap_matches_reference(seq, ratio, dtype):
+    b, hkv, d, cap = 3, 2, 64, 2.0
+    q, k, v = _capped_inputs(b, hkv * ratio, hkv, seq, d, dtype, seed=seq * 7 + ratio)
+    lengths = [seq, (seq + 1) // 2, 1]  # mixed left padding
+    mask = left_pad_mask(lengths, seq)
+    out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask, softcap=cap)
+    expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask, softcap=cap)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, expected) < TOL[dtype]
+    for bi, n in enumerate(lengths):
+        assert torch.all(out[bi, :, : seq - n] == 0)
+    if seq > 1:  # a single visible key gives v whatever the scores: nothing for the cap to change
+        uncapped = _fp32_reference(ref.attention_prefill, q, k, v, causal=True, attention_mask=mask)
+        assert rel_err(uncapped, expected) > 0.1, "the cap had no effect on these inputs"
+        assert rel_err(out, tb.attention_prefill(q, k, v, causal=True, attention_mask=mask)) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_softcap_non_causal_scale_and_fewer_queries(dtype):
+    """An explicit scale is applied inside the tanh (cap * tanh(scale * qk / cap)); Sq < Sk."""
+    torch.manual_seed(11)
+    q = (torch.randn(2, 8, 23, 64) * 3).to(dtype)
+    k = (torch.randn(2, 2, 150, 64) * 3).to(dtype)
+    v = torch.randn(2, 2, 150, 64, dtype=dtype)
+    mask = left_pad_mask([150, 40], 150)
+    for causal in (True, False):
+        out = tb.attention_prefill(q, k, v, causal=causal, attention_mask=mask, scale=0.3, softcap=5.0)
+        expected = _fp32_reference(ref.attention_prefill, q, k, v, causal=causal, attention_mask=mask,
+                                   scale=0.3, softcap=5.0)
+        assert rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("smax", [1, 17, 130, 300])
+def test_decode_softcap_matches_reference(smax, ratio, dtype):
+    b, hkv, d, cap = 4, 2, 64, 2.0
+    torch.manual_seed(smax * 3 + ratio)
+    q = (torch.randn(b, hkv * ratio, d) * 3).to(dtype)
+    kc = (torch.randn(b, hkv, smax, d) * 3).to(dtype)
+    vc = torch.randn(b, hkv, smax, d, dtype=dtype)
+    lens = torch.randint(1, smax + 1, (b,))
+    lens[0] = smax
+    starts = (torch.rand(b) * lens).long()
+    starts[0] = 0
+    out = tb.attention_decode(q, kc, vc, lens, cache_starts=starts, softcap=cap)
+    expected = _fp32_reference(ref.attention_decode, q, kc, vc, lens, cache_starts=starts, softcap=cap)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, expected) < TOL[dtype]
+    if smax > 1:
+        uncapped = _fp32_reference(ref.attention_decode, q, kc, vc, lens, cache_starts=starts)
+        assert rel_err(uncapped, expected) > 0.1, "the cap had no effect on these inputs"
+        assert rel_err(out, tb.attention_decode(q, kc, vc, lens, cache_starts=starts)) > 0.1
+
+
+def test_softcap_large_scores_stay_finite_and_bad_caps_are_rejected():
+    """Scores of thousands (tanh saturates) give no NaN/inf; softcap must be positive and finite."""
+    torch.manual_seed(12)
+    q, k, v = torch.randn(2, 4, 33, 64) * 30, torch.randn(2, 2, 33, 64) * 30, torch.randn(2, 2, 33, 64)
+    mask = left_pad_mask([33, 20], 33)
+    out = tb.attention_prefill(q, k, v, causal=True, attention_mask=mask, softcap=1.0)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref.attention_prefill(q, k, v, causal=True, attention_mask=mask, softcap=1.0)) \
+        < TOL[torch.float32]
+    lens = torch.tensor([33, 33])
+    dec = tb.attention_decode(q[:, :, -1], k, v, lens, softcap=1.0)
+    assert rel_err(dec, ref.attention_decode(q[:, :, -1], k, v, lens, softcap=1.0)) < TOL[torch.float32]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            tb.attention_prefill(q, k, v, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            tb.attention_decode(q[:, :, -1], k, v, lens, softcap=bad)
+
+
 # ------------------------------------------------------------------ KV-cache append
 @pytest.mark.parametrize("t", [1, 19])
 def test_kv_cache_append_matches_reference(t):
@@ -327,6 +414,9 @@ def test_custom_ops_have_fake_implementations():
         k = torch.empty(2, 2, 5, 64, dtype=torch.float16)
         assert tb.attention_prefill(q, k, k).shape == q.shape
         assert tb.attention_decode(q[:, :, 0], k, k, torch.empty(2, dtype=torch.long)).shape == (2, 8, 64)
+        assert tb.attention_prefill(q, k, k, softcap=50.0).shape == q.shape
+        assert tb.attention_decode(q[:, :, 0], k, k, torch.empty(2, dtype=torch.long),
+                                   softcap=50.0).shape == (2, 8, 64)
         x = torch.empty(3, 4, 32)
         y = tb.lora_linear(x, torch.empty(48, 32), None, torch.empty(4, 32), torch.empty(48, 4), 1.0)
         assert y.shape == (3, 4, 48)
@@ -343,6 +433,9 @@ def test_opcheck_schemas_and_fakes():
     ops = torch.ops.fastrlhf_triton
     torch.library.opcheck(ops.attention_prefill, (q, k, k, mask, True, 0.125), test_utils=tests)
     torch.library.opcheck(ops.attention_decode, (q[:, :, 0], k, k, torch.tensor([5, 4]), None, 0.125),
+                          test_utils=tests)
+    torch.library.opcheck(ops.attention_prefill, (q, k, k, mask, True, 0.125, 2.0), test_utils=tests)
+    torch.library.opcheck(ops.attention_decode, (q[:, :, 0], k, k, torch.tensor([5, 4]), None, 0.125, 2.0),
                           test_utils=tests)
     torch.library.opcheck(ops.rms_norm_residual, (q, q.clone(), None, 1e-6), test_utils=tests)
     torch.library.opcheck(ops.lora_linear, (torch.randn(3, 32), torch.randn(48, 32), None,

@@ -34,7 +34,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     A query row with no visible key (e.g. a left-pad position) returns zeros, never NaN.
     scale defaults to 1/sqrt(D). Softmax is computed in fp32.
     softcap (optional): scores -> softcap * tanh(scores / softcap) before masking (Gemma2's
-    attention logit softcapping). Kernel backends without it hand such calls to the reference.
+    attention logit softcapping). The triton kernels apply it; the cuda backend hands such
+    calls to the reference.
     """
     _, fn = resolve("attention_prefill", q.device, backend)
     if softcap is not None:

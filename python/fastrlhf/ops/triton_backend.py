@@ -47,60 +47,48 @@ def _op(name: str, mutates=()):
     return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates)
 
 
-_softcap_warned: set = set()
-
-
-def _reference_for_softcap(op: str):
-    """The torch reference of `op`, for calls with attention logit softcapping (no kernel yet)."""
-    from fastrlhf.ops import reference
-    if op not in _softcap_warned:
-        _softcap_warned.add(op)
-        import warnings
-        warnings.warn(f"fastrlhf.ops triton backend: {op} has no softcap kernel; using the torch "
-                      "reference for softcapped calls", RuntimeWarning, stacklevel=3)
-    return getattr(reference, op)
-
-
 # ---------------------------------------------------------------- attention
+# softcap (Gemma2 attention logit softcapping) is None for plain attention; the kernels then
+# compile exactly the uncapped code path (a constexpr branch).
 @_op("attention_prefill")
 def _prefill_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], causal: bool,
-                scale: float) -> Tensor:
-    return _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)
+                scale: float, softcap: Optional[float] = None) -> Tensor:
+    return _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
+                                      softcap=softcap)
 
 
 @_prefill_op.register_fake
-def _(q, k, v, attention_mask, causal, scale):
+def _(q, k, v, attention_mask, causal, scale, softcap=None):
     return q.new_empty(q.shape)
 
 
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
-    if softcap is not None:  # no softcapping kernel: the reference computes such calls
-        return _reference_for_softcap("attention_prefill")(
-            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
     _prefill.check_inputs(q, k, v, attention_mask)
+    _prefill.check_softcap(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _prefill_op(q, k, v, attention_mask, bool(causal), scale)
+    return _prefill_op(q, k, v, attention_mask, bool(causal), scale,
+                       None if softcap is None else float(softcap))
 
 
 @_op("attention_decode")
 def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
-               cache_starts: Optional[Tensor], scale: float) -> Tensor:
-    return _decode.attention_decode(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale)
+               cache_starts: Optional[Tensor], scale: float, softcap: Optional[float] = None) -> Tensor:
+    return _decode.attention_decode(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale,
+                                    softcap=softcap)
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_lens, cache_starts, scale):
+def _(q, k_cache, v_cache, cache_lens, cache_starts, scale, softcap=None):
     return q.new_empty(q.shape)
 
 
 def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
-    if softcap is not None:
-        return _reference_for_softcap("attention_decode")(
-            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
     if q.dim() != 3:
         raise ValueError(f"attention_decode expects q [B, Hq, D], got {tuple(q.shape)}")
+    _prefill.check_softcap(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _decode_op(q, k_cache, v_cache, cache_lens, cache_starts, scale)
+    return _decode_op(q, k_cache, v_cache, cache_lens, cache_starts, scale,
+                      None if softcap is None else float(softcap))
 
 
 @_op("kv_cache_append", mutates=("k_cache", "v_cache"))
