@@ -10,8 +10,8 @@
   practical ceiling that memory-bound kernels are reported against (% of copy).
 - `device_info(device)`: {"device": name, "date": ISO UTC timestamp, ...} for result rows.
 - `append_jsonl(path, rows)` and `markdown_table(rows, columns)` to record and print.
-- `machine_load()`: the 1-minute load average before a run (recorded in CPU rows, with a
-  warning when the machine is busy: see its docstring).
+- `machine_load()`: how busy the CPUs were just before a run (recorded in CPU rows, with a
+  warning when other work is running: see its docstring).
 
 Medians, not means: a few slow outliers (clock ramp-up, a neighbour process) must not
 move the number. Everything here works on the CPU too (for smoke tests), where the
@@ -118,8 +118,25 @@ def device_info(device) -> Dict[str, str]:
             "torch": torch.__version__, "commit": _git_commit()}
 
 
+def _cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy over the next `seconds` (from /proc/stat; NaN where there is none).
+    Unlike the 1-minute load average it does not remember a job that has just finished."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
 def machine_load(warn: bool = True) -> Dict[str, float]:
-    """{"load_avg_1m": ..., "cpu_count": ...}, printing a warning when other work is running.
+    """{"cpu_busy_1s", "load_avg_1m", "cpu_count"} before a run, warning when other work runs.
 
     CPU timings taken while other processes run are not comparable with quiet ones, and not
     even between the two sides of one run: torch's OpenMP threads wait at every op for a
@@ -127,15 +144,16 @@ def machine_load(warn: bool = True) -> Dict[str, float]:
     decoding) slow down several times more than large GEMMs do. Seen here: a PPO iteration on
     OPT-125M measured 18.6 s of generation beside a running test suite vs 2.0 s alone.
     """
+    busy = _cpu_busy_fraction()
     try:
         load1 = os.getloadavg()[0]
     except (OSError, AttributeError):
         load1 = float("nan")
     cores = os.cpu_count() or 1
-    if warn and load1 > 0.5:
-        print(f"WARNING: load average {load1:.2f} on {cores} cores before the run: other work is running, so "
+    if warn and busy > 0.25:
+        print(f"WARNING: {busy:.0%} of the {cores} cores were busy with other work just before the run, so "
               f"CPU timings (and engine-vs-HF ratios) are unreliable; rerun on a quiet machine", file=sys.stderr)
-    return {"load_avg_1m": round(load1, 2), "cpu_count": cores}
+    return {"cpu_busy_1s": round(busy, 3), "load_avg_1m": round(load1, 2), "cpu_count": cores}
 
 
 def append_jsonl(path: str, rows: Iterable[dict]) -> None:
