@@ -82,10 +82,10 @@ sys.exit(0 if ok else 1)"
 
 # ---- every GPU-marked test: the cuda backend first (its own time limit), then the rest
 # (triton, engine, ...), so a slow group cannot starve the other of its verdict
-run_stage gpu_tests_cuda 150 "$PY" -m pytest -m gpu tests/test_cuda_ops.py -q -p no:cacheprovider -rfE \
+run_stage gpu_tests_cuda 150 "$PY" -m pytest -m gpu tests/gpu/test_cuda_ops.py -q -p no:cacheprovider -rfE \
   --junitxml="$OUT/gpu_tests_cuda.xml" --durations=10
 run_stage gpu_tests_other 210 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfE \
-  --ignore=tests/test_cuda_ops.py \
+  --ignore=tests/gpu/test_cuda_ops.py \
   --junitxml="$OUT/gpu_tests_other.xml" --durations=10
 
 # ---- benchmarks: kernels first (they write the backend preference table), then end to end

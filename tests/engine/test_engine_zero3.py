@@ -14,7 +14,7 @@ import sys
 import torch
 
 from fastrlhf.models.loading import hf_dtype_kwargs
-from test_engine_utils import build_tiny, left_padded_batch
+from conftest import build_tiny, left_padded_batch
 
 NEW_TOKENS = 12
 
@@ -75,7 +75,7 @@ def test_zero3_two_process_generation_matches_single_process(tmp_path):
 
     out_path = tmp_path / "zero3.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29500 + os.getpid() % 1000), __file__, str(tmp_path / "model"),
            str(out_path)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
-from test_engine_utils import build_tiny, left_padded_batch
+from conftest import build_tiny, left_padded_batch
 
 
 def _greedy_pair(model, config, lengths=(5, 9, 3), new=10, device="cpu"):
@@ -45,12 +45,10 @@ def test_triton_kernels_path_equals_hf(tmp_path, monkeypatch, name):
     assert torch.equal(ours, ref)
 
 
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py
 
 
 @gpu
-@needs_cuda
 @pytest.mark.parametrize("name", ["llama", "opt", "gpt_neox"])
 def test_gpu_cuda_graphs_equal_eager_and_hf(tmp_path, name):
     model = build_tiny(name, tmp_path).cuda()
@@ -61,7 +59,6 @@ def test_gpu_cuda_graphs_equal_eager_and_hf(tmp_path, name):
 
 
 @gpu
-@needs_cuda
 def test_gpu_bf16_logprobs_close_to_training_forward(tmp_path):
     model = build_tiny("llama", tmp_path, dtype=torch.bfloat16).cuda()
     ids, mask = left_padded_batch([5, 12, 7], seed=32)

@@ -4,7 +4,7 @@ TRITON_INTERPRET=1 is set per test (monkeypatch), not for the whole process: the
 reads it at call time and wraps its kernels for the current mode on first launch, so this
 file behaves the same alone or after other files imported triton, and it does not switch
 other files' GPU kernels into the interpreter. fp32 and fp16 only (the interpreter's bf16
-tl.dot is wrong; bf16 is covered by tests/test_triton_gpu.py and the sm_90 compile check).
+tl.dot is wrong; bf16 is covered by tests/gpu/test_triton_gpu.py and the sm_90 compile check).
 Outputs the kernels allocate are NaN-poisoned (`poison_outputs`), so an element a kernel
 never writes fails the comparison.
 """
@@ -16,11 +16,8 @@ import torch
 from fastrlhf.kernels._launch import poison_outputs
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
-from fastrlhf.utils.testing import rel_err, left_pad_mask
-
-# ||out - ref|| / ||ref|| allowed per dtype: a few units of the dtype's rounding error
-# (fp16 eps = 9.8e-4; fp32 results differ from the reference only by summation order)
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+from conftest import TOL
+from fastrlhf.utils.testing import left_pad_mask, rel_err
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine, UnsupportedArchitecture
-from test_engine_utils import TINY_CONFIGS, build_tiny, left_padded_batch, tiny_config
+from conftest import TINY_CONFIGS, build_tiny, left_padded_batch, tiny_config
 
 NEW_TOKENS = 36
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
-from test_engine_utils import build_tiny, left_padded_batch
+from conftest import build_tiny, left_padded_batch
 
 NEW_TOKENS = 6
 

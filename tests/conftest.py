@@ -1,8 +1,16 @@
-"""Shared builders for the engine tests: tiny HF models of every supported family.
+"""Shared by every test folder: the one GPU-skip rule, the one tolerance table, and the builders
+of tiny HF models of every supported family.
 
-Models are built from configs with random weights, saved with save_pretrained and loaded back
-by path (the real loading code, no hub). A larger initializer_range than HF's default makes
-the next-token distributions peaked, so greedy comparisons are not decided by near-ties.
+- GPU rule: a test marked `@pytest.mark.gpu` (or a module with `pytestmark = pytest.mark.gpu`)
+  is skipped, with the reason, on a machine without CUDA; `benchmarks/gpu_suite.sh` runs them.
+- `TOL[dtype]`: the relative-norm error ‖out − ref‖ / ‖ref‖ a kernel may have against the fp32
+  reference, about two roundings of the output dtype.
+- Tiny models are built from configs with random weights, saved with save_pretrained and loaded
+  back by path (the real loading code, no hub). A larger initializer_range than HF's default makes
+  the next-token distributions peaked, so greedy comparisons are not decided by near-ties.
+
+Test modules import the builders and TOL with `from conftest import ...` (tests/ is on sys.path
+for them, as the rootdir of this conftest).
 """
 from __future__ import annotations
 
@@ -12,6 +20,19 @@ import transformers
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from fastrlhf.models.loading import hf_dtype_kwargs
+
+# bf16 eps = 7.8e-3, fp16 eps = 9.8e-4: about two roundings of relative error in the norm
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by benchmarks/gpu_suite.sh)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
 
 VOCAB = 96
 TINY_CONFIGS = {

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 import fastrlhf
 from fastrlhf.hybrid_engine.injection import FastLayerNorm, FastRMSNorm
 from fastrlhf.models.lora import apply_lora, lora_modules
-from test_engine_utils import TinyModels, left_padded_batch
+from conftest import TinyModels, left_padded_batch
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "opt", "gpt2", "gpt_neox"]
 # attention injection needs transformers' attention-mask interface (4.54); OPT and GPT-2 attention

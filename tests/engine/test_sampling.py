@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 from fastrlhf.hybrid_engine.sampling import (SamplingParams, apply_repetition_penalty, choose_tokens,
                                              process_logits, top_k_filter, top_p_filter)
-from test_engine_utils import build_tiny, left_padded_batch
+from conftest import build_tiny, left_padded_batch
 
 
 @pytest.fixture(scope="module")

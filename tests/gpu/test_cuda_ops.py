@@ -12,24 +12,20 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+from conftest import TOL
+from fastrlhf import ops
+from fastrlhf.ops import cuda_backend as cb
+from fastrlhf.ops import reference as ref
+from fastrlhf.utils.testing import as_fp32, left_pad_mask, rel_err
 
-os.environ["FASTRLHF_CUDA_POISON"] = "1"  # read by the extension on every call
-
-from fastrlhf import ops  # noqa: E402
-from fastrlhf.ops import cuda_backend as cb  # noqa: E402
-from fastrlhf.ops import reference as ref  # noqa: E402
-from fastrlhf.utils.testing import as_fp32, left_pad_mask, rel_err  # noqa: E402
+pytestmark = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py
 
 DEV = "cuda"
-# about two roundings of the output dtype, in the relative norm
-TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
+    os.environ["FASTRLHF_CUDA_POISON"] = "1"  # read by the extension on every call
     ok, why = cb.load_extension()
     assert ok, f"the CUDA extension did not build/load: {why}"
 

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 from fastrlhf.models.lora import apply_lora, lora_modules
-from test_engine_utils import TinyModels, left_padded_batch
+from conftest import TinyModels, left_padded_batch
 
 
 @pytest.fixture(scope="module")
