@@ -1,6 +1,8 @@
 """Shared timing helpers for the benchmarks (kernels, generation, end-to-end PPO).
 
-    from benchmarks.common import bench, copy_bandwidth, device_info, append_jsonl, markdown_table
+    from common import bench, copy_bandwidth, device_info, append_jsonl, markdown_table
+
+(the scripts run as `python benchmarks/X.py`, which puts this folder on sys.path).
 
 - `bench(fn, device, reps=..., cold_l2=...)`: median (and p10/p90) milliseconds of `fn()`
   over many runs after warm-up. On CUDA each run is bracketed by its own CUDA events, and
@@ -8,7 +10,8 @@
   (outside the timed region), so memory-bound kernels are measured reading from HBM.
 - `copy_bandwidth(device)`: GB/s of a device-to-device copy (bytes read + written), the
   practical ceiling that memory-bound kernels are reported against (% of copy).
-- `device_info(device)`: {"device": name, "date": ISO UTC timestamp, ...} for result rows.
+- `device_info(device)`: {"device", "date" (ISO UTC), "torch", "commit"} for result rows;
+  `git_commit()`: the short hash of the checkout's HEAD ("" outside git).
 - `append_jsonl(path, rows)` and `markdown_table(rows, columns)` to record and print.
 - `machine_load()`: how busy the CPUs were just before a run (recorded in CPU rows, with a
   warning when other work is running: see its docstring).
@@ -104,7 +107,7 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
@@ -115,7 +118,7 @@ def _git_commit() -> str:
 def device_info(device) -> Dict[str, str]:
     return {"device": device_name(device),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "commit": _git_commit()}
+            "torch": torch.__version__, "commit": git_commit()}
 
 
 def _cpu_busy_fraction(seconds: float = 1.0) -> float:
@@ -141,8 +144,8 @@ def machine_load(warn: bool = True) -> Dict[str, float]:
     CPU timings taken while other processes run are not comparable with quiet ones, and not
     even between the two sides of one run: torch's OpenMP threads wait at every op for a
     sibling thread that the OS has descheduled, so loops of many small ops (token-by-token
-    decoding) slow down several times more than large GEMMs do. Seen here: a PPO iteration on
-    OPT-125M measured 18.6 s of generation beside a running test suite vs 2.0 s alone.
+    decoding) slow down several times more than large GEMMs do (benchmarks/README.md shows
+    one such pair of rows).
     """
     busy = _cpu_busy_fraction()
     try:

@@ -24,13 +24,11 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from common import git_commit, machine_load
+from fastrlhf.data.default_task import default_model_dir
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import machine_load  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(HERE, "..", "python", "fastrlhf", "data", "default", "config.json")
 
 # random-weight configs by name; "default" is the project's tiny default model when present
 MODEL_CONFIGS = {
@@ -51,11 +49,8 @@ MODEL_CONFIGS = {
 
 
 def build_model(name: str, dtype: torch.dtype, device: str):
-    if name == "default":
-        if os.path.exists(DEFAULT_CONFIG):
-            cfg = AutoConfig.from_pretrained(os.path.dirname(DEFAULT_CONFIG))
-        else:  # before the data engineer's default landed: a ~3M-param Llama
-            return build_model("llama-3m", dtype, device)
+    if name == "default":  # the bundled tiny Llama of the default task
+        cfg = AutoConfig.from_pretrained(default_model_dir())
     else:
         family, kw = MODEL_CONFIGS[name]
         cfg = AutoConfig.for_model(family, **kw)
@@ -111,7 +106,7 @@ def bench_model(name, args, device, dtype):
     ids, mask = make_prompts(model.config.vocab_size, args.batch, args.prompt_len, device)
     n_new = args.new_tokens
     engine = HybridEngine(model, None, EngineConfig(cuda_graphs=not args.no_graphs))
-    fused = engine._fuse_projections()
+    fused = bool(engine.config.fuse_projections)
     alt = HybridEngine(model, None, EngineConfig(cuda_graphs=not args.no_graphs, fuse_projections=not fused))
     impls = {
         "hf": lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
@@ -121,7 +116,7 @@ def bench_model(name, args, device, dtype):
                                             cache_implementation="static"),
         "engine": lambda: engine.generate(ids, mask, max_new_tokens=n_new, do_sample=False,
                                           eos_token_id=[], pad_token_id=0),
-        # the engine with the other fuse_projections setting than its auto choice, to measure
+        # the engine with the other fuse_projections setting than its config's, to measure
         # whether concatenating q/k/v and gate/up (a weight copy per generate) pays
         "engine-alt": lambda: alt.generate(ids, mask, max_new_tokens=n_new, do_sample=False,
                                            eos_token_id=[], pad_token_id=0),
@@ -157,7 +152,7 @@ def bench_model(name, args, device, dtype):
                          cpu_speedup_vs_hf=None if base_cpu is None else round(base_cpu / med_cpu, 3),
                          runs=args.runs, all_s=[round(t, 4) for t in ts],
                          logprob_max_abs_diff=gap if k == "engine" else None,
-                         lean_cpu_decode=engine.config.lean_cpu_decode if k.startswith("engine") else None))
+                         lean_cpu_decode=getattr(engine.config, "lean_cpu_decode", None) if k.startswith("engine") else None))
     del engine, model
     return rows
 
@@ -190,13 +185,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()
     from fastrlhf import ops
     backend = ops.resolve("attention_decode", torch.device(device))[0]
     load = machine_load(warn=device == "cpu")
     all_rows = []
     for name in models:
         for row in bench_model(name, args, device, dtype):
-            row.update(device=dev_name, date=date, ops_backend=backend, torch=torch.__version__, **load)
+            row.update(device=dev_name, date=date, ops_backend=backend, torch=torch.__version__, commit=commit, **load)
             all_rows.append(row)
     print(f"\ndevice: {dev_name}  date: {date}  ops backend: {backend}")
     print(f"{'model':<12}{'params(M)':>10}{'impl':>20}{'tok/s':>10}{'median s':>10}{'x hf':>7}"

@@ -125,8 +125,7 @@ if [ -f benchmarks/generation.py ]; then
   run_stage bench_generation 120 "$PY" benchmarks/generation.py --gpu --out "$OUT/generation.jsonl"
 fi
 if [ -f benchmarks/rlhf.py ]; then
-  run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu
-  cp benchmarks/results/rlhf.jsonl "$OUT/rlhf.jsonl" 2>/dev/null
+  run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu --out "$OUT/rlhf.jsonl"
 fi
 
 # ---- short table last

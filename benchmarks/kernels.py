@@ -14,8 +14,8 @@ Measured in one run, on one device:
 - norms, rotary, KV append: GB/s of bytes moved, % of copy.
 Rows are appended to benchmarks/results/kernels.jsonl (with device, date, commit), a
 markdown table is printed, and on CUDA the backend preference table
-python/fastrlhf/ops/tables/<device slug>.json (fastest first, per op) that `auto` dispatch
-loads is written.
+<device slug>.json (fastest first, per op) that `auto` dispatch loads is written into the
+installed package's fastrlhf/ops/tables/ (commit it there to ship it as package data).
 """
 from __future__ import annotations
 
@@ -23,21 +23,17 @@ import argparse
 import json
 import math
 import os
-import sys
 import warnings
 from typing import Callable, Dict, List
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
+from common import append_jsonl, bench, copy_bandwidth, device_info, markdown_table
+from fastrlhf import ops
+from fastrlhf.ops import dispatch
 
-from benchmarks.common import append_jsonl, bench, copy_bandwidth, device_info, markdown_table  # noqa: E402
-from fastrlhf import ops  # noqa: E402
-from fastrlhf.ops import dispatch  # noqa: E402
-
-RESULTS = os.path.join(_ROOT, "benchmarks", "results", "kernels.jsonl")
-TABLES = os.path.join(_ROOT, "python", "fastrlhf", "ops", "tables")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.jsonl")
+TABLES = os.path.join(os.path.dirname(ops.__file__), "tables")  # where dispatch looks for them
 GB = 1e9
 
 

@@ -7,7 +7,7 @@ shared machine's load hits both alike. Every answer is forced to the
 full length (min_new_tokens = max_new_tokens) so both do the same work. Reported per mode:
 the median time split of an iteration (generation; actor / reference / reward / critic
 forwards; actor and critic training), sequences/s and generated tokens/s, and the end-to-end
-speedup. One JSON row per mode is appended to benchmarks/results/rlhf.jsonl.
+speedup. One JSON row per mode is appended to benchmarks/results/rlhf.jsonl (or --out).
 
     python benchmarks/rlhf.py                 # CPU: the bundled tiny Llama (actor and reward)
     python benchmarks/rlhf.py --gpu           # OPT-1.3B actor + OPT-350M reward, 256 + 256, bf16
@@ -27,11 +27,9 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import machine_load  # noqa: E402
+from common import git_commit, machine_load
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results", "rlhf.jsonl")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "rlhf.jsonl")
 
 OPT_1_3B = dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
                 word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048)
@@ -150,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--modes", nargs="+", default=["engine", "hf"], choices=("engine", "hf"))
     p.add_argument("--sequential", action="store_true", help="one trainer at a time instead of interleaved")
+    p.add_argument("--out", default=RESULTS, help="JSONL file the rows are appended to")
     p.add_argument("--no_save", action="store_true", help="do not append to the results file")
     args = p.parse_args(argv)
     if args.gpu:
@@ -184,17 +183,17 @@ def main(argv=None) -> int:
         gen_speedup = results["hf"]["gen_time"] / results["engine"]["gen_time"]
         print(f"engine vs hf: end to end {speedup:.2f}x, generation {gen_speedup:.2f}x")
     if not args.no_save:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "a") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "a") as f:
             for mode, r in results.items():
                 f.write(json.dumps({"bench": "rlhf_ppo_iteration", "date": when, "device": dev, "preset": args.preset,
                                     "mode": mode, "batch": args.batch, "prompt_len": args.prompt_len,
                                     "answer_len": args.answer_len, "dtype": dtype, "zero_stage": args.zero_stage,
-                                    "iters": args.iters, "torch": torch.__version__,
+                                    "iters": args.iters, "torch": torch.__version__, "commit": git_commit(),
                                     "interleaved": not args.sequential, **load,
                                     "speedup_vs_hf": speedup if mode == "engine" else None,
                                     **{k: round(v, 6) for k, v in r.items()}}) + "\n")
-        print(f"appended to {RESULTS}")
+        print(f"appended to {args.out}")
     return 0
 
 
