@@ -22,10 +22,8 @@ chosen answer beats the rejected one both in score (by at least ``MIN_SCORE_GAP`
 the net count of tone words (by at least ``MIN_NET_GAP``), so a reward model that only
 counts words and one that learns the exact ratio agree on every pair.
 
-Measured with ``python -m fastrlhf.data.learnability`` (plain torch, random init, batch 32, one
-thread of the shared 2-core dev CPU, 2026-11-24): reward model held-out pairwise accuracy 0.71 /
-0.985 / 1.0 after 50 / 100 / 150 steps (lr 1e-3); SFT lifts the mean ground-truth score of sampled
-answers from -0.006 to 0.092 in 300 steps (lr 2e-3), against a maximum of 1.
+``python -m fastrlhf.data.learnability`` checks that the tiny model learns the task (measured
+runs: ``benchmarks/results/default_task_notes.md``).
 
 The same folder holds a word-level tokenizer built from the data (``tokenizer.json``,
 ``tokenizer_config.json`` with bos/eos/pad/unk and a Human/Assistant chat template) and a
