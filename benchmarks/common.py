@@ -10,8 +10,9 @@
   (outside the timed region), so memory-bound kernels are measured reading from HBM.
 - `copy_bandwidth(device)`: GB/s of a device-to-device copy (bytes read + written), the
   practical ceiling that memory-bound kernels are reported against (% of copy).
-- `device_info(device)`: {"device", "date" (ISO UTC), "torch", "commit"} for result rows;
-  `git_commit()`: the short hash of the checkout's HEAD ("" outside git).
+- `device_info(device)`: {"device", "date" (ISO UTC), "commit", "torch", "transformers",
+  "triton"} for result rows; `git_commit()`: the short hash of the checkout's HEAD ("" outside
+  git); `versions()`: the installed versions of the libraries the numbers depend on.
 - `append_jsonl(path, rows)` and `markdown_table(rows, columns)` to record and print.
 - `machine_load()`: how busy the CPUs were just before a run (recorded in CPU rows, with a
   warning when other work is running: see its docstring).
@@ -23,6 +24,7 @@ numbers only say the code runs.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -115,10 +117,22 @@ def git_commit() -> str:
         return ""
 
 
+def versions() -> Dict[str, str]:
+    """torch, transformers and triton versions ("" when not installed): HF generate, the
+    baseline of generation.py and rlhf.py, changes speed between transformers releases."""
+    found = {"torch": torch.__version__}
+    for name in ("transformers", "triton"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = ""
+    return found
+
+
 def device_info(device) -> Dict[str, str]:
     return {"device": device_name(device),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "commit": git_commit()}
+            "commit": git_commit(), **versions()}
 
 
 def _cpu_busy_fraction(seconds: float = 1.0) -> float:

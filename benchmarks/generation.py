@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common import git_commit, machine_load
+from common import git_commit, machine_load, versions
 from fastrlhf.data.default_task import default_model_dir
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 
@@ -192,7 +192,7 @@ def main(argv=None):
     all_rows = []
     for name in models:
         for row in bench_model(name, args, device, dtype):
-            row.update(device=dev_name, date=date, ops_backend=backend, torch=torch.__version__, commit=commit, **load)
+            row.update(device=dev_name, date=date, ops_backend=backend, commit=commit, **versions(), **load)
             all_rows.append(row)
     print(f"\ndevice: {dev_name}  date: {date}  ops backend: {backend}")
     print(f"{'model':<12}{'params(M)':>10}{'impl':>20}{'tok/s':>10}{'median s':>10}{'x hf':>7}"

@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 
-from common import git_commit, machine_load
+from common import git_commit, machine_load, versions
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "rlhf.jsonl")
 
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps({"bench": "rlhf_ppo_iteration", "date": when, "device": dev, "preset": args.preset,
                                     "mode": mode, "batch": args.batch, "prompt_len": args.prompt_len,
                                     "answer_len": args.answer_len, "dtype": dtype, "zero_stage": args.zero_stage,
-                                    "iters": args.iters, "torch": torch.__version__, "commit": git_commit(),
+                                    "iters": args.iters, "commit": git_commit(), **versions(),
                                     "interleaved": not args.sequential, **load,
                                     "speedup_vs_hf": speedup if mode == "engine" else None,
                                     **{k: round(v, 6) for k, v in r.items()}}) + "\n")
