@@ -153,11 +153,6 @@ class PromptRenderer:
                 parts.append(f"{m['content']}\n\n")
         return "".join(parts) + ASSISTANT_TAG
 
-    def text_prompt(self, prompt: str) -> str:
-        if prompt.rstrip().endswith(ASSISTANT_TAG):
-            return prompt.rstrip()
-        return self.prompt([{"role": "user", "content": prompt}])
-
     def _wrapper(self, head: list[dict], rendered_prompt: str) -> tuple[str, str] | None:
         """(before, after) the template writes around an answer that follows ``head``; None if opaque."""
         key = self._key(head)
@@ -249,7 +244,3 @@ def _parse_row(fmt: str, cols: dict, row: dict, source: str, i: int) -> ParsedRo
                         f"make the dialogues differ only in the final assistant answer")
     return ParsedRow(prompt_messages=chosen[:-1], answers=(chosen[-1]["content"], rejected[-1]["content"]))
 
-
-def to_samples(rows: list[dict], source: str, renderer: PromptRenderer) -> list[Sample]:
-    """Validate and render every row."""
-    return [p.render(renderer) for p in parse_rows(rows, source)]
