@@ -88,7 +88,8 @@ def random_prompts(tok, n: int, length: int, vocab: int, seed: int):
 
 
 def make_trainer(mode: str, paths, prompts, args, dtype: str):
-    from fastrlhf.rlhf.ppo import PPOConfig, PPOTrainer
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.rlhf.ppo import PPOTrainer
     actor_dir, rm_dir = paths
     cfg = PPOConfig(model_name_or_path=actor_dir, reward_model=rm_dir, output_dir=os.path.join(args.workdir, mode),
                     rollout_batch_size=args.batch, micro_batch_size=args.micro_batch or args.batch,
@@ -97,7 +98,7 @@ def make_trainer(mode: str, paths, prompts, args, dtype: str):
                     generation_fallback="hf" if mode == "hf" else None, resume="no",
                     data={"max_prompt_len": args.prompt_len, "max_answer_len": args.answer_len})
     trainer = PPOTrainer(cfg, prompts=prompts, eval_prompts=prompts[:1])
-    trainer.gt_score = None  # random prompts: there is no ground truth to score
+    trainer.rollouts.gt_score = None  # random prompts: there is no ground truth to score
     return trainer
 
 

@@ -4,7 +4,7 @@
     fastrlhf sft   [--config sft.yaml] [--key value ...]
     fastrlhf rm    [--config rm.yaml]  [--key value ...]
     fastrlhf ppo   [--config ppo.yaml] [--key value ...]
-    fastrlhf dpo   [--key value ...]        (fastrlhf.rlhf.dpo)
+    fastrlhf dpo   [--config dpo.yaml] [--key value ...]
     fastrlhf chat  --model DIR              (fastrlhf.rlhf.chat)
     fastrlhf ops
 
@@ -22,15 +22,18 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import (DEFAULT_TASK_PROFILES, ConfigError, RMConfig, SFTConfig, TrainConfig, add_dataclass_arguments,
-                     config_from_dict, load_config_file, merge_dicts, namespace_overrides, unflatten)
+from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_from_dict, load_config_file,
+                     merge_dicts, namespace_overrides, unflatten)
+from .data.errors import DataError
+from .rlhf.configs import DEFAULT_TASK_PROFILES
+from .rlhf.registry import TRAINERS
 
 STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
 STEP_DIRS = {1: "step1_sft", 2: "step2_rm", 3: "step3_ppo"}
 
 TRAIN_EPILOG = """\
 examples:
-  fastrlhf train                                   # steps 1 and 2 (and 3 when available) on the bundled tiny task
+  fastrlhf train                                   # steps 1, 2 and 3 on the bundled tiny task
   fastrlhf train --steps 1 2 --output_dir runs/a   # SFT then reward model, into runs/a/step1_sft, runs/a/step2_rm
   fastrlhf train --model_name_or_path facebook/opt-350m --data.paths Dahoas/rm-static \\
       --zero_stage 2 --dtype bf16 --sft.learning_rate 2e-5 --rm.num_epochs 1
@@ -45,28 +48,9 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _step_config_class(step: int):
-    if step == 1:
-        return SFTConfig
-    if step == 2:
-        return RMConfig
-    try:
-        from .rlhf.ppo import PPOConfig
-    except ImportError as e:
-        raise CLIError(f"step 3 (PPO) is not available in this installation ({e}); run --steps 1 2") from None
-    return PPOConfig
-
-
-def _profile(step_name: str, model_given: bool) -> Dict[str, Any]:
-    if model_given:
-        return {}
-    if step_name == "ppo":
-        try:
-            from .rlhf import ppo
-            return dict(getattr(ppo, "DEFAULT_TASK_PROFILE", {}))
-        except ImportError:
-            return {}
-    return dict(DEFAULT_TASK_PROFILES.get(step_name, {}))
+def _profile(name: str, model_given: bool) -> Dict[str, Any]:
+    """The bundled-task settings of a trainer, used only when no model is named."""
+    return {} if model_given else dict(DEFAULT_TASK_PROFILES.get(name, {}))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  step 3 PPO trains the SFT model against that reward model.",
                            epilog=TRAIN_EPILOG)
     train.add_argument("--steps", type=int, nargs="+", default=None, choices=(1, 2, 3), metavar="N",
-                       help="steps to run, from 1 2 3 (default: 1 2 3 when step 3 is installed, else 1 2)")
+                       help="steps to run, from 1 2 3 (default: all three)")
     train.add_argument("--rm_init", choices=("base", "sft"), default="base",
                        help="initialise the reward model from the base model (default, as DeepSpeed-Chat) "
                             "or from the step-1 output")
@@ -106,26 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
 
-    for name, cls, help_text in (("sft", SFTConfig, "step 1: supervised fine-tuning"),
-                                 ("rm", RMConfig, "step 2: reward model on preference pairs")):
-        p = sub.add_parser(name, allow_abbrev=False, help=help_text, formatter_class=_formatter,
-                           description=cls.__doc__,
+    for name, entry in TRAINERS.items():
+        p = sub.add_parser(name, allow_abbrev=False, help=entry.help, formatter_class=_formatter,
+                           description=entry.config.__doc__,
                            usage=f"fastrlhf {name} [--config FILE] [--KEY VALUE ...] [--data.KEY VALUE ...]")
         _add_common(p)
-        add_dataclass_arguments(p, cls)
-        p.set_defaults(func=cmd_step, config_cls=cls, step=name)
+        add_dataclass_arguments(p, entry.config)
+        p.set_defaults(func=cmd_trainer, trainer=name)
 
-    ppo = sub.add_parser("ppo", help="step 3: PPO against a trained reward model", formatter_class=_formatter,
-                         add_help=False, description="Step 3 (PPO); options come from fastrlhf.rlhf.ppo.PPOConfig.")
-    ppo.add_argument("-h", "--help", action="store_true")
-    ppo.set_defaults(func=cmd_ppo)
-
-    # step-3 extras (fastrlhf.rlhf.chat / .dpo parse their own options, imported only when used)
-    for name, help_text in (("chat", "talk to a trained model: multi-turn on the hybrid engine (--prompt: one shot)"),
-                            ("dpo", "DPO: preference pairs -> policy, instead of steps 2 + 3")):
-        extra_cmd = sub.add_parser(name, help=help_text, add_help=False)
-        extra_cmd.add_argument("-h", "--help", action="store_true")
-        extra_cmd.set_defaults(func=cmd_chat if name == "chat" else cmd_dpo)
+    chat = sub.add_parser("chat", add_help=False,
+                          help="talk to a trained model: multi-turn on the hybrid engine (--prompt: one shot)")
+    chat.add_argument("-h", "--help", action="store_true")
+    chat.set_defaults(func=cmd_chat)
 
     ops = sub.add_parser("ops", help="show the kernel backends and the CUDA extension status",
                          formatter_class=_formatter)
@@ -139,48 +115,20 @@ def _file_values(path: Optional[str]) -> Dict[str, Any]:
     return load_config_file(path) if path else {}
 
 
-def _layered_values(step: Optional[str], file_values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """The step's bundled-task profile (only when no model is named) < config file < command line."""
+def _layered_values(name: str, file_values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The trainer's bundled-task profile (only when no model is named) < config file < command line."""
     values = merge_dicts(file_values, overrides)
-    if step is None:
-        return values
-    return merge_dicts(_profile(step, bool(values.get("model_name_or_path"))), values)
+    return merge_dicts(_profile(name, bool(values.get("model_name_or_path"))), values)
 
 
-def _parse_late_options(prog: str, cls, args: argparse.Namespace, extra: List[str]):
-    """Options of a command whose config class is imported only when it runs (ppo, dpo).
-
-    Returns (config-file values, command-line overrides), or None after printing --help."""
-    p = argparse.ArgumentParser(prog=prog, formatter_class=_formatter, description=cls.__doc__)
-    _add_common(p)
-    add_dataclass_arguments(p, cls)
-    if args.help:
-        p.print_help()
-        return None
-    ns = p.parse_args(extra)
-    return _file_values(ns.config), namespace_overrides(ns, cls)
-
-
-def cmd_step(args: argparse.Namespace, extra: List[str]) -> int:
+def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
     if extra:
         raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
-    cls = args.config_cls
-    cfg = config_from_dict(cls, _layered_values(args.step, _file_values(args.config), namespace_overrides(args, cls)))
-    if args.step == "sft":
-        from .rlhf.sft import train_sft
-        train_sft(cfg)
-    else:
-        from .rlhf.reward_trainer import train_reward_model
-        train_reward_model(cfg)
-    return 0
-
-
-def cmd_ppo(args: argparse.Namespace, extra: List[str]) -> int:
-    cls = _step_config_class(3)
-    from .rlhf.ppo import train_ppo
-    parsed = _parse_late_options("fastrlhf ppo", cls, args, extra)
-    if parsed is not None:
-        train_ppo(config_from_dict(cls, _layered_values("ppo", *parsed)))
+    entry = TRAINERS[args.trainer]
+    cfg = config_from_dict(entry.config, _layered_values(args.trainer, _file_values(args.config),
+                                                         namespace_overrides(args, entry.config)))
+    from .utils.logging import print_rank0
+    print_rank0("summary: " + entry.summary(entry.train(cfg)))
     return 0
 
 
@@ -222,11 +170,11 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
     cli_steps = _split_step_overrides(extra)
     root = common.pop("output_dir", "output")
     base_model = common.get("model_name_or_path")
-    steps = sorted(set(args.steps or _available_steps()))
+    steps = sorted(set(args.steps or STEP_NAMES))
     configs: Dict[int, Any] = {}
     for step in steps:
         name = STEP_NAMES[step]
-        cls = _step_config_class(step)
+        cls = TRAINERS[name].config
         fields = _fields_of(cls)
         values = {k: v for k, v in common.items() if k in fields}
         values["output_dir"] = os.path.join(root, STEP_DIRS[step])
@@ -246,14 +194,6 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
     return configs
 
 
-def _available_steps() -> List[int]:
-    try:
-        from .rlhf import ppo  # noqa: F401
-        return [1, 2, 3]
-    except ImportError:
-        return [1, 2]
-
-
 def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     configs = build_step_configs(args, extra)
     from .utils.logging import print_rank0
@@ -261,27 +201,9 @@ def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     t_start = time.time()
     for step, cfg in configs.items():
         t0 = time.time()
-        if step == 1:
-            from .rlhf.sft import train_sft
-            r = train_sft(cfg)
-            summary.append(f"step 1 SFT: eval perplexity {r['eval_before']['perplexity']:.3f} -> "
-                           f"{r['eval_after']['perplexity']:.3f}")
-        elif step == 2:
-            from .rlhf.reward_trainer import train_reward_model
-            r = train_reward_model(cfg)
-            summary.append(f"step 2 RM: eval accuracy {r['eval_before']['accuracy']:.3f} -> "
-                           f"{r['eval_after']['accuracy']:.3f}")
-        else:
-            try:
-                from .rlhf.ppo import train_ppo
-            except ImportError as e:
-                raise CLIError(f"step 3 (PPO) is not available ({e})") from None
-            r = train_ppo(cfg)
-            before, after = r["before"], r["after"]
-            gt = (f", ground truth {before['gt_score']:.3f} -> {after['gt_score']:.3f}"
-                  if before.get("gt_score") is not None and after.get("gt_score") is not None else "")
-            summary.append(f"step 3 PPO: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}{gt}, "
-                           f"KL to reference {after['kl_to_ref']:.3f}")
+        entry = TRAINERS[STEP_NAMES[step]]
+        r = entry.train(cfg)
+        summary.append(entry.summary(r))
         del r  # free the engines before the next step
         summary[-1] += f" ({time.time() - t0:.0f}s, saved to {cfg.output_dir})"
         _release_memory()
@@ -305,14 +227,6 @@ def cmd_chat(args: argparse.Namespace, extra: List[str]) -> int:
     return chat_main(list(extra) + (["--help"] if args.help else []))
 
 
-def cmd_dpo(args: argparse.Namespace, extra: List[str]) -> int:
-    from .rlhf.dpo import DPOConfig, train_dpo
-    parsed = _parse_late_options("fastrlhf dpo", DPOConfig, args, extra)
-    if parsed is not None:
-        train_dpo(config_from_dict(DPOConfig, _layered_values(None, *parsed)))
-    return 0
-
-
 def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
     if extra:
         raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
@@ -334,14 +248,6 @@ def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
     return 0
 
 
-def _data_errors() -> tuple:
-    try:
-        from .data.errors import DataError
-        return (DataError,)
-    except ImportError:
-        return ()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -350,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.func(args, extra) or 0
-    except (CLIError, ConfigError) + _data_errors() as e:
+    except (CLIError, ConfigError, DataError) as e:
         parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

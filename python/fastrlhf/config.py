@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, YAML/JSON files, command-line overrides, DeepSpeed config.
 
-Every step has a dataclass (`SFTConfig`, `RMConfig`; PPO's lives in `fastrlhf.rlhf.ppo`) derived
-from `TrainConfig`. The generic machinery works on ANY dataclass, so other steps reuse it:
+`TrainConfig` holds the options every trainer shares; each trainer's own config derives from it
+and lives beside the others in `fastrlhf.rlhf.configs` (`SFTConfig`, `RMConfig`, `PPOConfig`,
+`DPOConfig`). The generic machinery works on ANY dataclass:
 
     cfg = parse_config(MyConfig, ["--config", "run.yaml", "--lr", "1e-4", "--data.max_prompt_len", "64"])
     cfg = config_from_dict(MyConfig, {"data": {"max_prompt_len": 64}})   # nested dicts -> nested dataclasses
@@ -101,35 +102,6 @@ class TrainConfig:
             raise ConfigError(f"resume={self.resume!r} is neither 'auto', 'no' nor an existing checkpoint dir")
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(f"deepspeed_config file {self.deepspeed_config!r} does not exist")
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """Step 1: supervised fine-tuning of a causal LM on prompt -> answer."""
-    output_dir: str = _opt("output/step1_sft", "where checkpoints, the final model and logs are written")
-    learning_rate: float = _opt(1e-5, "peak learning rate")
-    warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
-
-
-@dataclass
-class RMConfig(TrainConfig):
-    """Step 2: reward model (causal-LM backbone + scalar head) trained on preference pairs."""
-    output_dir: str = _opt("output/step2_rm", "where checkpoints, the final model and logs are written")
-    learning_rate: float = _opt(1e-5, "peak learning rate")
-    warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
-
-
-# Settings tuned for the bundled tiny default task (a few-million-parameter model trained from
-# scratch on 2 CPU cores); applied under the user's file and command line when no model is given.
-# The class defaults above suit pretrained models instead.
-DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
-    # cpu_threads 1: the tiny model's matrices are too small to split across cores, and extra
-    # threads spin-wait (10x the CPU time per step) whenever the cores are shared
-    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
-            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-    "rm": {"cpu_threads": 1, "learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
-           "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-}
 
 
 # ----------------------------------------------------------------------------- generic machinery

@@ -1,4 +1,3 @@
-import builtins
 import os
 import subprocess
 import sys
@@ -27,10 +26,13 @@ def test_help_lists_commands_and_options(capsys):
     assert "--steps" in out and "--data.max_prompt_len" in out and "--sft.KEY" in out and "examples:" in out
 
 
-def test_ppo_help_lists_the_step3_options(capsys):
-    assert cli.main(["ppo", "--help"]) == 0
+@pytest.mark.parametrize("command, option", [("ppo", "--reward_model"), ("dpo", "--beta"), ("rm", "--learning_rate")])
+def test_each_trainer_command_lists_its_own_options(command, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--reward_model" in out and "--learning_rate" in out
+    assert option in out and "--save_total_limit" in out and "--resume" in out
 
 
 def test_console_script_help_runs_in_a_fresh_process():
@@ -76,21 +78,6 @@ def test_rm_starts_from_the_base_model_by_default_and_profiles_stay_off_for_real
     configs = cli.build_step_configs(args, extra)
     assert configs[2].model_name_or_path == "some/model"
     assert configs[1].learning_rate == pytest.approx(1e-5)  # the class default, not the tiny-task profile
-
-
-def test_step3_missing_fails_with_a_message_not_a_traceback(monkeypatch, capsys):
-    real_import = builtins.__import__
-
-    def no_ppo(name, globals=None, locals=None, fromlist=(), level=0):
-        if name.endswith("ppo") or (fromlist and "ppo" in fromlist and "rlhf" in name):
-            raise ImportError("No module named 'fastrlhf.rlhf.ppo'")
-        return real_import(name, globals, locals, fromlist, level)
-    monkeypatch.delitem(sys.modules, "fastrlhf.rlhf.ppo", raising=False)
-    monkeypatch.setattr(builtins, "__import__", no_ppo)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["train", "--steps", "3"])
-    assert e.value.code == 2
-    assert "step 3 (PPO) is not available" in capsys.readouterr().err
 
 
 def test_step3_gets_the_sft_and_reward_model_dirs(tmp_path):

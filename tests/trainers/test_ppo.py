@@ -12,7 +12,8 @@ import torch
 
 from fastrlhf.rlhf import rl_math as M
 from fastrlhf.rlhf.experience import answer_logprobs, sequence_scores
-from fastrlhf.rlhf.ppo import NonFiniteLossError, PPOConfig, PPOTrainer, train_ppo
+from fastrlhf.rlhf.configs import PPOConfig
+from fastrlhf.rlhf.ppo import NonFiniteLossError, PPOTrainer, train_ppo
 
 TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s",
           "time_actor_forward", "time_ref_forward", "time_reward_forward", "time_critic_forward",
@@ -93,8 +94,8 @@ def test_ppo_steps_log_every_metric_and_save_models_and_plot(tiny, tmp_path):
     for name in ("actor", "critic", "actor_ema"):
         assert os.path.isfile(out / name / "config.json"), name
     assert os.path.getsize(out / "ppo_curves.png") > 1000
-    assert set(res["before"]) == {"reward", "gt_score", "kl_to_ref"}
-    assert res["before"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # actor == reference at start
+    assert set(res["eval_before"]) == {"reward", "gt_score", "kl_to_ref"}
+    assert res["eval_before"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # actor == reference at start
     from transformers import AutoModelForCausalLM
     saved = AutoModelForCausalLM.from_pretrained(out / "actor")
     live = res["trainer"].actor.module
@@ -102,23 +103,26 @@ def test_ppo_steps_log_every_metric_and_save_models_and_plot(tiny, tmp_path):
     torch.testing.assert_close(saved.state_dict()[k], live.state_dict()[k])
 
 
-def test_resume_reproduces_the_next_step_exactly(tiny, tmp_path):
-    full = trainer(tiny, tmp_path / "full", adaptive_kl=True, target_kl=0.1, kl_horizon=100,
-                   normalize_reward=True, ema_decay=0.9)
-    ref = [full.train_step() for _ in range(3)]
-    part = trainer(tiny, tmp_path / "part", adaptive_kl=True, target_kl=0.1, kl_horizon=100,
-                   normalize_reward=True, ema_decay=0.9)
-    part.train_step()
-    part.train_step()
-    part.save_checkpoint()
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny, tmp_path, algo):
+    kw = dict(adaptive_kl=True, target_kl=0.1, kl_horizon=100, normalize_reward=True, ema_decay=0.9, max_steps=3,
+              algo=algo, group_size=2 if algo == "grpo" else 1, rollout_batch_size=2 if algo == "grpo" else 4)
+    full = trainer(tiny, tmp_path / "full", **kw)
+    full.train()
+    part = trainer(tiny, tmp_path / "part", save_steps=2, **kw)
+    part.total_steps = 2  # as if killed right after the checkpoint of step 2
+    part.train()
     del part
-    resumed = trainer(tiny, tmp_path / "part", adaptive_kl=True, target_kl=0.1, kl_horizon=100,
-                      normalize_reward=True, ema_decay=0.9)
-    assert resumed.step == 2
-    got = resumed.train_step()
-    for k in ref[2]:
+    ckpt = tmp_path / "part" / "checkpoint-2"
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(ckpt)  # the actor at step 2, a plain HF model
+    resumed = trainer(tiny, tmp_path / "part", save_steps=2, **kw)
+    assert resumed.maybe_resume() == str(ckpt) and resumed.step == 2
+    resumed.train()
+    assert [h["step"] for h in resumed.history] == [1, 2, 3]  # the plot's history survives the resume
+    for k in full.history[2]:
         if k not in TIMING:
-            assert got[k] == ref[2][k], k
+            assert resumed.history[2][k] == full.history[2][k], k
     assert resumed.kl_ctl.value == full.kl_ctl.value != 0.05
     for n, v in full.ema.shadow.items():
         torch.testing.assert_close(resumed.ema.shadow[n], v, atol=0, rtol=0)
@@ -162,17 +166,19 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny, tmp_path):
 
     def step_then_signal():
         m = real_step()
-        if t.step == 2:
+        if t.step == 1:  # the base loop counts the step after train_step returns: this is step 2
             os.kill(os.getpid(), signal.SIGTERM)
         return m
     t.train_step = step_then_signal
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         t.train()
     assert e.value.code == 128 + signal.SIGTERM
-    assert os.path.isfile(tmp_path / "sig" / "checkpoints" / "step_2" / "COMPLETE")
-    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored, not left installed
+    assert os.path.isfile(tmp_path / "sig" / "checkpoint-2" / "trainer_state.json")
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler from before training is back
     resumed = trainer(tiny, tmp_path / "sig", max_steps=5)
-    assert resumed.step == 2 and resumed.stream.pos == t.stream.pos
+    resumed.maybe_resume()
+    assert resumed.step == 2 and resumed.sampler.state_dict() == t.sampler.state_dict()
 
 
 def test_tokenizer_mismatch_and_overlong_are_clear_errors_before_training(tiny, tmp_path):
@@ -223,7 +229,7 @@ def test_lora_actor_trains_only_lora_and_is_saved_merged(tiny, tmp_path):
     assert m["skipped_updates"] == 0
     changed = {n for n, p in t.actor.module.named_parameters() if not torch.equal(p, base[n])}
     assert changed and all(".lora_" in n for n in changed)
-    paths = t.save_models()
+    paths = t.save_final()
     from transformers import AutoModelForCausalLM
     saved = AutoModelForCausalLM.from_pretrained(paths["actor"])
     assert not any("lora" in k for k in saved.state_dict())

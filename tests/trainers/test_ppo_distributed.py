@@ -12,7 +12,8 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from fastrlhf.data.default_task import default_data_path
     from fastrlhf.models.loading import load_tokenizer
-    from fastrlhf.rlhf.ppo import PPOConfig, train_ppo
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.rlhf.ppo import train_ppo
     from fastrlhf.utils import get_rank, get_world_size
     root, out = sys.argv[1], sys.argv[2]
     tok = load_tokenizer(None, padding_side="left")

@@ -1,6 +1,6 @@
 import torch
 
-from fastrlhf.config import RMConfig
+from fastrlhf.rlhf.configs import RMConfig
 from fastrlhf.models.loading import load_tokenizer
 from fastrlhf.models.reward import RewardModel
 from fastrlhf.rlhf.reward_trainer import pairwise_loss, train_reward_model

@@ -14,15 +14,16 @@ def _check_pad(pad_token_id) -> int:
     return int(pad_token_id)
 
 
-def pad_sequences(seqs: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
-    """Stack 1-D tensors of different lengths into [B, max_len], padded right (or left)."""
+def pad_sequences(seqs: list, value: int, left: bool = False) -> torch.Tensor:
+    """Stack 1-D id sequences (tensors or lists) of different lengths into [B, max_len], padded
+    right (or left)."""
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         if left:
-            out[i, width - len(s):] = s
+            out[i, width - len(s):] = torch.as_tensor(s)
         else:
-            out[i, :len(s)] = s
+            out[i, :len(s)] = torch.as_tensor(s)
     return out
 
 

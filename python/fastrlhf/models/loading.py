@@ -188,6 +188,28 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """RL and DPO need the same function at rollout/reference and update time (and bit-equal
+    resume), so every dropout is switched off, including the functional ones HF reads from
+    attributes."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout", "activation_dropout", "attn_dropout",
+                     "resid_dropout", "hidden_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+def max_positions(config) -> Optional[int]:
+    """The longest sequence a model config allows (the key differs by family), or None."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel

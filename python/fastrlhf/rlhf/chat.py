@@ -20,7 +20,7 @@ class ChatSession:
                  top_p: float = 0.9, top_k: int = 0, greedy: bool = False, fallback: Optional[str] = None,
                  seed: int = 0, dtype: str = "fp32", device: Optional[str] = None):
         from ..hybrid_engine import EngineConfig, HybridEngine
-        from ..models.loading import load_causal_lm, load_tokenizer
+        from ..models.loading import load_causal_lm, load_tokenizer, max_positions
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not greedy and temperature <= 0:
@@ -33,7 +33,7 @@ class ChatSession:
                                top_p=top_p, top_k=top_k, eos_token_id=self.tokenizer.eos_token_id,
                                pad_token_id=self.tokenizer.pad_token_id)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.max_positions = _max_positions(self.model.config)
+        self.max_positions = max_positions(self.model.config)
         self.messages: List[Dict[str, str]] = []
         self.dropped_turns = 0
 
@@ -79,14 +79,6 @@ class ChatSession:
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
-
-
-def _max_positions(config) -> Optional[int]:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,16 +1,21 @@
-"""HF-format model export and resumable training checkpoints, for any DeepSpeed engine.
+"""HF-format model export and the one resumable checkpoint format every trainer uses.
 
 Layout of a run's output_dir:
-    config.json, model.safetensors, tokenizer*   the final model (HF `save_pretrained`)
+    config.json, model.safetensors, tokenizer*   the final model (HF `save_pretrained`; step 3
+                                                  writes actor/, critic/, actor_ema/ instead)
     training_config.yaml                          the config the run used
     checkpoint-<step>/                            every `save_steps` optimizer steps:
-        config.json, model.safetensors, ...         the model at that step, HF format
-        ds_state/                                   DeepSpeed engine state (model, optimizer, scheduler)
-        rng_state_rank<r>.pt                        python / numpy / torch RNG of each rank
-        trainer_state.json                          step, epoch, data position; written LAST, so a
-                                                    checkpoint without it is incomplete and ignored
-All ranks call the save functions (ZeRO-3 gathering and DeepSpeed saves are collective);
-only rank 0 writes the HF files.
+        config.json, model.safetensors, ...         the trained model (the actor for step 3) at that
+                                                    step, HF format, loadable as it is
+        <role>/                                     other trained models (step 3: critic/)
+        ds_state/<role>/                            DeepSpeed state of each (weights, optimizer, scheduler)
+        rank_state_<r>.pt                           python / numpy / torch RNG and generator state of each rank
+        trainer_state.json                          step, data position, counters, eval before training;
+                                                    written last
+    checkpoint-<step>.partial/                    a save in progress (or killed): never resumed from
+A checkpoint is written under its .partial name and renamed when complete, so resume (the newest
+complete checkpoint-<step>) never picks up a half-written one. All ranks call the save functions
+(ZeRO-3 gathering and DeepSpeed saves are collective); only rank 0 writes the HF files.
 """
 from __future__ import annotations
 
@@ -20,18 +25,21 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..models.lora import LoRALinear
-from ..utils.distributed import barrier, get_rank, is_rank0
+from ..utils.distributed import barrier, get_rank, get_world_size, is_rank0
 
 TRAINER_STATE = "trainer_state.json"
 DS_STATE_DIR = "ds_state"
 DS_TAG = "state"
+PARTIAL_SUFFIX = ".partial"
+CHECKPOINT_FORMAT = 2  # 1: fastrlhf 0.1 (one engine, ds_state/ without roles)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -138,8 +146,8 @@ def _save_module(module: nn.Module, out_dir: str, sd: Dict[str, torch.Tensor]) -
 
 # ----------------------------------------------------------------------------- resumable state
 
-def checkpoint_dirs(output_dir: str):
-    """Complete checkpoints (trainer_state.json present), oldest first."""
+def checkpoint_dirs(output_dir: str) -> List[str]:
+    """Complete checkpoints (trainer_state.json present, no .partial suffix), oldest first."""
     found = []
     for d in glob.glob(os.path.join(output_dir, "checkpoint-*")):
         m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
@@ -148,15 +156,28 @@ def checkpoint_dirs(output_dir: str):
     return [d for _, d in sorted(found)]
 
 
+def _refuse_legacy(path: str) -> None:
+    legacy = glob.glob(os.path.join(path, "checkpoints", "step_*", "COMPLETE")) + \
+        glob.glob(os.path.join(path, "COMPLETE"))
+    if legacy:
+        raise ConfigError(f"{path} holds a step-3 checkpoint in the older format (checkpoints/step_N/), "
+                          "which this fastrlhf cannot resume; start fresh with --resume no "
+                          "or use another --output_dir")
+
+
 def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
+    """The checkpoint `resume` ('auto' | 'no' | a dir) points at, or None to start fresh."""
     if resume == "no":
         return None
     if resume == "auto":
         dirs = checkpoint_dirs(output_dir)
+        if not dirs:
+            _refuse_legacy(output_dir)
         return dirs[-1] if dirs else None
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
-        raise ValueError(f"resume={resume}: not a complete fastrlhf checkpoint (no {TRAINER_STATE}); "
-                         f"pick a checkpoint-<step> dir under the output_dir")
+        _refuse_legacy(resume)
+        raise ConfigError(f"resume={resume}: not a complete fastrlhf checkpoint (no {TRAINER_STATE}); "
+                          f"pick a checkpoint-<step> dir under the output_dir")
     return resume
 
 
@@ -175,32 +196,72 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(engine, output_dir: str, trainer_state: Dict[str, Any], *, tokenizer=None,
-                             merge_lora: bool = True, save_total_limit: int = 0) -> str:
-    """HF model + DeepSpeed state + RNG + trainer state under output_dir/checkpoint-<step>."""
-    ckpt = os.path.join(output_dir, f"checkpoint-{trainer_state['step']}")
-    save_hf_model(engine, ckpt, tokenizer=tokenizer, merge_lora=merge_lora)
-    engine.save_checkpoint(os.path.join(ckpt, DS_STATE_DIR), tag=DS_TAG)
-    torch.save(rng_state(), os.path.join(ckpt, f"rng_state_rank{get_rank()}.pt"))
+def _rank_file(ckpt: str, rank: int) -> str:
+    return os.path.join(ckpt, f"rank_state_{rank}.pt")
+
+
+def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any], trainer_state: Dict[str, Any],
+                             rank_state: Optional[Dict[str, Any]] = None, *, tokenizer=None,
+                             merge_lora: bool = True, save_total_limit: int = 0,
+                             save_extra: Optional[Callable[[str], None]] = None) -> str:
+    """Write output_dir/checkpoint-<step> atomically; collective (every rank calls it).
+
+    `engines` maps a role to a DeepSpeed engine; the first is saved as the HF model at the
+    checkpoint's root, the others under <role>/, and each one's optimizer/scheduler state under
+    ds_state/<role>/. `trainer_state` (JSON, the same on every rank) goes to trainer_state.json,
+    `rank_state` (anything torch.save takes, with this rank's RNG added) to rank_state_<rank>.pt,
+    and `save_extra(dir)` may add files. Everything is written to checkpoint-<step>.partial, which
+    rank 0 renames once it is complete: a save killed midway leaves the previous checkpoint the
+    newest one resume finds."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + PARTIAL_SUFFIX
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp)
+    barrier()
+    for i, (role, engine) in enumerate(engines.items()):
+        save_hf_model(engine, tmp if i == 0 else os.path.join(tmp, role), tokenizer=tokenizer, merge_lora=merge_lora)
+        engine.save_checkpoint(os.path.join(tmp, DS_STATE_DIR, role), tag=DS_TAG)
+    torch.save({**(rank_state or {}), "rng": rng_state()}, _rank_file(tmp, get_rank()))
+    if save_extra is not None:
+        save_extra(tmp)
     barrier()
     if is_rank0():
-        with open(os.path.join(ckpt, TRAINER_STATE), "w") as f:
-            json.dump(trainer_state, f, indent=1)
+        state = {**trainer_state, "format": CHECKPOINT_FORMAT, "step": step, "world_size": get_world_size()}
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:  # last: marks the checkpoint complete
+            json.dump(state, f, indent=1)
+        if os.path.isdir(final):  # the same step saved again (a rerun from an earlier checkpoint)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         if save_total_limit > 0:
             for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
-    return ckpt
+    return final
 
 
-def load_training_checkpoint(engine, ckpt: str) -> Dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
-    path, _ = engine.load_checkpoint(os.path.join(ckpt, DS_STATE_DIR), tag=DS_TAG,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the engine state from {ckpt}/{DS_STATE_DIR}")
-    rng_file = os.path.join(ckpt, f"rng_state_rank{get_rank()}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+def load_training_checkpoint(ckpt: str, engines: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Restore each engine (model, optimizer, scheduler) and this rank's RNG from a checkpoint of
+    save_training_checkpoint; returns (trainer_state, rank_state)."""
     with open(os.path.join(ckpt, TRAINER_STATE)) as f:
-        return json.load(f)
+        state = json.load(f)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{ckpt} was written by an older fastrlhf (checkpoint format "
+                          f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start fresh with "
+                          "--resume no or use another --output_dir")
+    if state["world_size"] != get_world_size():
+        raise ConfigError(f"{ckpt} was saved by {state['world_size']} processes and this run has "
+                          f"{get_world_size()}; the optimizer partitions and data order depend on it: resume "
+                          "with the same number of processes, or start fresh with --resume no")
+    missing = sorted(set(engines) - set(os.listdir(os.path.join(ckpt, DS_STATE_DIR))))
+    if missing:
+        raise ConfigError(f"{ckpt} has no saved state for {missing} (it was saved by another kind of run); "
+                          "start fresh with --resume no or use another --output_dir")
+    for role, engine in engines.items():
+        path, _ = engine.load_checkpoint(os.path.join(ckpt, DS_STATE_DIR, role), tag=DS_TAG,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the {role} state from {ckpt}/{DS_STATE_DIR}/{role}")
+    rank_state = torch.load(_rank_file(ckpt, get_rank()), weights_only=False)
+    set_rng_state(rank_state.pop("rng"))
+    return state, rank_state

@@ -1,26 +1,32 @@
-"""The training machinery SFT and reward-model training share (PPO reuses the pieces):
+"""The spine every trainer runs on (SFT, reward model, DPO, PPO/GRPO/RLOO):
 
-- `setup_run(cfg)`: process group, seeds, DeepSpeed config, output dir, metrics logger.
-- `make_optimizer`, `make_lr_scheduler`, `initialize_engine`: `deepspeed.initialize` with torch
-  AdamW (DeepSpeedCPUAdam when offloading) and a warmup + cosine/linear/constant schedule that
-  DeepSpeed steps and checkpoints.
+- `setup_run(cfg)`: process group, CPU threads, seeds, DeepSpeed config, output dir, metrics logger.
+- `initialize_engine`: `deepspeed.initialize` with AdamW (DeepSpeedCPUAdam when offloading on a
+  GPU machine) and a warmup + cosine/linear/constant schedule that DeepSpeed steps and checkpoints.
 - `GlobalBatchSampler`: a seeded shuffle cut into global batches, each split into micro-batches
-  per rank and accumulation step. The global batch of step k is the same whatever the world size
-  and accumulation, so 1- and 2-process runs see the same data, and a resumed run continues
-  exactly where the checkpoint was taken.
-- `eval_batches`: the eval set sharded over ranks with equal batch counts (ZeRO-3 forwards are
-  collective), padded batches carrying weight 0.
-- `run_training`: the step loop (accumulation, logging, periodic eval/save, resume).
+  per rank and accumulation step, with a resumable position. The global batch of step k is the
+  same whatever the world size and accumulation, so 1- and 2-process runs see the same data.
+- `eval_batches` / `eval_sums`: the eval set sharded over ranks with equal batch counts (ZeRO-3
+  forwards are collective), filler batches weighted 0, per-batch sums reduced over ranks.
+- `Trainer`: the step loop (progress bar, logging every `log_steps`, eval every `eval_steps`,
+  checkpoints every `save_steps` in the one format of `checkpoint.py`, resume, SIGTERM/SIGINT
+  = save and exit) and the run driver (eval before, train, eval after, save). A trainer
+  subclasses it and supplies one optimizer step (`train_step`), `evaluate`, its trained
+  engines and whatever extra state it must carry across a resume.
+- `SupervisedTrainer` / `run_supervised`: a Trainer for losses over a fixed dataset (SFT, reward
+  model, DPO): accumulation over micro-batches from the sampler.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,9 +60,11 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_run(cfg) -> RunContext:
+    """Validate cfg, join the process group, seed, build the DeepSpeed config, create the output dir."""
+    cfg.validate()
     quiet_libraries()
     device = init_distributed()
-    if device.type == "cpu" and getattr(cfg, "cpu_threads", None):
+    if device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     world = get_world_size()
     ds_config = build_ds_config(cfg, world)
@@ -92,7 +100,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return groups
 
 
-def make_optimizer(model: nn.Module, cfg, ds_config: Dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg, ds_config: Dict[str, Any], lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     betas = tuple(cfg.adam_betas)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
@@ -101,11 +109,11 @@ def make_optimizer(model: nn.Module, cfg, ds_config: Dict[str, Any]) -> torch.op
     if offload and torch.cuda.is_available():
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=betas, adamw_mode=True)
+            return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
         except Exception as e:  # building the op needs a compiler; torch AdamW still works
             print_rank0(f"DeepSpeedCPUAdam unavailable ({type(e).__name__}: {e}); using torch AdamW")
     fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def warmup_steps_for(cfg, total_steps: int) -> int:
@@ -124,20 +132,32 @@ def lr_multiplier(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_lr_scheduler(optimizer, cfg, total_steps: int):
-    warmup = warmup_steps_for(cfg, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.lr_scheduler))
-
-
-def initialize_engine(model: nn.Module, cfg, ctx: RunContext, total_steps: int):
-    """`deepspeed.initialize` with our optimizer and schedule; returns the engine."""
+def initialize_engine(model: nn.Module, cfg, ds_config: Dict[str, Any], total_steps: int, *,
+                      lr: Optional[float] = None, warmup: Optional[int] = None):
+    """`deepspeed.initialize` with our optimizer and schedule over `total_steps` optimizer steps.
+    `lr` and `warmup` default to cfg.learning_rate and cfg.warmup_steps / warmup_ratio."""
     import deepspeed
-    optimizer = make_optimizer(model, cfg, ctx.ds_config)
-    scheduler = make_lr_scheduler(optimizer, cfg, total_steps)
+    optimizer = make_optimizer(model, cfg, ds_config, cfg.learning_rate if lr is None else lr)
+    warmup = warmup_steps_for(cfg, total_steps) if warmup is None else warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.lr_scheduler))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ctx.ds_config)
+                                           config=ds_config)
     return engine
+
+
+def frozen_engine(module: nn.Module, ds_config: Dict[str, Any], device: torch.device):
+    """A model that is only run forward: a ZeRO-3 inference engine when ds_config asks for stage 3
+    (its weights partitioned like the trained ones), else the module on the device."""
+    module.requires_grad_(False)
+    module.eval()
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+        ds = {k: v for k, v in ds_config.items() if k != "gradient_clipping"}
+        engine, *_ = deepspeed.initialize(model=module, config=ds)
+        engine.eval()
+        return engine
+    return module.to(device)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -145,16 +165,20 @@ def initialize_engine(model: nn.Module, cfg, ctx: RunContext, total_steps: int):
 class GlobalBatchSampler:
     """Micro-batches of indices for one rank: permutation(seed, epoch) -> global batches (last
     partial one dropped) -> each split into accumulation x world micro-batches, micro-batch
-    (a * world + rank) going to this rank at accumulation step a."""
+    (a * world + rank) going to this rank at accumulation step a. `next_step()` walks the epochs;
+    its position (`state_dict`) is all a resume needs."""
 
     def __init__(self, num_items: int, micro: int, accumulation: int, world: int, rank: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, what: str = "the training set", fix: str = "lower "
+                 "--global_batch_size/--micro_batch_size or add data"):
         self.num_items, self.micro, self.accum, self.world, self.rank = num_items, micro, accumulation, world, rank
         self.global_batch = micro * accumulation * world
         self.seed, self.shuffle = seed, shuffle
         if num_items < self.global_batch:
-            raise ValueError(f"the training set has {num_items} examples, fewer than one global batch "
-                             f"({self.global_batch}); lower --global_batch_size/--micro_batch_size or add data")
+            raise ValueError(f"{what} has {num_items} examples, fewer than one global batch "
+                             f"({self.global_batch}); {fix}")
+        self.epoch, self.micro_in_epoch = 0, 0
+        self._order: Tuple[int, List[int]] = (-1, [])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -167,16 +191,29 @@ class GlobalBatchSampler:
     def epoch_order(self, epoch: int) -> List[int]:
         if not self.shuffle:
             return list(range(self.num_items))
-        g = torch.Generator().manual_seed(self.seed + 100_003 * epoch)
-        return torch.randperm(self.num_items, generator=g).tolist()
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + 100_003 * epoch)
+            self._order = (epoch, torch.randperm(self.num_items, generator=g).tolist())
+        return self._order[1]
 
-    def micro_batches(self, epoch: int, start: int = 0) -> Iterator[List[int]]:
-        """This rank's micro-batches of `epoch`, skipping the first `start` (resume)."""
-        order = self.epoch_order(epoch)
-        for i in range(start, self.micro_batches_per_epoch):
+    def next_step(self) -> List[List[int]]:
+        """This rank's `accumulation` micro-batches of the next optimizer step."""
+        if self.micro_in_epoch >= self.micro_batches_per_epoch:
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+        order = self.epoch_order(self.epoch)
+        out = []
+        for i in range(self.micro_in_epoch, self.micro_in_epoch + self.accum):
             step, a = divmod(i, self.accum)
             chunk = step * self.global_batch + (a * self.world + self.rank) * self.micro
-            yield order[chunk:chunk + self.micro]
+            out.append(order[chunk:chunk + self.micro])
+        self.micro_in_epoch += self.accum
+        return out
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.micro_in_epoch = state["epoch"], state["micro_in_epoch"]
 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -201,9 +238,19 @@ def eval_batches(dataset, collate: Callable, batch_size: int, rank: int, world: 
             yield collate([dataset[0]]), 0.0
 
 
-# ----------------------------------------------------------------------------- the loop
-
-StepFn = Callable[[Any, Dict[str, Any]], torch.Tensor]
+@torch.no_grad()
+def eval_sums(model, dataset, collate: Callable, batch_size: int, ctx: RunContext, max_batches: Optional[int],
+              batch_sums: Callable[[Dict[str, Any]], List[float]], size: int) -> List[float]:
+    """Sum of `batch_sums(batch)` (`size` numbers per batch, on the device) over the eval set of
+    every rank, with `model` in eval mode meanwhile. Each trainer turns the sums into its metrics."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(size, dtype=torch.float64)
+    for batch, weight in eval_batches(dataset, collate, batch_size, ctx.rank, ctx.world_size, max_batches):
+        sums += weight * torch.tensor(batch_sums(to_device(batch, ctx.device)), dtype=torch.float64)
+    if was_training:
+        model.train()
+    return all_reduce_sum(sums).tolist()
 
 
 def total_train_steps(cfg, steps_per_epoch: int) -> int:
@@ -211,94 +258,238 @@ def total_train_steps(cfg, steps_per_epoch: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def run_training(*, engine, ctx: RunContext, train_dataset, collate: Callable, loss_fn: StepFn,
-                 evaluate: Callable[[], Dict[str, float]], sampler: GlobalBatchSampler, total_steps: int,
-                 tokenizer=None, desc: str = "train") -> Dict[str, Any]:
-    """Train `engine` for `total_steps` optimizer steps; returns {"losses": {step: loss}, "step": n}.
-
-    `loss_fn(engine, batch)` returns the micro-batch loss (the engine scales it for accumulation).
-    """
-    cfg = ctx.cfg
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
-    resume_dir = ckpt_lib.find_resume_checkpoint(cfg.output_dir, cfg.resume)
-    if resume_dir:
-        state.update(ckpt_lib.load_training_checkpoint(engine, resume_dir))
-        print_rank0(f"resumed from {resume_dir} at step {state['step']}")
-    losses: Dict[int, float] = {}
-    bar = progress_bar(total_steps, desc, initial=min(state["step"], total_steps))
-    engine.train()
-    loss_sum, micro_count, t0 = 0.0, 0, time.time()
-    while state["step"] < total_steps:
-        for idx in sampler.micro_batches(state["epoch"], state["micro_in_epoch"]):
-            batch = to_device(collate([train_dataset[i] for i in idx]), engine.device)
-            loss = loss_fn(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float().item()
-            micro_count += 1
-            state["micro_in_epoch"] += 1
-            if state["micro_in_epoch"] % sampler.accum:
-                continue
-            state["step"] += 1
-            step = state["step"]
-            step_loss = all_reduce_sum(torch.tensor([loss_sum, micro_count], dtype=torch.float64))
-            losses[step] = float(step_loss[0] / step_loss[1])
-            loss_sum, micro_count = 0.0, 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[step]:.4f}")
-            if step % max(1, cfg.log_steps) == 0 or step == total_steps:
-                lr = engine.get_lr()[0]
-                ctx.metrics.log({"train/loss": losses[step], "train/lr": lr,
-                                 "train/samples_per_s": ctx.global_batch_size * cfg.log_steps / max(
-                                     1e-9, time.time() - t0)}, step)
-                t0 = time.time()
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
-                engine.eval()
-                ctx.metrics.log({f"eval/{k}": v for k, v in evaluate().items()}, step)
-                engine.train()
-            if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
-                saved = dict(state)
-                if saved["micro_in_epoch"] >= sampler.micro_batches_per_epoch:
-                    saved.update(epoch=saved["epoch"] + 1, micro_in_epoch=0)
-                ckpt_lib.save_training_checkpoint(engine, cfg.output_dir, saved, tokenizer=tokenizer,
-                                                  merge_lora=cfg.merge_lora_on_save,
-                                                  save_total_limit=cfg.save_total_limit)
-            if step >= total_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["micro_in_epoch"] = 0
-    bar.close()
-    return {"losses": losses, "step": state["step"]}
-
-
-def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, total_steps: int) -> None:
+def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, total_steps: int,
+                 unit: str = "examples") -> None:
     def numel(p):  # ZeRO-3 leaves an empty placeholder; ds_numel is the full size
         return getattr(p, "ds_numel", p.numel())
     n_params = sum(numel(p) for p in model.parameters())
     n_train_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
     print_rank0(f"{n_params / 1e6:.2f}M parameters ({n_train_params / 1e6:.2f}M trainable), "
-                f"{n_train} train / {n_eval} eval examples, {total_steps} steps of {ctx.global_batch_size} "
+                f"{n_train} train / {n_eval} eval {unit}, {total_steps} steps of {ctx.global_batch_size} "
                 f"(micro {ctx.micro_batch_size} x accumulation {ctx.accumulation} x {ctx.world_size} processes), "
                 f"ZeRO-{ctx.ds_config.get('zero_optimization', {}).get('stage', 0)}, {training_dtype(ctx)}")
 
 
-def config_summary(cfg) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
+# ----------------------------------------------------------------------------- the spine
+
+class Trainer:
+    """Subclasses set `self.total_steps` and implement `train_step` (one optimizer step; returns
+    its metrics), `evaluate`, `trained_engines` ({role: DeepSpeed engine}, the first being the
+    model a checkpoint holds in HF format at its root) and, when they carry state across a resume,
+    `state_dict`/`load_state_dict` (JSON, the same on every rank), `rank_state_dict`/
+    `load_rank_state_dict` (this rank's, e.g. generators) and `save_extra`/`load_extra` (files)."""
+
+    label = "train"
+
+    def __init__(self, cfg, ctx: RunContext, tokenizer):
+        self.cfg, self.ctx, self.tokenizer = cfg, ctx, tokenizer
+        self.step = 0
+        self.total_steps = 0
+        self.history: List[Dict[str, float]] = []
+        self.eval_before: Optional[Dict[str, float]] = None
+        self.resumed_from: Optional[str] = None
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------ what a trainer provides
+    def train_step(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def trained_engines(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def format_metrics(self, metrics: Dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+    def format_eval(self, before: Dict[str, float], after: Dict[str, float]) -> str:
+        """Printed after training (the eval before was printed when the run started)."""
+        return f"[{self.label}] eval after training:  {self.format_metrics(after)}"
+
+    def postfix(self, metrics: Dict[str, float]) -> Dict[str, str]:
+        """What the progress bar shows after each step."""
+        return {k: f"{v:.4g}" for k, v in metrics.items() if k == "loss"}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def rank_state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_rank_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def save_extra(self, ckpt_dir: str) -> None:
+        pass
+
+    def load_extra(self, ckpt_dir: str) -> None:
+        pass
+
+    def save_final(self) -> Dict[str, str]:
+        """The trained model(s) in HF format: the first engine at output_dir, others under <role>/."""
+        paths = {}
+        for i, (role, engine) in enumerate(self.trained_engines().items()):
+            paths[role] = self.cfg.output_dir if i == 0 else os.path.join(self.cfg.output_dir, role)
+            ckpt_lib.save_hf_model(engine, paths[role], tokenizer=self.tokenizer,
+                                   merge_lora=self.cfg.merge_lora_on_save)
+        return paths
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str:
+        state = {"eval_before": self.eval_before, "trainer": self.state_dict()}
+        return ckpt_lib.save_training_checkpoint(
+            self.cfg.output_dir, self.step, self.trained_engines(), state, self.rank_state_dict(),
+            tokenizer=self.tokenizer, merge_lora=self.cfg.merge_lora_on_save,
+            save_total_limit=self.cfg.save_total_limit, save_extra=self.save_extra)
+
+    def maybe_resume(self) -> Optional[str]:
+        """Continue from the checkpoint cfg.resume names (newest in output_dir for 'auto')."""
+        path = ckpt_lib.find_resume_checkpoint(self.cfg.output_dir, self.cfg.resume)
+        if path is None:
+            return None
+        state, rank_state = ckpt_lib.load_training_checkpoint(path, self.trained_engines())
+        self.step, self.eval_before = state["step"], state["eval_before"]
+        self.load_state_dict(state["trainer"])
+        self.load_rank_state_dict(rank_state)
+        self.load_extra(path)
+        self.resumed_from = path
+        print_rank0(f"[{self.label}] resumed from {path} at step {self.step}")
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> List[Dict[str, float]]:
+        cfg = self.cfg
+        bar = progress_bar(self.total_steps, self.label, initial=min(self.step, self.total_steps))
+        old_handlers = self._install_signal_handlers()
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                self.history.append({"step": self.step, **metrics})
+                bar.update(1)
+                bar.set_postfix(self.postfix(metrics))
+                if self.step % max(1, cfg.log_steps) == 0 or self.step == self.total_steps:
+                    self.ctx.metrics.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
+                    self.ctx.metrics.log({f"eval/{k}": v for k, v in self.evaluate().items()}, self.step)
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    print_rank0(f"signal {self._stop_signal}: checkpoint saved to {path} at step {self.step}; "
+                                "exiting (rerun the same command to continue)")
+                    raise SystemExit(128 + self._stop_signal)
+                if cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == self.total_steps):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            for s, h in (old_handlers or {}).items():
+                signal.signal(s, h)
+        return self.history
+
+    def _install_signal_handlers(self):
+        """SIGTERM (a scheduler's preemption) and SIGINT: finish the step, save, exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def run(self) -> Dict[str, Any]:
+        """Resume if asked, evaluate, train, evaluate again, save the final model(s)."""
+        self.maybe_resume()
+        if self.eval_before is None:
+            self.eval_before = self.evaluate()
+            self.ctx.metrics.log({f"eval/{k}": v for k, v in self.eval_before.items()}, 0)
+        when = f" (at the start of the run resumed from {self.resumed_from})" if self.resumed_from else ""
+        print_rank0(f"[{self.label}] eval before training{when}: {self.format_metrics(self.eval_before)}")
+        self.train()
+        after = self.evaluate()
+        self.ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, self.step)
+        print_rank0(self.format_eval(self.eval_before, after))
+        paths = self.save_final()
+        if is_rank0():
+            with open(os.path.join(self.cfg.output_dir, "eval_before_after.json"), "w") as f:
+                json.dump({"before": self.eval_before, "after": after}, f, indent=1)
+        print_rank0(f"[{self.label}] saved to {self.cfg.output_dir}")
+        self.ctx.metrics.close()
+        return {"eval_before": self.eval_before, "eval_after": after, "history": self.history,
+                "steps": self.step, "output_dir": self.cfg.output_dir, "paths": paths, "trainer": self}
 
 
-def run_supervised_step(cfg, *, step: int, label: str, load_model: Callable, default_collate: Callable,
-                        loss_fn: Callable, evaluate_fn: Callable, fmt: Callable[[Dict[str, float]], str],
-                        model=None, tokenizer=None, datasets=None, collate=None) -> Dict[str, Any]:
-    """The driver shared by step 1 (SFT) and step 2 (reward model): load what was not passed in,
-    evaluate, train through DeepSpeed, evaluate again, save in HF format to cfg.output_dir.
+# ----------------------------------------------------------------------------- fixed-dataset trainers
 
-    `load_model(path, tokenizer=, dtype=, seed=, ds_config=)` builds the model; `evaluate_fn(engine,
-    dataset, collate, batch_size, rank, world, max_batches)` returns a metrics dict that `fmt`
-    renders for the before/after lines."""
+LossFn = Callable[[Any, Dict[str, Any]], torch.Tensor]
+
+
+class SupervisedTrainer(Trainer):
+    """A loss over a fixed dataset (SFT, reward model, DPO): each optimizer step accumulates
+    the rank's micro-batches of one global batch; the data position is the resumable state.
+
+    `loss_fn(engine, batch)` is the micro-batch loss (the engine scales it for accumulation);
+    `evaluate_fn(trainer)` returns the eval metrics; `fmt(metrics)` renders them on one line."""
+
+    def __init__(self, cfg, ctx: RunContext, *, engine, tokenizer, sampler: GlobalBatchSampler, train_dataset,
+                 eval_dataset, collate, loss_fn: LossFn, evaluate_fn: Callable[["SupervisedTrainer"], Dict[str, float]],
+                 fmt: Callable[[Dict[str, float]], str], label: str):
+        super().__init__(cfg, ctx, tokenizer)
+        self.engine, self.sampler, self.collate = engine, sampler, collate
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.loss_fn, self.evaluate_fn, self.format_metrics, self.label = loss_fn, evaluate_fn, fmt, label
+        self.total_steps = total_train_steps(cfg, self.sampler.steps_per_epoch)
+        self.eval_batch_size = cfg.eval_batch_size or ctx.micro_batch_size
+        self.engine.train()
+
+    @property
+    def losses(self) -> Dict[int, float]:
+        return {h["step"]: h["loss"] for h in self.history}
+
+    def train_step(self) -> Dict[str, float]:
+        t0 = time.perf_counter()
+        total = 0.0
+        micro_batches = self.sampler.next_step()
+        for idx in micro_batches:
+            batch = to_device(self.collate([self.train_dataset[i] for i in idx]), self.engine.device)
+            loss = self.loss_fn(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float().item()
+        summed = all_reduce_sum(torch.tensor([total, len(micro_batches)], dtype=torch.float64))
+        return {"loss": float(summed[0] / summed[1]), "lr": self.engine.get_lr()[0],
+                "samples_per_s": self.ctx.global_batch_size / max(1e-9, time.perf_counter() - t0)}
+
+    def evaluate(self) -> Dict[str, float]:
+        return self.evaluate_fn(self)
+
+    def eval_sums(self, batch_sums: Callable[[Dict[str, Any]], List[float]], size: int) -> List[float]:
+        return eval_sums(self.engine, self.eval_dataset, self.collate, self.eval_batch_size, self.ctx,
+                         self.cfg.eval_max_batches, batch_sums, size)
+
+    def trained_engines(self) -> Dict[str, Any]:
+        return {"model": self.engine}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"data": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["data"])
+
+
+def run_supervised(cfg, *, step: int, label: str, load_model: Callable, default_collate: Callable,
+                   loss_fn: LossFn, evaluate_fn: Callable, fmt: Callable[[Dict[str, float]], str],
+                   prepare_model: Optional[Callable[[nn.Module, RunContext, Any], None]] = None,
+                   model=None, tokenizer=None, datasets=None, collate=None) -> Dict[str, Any]:
+    """The driver of the fixed-dataset trainers: load what was not passed in, build the engine,
+    then `SupervisedTrainer.run()`. `step` picks the data split (1: SFT items, 2: preference pairs);
+    `load_model(path, tokenizer=, dtype=, seed=, ds_config=)` builds the model and
+    `prepare_model(model, ctx, tokenizer)` may adjust it (or load companions such as DPO's frozen
+    reference) before the engine is built."""
     from ..models.loading import apply_lora_from_config, enable_gradient_checkpointing, load_tokenizer
 
-    cfg.validate()
     ctx = setup_run(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
     if datasets is None:
@@ -313,27 +504,15 @@ def run_supervised_step(cfg, *, step: int, label: str, load_model: Callable, def
     apply_lora_from_config(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size,
-                                 ctx.rank, cfg.seed)
-    total_steps = total_train_steps(cfg, sampler.steps_per_epoch)
-    engine = initialize_engine(model, cfg, ctx, total_steps)
-    describe_run(ctx, engine.module, len(train_ds), len(eval_ds), total_steps)
-    eval_bs = cfg.eval_batch_size or ctx.micro_batch_size
-
-    def evaluate() -> Dict[str, float]:
-        return evaluate_fn(engine, eval_ds, collate, eval_bs, ctx.rank, ctx.world_size, cfg.eval_max_batches)
-
-    before = evaluate()
-    print_rank0(f"[{label}] eval before training: {fmt(before)}")
-    ctx.metrics.log({f"eval/{k}": v for k, v in before.items()}, 0)
-    result = run_training(engine=engine, ctx=ctx, train_dataset=train_ds, collate=collate, loss_fn=loss_fn,
-                          evaluate=evaluate, sampler=sampler, total_steps=total_steps, tokenizer=tokenizer,
-                          desc=label)
-    after = evaluate()
-    print_rank0(f"[{label}] eval after training:  {fmt(after)}")
-    ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, result["step"])
-    ckpt_lib.save_hf_model(engine, cfg.output_dir, tokenizer=tokenizer, merge_lora=cfg.merge_lora_on_save)
-    print_rank0(f"[{label}] model saved to {cfg.output_dir}")
-    ctx.metrics.close()
-    return {"eval_before": before, "eval_after": after, "losses": result["losses"], "steps": result["step"],
-            "output_dir": cfg.output_dir, "engine": engine}
+    if prepare_model is not None:
+        prepare_model(model, ctx, tokenizer)
+    sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size, ctx.rank,
+                                 cfg.seed)
+    engine = initialize_engine(model, cfg, ctx.ds_config, total_train_steps(cfg, sampler.steps_per_epoch))
+    trainer = SupervisedTrainer(cfg, ctx, engine=engine, tokenizer=tokenizer, sampler=sampler, train_dataset=train_ds,
+                                eval_dataset=eval_ds, collate=collate, loss_fn=loss_fn, evaluate_fn=evaluate_fn,
+                                fmt=fmt, label=label)
+    describe_run(ctx, engine.module, len(train_ds), len(eval_ds), trainer.total_steps)
+    result = trainer.run()
+    result.update(losses=trainer.losses, engine=engine)
+    return result

@@ -1,6 +1,6 @@
 """DPO: the alternative to steps 2 + 3, straight from the preference pairs to a policy.
 
-It shares the step loop (`common.run_training`), the answer log-prob code
+It runs on the fixed-dataset spine (`common.run_supervised`), shares the answer log-prob code
 (`experience.answer_logprobs` alignment) and the loss (`rl_math.dpo_loss`) with the rest of
 fastrlhf; only the batch loss is new here.
 
@@ -11,35 +11,15 @@ appears in both sums and cancels in (chosen - rejected).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..config import ConfigError, TrainConfig, _opt
-from ..utils.distributed import all_reduce_sum
-from ..utils.logging import print_rank0
+from ..models.loading import disable_dropout, load_causal_lm
 from . import rl_math as M
+from .common import run_supervised, training_dtype
+from .configs import DPOConfig
 from .experience import policy_logits
-
-
-@dataclass
-class DPOConfig(TrainConfig):
-    """DPO on the step-2 preference split; `model_name_or_path` is the SFT model (policy and,
-    unless `ref_model` is set, the frozen reference)."""
-    output_dir: str = _opt("output/step3_dpo", "where checkpoints, the final model and logs are written")
-    ref_model: Optional[str] = _opt(None, "frozen reference policy; unset = the initial policy")
-    beta: float = _opt(0.1, "DPO temperature: how far the policy may move from the reference")
-    label_smoothing: float = _opt(0.0, "conservative DPO: assumed share of flipped preference labels")
-    learning_rate: float = _opt(1e-4, "peak learning rate")
-    eval_max_batches: Optional[int] = _opt(None, "cap on eval batches (unset = the whole eval split)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def answer_mask_after_common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -75,67 +55,35 @@ def dpo_batch_loss(engine, ref_model, batch: Dict[str, torch.Tensor], beta: floa
     return M.dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta, label_smoothing)
 
 
-@torch.no_grad()
-def evaluate_dpo(engine, ref_model, dataset, collate, cfg: DPOConfig, rank: int, world: int) -> Dict[str, float]:
-    from .common import eval_batches, to_device
-    was_training = engine.training
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, margin, pairs (weighted)
-    bs = cfg.eval_batch_size or cfg.micro_batch_size
-    for batch, weight in eval_batches(dataset, collate, bs, rank, world, cfg.eval_max_batches):
-        batch = to_device(batch, engine.device)
-        loss, st = dpo_batch_loss(engine, ref_model, batch, cfg.beta, cfg.label_smoothing)
+def evaluate_dpo(trainer, ref_model, cfg: DPOConfig) -> Dict[str, float]:
+    """DPO loss, reward accuracy and margin over the held-out pairs of all ranks."""
+    def batch_sums(batch):
+        loss, st = dpo_batch_loss(trainer.engine, ref_model, batch, cfg.beta, cfg.label_smoothing)
         n = batch["input_ids"].shape[0] // 2
-        sums += weight * n * torch.tensor([loss.item(), st["reward_accuracy"].item(), st["reward_margin"].item(), 1.0],
-                                          dtype=torch.float64)
-    sums = all_reduce_sum(sums)
-    if was_training:
-        engine.train()
-    n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "reward_accuracy": sums[1].item() / n, "reward_margin": sums[2].item() / n}
+        return [loss.item() * n, st["reward_accuracy"].item() * n, st["reward_margin"].item() * n, n]
+
+    loss, accuracy, margin, pairs = trainer.eval_sums(batch_sums, 4)
+    n = max(pairs, 1.0)
+    return {"loss": loss / n, "reward_accuracy": accuracy / n, "reward_margin": margin / n}
 
 
-def train_dpo(cfg: DPOConfig, *, tokenizer=None, datasets: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
+def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, datasets: Optional[Tuple[Any, Any]] = None,
+              collate=None) -> Dict[str, Any]:
     """Train the policy with DPO and save it (HF format) to cfg.output_dir."""
     from ..data.collators import PairCollator
-    from ..models.loading import apply_lora_from_config, load_causal_lm, load_tokenizer
-    from . import checkpoint as ckpt_lib
-    from .common import (GlobalBatchSampler, describe_run, initialize_engine, run_training, setup_run,
-                         total_train_steps, training_dtype)
-    from .ppo import disable_dropout
-    cfg.validate()
-    ctx = setup_run(cfg)
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
-    if datasets is None:
-        from ..data import build_datasets
-        datasets = build_datasets(cfg.data, tokenizer, 2)
-    train_ds, eval_ds = datasets
-    collate = PairCollator(tokenizer.pad_token_id)
-    dtype = training_dtype(ctx)
-    model = load_causal_lm(cfg.model_name_or_path, tokenizer=tokenizer, dtype=dtype, seed=cfg.seed,
-                           ds_config=ctx.ds_config)
-    apply_lora_from_config(model, cfg)
-    disable_dropout(model)  # the policy and reference must score identically at step 0
-    ref = load_causal_lm(cfg.ref_model or cfg.model_name_or_path, tokenizer=tokenizer, dtype=dtype,
-                         seed=cfg.seed).to(ctx.device).eval().requires_grad_(False)
-    sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size,
-                                 ctx.rank, cfg.seed)
-    total = total_train_steps(cfg, sampler.steps_per_epoch)
-    describe_run(ctx, model, len(train_ds), len(eval_ds), total)
-    engine = initialize_engine(model, cfg, ctx, total)
+    reference = {}
 
-    def loss_fn(eng, batch):
-        return dpo_batch_loss(eng, ref, batch, cfg.beta, cfg.label_smoothing)[0]
+    def prepare(policy, ctx, tok):
+        disable_dropout(policy)  # the policy and reference must score identically at step 0
+        ref = load_causal_lm(cfg.ref_model or cfg.model_name_or_path, tokenizer=tok, dtype=training_dtype(ctx),
+                             seed=cfg.seed)
+        reference["model"] = ref.to(ctx.device).eval().requires_grad_(False)
 
-    def evaluate():
-        return evaluate_dpo(engine, ref, eval_ds, collate, cfg, ctx.rank, ctx.world_size)
-
-    before = evaluate()
-    result = run_training(engine=engine, ctx=ctx, train_dataset=train_ds, collate=collate, loss_fn=loss_fn,
-                          evaluate=evaluate, sampler=sampler, total_steps=total, tokenizer=tokenizer, desc="DPO")
-    after = evaluate()
-    ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, result["step"])
-    ctx.metrics.close()
-    print_rank0("DPO held-out pairs: " + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before))
-    ckpt_lib.save_hf_model(engine, cfg.output_dir, tokenizer=tokenizer, merge_lora=cfg.merge_lora_on_save)
-    return {"eval_before": before, "eval_after": after, "losses": result["losses"], "engine": engine}
+    return run_supervised(
+        cfg, step=2, label="DPO", load_model=load_causal_lm, default_collate=PairCollator,
+        loss_fn=lambda engine, batch: dpo_batch_loss(engine, reference["model"], batch, cfg.beta,
+                                                     cfg.label_smoothing)[0],
+        evaluate_fn=lambda trainer: evaluate_dpo(trainer, reference["model"], cfg),
+        fmt=lambda m: (f"loss {m['loss']:.4f}, reward accuracy {m['reward_accuracy']:.3f}, "
+                       f"reward margin {m['reward_margin']:.4f}"),
+        prepare_model=prepare, model=model, tokenizer=tokenizer, datasets=datasets, collate=collate)

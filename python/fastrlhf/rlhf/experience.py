@@ -1,4 +1,6 @@
-"""Rollout experience: what PPO, GRPO and RLOO learn from, and the model passes that fill it.
+"""Rollouts: what PPO, GRPO and RLOO learn from (`Experience`), the model passes that fill it,
+the advantages of each algorithm, and `ExperienceMaker`, which samples answers with the hybrid
+engine on the actor's own weights and turns them into an Experience.
 
 A batch is `sequences` [B, P + N] = left-padded prompts (P columns) then N generated columns.
 Token t of the answer (column P + t) is predicted by the logits at column P + t - 1, so answer
@@ -7,11 +9,14 @@ log-probs and values live on the N answer columns: [B, N], masked by `action_mas
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
+from ..utils.distributed import all_gather_cat
 from . import rl_math as M
 
 
@@ -120,3 +125,126 @@ def compute_advantages(s: AdvantageSettings, scores: torch.Tensor, action_mask: 
     if s.whiten_advantages:
         adv = M.masked_whiten(adv, action_mask)
     return adv, returns, stats
+
+
+def stopwatch(device: torch.device) -> Callable[[], float]:
+    """A lap timer: each call returns the seconds since the previous one (device work finished
+    first, so GPU times are real)."""
+    last = [time.perf_counter()]
+
+    def lap() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        dt, last[0] = now - last[0], now
+        return dt
+    return lap
+
+
+class ExperienceMaker:
+    """Sample answers to a batch of prompts, score them and compute what the update needs.
+
+    `models` is a `ppo_models.PPOModels`; `gt_score(prompt, answer)`, when given, is an exact
+    scorer of the task (the bundled one has one) logged beside the learned reward."""
+
+    def __init__(self, cfg, models, tokenizer, device: torch.device, rank: int, max_new_tokens: int,
+                 gt_score: Optional[Callable[[str, str], float]] = None):
+        from ..data.collators import PromptCollator
+        from ..hybrid_engine import EngineConfig, HybridEngine
+        self.cfg, self.models, self.tokenizer, self.device = cfg, models, tokenizer, device
+        self.max_new_tokens, self.gt_score = max_new_tokens, gt_score
+        self.collate = PromptCollator(tokenizer.pad_token_id)
+        # the bare module: the engine finds ZeRO-3 partitions on its parameters either way, and a
+        # DeepSpeedEngine's own `.config` (its JSON) would shadow the HF config it looks for
+        self.engine = HybridEngine(models.actor.module, tokenizer, EngineConfig(fallback=cfg.generation_fallback))
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
+        self.reward_stats = M.RunningMoments()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        cfg = self.cfg
+        out = self.engine.generate(input_ids, attention_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
+                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   min_new_tokens=cfg.min_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                   pad_token_id=self.tokenizer.pad_token_id, generator=generator or self.generator)
+        return out.sequences
+
+    def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None):
+        """(sequences, attention_mask, action_mask, prompt_len) of sampled answers to a
+        PromptCollator batch; the mask covers the answer up to and including its EOS."""
+        input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        sequences = self.generate(input_ids, prompt_mask, generator)
+        prompt_len = input_ids.shape[1]
+        action_mask = M.answer_mask(sequences[:, prompt_len:], self.tokenizer.eos_token_id)
+        attention_mask = torch.cat([prompt_mask.float(), action_mask], 1).long()
+        return sequences, attention_mask, action_mask, prompt_len
+
+    def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        reward_tok = self.models.reward_tokenizer
+        if reward_tok is None:
+            return sequence_scores(self.models.reward, sequences, attention_mask)
+        texts = [self.tokenizer.decode(s[m.bool()], skip_special_tokens=True)
+                 for s, m in zip(sequences, attention_mask)]
+        reward_tok.padding_side = "right"
+        enc = reward_tok(texts, return_tensors="pt", padding=True).to(self.device)
+        return sequence_scores(self.models.reward, enc["input_ids"], enc["attention_mask"])
+
+    def answers_text(self, sequences: torch.Tensor, action_mask: torch.Tensor, prompt_len: int) -> List[str]:
+        return [self.tokenizer.decode(s[prompt_len:][m.bool()], skip_special_tokens=True)
+                for s, m in zip(sequences, action_mask)]
+
+    def ground_truth(self, prompts: List[str], sequences, action_mask, prompt_len: int) -> List[float]:
+        answers = self.answers_text(sequences, action_mask, prompt_len)
+        return [self.gt_score(p, a) for p, a in zip(prompts, answers)]
+
+    @torch.no_grad()
+    def make(self, items: List[Dict[str, Any]], kl_coef: float) -> Experience:
+        """An Experience from prompt items (each sampled group_size times, the samples adjacent)."""
+        cfg, models = self.cfg, self.models
+        if cfg.group_size > 1:
+            items = [it for it in items for _ in range(cfg.group_size)]
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.collate(items).items()}
+        clock = stopwatch(self.device)
+        sequences, attention_mask, action_mask, P = self.rollout(batch)
+        gen_time = clock()
+        models.actor.eval()
+        old_logp = answer_logprobs(models.actor, sequences, attention_mask, P)
+        times = {"time_actor_forward": clock()}
+        ref_logp = answer_logprobs(models.ref, sequences, attention_mask, P)
+        times["time_ref_forward"] = clock()
+        scores = self.score(sequences, attention_mask)
+        times["time_reward_forward"] = clock()
+        values = None
+        if models.critic is not None:
+            values = answer_values(models.critic, sequences, attention_mask, P)
+            times["time_critic_forward"] = clock()
+        raw_scores = scores.clone()
+        if cfg.normalize_reward:
+            self.reward_stats.update(all_gather_cat(scores))
+            scores = self.reward_stats.normalize(scores)
+        adv, returns, stats = compute_advantages(cfg.advantage_settings(), scores, action_mask, old_logp,
+                                                 ref_logp, values, kl_coef)
+        n_tokens = action_mask.sum().item()
+        info = {"reward_mean": raw_scores.mean().item(),
+                "reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+                "kl": stats["kl"], "kl_coef": kl_coef, "answer_len": action_mask.sum(1).mean().item(),
+                "gen_time": gen_time, "forward_time": sum(times.values()),
+                "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}
+        if self.gt_score is not None:
+            info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], sequences, action_mask, P)))
+        return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+                          old_logprobs=old_logp, ref_logprobs=ref_logp, advantages=adv, scores=raw_scores,
+                          prompt_len=P, old_values=values, returns=returns, info=info)
+
+    @torch.no_grad()
+    def eval_sums(self, batch: Dict[str, Any], generator: torch.Generator) -> List[float]:
+        """[summed reward-model score, summed KL to the reference, summed ground truth, answers]
+        of answers sampled (with `generator`) to a batch of held-out prompts."""
+        sequences, attention_mask, action_mask, P = self.rollout(batch, generator)
+        logp = answer_logprobs(self.models.actor, sequences, attention_mask, P)
+        ref = answer_logprobs(self.models.ref, sequences, attention_mask, P)
+        kl = (M.kl_estimate(logp, ref, "k1") * action_mask).sum(1)
+        scores = self.score(sequences, attention_mask)
+        gt = sum(self.ground_truth(batch["prompt"], sequences, action_mask, P)) if self.gt_score else 0.0
+        return [scores.double().sum().item(), kl.double().sum().item(), gt, float(len(sequences))]

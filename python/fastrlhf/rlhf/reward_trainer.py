@@ -4,7 +4,7 @@ Eval reports pairwise accuracy (share of pairs with r_chosen > r_rejected) and t
 and rejected scores, before and after training. The backbone starts from `model_name_or_path`
 (the base model by default, as DeepSpeed-Chat does, or the SFT output).
 
-    from fastrlhf.config import RMConfig
+    from fastrlhf.rlhf.configs import RMConfig
     from fastrlhf.rlhf.reward_trainer import train_reward_model
     result = train_reward_model(RMConfig(max_steps=100))   # -> {"eval_before", "eval_after", ...}
 """
@@ -14,10 +14,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..config import RMConfig
 from ..models.reward import RewardModel, last_token_index
-from ..utils.distributed import all_reduce_sum
-from .common import eval_batches, run_supervised_step, to_device
+from .common import run_supervised
+from .configs import RMConfig
 
 
 def pair_scores(engine, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -38,26 +37,16 @@ def rm_loss(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return pairwise_loss(chosen, rejected)
 
 
-@torch.no_grad()
-def evaluate_pairs(engine, dataset, collate, batch_size: int, rank: int, world: int,
-                   max_batches: Optional[int] = None) -> Dict[str, float]:
-    was_training = engine.training
-    engine.eval()
-    # sums: correct pairs, chosen scores, rejected scores, pairs, loss
-    sums = torch.zeros(5, dtype=torch.float64)
-    for batch, weight in eval_batches(dataset, collate, batch_size, rank, world, max_batches):
-        batch = to_device(batch, engine.device)
-        chosen, rejected = pair_scores(engine, batch)
-        losses = -torch.nn.functional.logsigmoid(chosen - rejected)
-        sums += weight * torch.tensor([(chosen > rejected).sum().item(), chosen.sum().item(),
-                                       rejected.sum().item(), chosen.numel(), losses.sum().item()],
-                                      dtype=torch.float64)
-    sums = all_reduce_sum(sums)
-    if was_training:
-        engine.train()
-    n = max(float(sums[3]), 1.0)
-    return {"accuracy": float(sums[0]) / n, "chosen_score": float(sums[1]) / n,
-            "rejected_score": float(sums[2]) / n, "loss": float(sums[4]) / n}
+def evaluate_pairs(trainer) -> Dict[str, float]:
+    """Pairwise accuracy, mean chosen / rejected scores and loss over all ranks' shards."""
+    def batch_sums(batch):
+        chosen, rejected = pair_scores(trainer.engine, batch)
+        return [(chosen > rejected).sum().item(), chosen.sum().item(), rejected.sum().item(), chosen.numel(),
+                pairwise_loss(chosen, rejected).item() * chosen.numel()]
+
+    correct, chosen, rejected, pairs, loss = trainer.eval_sums(batch_sums, 5)
+    n = max(pairs, 1.0)
+    return {"accuracy": correct / n, "chosen_score": chosen / n, "rejected_score": rejected / n, "loss": loss / n}
 
 
 def _fmt(m: Dict[str, float]) -> str:
@@ -69,7 +58,7 @@ def train_reward_model(cfg: RMConfig, *, model: Optional[RewardModel] = None, to
                        datasets: Optional[Tuple[Any, Any]] = None, collate=None) -> Dict[str, Any]:
     """Run step 2 and save the reward model (documented format, see models/reward.py) to cfg.output_dir."""
     from ..data import PairCollator
-    return run_supervised_step(
+    return run_supervised(
         cfg, step=2, label="step 2 RM", load_model=RewardModel.from_pretrained, default_collate=PairCollator,
         loss_fn=rm_loss, evaluate_fn=evaluate_pairs, fmt=_fmt,
         model=model, tokenizer=tokenizer, datasets=datasets, collate=collate)

@@ -1,7 +1,7 @@
 """Step 1: supervised fine-tuning of a causal LM (loss on the answer tokens unless
 `data.train_on_prompt`), with eval perplexity printed before and after training.
 
-    from fastrlhf.config import SFTConfig
+    from fastrlhf.rlhf.configs import SFTConfig
     from fastrlhf.rlhf.sft import train_sft
     result = train_sft(SFTConfig(max_steps=100))     # -> {"eval_before", "eval_after", "losses", ...}
 """
@@ -12,10 +12,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..config import SFTConfig
 from ..models.loading import load_causal_lm
-from ..utils.distributed import all_reduce_sum
-from .common import eval_batches, run_supervised_step, to_device
+from .common import run_supervised
+from .configs import SFTConfig
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,22 +33,15 @@ def sft_loss(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-@torch.no_grad()
-def evaluate_perplexity(engine, dataset, collate, batch_size: int, rank: int, world: int,
-                        max_batches: Optional[int] = None) -> Dict[str, float]:
+def evaluate_perplexity(trainer) -> Dict[str, float]:
     """Token-weighted eval loss and perplexity over all ranks' shards."""
-    was_training = engine.training
-    engine.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
-    for batch, weight in eval_batches(dataset, collate, batch_size, rank, world, max_batches):
-        batch = to_device(batch, engine.device)
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    def batch_sums(batch):
+        out = trainer.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         total, count = token_nll(out.logits, batch["labels"])
-        sums += weight * torch.tensor([total.item(), count.item()], dtype=torch.float64)
-    sums = all_reduce_sum(sums)
-    if was_training:
-        engine.train()
-    loss = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+        return [total.item(), count.item()]
+
+    nll, tokens = trainer.eval_sums(batch_sums, 2)
+    loss = nll / tokens if tokens > 0 else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -60,7 +52,7 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, datasets: Optional[
     `model` (an HF causal LM or PeftModel), `tokenizer` and `datasets` ((train, eval) torch datasets
     of fastrlhf.data step-1 items) may be passed in instead of being loaded from `cfg`."""
     from ..data import SFTCollator
-    return run_supervised_step(
+    return run_supervised(
         cfg, step=1, label="step 1 SFT", load_model=load_causal_lm, default_collate=SFTCollator,
         loss_fn=sft_loss, evaluate_fn=evaluate_perplexity,
         fmt=lambda m: f"loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}",

@@ -60,9 +60,48 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    if not _multi():
+        return t.clone()
+    out = t.to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(t.device)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place on a copy); a no-op for one process."""
-    t = t.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """Sum over ranks, as a new tensor on t's device; a copy for one process."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.MAX)
+
+
+def mean_over_ranks(value: float) -> float:
+    return all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64)).item() / get_world_size()
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True only when `flag` holds on every rank (so every rank takes the same branch)."""
+    return all_reduce_max(torch.tensor([0.0 if flag else 1.0])).item() == 0.0
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on each), concatenated along dim 0 in rank order."""
+    if not _multi():
+        return t
+    x = t.to(_comm_device()).contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts).to(t.device)

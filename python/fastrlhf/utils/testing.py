@@ -156,7 +156,7 @@ def losses_from_metrics(output_dir: str, name: str = "train/loss") -> Dict[int, 
 
 def run_toy_sft(output_dir: str, model_dir: str, **over) -> Dict[int, float]:
     """Toy SFT through the real trainer; returns {step: loss} (the same on every rank)."""
-    from ..config import SFTConfig
+    from ..rlhf.configs import SFTConfig
     from ..models.loading import load_tokenizer
     from ..rlhf.sft import train_sft
     tok = load_tokenizer(model_dir)

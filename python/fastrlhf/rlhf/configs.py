@@ -1,0 +1,174 @@
+"""Every trainer's config, side by side. Each derives from `fastrlhf.config.TrainConfig` (the
+options all trainers share: model, data, precision, ZeRO, batch sizes, schedule, LoRA,
+checkpoints, logging) and adds or re-defaults its own.
+
+`DEFAULT_TASK_PROFILES[name]` holds the settings tuned for the bundled tiny task; the CLI puts
+them under the user's file and command line when no model is named (the class defaults suit
+pretrained models instead). How the PPO profile was tuned: benchmarks/results/ppo_profile_notes.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from ..config import ConfigError, TrainConfig, _opt, batch_geometry
+from ..utils.distributed import get_world_size
+from .experience import AdvantageSettings
+from .rl_math import KL_ESTIMATORS
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Step 1: supervised fine-tuning of a causal LM on prompt -> answer."""
+    output_dir: str = _opt("output/step1_sft", "where checkpoints, the final model and logs are written")
+    learning_rate: float = _opt(1e-5, "peak learning rate")
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Step 2: reward model (causal-LM backbone + scalar head) trained on preference pairs."""
+    output_dir: str = _opt("output/step2_rm", "where checkpoints, the final model and logs are written")
+    learning_rate: float = _opt(1e-5, "peak learning rate")
+    warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO on the step-2 preference split; `model_name_or_path` is the SFT model (policy and,
+    unless `ref_model` is set, the frozen reference)."""
+    output_dir: str = _opt("output/step3_dpo", "where checkpoints, the final model and logs are written")
+    ref_model: Optional[str] = _opt(None, "frozen reference policy; unset = the initial policy")
+    beta: float = _opt(0.1, "DPO temperature: how far the policy may move from the reference")
+    label_smoothing: float = _opt(0.0, "conservative DPO: assumed share of flipped preference labels")
+    learning_rate: float = _opt(1e-4, "peak learning rate")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """Step 3: PPO, GRPO or RLOO. `model_name_or_path` is the actor (the SFT model);
+    `learning_rate`, `zero_stage`, `offload`, `lora_*` are the actor's. Each step samples
+    `rollout_batch_size` x `group_size` answers per process, then makes `ppo_epochs` passes over
+    them in mini-batches of `micro_batch_size` answers; an optimizer step takes `global_batch_size`
+    answers over all processes (unset = one mini-batch per process, no accumulation)."""
+    output_dir: str = _opt("output/step3_ppo", "where checkpoints, the final models and logs are written")
+    reward_model: Optional[str] = _opt(None, "the step-2 reward model dir (required)")
+    critic_model: Optional[str] = _opt(None, "critic init; unset = the reward model (PPO only)")
+    ref_model: Optional[str] = _opt(None, "frozen reference policy; unset = the actor's initial weights")
+    algo: str = _opt("ppo", "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out)",
+                     choices=("ppo", "grpo", "rloo"))
+    rollout_batch_size: int = _opt(16, "prompts per PPO step per process")
+    group_size: int = _opt(1, "answers sampled per prompt (>= 2 for grpo/rloo)")
+    ppo_epochs: int = _opt(1, "passes over each rollout batch")
+    micro_batch_size: int = _opt(8, "answers per update mini-batch per process (one forward/backward)")
+    eval_batch_size: Optional[int] = _opt(None, "held-out prompts per process per eval generation batch; "
+                                          "unset = rollout_batch_size")
+    learning_rate: float = _opt(1e-5, "actor peak learning rate")
+    lr_scheduler: str = _opt("constant", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
+    critic_learning_rate: float = _opt(5e-5, "critic peak learning rate")
+    critic_warmup_steps: int = _opt(0, "critic linear warmup (optimizer steps)")
+    critic_zero_stage: int = _opt(0, "critic DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    critic_offload: str = _opt("none", "critic optimizer/param offload", choices=("none", "cpu"))
+    frozen_zero_stage: int = _opt(0, "reference/reward models: 3 partitions them, else full copies",
+                                  choices=(0, 3))
+    max_new_tokens: Optional[int] = _opt(None, "answer length cap; unset = data.max_answer_len")
+    temperature: float = _opt(1.0, "sampling temperature of rollouts (> 0)")
+    top_p: float = _opt(1.0, "nucleus sampling of rollouts")
+    top_k: int = _opt(0, "top-k sampling of rollouts (0 = off)")
+    min_new_tokens: int = _opt(0, "suppress EOS for this many answer tokens (benchmarks force full length)")
+    clip_eps: float = _opt(0.2, "policy ratio clip")
+    value_clip: float = _opt(0.2, "value clip around the rollout values (0 = off)")
+    value_loss_coef: float = _opt(1.0, "critic loss weight")
+    gamma: float = _opt(1.0, "discount")
+    lam: float = _opt(0.95, "GAE lambda")
+    kl_coef: float = _opt(0.05, "KL penalty coefficient (initial value when adaptive)")
+    kl_estimator: str = _opt("k1", "per-token KL estimator", choices=KL_ESTIMATORS)
+    adaptive_kl: bool = _opt(False, "adapt kl_coef toward target_kl")
+    target_kl: float = _opt(1.0, "adaptive controller's target (summed per-answer KL)")
+    kl_horizon: int = _opt(10000, "adaptive controller's horizon (answers)")
+    kl_in_reward: Optional[bool] = _opt(None, "KL as a reward penalty (ppo/rloo) or a loss term (grpo); "
+                                        "unset = the algorithm's usual choice")
+    reward_clip: float = _opt(5.0, "clip reward-model scores to +-c (0 = off)")
+    normalize_reward: bool = _opt(False, "normalise scores by running mean/std before clipping")
+    whiten_advantages: Optional[bool] = _opt(None, "whiten advantages per batch; unset = on for ppo only")
+    ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the SFT loss mixed into the actor update (0 = off)")
+    ema_decay: float = _opt(0.0, "keep an EMA copy of the actor with this decay (0 = off)")
+    generation_fallback: Optional[str] = _opt(None, "hybrid engine fallback ('hf' = plain HF generate)",
+                                              choices=(None, "hf"))
+    eval_prompts: int = _opt(64, "held-out prompts scored before and after training")
+    max_nonfinite_steps: int = _opt(3, "stop when this many consecutive steps had a NaN/inf loss")
+    reward_tokenizer: str = _opt("check", "actor vs reward tokenizer: 'check' (must match) or "
+                                 "'retokenize' (decode and re-encode for the reward model)",
+                                 choices=("check", "retokenize"))
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward_model:
+            raise ConfigError("PPO needs the step-2 reward model: pass --reward_model DIR")
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0: PPO rollouts are sampled, not greedy")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        n = self.answers_per_step
+        if n % self.micro_batch_size:
+            raise ConfigError(f"rollout_batch_size x group_size = {n} answers do not split into mini-batches "
+                              f"of micro_batch_size={self.micro_batch_size}; make it a divisor of {n}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1")
+        if self.critic_offload != "none" and self.critic_zero_stage == 0:
+            raise ConfigError("critic_offload=cpu needs ZeRO: set --critic_zero_stage 1, 2 or 3")
+        self.check_accumulation(get_world_size())  # the launcher's WORLD_SIZE (1 without one)
+        if self.deepspeed_config and (self.critic_zero_stage, self.critic_offload) != (0, "none"):
+            raise ConfigError("--deepspeed_config serves the actor and the critic alike; set ZeRO and offload in "
+                              "that file and drop --critic_zero_stage / --critic_offload")
+
+    @property
+    def answers_per_step(self) -> int:
+        """Answers each process samples per PPO step."""
+        return self.rollout_batch_size * self.group_size
+
+    def check_accumulation(self, world_size: int) -> None:
+        """An optimizer step must not straddle two rollout batches."""
+        accumulation = batch_geometry(self.global_batch_size, self.micro_batch_size,
+                                      world_size)["gradient_accumulation_steps"]
+        per_step = self.micro_batch_size * accumulation
+        if self.answers_per_step % per_step:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} means {accumulation} mini-batches of "
+                f"{self.micro_batch_size} per optimizer step per process, {per_step} answers, which does not "
+                f"divide the {self.answers_per_step} answers of a rollout batch; lower --global_batch_size or "
+                "raise --rollout_batch_size")
+
+    def advantage_settings(self) -> AdvantageSettings:
+        kl_in_reward = self.algo != "grpo" if self.kl_in_reward is None else self.kl_in_reward
+        whiten = self.algo == "ppo" if self.whiten_advantages is None else self.whiten_advantages
+        return AdvantageSettings(algo=self.algo, kl_estimator=self.kl_estimator,
+                                 reward_clip=self.reward_clip or None, gamma=self.gamma, lam=self.lam,
+                                 whiten_advantages=whiten, group_size=self.group_size,
+                                 kl_in_reward=kl_in_reward)
+
+
+# The bundled task's model has a few million parameters, trained from scratch on 2 CPU cores.
+# cpu_threads 1: its matrices are too small to split across cores, and extra threads spin-wait
+# (10x the CPU time per step) whenever the cores are shared. PPO: answers are at most 24 tokens
+# + EOS; kl_coef 0.2 keeps the policy a few nats from the SFT model (lower values let it exploit
+# the reward model); the ground truth rises late, hence 300 steps.
+DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
+    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
+            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
+    "rm": {"cpu_threads": 1, "learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
+           "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
+    "ppo": {"rollout_batch_size": 32, "micro_batch_size": 16, "ppo_epochs": 2, "max_steps": 300,
+            "learning_rate": 3e-4, "critic_learning_rate": 1e-3, "critic_warmup_steps": 4,
+            "max_new_tokens": 28, "temperature": 1.0, "kl_coef": 0.2, "reward_clip": 5.0,
+            "eval_prompts": 128, "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
+}

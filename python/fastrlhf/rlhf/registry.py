@@ -1,0 +1,43 @@
+"""Every trainer the CLI runs, in one table: command -> (config class, train function, one-line
+summary of its result, help). `fastrlhf <command>` and the steps of `fastrlhf train` dispatch
+through it; adding a trainer is adding a row."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+from .configs import DPOConfig, PPOConfig, RMConfig, SFTConfig
+from .dpo import train_dpo
+from .ppo import train_ppo
+from .reward_trainer import train_reward_model
+from .sft import train_sft
+
+
+@dataclass(frozen=True)
+class TrainerEntry:
+    config: type
+    train: Callable[[Any], Dict[str, Any]]
+    summary: Callable[[Dict[str, Any]], str]
+    help: str
+
+
+def _ppo_summary(r: Dict[str, Any]) -> str:
+    before, after = r["eval_before"], r["eval_after"]
+    gt = f", ground truth {before['gt_score']:.3f} -> {after['gt_score']:.3f}" if "gt_score" in before else ""
+    return (f"step 3 {r['trainer'].cfg.algo.upper()}: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}"
+            f"{gt}, KL to reference {after['kl_to_ref']:.3f}")
+
+
+TRAINERS: Dict[str, TrainerEntry] = {
+    "sft": TrainerEntry(SFTConfig, train_sft, lambda r: f"step 1 SFT: eval perplexity "
+                        f"{r['eval_before']['perplexity']:.3f} -> {r['eval_after']['perplexity']:.3f}",
+                        "step 1: supervised fine-tuning"),
+    "rm": TrainerEntry(RMConfig, train_reward_model, lambda r: f"step 2 RM: eval accuracy "
+                       f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}",
+                       "step 2: reward model on preference pairs"),
+    "ppo": TrainerEntry(PPOConfig, train_ppo, _ppo_summary,
+                        "step 3: PPO (or --algo grpo / rloo) against a trained reward model"),
+    "dpo": TrainerEntry(DPOConfig, train_dpo, lambda r: f"DPO: held-out loss {r['eval_before']['loss']:.4f} -> "
+                        f"{r['eval_after']['loss']:.4f}, reward accuracy {r['eval_after']['reward_accuracy']:.3f}",
+                        "DPO: preference pairs -> policy, instead of steps 2 + 3"),
+}
