@@ -130,3 +130,14 @@ def test_only_rank0_writes_logs(tmp_path, monkeypatch):
     logger.close()
     assert (tmp_path / "tb_rank0" / "metrics.jsonl").read_text().strip() == '{"step": 3, "train/loss": 1.5}'
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb_rank0").iterdir())
+
+
+def test_bundled_ppo_profile_trains_all_its_max_steps(tmp_path):
+    """max_steps caps num_epochs: the profile must hold enough passes over the prompts."""
+    from fastrlhf.data import build_datasets
+    from fastrlhf.models.loading import load_tokenizer
+    from fastrlhf.rlhf.common import total_train_steps
+    args, extra = _train_args(["--steps", "3", "--output_dir", str(tmp_path)])
+    ppo = cli.build_step_configs(args, extra)[3]
+    prompts, _ = build_datasets(ppo.data, load_tokenizer(None), 3)
+    assert total_train_steps(ppo, len(prompts) // ppo.rollout_batch_size) == ppo.max_steps

@@ -394,7 +394,7 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             return None
 
-        def handler(signum, frame):
+        def handler(signum, _frame):
             self._stop_signal = signum
 
         return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -167,7 +167,8 @@ DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
             "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
     "rm": {"cpu_threads": 1, "learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-    "ppo": {"rollout_batch_size": 32, "micro_batch_size": 16, "ppo_epochs": 2, "max_steps": 300,
+    # 300 steps of 32 prompts: about 2.5 passes over the 3,800 step-3 prompts (max_steps caps num_epochs)
+    "ppo": {"rollout_batch_size": 32, "micro_batch_size": 16, "ppo_epochs": 2, "num_epochs": 3, "max_steps": 300,
             "learning_rate": 3e-4, "critic_learning_rate": 1e-3, "critic_warmup_steps": 4,
             "max_new_tokens": 28, "temperature": 1.0, "kl_coef": 0.2, "reward_clip": 5.0,
             "eval_prompts": 128, "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
