@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..config import build_ds_config, ds_precision, save_config
-from ..utils.distributed import all_reduce_sum, barrier, get_rank, get_world_size, init_distributed, is_rank0
+from ..utils.distributed import (all_ranks_true, all_reduce_sum, barrier, get_rank, get_world_size, init_distributed,
+                                 is_rank0)
 from ..utils.logging import MetricsLogger, print_rank0, progress_bar, quiet_libraries
 from . import checkpoint as ckpt_lib
 
@@ -376,11 +377,12 @@ class Trainer:
                     self.ctx.metrics.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
                     self.ctx.metrics.log({f"eval/{k}": v for k, v in self.evaluate().items()}, self.step)
-                if self._stop_signal is not None:
+                if not all_ranks_true(self._stop_signal is None):  # every rank saves, or none
+                    signum = self._stop_signal or signal.SIGTERM
                     path = self.save_checkpoint()
-                    print_rank0(f"signal {self._stop_signal}: checkpoint saved to {path} at step {self.step}; "
+                    print_rank0(f"signal {signum}: checkpoint saved to {path} at step {self.step}; "
                                 "exiting (rerun the same command to continue)")
-                    raise SystemExit(128 + self._stop_signal)
+                    raise SystemExit(128 + signum)
                 if cfg.save_steps and (self.step % cfg.save_steps == 0 or self.step == self.total_steps):
                     self.save_checkpoint()
         finally:
@@ -390,12 +392,15 @@ class Trainer:
         return self.history
 
     def _install_signal_handlers(self):
-        """SIGTERM (a scheduler's preemption) and SIGINT: finish the step, save, exit."""
+        """SIGTERM (a scheduler's preemption) and SIGINT: finish the step, save, exit. A second
+        signal stops at once, without saving."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def handler(signum, _frame):
-            self._stop_signal = signum
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+            self._stop_signal = signum  # no printing here: a handler may interrupt a write to the same stream
 
         return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
