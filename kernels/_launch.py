@@ -1,38 +1,45 @@
 """How every kernel in fastrlhf.kernels is launched.
 
-Triton decides at decoration time whether a `@triton.jit` function is compiled for the GPU
-or run by the CPU interpreter (TRITON_INTERPRET=1). Our kernel modules may be imported
-before a test sets that variable, so kernels are written as plain functions and wrapped
-here, lazily and per mode, when they are first launched:
+Kernels and the device functions they call are ordinary `@triton.jit` functions. `Kernel`
+adds what a plain `kernel[grid](...)` does not give us:
 
-- GPU: `triton.jit`, optionally under `triton.autotune` over the given configs;
-- interpreter: one small config (the interpreter runs every program in Python, so fewer,
-  larger tiles are much faster and autotuning would only multiply the run time).
-
-Kernels must not call jitted helpers of their own (each would need the same per-mode
-wrapping); they are short enough to be written out in full. Triton's own jitted library
-functions (tl.sum, tl.max, tl.cdiv, tl.zeros, ...) are decided when triton is imported; if
-that happened outside interpreter mode, `_interpreted_stdlib` swaps interpreted copies in
-for the duration of an interpreted launch, so the mode really is chosen per call.
+- **The GPU/interpreter choice per launch.** Triton makes that choice when a function is
+  decorated (`triton.jit` returns an interpreted function while TRITON_INTERPRET=1 is set),
+  so our kernels and helpers, and triton.language's own jitted library (tl.sum, tl.max,
+  tl.cdiv, ...), keep the mode that was in force when they were imported. The test suite
+  sets TRITON_INTERPRET=1 per test, in one process that also compiles for the GPU, so an
+  interpreted launch decorates the kernel's source again under the interpreter and swaps
+  interpreted copies in for the jitted functions it calls (`_interpreted_helpers`). This
+  uses only public names (`triton.jit`, `triton.knobs.runtime.interpret`,
+  `triton.runtime.JITFunction` and its `.fn`); the two behaviours of Triton it relies on
+  are written down at `_interpreted_helpers`. Kernels imported while TRITON_INTERPRET=1 was
+  set can only be interpreted.
+- **Launch configurations**: GPU autotuning over the given configs; under the interpreter
+  one small config (it runs every program in Python, so fewer, larger tiles are much faster
+  and autotuning would only multiply the run time).
+- Poisoned outputs for tests (`poison_outputs`) and an ahead-of-time compile check for a
+  GPU architecture without a GPU (`compile_only`).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import triton
+import triton.language as tl
+from triton.runtime import JITFunction
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when kernels launched now run in Triton's CPU interpreter (TRITON_INTERPRET,
+    read at call time, exactly as `triton.jit` reads it)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 class Kernel:
-    """A Triton kernel source plus its launch configurations.
+    """A `@triton.jit` kernel plus its launch configurations.
 
     configs: GPU autotuning candidates (`triton.Config`); `None` means the meta-parameters
     are fully given by the caller and the kernel is launched as is. Kernels that write
@@ -40,83 +47,103 @@ class Kernel:
     interpret_meta: constexpr values used instead of autotuning under the interpreter.
     """
 
-    def __init__(self, fn: Callable, *, configs: Optional[List[triton.Config]] = None,
+    def __init__(self, fn, *, configs: Optional[List[triton.Config]] = None,
                  key: Sequence[str] = (), interpret_meta: Optional[Dict] = None):
-        self.fn = fn
+        self.jitted = fn  # as decorated at import time (a JITFunction unless TRITON_INTERPRET was set)
+        self.fn = fn.fn   # its Python source function
         self.configs = configs
         self.key = list(key)
         self.interpret_meta = dict(interpret_meta or {})
-        self._compiled: Dict[bool, object] = {}
+        self._by_mode: Dict[bool, object] = {}
 
     def _get(self, interp: bool):
-        if interp not in self._compiled:
+        if interp not in self._by_mode:
             if interp:
-                from triton.runtime.interpreter import InterpretedFunction
-                self._compiled[interp] = InterpretedFunction(self.fn)
+                kernel = triton.jit(self.fn)  # TRITON_INTERPRET is set: an interpreted function
             else:
-                from triton.runtime.jit import JITFunction
-                jf = JITFunction(self.fn)
+                if not isinstance(self.jitted, JITFunction):
+                    raise RuntimeError(f"{self.fn.__name__}: triton was imported with TRITON_INTERPRET=1 "
+                                       "set, so its kernels can only be interpreted; unset it before "
+                                       "importing triton to run them on the GPU")
+                kernel = self.jitted
                 if self.configs:
-                    jf = triton.autotune(configs=self.configs, key=self.key)(jf)
-                self._compiled[interp] = jf
-        return self._compiled[interp]
+                    kernel = triton.autotune(configs=self.configs, key=self.key)(kernel)
+            self._by_mode[interp] = kernel
+        return self._by_mode[interp]
 
     def launch(self, grid: Callable[[Dict], tuple], *args, **meta):
         """Run the kernel; `grid(meta)` sees the chosen constexprs (block sizes)."""
         if _compile_only is not None:
             return _compile_only.check(self, args, meta)
         interp = interpreting()
-        fn = self._get(interp)
+        kernel = self._get(interp)
         if interp:
+            # num_warps/num_stages, when given, are ignored by the interpreter
             full = {**self.interpret_meta, **meta} if self.configs else dict(meta)
-            full.pop("num_warps", None)
-            full.pop("num_stages", None)
-            with _interpreted_stdlib():
-                return fn[grid(full)](*args, **full)
-        return fn[grid](*args, **meta)
+            with _interpreted_helpers(self.fn):
+                return kernel[grid(full)](*args, **full)
+        return kernel[grid](*args, **meta)
 
 
-_stdlib_copies: Dict[str, object] = {}
+# ---------------------------------------------------------------------------------------
+# Interpreted launches in a process where triton was imported in GPU mode. What this relies on:
+#
+# 1. The interpreter runs the kernel as Python, resolving the functions it calls through the
+#    kernel module's globals (and `tl.` attributes) at run time, and a JITFunction called
+#    from Python raises. So, for the duration of the launch, every JITFunction in
+#    triton.language's namespace and in the globals of the kernel and of our own jitted
+#    helpers (found transitively) is replaced by a copy decorated under the interpreter.
+# 2. An interpreted function called from a kernel patches triton.language for the
+#    interpreter and never undoes it; the launch undoes only the patches it made itself.
+#    tl.sum & co. live in modules that import `triton.language.core`, which stays patched
+#    and would break every later GPU compile in the process. So the attributes of
+#    `_LANGUAGE` are recorded before the launch and any that changed are put back after it.
+#    (Triton 3.6-3.8; tests/ops/test_triton_compile.py checks compiles after interpreted runs.)
+
+_LANGUAGE = (tl, tl.core, tl.math, tl.tensor, tl.dtype)
+_interpreted_copies: Dict[Callable, object] = {}
 
 
-def _scoped_interpreted(fn):
-    """An interpreted copy of a triton library function that undoes its language patches.
+def _interpreted_copy(jitted: JITFunction):
+    if jitted.fn not in _interpreted_copies:
+        _interpreted_copies[jitted.fn] = triton.jit(jitted.fn)  # TRITON_INTERPRET is set
+    return _interpreted_copies[jitted.fn]
 
-    Triton's InterpretedFunction, called as a device function, patches triton.language for
-    the interpreter and never restores it; with a compiled-mode triton that would break
-    every later GPU compile in the process. This copy restores the patches on return.
-    """
-    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 
-    class _Scoped(InterpretedFunction):
-        def __call__(self, *args, **kwargs):
-            scope = _patch_lang(self.fn)
-            try:
-                return self.rewrite()(*args, **kwargs)
-            finally:
-                scope.restore()
-
-    return _Scoped(fn)
+def _namespaces_reached(fn) -> List[dict]:
+    """Globals of `fn` and of the non-triton jitted functions reachable from them."""
+    found: Dict[int, dict] = {}
+    todo = [fn]
+    while todo:
+        namespace = todo.pop().__globals__
+        if id(namespace) in found:
+            continue
+        found[id(namespace)] = namespace
+        todo += [v.fn for v in list(namespace.values())
+                 if isinstance(v, JITFunction) and not v.fn.__module__.startswith("triton.")]
+    return list(found.values())
 
 
 @contextlib.contextmanager
-def _interpreted_stdlib():
-    import triton.language as tl
-    from triton.runtime.jit import JITFunction
-
-    compiled = {n: f for n, f in vars(tl).items() if isinstance(f, JITFunction)}
-    if not compiled:  # triton was imported in interpreter mode: nothing to swap
-        yield
-        return
-    for name, f in compiled.items():
-        if name not in _stdlib_copies:
-            _stdlib_copies[name] = _scoped_interpreted(f.fn)
-        setattr(tl, name, _stdlib_copies[name])
+def _interpreted_helpers(fn):
+    namespaces = [vars(tl)] + _namespaces_reached(fn)
+    language_before = [(obj, dict(vars(obj))) for obj in _LANGUAGE]
+    swapped = []
     try:
+        for namespace in namespaces:
+            for name, value in list(namespace.items()):
+                if isinstance(value, JITFunction):
+                    namespace[name] = _interpreted_copy(value)
+                    swapped.append((namespace, name, value))
         yield
     finally:
-        for name, f in compiled.items():
-            setattr(tl, name, f)
+        for namespace, name, value in swapped:
+            namespace[name] = value
+        for obj, before in language_before:
+            now = vars(obj)
+            for name, value in before.items():
+                if now.get(name) is not value:
+                    setattr(obj, name, value)
 
 
 def next_pow2(n: int) -> int:
@@ -164,7 +191,6 @@ class _CompileRecorder:
 
     def check(self, kernel: Kernel, args, meta):
         from triton.compiler import ASTSource
-        from triton.runtime.jit import JITFunction
 
         params = list(inspect.signature(kernel.fn).parameters)
         configs = kernel.configs if kernel.configs else [None]
@@ -190,7 +216,7 @@ class _CompileRecorder:
                     raise TypeError(f"{kernel.fn.__name__}: cannot type argument {name}={val!r}")
             for name in params[len(args):]:
                 sig[name] = "constexpr"
-            src = ASTSource(JITFunction(kernel.fn), sig, constexprs={k: consts[k] for k in params[len(args):]})
+            src = ASTSource(kernel.jitted, sig, constexprs={k: consts[k] for k in params[len(args):]})
             binary = triton.compile(src, target=self.target, options=options)
             self.compiled.append((kernel.fn.__name__, consts, binary.metadata.shared))
 

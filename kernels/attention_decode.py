@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_common import LOG2E, merge_softmax_states, online_softmax_step, scores_log2, tile_dot
 from ._launch import Kernel, new_empty, next_pow2
 from .attention_prefill import check_softcap
 
@@ -27,6 +28,7 @@ SPLIT_SIZE = 256  # cache positions per chunk (fixed: see module docstring)
 TILE_N = 64       # positions per inner step inside a chunk (fixed for the same reason)
 
 
+@triton.jit
 def _decode_partial_kernel(Q, K, V, Lens, Starts, s_lens, s_starts, MidO, MidM, MidL,
                            sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                            n_kv_heads, n_splits, qk_scale_log2, softcap,
@@ -63,31 +65,12 @@ def _decode_partial_kernel(Q, K, V, Lens, Starts, s_lens, s_starts, MidO, MidM, 
         n_ok = (offs_n < hi) & (offs_n >= start)
         k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        if SOFTCAP:
-            # softcap * tanh(scale * qk / softcap) in log2 units (see attention_prefill.py)
-            x = s * (qk_scale_log2 / (softcap * 1.4426950408889634))
-            t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
-            th = (1.0 - t) / (1.0 + t)
-            s = tl.where(x < 0, -th, th) * (softcap * 1.4426950408889634)
-        else:
-            s = s * qk_scale_log2
+        s = scores_log2(tile_dot(q, k, IEEE), qk_scale_log2, softcap, SOFTCAP)
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, IEEE)
 
     # partials laid out [B, Hq, n_splits(, D)], contiguous
     head = b * n_kv_heads * GROUP + hkv * GROUP + offs_g
@@ -98,6 +81,7 @@ def _decode_partial_kernel(Q, K, V, Lens, Starts, s_lens, s_starts, MidO, MidM, 
              mask=g_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
 def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, s_lens, s_starts, O, n_heads, n_splits,
                           sob, soh, sod,
                           HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr,
@@ -119,13 +103,7 @@ def _decode_reduce_kernel(MidO, MidM, MidL, Lens, Starts, s_lens, s_starts, O, n
         m_s = tl.load(MidM + off)
         l_s = tl.load(MidL + off)
         a_s = tl.load(MidO + off * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        m_new = tl.maximum(m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        beta = tl.math.exp2(m_s - m_safe)
-        l = l * alpha + l_s * beta
-        acc = acc * alpha + a_s * beta
-        m = m_new
+        acc, m, l = merge_softmax_states(acc, m, l, a_s, m_s, l_s)
     out = acc / tl.where(l > 0, l, 1.0)
     tl.store(O + b * sob + h * soh + offs_d * sod, out.to(O.dtype.element_ty), mask=d_ok)
 
@@ -173,7 +151,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     has_starts = cache_starts is not None
     _partial.launch(lambda meta: (n_splits, b * hkv), q, k_cache, v_cache, lens, starts,
                     lens.stride(0), starts.stride(0), mid_o, mid_m, mid_l, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-                    hkv, n_splits, scale * 1.4426950408889634,
+                    hkv, n_splits, scale * LOG2E.value,
                     float(softcap) if softcap is not None else 0.0,
                     GROUP=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=d,
                     HAS_STARTS=has_starts, IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,

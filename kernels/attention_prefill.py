@@ -17,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_common import LOG2E, online_softmax_step, scores_log2, tile_dot
 from ._launch import Kernel, new_empty, next_pow2
 
 
+@triton.jit
 def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, smb, smk,
@@ -80,20 +82,7 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
             n_ok = offs_n < seq_k
             k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            if SOFTCAP:
-                # softcap * tanh(scale * qk / softcap), then to log2 units; qk_scale_log2 =
-                # scale * log2(e). tanh(|x|) = (1 - t) / (1 + t), t = exp(-2|x|) in (0, 1]:
-                # no overflow for any x.
-                x = s * (qk_scale_log2 / (softcap * 1.4426950408889634))
-                t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
-                th = (1.0 - t) / (1.0 + t)
-                s = tl.where(x < 0, -th, th) * (softcap * 1.4426950408889634)
-            else:
-                s = s * qk_scale_log2
+            s = scores_log2(tile_dot(q, k, IEEE), qk_scale_log2, softcap, SOFTCAP)
             if stage == 1:
                 allowed = n_ok[None, :] & row_ok[:, None]
                 if CAUSAL:
@@ -102,19 +91,10 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
             if HAS_MASK:
                 km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
                 s = tl.where((km != 0)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp gives 0
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s)
             v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, IEEE)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -180,7 +160,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     grid = lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv)  # noqa: E731
     _kernel.launch(grid, q, k, v, out, mask_arg, key_start,
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smk,
-                   hkv, sq, sk, scale * 1.4426950408889634,
+                   hkv, sq, sk, scale * LOG2E.value,
                    float(softcap) if softcap is not None else 0.0,
                    GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=mask is not None,
                    IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,

@@ -9,6 +9,7 @@ import triton.language as tl
 from ._launch import Kernel, next_pow2
 
 
+@triton.jit
 def _append_kernel(KC, VC, K, V, Pos, spos, n_kv_heads, seq_new, cache_len,
                    sckb, sckh, scks, sckd, scvb, scvh, scvs, scvd,
                    skb, skh, sks, skd, svb, svh, svs, svd,

@@ -21,6 +21,7 @@ import triton.language as tl
 from ._launch import Kernel, new_empty
 
 
+@triton.jit
 def _expand_kernel(Out, XA, Bw, M, N, R, scaling, som, son, sxm, sxr, sbn, sbr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,6 +43,7 @@ def _expand_kernel(Out, XA, Bw, M, N, R, scaling, som, son, sxm, sxr, sbn, sbr,
     tl.store(ptrs, (base + scaling * acc).to(Out.dtype.element_ty), mask=ok)
 
 
+@triton.jit
 def _fuse_kernel(W, A, Bw, Out, N, K, R, scaling, swn, swk, sar, sak, sbn, sbr, son, sok,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

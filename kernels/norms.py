@@ -14,6 +14,7 @@ import triton.language as tl
 from ._launch import Kernel, new_empty, next_pow2
 
 
+@triton.jit
 def _norm_kernel(X, R, W, Bias, Y, H, n_cols, sx, sr, sy, sh, eps,
                  IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK: tl.constexpr):

@@ -16,6 +16,7 @@ import triton.language as tl
 from ._launch import Kernel, next_pow2
 
 
+@triton.jit
 def _rotary_kernel(X, Cos, Sin, Pos, n_heads, seq, sxb, sxh, sxs, sxd, spb, sps, sc,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     tok = tl.program_id(0)

@@ -72,15 +72,25 @@ def test_other_kernels_compile_for_sm90():
     assert all(_fits(rec.compiled).values()), rec.compiled
 
 
-def test_gpu_compile_still_works_after_interpreted_launches(monkeypatch):
-    """Interpreter runs (CPU tests) must leave triton.language unpatched for GPU compiles
-    later in the same process (e.g. the GPU tests after the interpreter tests)."""
+def test_gpu_compile_still_works_after_interpreted_launches(monkeypatch, tmp_path):
+    """Interpreter runs (CPU tests) must leave triton.language unpatched, and our jitted
+    helpers in place, for GPU compiles later in the same process (e.g. the GPU tests after
+    the interpreter tests)."""
+    from triton.runtime import JITFunction
+
+    from fastrlhf.kernels import _attention_common, attention_decode
+
     x = torch.randn(3, 40)
     with monkeypatch.context() as m:
         m.setenv("TRITON_INTERPRET", "1")
         tb.layer_norm(x, None, None, 1e-5)  # tl.sum in the interpreter
         tb.attention_decode(torch.randn(1, 2, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16),
-                            torch.tensor([9]))  # tl.max, tl.cdiv, tl.zeros
+                            torch.tensor([9]))  # tl.max, tl.cdiv, tl.zeros; shared attention helpers
+    # the interpreted stand-ins swapped in for the launches are gone again
+    assert isinstance(attention_decode.online_softmax_step, JITFunction)
+    assert isinstance(_attention_common._finite_or_zero, JITFunction)
+    # an empty Triton cache, so that the kernels are really compiled, not loaded from disk
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     with compile_only(90) as rec:
         tb.layer_norm(x.bfloat16(), None, None, 1e-5)
         q = torch.randn(1, 2, 5, 16).bfloat16()
