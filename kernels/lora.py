@@ -12,13 +12,12 @@ would do too: every term is a GEMM whose cost is set by cuBLAS.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, new_empty
+from ._launch import Kernel
 
 
 @triton.jit
@@ -69,7 +68,7 @@ _expand = Kernel(_expand_kernel)
 _fuse = Kernel(_fuse_kernel)
 
 
-def _check_lora(weight, lora_a, lora_b, what):
+def check_lora(weight, lora_a, lora_b, what):
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(f"{what}: weight [out, in], lora_a [r, in], lora_b [out, r] must be 2-D")
     n, k = weight.shape
@@ -101,7 +100,7 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, scaling):
     y = torch.nn.functional.linear(x, weight, bias)
     if lora_a is None or lora_b is None or scaling == 0:
         return y, x.new_empty(0)
-    _check_lora(weight, lora_a, lora_b, "lora_linear")
+    check_lora(weight, lora_a, lora_b, "lora_linear")
     xa = torch.nn.functional.linear(x, lora_a)
     lora_expand_(y.view(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b, scaling)
     return y, xa
@@ -135,12 +134,11 @@ def lora_linear_backward(grad, x, weight, lora_a, lora_b, scaling, xa, needs):
     return gx, gw, gb, ga, gbb
 
 
-def lora_fuse(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    _check_lora(weight, lora_a, lora_b, "lora_fuse")
-    if out is None:
-        out = new_empty(weight.shape, weight.dtype, weight.device)
-    elif out.shape != weight.shape or out.dtype != weight.dtype:
+def lora_fuse(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+              out: torch.Tensor) -> torch.Tensor:
+    """out = weight + scaling·B·A (lora_unfuse: a negative scaling); `out` may be `weight`."""
+    check_lora(weight, lora_a, lora_b, "lora_fuse")
+    if out.shape != weight.shape or out.dtype != weight.dtype:
         raise ValueError(f"lora_fuse: out must match weight's shape/dtype {tuple(weight.shape)}/{weight.dtype}; "
                          f"got {tuple(out.shape)}/{out.dtype}")
     n, k = weight.shape
@@ -153,6 +151,3 @@ def lora_fuse(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
                  *out.stride(), BLOCK_N=64, BLOCK_K=64, BLOCK_R=block_r, num_warps=4)
     return out
 
-
-def lora_unfuse(weight, lora_a, lora_b, scaling, *, out=None):
-    return lora_fuse(weight, lora_a, lora_b, -scaling, out=out)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .dispatch import BACKENDS, backend_status, get_backend, resolve, set_backend, set_preference
+from .dispatch import BACKENDS, backend_status, get_backend, resolve, set_backend
 
 __all__ = [
     "attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",

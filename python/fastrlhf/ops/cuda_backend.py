@@ -132,10 +132,6 @@ def _fallback(op: str, device: torch.device, reason: str):
 _VEC = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}  # elements per 16-byte load
 
 
-def _vec(dtype: torch.dtype) -> int:
-    return _VEC[dtype]
-
-
 # ---------------------------------------------------------------- ops
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
     d = q.shape[-1]
@@ -164,7 +160,7 @@ def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scal
             q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
     if q.dtype not in _FLOAT or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         why = "needs q and the caches in one of float16/bfloat16/float32"
-    elif d % _vec(q.dtype) or d > 32 * _vec(q.dtype):
+    elif d % _VEC[q.dtype] or d > 32 * _VEC[q.dtype]:
         why = f"has no kernel for head dim {d} in {q.dtype}"
     if why:
         return _fallback("attention_decode", q.device, why)(

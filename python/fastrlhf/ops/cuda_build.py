@@ -272,10 +272,6 @@ def ensure_loaded() -> Tuple[bool, str]:
     return build()
 
 
-def is_loaded() -> bool:
-    return bool(_state["loaded"])
-
-
 def status_report() -> str:
     """Human-readable state of the CUDA extension, for `fastrlhf ops`."""
     lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}); sources: {source_dir()}"]

@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import re
-import threading
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
@@ -29,7 +28,6 @@ _MODULES = {
     "triton": "fastrlhf.ops.triton_backend",
     "cuda": "fastrlhf.ops.cuda_backend",
 }
-_state = threading.local()
 _global_backend: Optional[str] = None
 _warned: set = set()
 _loaded: Dict[str, object] = {}
@@ -152,7 +150,3 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Tup
         if fn is not None:
             return name, fn
     return "torch", getattr(_load("torch"), op)
-
-
-def call(op: str, device: torch.device, backend: Optional[str], *args, **kwargs):
-    return resolve(op, device, backend)[1](*args, **kwargs)

@@ -7,7 +7,6 @@ and return the input dtype. Shapes and semantics are documented in `fastrlhf.ops
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

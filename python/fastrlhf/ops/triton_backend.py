@@ -146,7 +146,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling):
 
 @_op("lora_fuse", mutates=("out",))
 def _fuse_op(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, out: Tensor) -> None:
-    _lora.lora_fuse(weight, lora_a, lora_b, scaling, out=out)
+    _lora.lora_fuse(weight, lora_a, lora_b, scaling, out)
 
 
 @_fuse_op.register_fake
@@ -155,7 +155,7 @@ def _(weight, lora_a, lora_b, scaling, out):
 
 
 def lora_fuse(weight, lora_a, lora_b, scaling, *, out=None):
-    _lora._check_lora(weight, lora_a, lora_b, "lora_fuse")
+    _lora.check_lora(weight, lora_a, lora_b, "lora_fuse")
     if out is None:
         out = new_empty(weight.shape, weight.dtype, weight.device)
     elif out.shape != weight.shape or out.dtype != weight.dtype:
