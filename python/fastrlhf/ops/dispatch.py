@@ -1,8 +1,10 @@
 """Backend selection for the ops layer.
 
 Backends: `torch` (reference, always there), `triton` (fastrlhf.kernels) and `cuda`
-(csrc/, JIT-built). A backend is a module exposing `available(device) -> (ok, reason)` and
-one function per op it implements, with the same signature as the reference.
+(csrc/, JIT-built). A backend is a module exposing `available(device) -> (ok, reason)`,
+`FALLBACK_OPS` (the ops of `fastrlhf.ops.OPS` it does not implement; calls of those resolve
+as if the backend were unavailable) and one function per other op, with the reference's
+signature (tests/ops/test_backend_coverage.py holds every backend to this).
 
 Selection order for a call: the `backend=` argument, else `set_backend(...)` / the config,
 else the `FASTRLHF_BACKEND` environment variable, else `auto`. `auto` picks, per op and
@@ -122,9 +124,10 @@ def _impl(name: str, op: str, device: torch.device) -> Tuple[Optional[Callable],
     ok, why = backend_status(name, device)
     if not ok:
         return None, why
-    fn = getattr(_load(name), op, None)
-    if fn is None:
-        return None, f"the {name} backend has no {op}"
+    mod = _load(name)
+    fn = getattr(mod, op, None)
+    if fn is None or op in getattr(mod, "FALLBACK_OPS", ()):
+        return None, f"the {name} backend does not implement {op}"
     return fn, ""
 
 

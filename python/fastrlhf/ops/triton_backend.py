@@ -28,6 +28,10 @@ from fastrlhf.kernels import rotary as _rotary
 from fastrlhf.kernels._launch import interpreting, new_empty
 
 NAMESPACE = "fastrlhf_triton"
+# The ops of fastrlhf.ops.OPS this backend does not implement: dispatch resolves calls of them
+# as if the backend were unavailable (in the end to the torch reference). Every other op is a
+# function below with the reference's signature (tests/ops/test_backend_coverage.py).
+FALLBACK_OPS: Tuple[str, ...] = ()
 
 
 def available(device) -> Tuple[bool, str]:
