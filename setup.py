@@ -46,6 +46,7 @@ setup(
     packages=_packages(),
     package_dir=_package_dir(),
     package_data={"fastrlhf.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"],
+                  "fastrlhf.ops.tables": ["*.json"],  # backend preference tables per GPU model
                   "fastrlhf": ["data/default/*", "data/default/**/*"]},
     include_package_data=True,
     install_requires=[

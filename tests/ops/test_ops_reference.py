@@ -196,3 +196,30 @@ def test_device_table_sets_auto_preference(tmp_path, monkeypatch):
     bad.write_text("{not json")
     with pytest.warns(RuntimeWarning, match="unreadable"):
         assert not dispatch.load_device_table(torch.device("cuda"), str(bad))
+
+
+def test_packaged_device_table_is_found_through_importlib_resources(tmp_path, monkeypatch):
+    """`auto` on a GPU reads <TABLES_PACKAGE>/<device slug>.json as package data (so it also
+    loads from a wheel): a table placed in a package folder is picked up for that device."""
+    import importlib.resources
+    import json
+    import sys
+    from fastrlhf.ops import dispatch
+    # the real tables package resolves (in an editable install: python/fastrlhf/ops/tables)
+    assert importlib.resources.files(dispatch.TABLES_PACKAGE).joinpath("__init__.py").is_file()
+    pkg = tmp_path / "fake_tables"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "test-gpu-9000-80gb.json").write_text(
+        json.dumps({"device": "Test GPU 9000 80GB", "ops": {"layer_norm": ["torch", "triton"]}}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_tables", raising=False)
+    monkeypatch.setattr(dispatch, "TABLES_PACKAGE", "fake_tables")
+    monkeypatch.setattr(dispatch, "_preference", {})
+    monkeypatch.setattr(dispatch, "_tables_loaded", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU 9000 80GB")
+    assert dispatch.load_device_table(torch.device("cuda"))
+    assert dispatch._preference["layer_norm"] == ("torch", "triton", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
+    assert not dispatch.load_device_table(torch.device("cuda"))  # no table ships for it

@@ -12,12 +12,18 @@ device, the fastest backend recorded in the per-device table (written by
 benchmarks/kernels.py) or else cuda > triton > torch, among those that are available for
 the tensors' device. Asking for an unavailable backend warns once, naming the reason, and
 falls back to `auto`; it never crashes the run.
+
+The per-device tables are package data (`fastrlhf/ops/tables/<device slug>.json`, see
+`fastrlhf.ops.tables`), read through importlib.resources so that they load from a wheel as
+well as from a source checkout.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import json
 import os
+import pathlib
 import re
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -62,34 +68,45 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-_tables_loaded: set = set()
+TABLES_PACKAGE = "fastrlhf.ops.tables"  # holds <device slug>.json, shipped as package data
+_tables_loaded: Dict[str, bool] = {}
+
+
+def device_table(device_name: str):
+    """The packaged preference table of a device (an importlib.resources Traversable, which
+    may not exist): TABLES_PACKAGE/<device slug>.json."""
+    return importlib.resources.files(TABLES_PACKAGE) / f"{device_slug(device_name)}.json"
 
 
 def load_device_table(device: torch.device, path: Optional[str] = None) -> bool:
-    """Load the benchmark-written preference table for a CUDA device, if one ships.
+    """Load the benchmark-written preference table of a CUDA device, if one ships (or the
+    table file `path`). Returns whether a table was loaded; each source is read once.
 
-    Tables live in fastrlhf/ops/tables/<device slug>.json as
-    {"device": ..., "date": ..., "ops": {op: [fastest backend, ..., slowest]}}.
+    A table is {"device": ..., "date": ..., "ops": {op: [fastest backend, ..., slowest]}}.
     """
     if path is None:
         if device.type != "cuda" or not torch.cuda.is_available():
             return False
-        name = torch.cuda.get_device_name(device)
-        path = os.path.join(os.path.dirname(__file__), "tables", device_slug(name) + ".json")
-    if path in _tables_loaded:
-        return True
-    _tables_loaded.add(path)
-    if not os.path.exists(path):
+        source = device_table(torch.cuda.get_device_name(device))
+    else:
+        source = pathlib.Path(path)  # the same is_file/read_text as a Traversable
+    key = str(source)
+    if key not in _tables_loaded:
+        _tables_loaded[key] = _read_table(source)
+    return _tables_loaded[key]
+
+
+def _read_table(source) -> bool:
+    if not source.is_file():
         return False
     try:
-        with open(path) as f:
-            table = json.load(f)
+        table = json.loads(source.read_text())
         for op, order in table.get("ops", {}).items():
             order = [b for b in order if b in _MODULES]
             if order:
                 set_preference(op, tuple(order) + tuple(b for b in ("cuda", "triton", "torch") if b not in order))
     except (OSError, ValueError, AttributeError) as e:
-        _warn_once(path, f"fastrlhf.ops: ignoring unreadable backend table {path}: {e}")
+        _warn_once(str(source), f"fastrlhf.ops: ignoring unreadable backend table {source}: {e}")
         return False
     return True
 
