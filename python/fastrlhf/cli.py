@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import time
@@ -239,6 +240,15 @@ def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
             continue
         ok, why = ops.backend_status(name, device)
         print(f"  {name:7s} {'available' if ok else 'not available'}{'' if ok or not why else ': ' + why}")
+    from .ops import dispatch
+    chosen = ", ".join(f"{op} -> {dispatch.resolve(op, device)[0]}" for op in ops.OPS)
+    print(f"each op runs on ({ops.get_backend()}, {device.type}): {chosen}")
+    for name in ("triton", "cuda"):
+        try:
+            fallbacks = importlib.import_module(f"fastrlhf.ops.{name}_backend").FALLBACK_OPS
+        except ImportError:
+            continue
+        print(f"  {name} leaves to the next backend: {', '.join(fallbacks) or 'no op'}")
     try:
         from .ops import cuda_build
     except ImportError:
