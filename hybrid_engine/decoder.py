@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from fastrlhf import ops
 
 from .arch_spec import ArchSpec
+from .attention import DecodeAttention, LeanDecodeAttention, PrefillAttention, softcap_
 from .kv_cache import KVCache
 from .weights import Linear, Norm, concat_linears, resolve_linear, resolve_norm
 
@@ -133,39 +134,35 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
             spec.embed_scale, dtype=embed.dtype, device=embed.device))
 
 
-def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(logits / cap), as HF's Gemma2 head computes it."""
-    return torch.tanh(logits / cap) * cap
+_BIG_HEAD = 1 << 20  # lm_head weight elements from which W @ h^T pays on the CPU (see _logits)
 
 
 class Decoder:
-    """The generic forward. Shapes: hidden [B, S, E]; attention heads [B, H, S, D]."""
+    """The generic forward. Shapes: hidden [B, S, E]; q/k/v token-major [B, S, H, D]. Every pass
+    runs the same per-layer code; only how it rotates, writes the cache and attends differs
+    (an attention object from attention.py)."""
 
     def __init__(self, spec: ArchSpec, device: torch.device, backend: Optional[str] = None,
                  cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                 lean: bool = True, pack_prefill: bool = True):
+                 lean: bool = True):
         self.spec = spec
         self.cos, self.sin = cos, sin
-        self.pack_prefill = pack_prefill
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.grouped_qkv = spec.qkv is not None and spec.qkv_layout == "grouped"
         r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
-        self._attn_prefill = r("attention_prefill")
-        decode_backend, self._attn_decode = ops.resolve("attention_decode", device, backend)
+        self.ops_attn_prefill = r("attention_prefill")
+        self.ops_attn_decode = r("attention_decode")
+        self.ops_append = r("kv_cache_append")
+        self.ops_rotary = r("rotary")
         self.attn_softcap = spec.attn_logit_softcap
         if self.attn_softcap is not None:  # bound once; other families call the ops unchanged
-            self._attn_prefill = functools.partial(self._attn_prefill, softcap=self.attn_softcap)
-            self._attn_decode = functools.partial(self._attn_decode, softcap=self.attn_softcap)
-        # With the torch reference, a decode step is cheaper as a one-query prefill over the
-        # filled columns with a mask built once per step (not per layer) and GQA groups folded
-        # into the query axis (no per-layer copy of the cache to expand KV heads). Kernel
-        # backends get the real decode op (split-K, batch-invariant).
-        self.decode_as_prefill = decode_backend == "torch"
+            self.ops_attn_prefill = functools.partial(self.ops_attn_prefill, softcap=self.attn_softcap)
+            self.ops_attn_decode = functools.partial(self.ops_attn_decode, softcap=self.attn_softcap)
         # CPU decode steps are dominated by per-op dispatch, not math: when every decode op
-        # resolves to the torch reference, `lean_decode` runs the same math in fewer,
-        # larger torch ops (see lean_decode.py). Kernel backends always go through ops.
+        # resolves to the torch reference, decode steps attend with LeanDecodeAttention (the
+        # same math in fewer, larger torch ops). Kernel backends always go through ops.
         self.lean = lean and all(ops.resolve(op, device, backend)[0] == "torch"
                                  for op in ("attention_decode", "kv_cache_append", "rotary"))
-        self._append = r("kv_cache_append")
-        self._rotary = r("rotary")
         self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
         self._act = ACT2FN[spec.act]
         self.qk_norm = spec.q_norm is not None
@@ -179,8 +176,6 @@ class Decoder:
             self._layer = self._sandwich_layer
         self.softcap = spec.final_logit_softcap
         self.scale = spec.head_dim ** -0.5 if spec.attn_scale is None else spec.attn_scale
-        hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
-        self._split_sizes = [hq * d, hkv * d, hkv * d]
 
     # -- building blocks -------------------------------------------------------------------
     def _norm(self, x, n: Norm, residual=None):
@@ -189,29 +184,33 @@ class Decoder:
         return self._norm_fn(x, n.weight, n.bias, self.spec.eps, residual)
 
     def _qkv(self, lw: LayerWeights, h: torch.Tensor, unpack=None):
-        """q [B, Hq, S, D], k/v [B, Hkv, S, D] (views into the projection output). With
-        `unpack`, h holds only real tokens and unpack() lays projections out as [B, S, N]."""
-        sp = self.spec
-        un = (lambda t: t) if unpack is None else unpack  # noqa: E731
+        """(q, k, v, qk): views into the projection output, token-major: q [B, S, Hq, D] (the
+        grouped layout: [B, S, Hkv, group, D]), k/v [B, S, Hkv, D], and qk one view over the q
+        and k heads when a fused projection lays them out together (else None), so that a path
+        may rotate both at once. With `unpack`, h holds only real tokens and unpack() lays
+        projections out as [B, S, N]. q/k norms (Qwen3) make new tensors and drop qk."""
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qk = None
         if lw.qkv is None:
-            q, k, v = un(lw.q(h)), un(lw.k(h)), un(lw.v(h))
+            q, k, v = lw.q(h), lw.k(h), lw.v(h)
+            if unpack is not None:
+                q, k, v = unpack(q), unpack(k), unpack(v)
+            b, s = q.shape[:2]
+            q, k, v = q.reshape(b, s, hq, d), k.reshape(b, s, hkv, d), v.reshape(b, s, hkv, d)
         else:
-            out = un(lw.qkv(h))
-        b, s = (q if lw.qkv is None else out).shape[:2]
-        if lw.qkv is not None:
-            if sp.qkv_layout == "grouped":  # [Hkv, group + 2, D] per token: NeoX, Falcon
-                g = sp.n_heads // sp.n_kv_heads
-                out = out.view(b, s, sp.n_kv_heads, g + 2, sp.head_dim)
-                q = out[:, :, :, :g].reshape(b, s, sp.n_heads, sp.head_dim)
-                k, v = out[:, :, :, g], out[:, :, :, g + 1]
-            else:
-                q, k, v = out.split(self._split_sizes, dim=-1)
-        q = q.reshape(b, s, sp.n_heads, sp.head_dim)
-        k = k.reshape(b, s, sp.n_kv_heads, sp.head_dim)
-        if self.qk_norm:  # per-head norm over head_dim (new tensors; rotary then runs on them)
-            q, k = self._norm(q, lw.q_norm), self._norm(k, lw.k_norm)
-        v = v.reshape(b, s, sp.n_kv_heads, sp.head_dim).transpose(1, 2)
-        return q.transpose(1, 2), k.transpose(1, 2), v
+            out = lw.qkv(h) if unpack is None else unpack(lw.qkv(h))
+            b, s = out.shape[:2]
+            if self.grouped_qkv:  # [Hkv, group + 2, D] per token: NeoX, Falcon
+                g = hq // hkv
+                out = out.view(b, s, hkv, g + 2, d)
+                q, k, v, qk = out[:, :, :, :g], out[:, :, :, g], out[:, :, :, g + 1], out[:, :, :, :g + 1]
+            else:  # [q heads | k heads | v heads]
+                out = out.view(b, s, hq + 2 * hkv, d)
+                q, k, v = out.split([hq, hkv, hkv], dim=2)
+                qk = out[:, :, :hq + hkv]
+        if self.qk_norm:  # per-head norm over head_dim
+            q, k, qk = self._norm(q, lw.q_norm), self._norm(k, lw.k_norm), None
+        return q, k, v, qk
 
     def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         if lw.gate_up is not None:
@@ -221,32 +220,29 @@ class Decoder:
             return lw.down(self._act(lw.gate(h)) * lw.up(h))
         return lw.down(self._act(lw.up(h)))
 
-    def _attention(self, lw, h, positions, attend, unpack=None, pack=None):
-        q, k, v = self._qkv(lw, h, unpack)
+    def _attention(self, i: int, lw: LayerWeights, h, attn):
+        """Layer i's projected attention output for hidden h; `attn` is the pass's attention."""
+        q, k, v, qk = self._qkv(lw, h, attn.unpack)
         if self.spec.rotary_dim:
-            self._rotary(q, k, self.cos, self.sin, positions, rotary_dim=self.spec.rotary_dim)
-        o = attend(q, k, v)  # [B, Hq, S, D]
-        b, _, s, _ = o.shape
-        o = o.transpose(1, 2).reshape(b, s, -1)
-        return lw.o(o if pack is None else pack(o))
+            q, k = attn.rotate(q, k, qk)
+        return lw.o(attn.attend(i, q, k, v))
 
-    def _layer(self, lw: LayerWeights, x, attention):
-        """One block; attention(lw, h) -> the projected attention output for hidden h."""
+    def _layer(self, i: int, lw: LayerWeights, x, attn):
         sp = self.spec
         if not sp.pre_norm:  # post-norm blocks (OPT-350m)
-            x = self._norm(x + attention(lw, x), lw.in_norm)
+            x = self._norm(x + self._attention(i, lw, x, attn), lw.in_norm)
             return self._norm(x + self._mlp(lw, x), lw.post_norm)
         h = self._norm(x, lw.in_norm)
-        a = attention(lw, h)
+        a = self._attention(i, lw, h, attn)
         if sp.parallel_residual:
             h2 = h if lw.post_norm is None else self._norm(x, lw.post_norm)
             return (self._mlp(lw, h2) + a) + x
         h2, x = self._norm(a, lw.post_norm, residual=x)
         return x + self._mlp(lw, h2)
 
-    def _sandwich_layer(self, lw: LayerWeights, x, attention):
+    def _sandwich_layer(self, i: int, lw: LayerWeights, x, attn):
         """Gemma2: x + norm(attn(norm(x))), then + norm(mlp(norm(x)))."""
-        a = self._norm(attention(lw, self._norm(x, lw.in_norm)), lw.attn_out_norm)
+        a = self._norm(self._attention(i, lw, self._norm(x, lw.in_norm), attn), lw.attn_out_norm)
         h2, x = self._norm(a, lw.post_norm, residual=x)
         return x + self._norm(self._mlp(lw, h2), lw.mlp_out_norm)
 
@@ -260,14 +256,30 @@ class Decoder:
             x = x + nn.functional.embedding(positions + self.spec.pos_offset, w.pos_embed)
         return x
 
+    def _logits(self, lm: Linear, h: torch.Tensor) -> torch.Tensor:
+        """The lm_head product. On the lean (CPU) path, for hidden states [B, E] and a large head,
+        as W @ h^T: the lm_head is a small model's largest matmul (V x E read once per step for
+        only B rows), and with so few rows MKL runs it about twice as fast with the weight as the
+        row operand (same weight view, no copy). The logits come back as a transposed view
+        [B, V]; argmax / softmax over dim -1 read it in place. Small heads keep the plain form,
+        which is faster there."""
+        if not self.lean or h.dim() != 2 or lm.transposed or lm.weight.numel() < _BIG_HEAD:
+            return lm(h)
+        logits = torch.mm(lm.weight, h.t()).t()
+        return logits if lm.bias is None else logits + lm.bias
+
     def _head(self, w: ModelWeights, x):
         if w.final_norm is not None:
             x = self._norm(x, w.final_norm)
         if w.project_out is not None:
             x = w.project_out(x)
-        if self.softcap is not None:
-            return softcap(w.lm_head(x), self.softcap)
-        return w.lm_head(x)
+        logits = self._logits(w.lm_head, x)
+        return logits if self.softcap is None else softcap_(logits, self.softcap)
+
+    def _run_layers(self, w: ModelWeights, x, attn):
+        for i, lw in enumerate(w.iter_layers()):
+            x = self._layer(i, lw, x, attn)
+        return x
 
     # -- passes ----------------------------------------------------------------------------
     def prefill(self, w: ModelWeights, input_ids, attention_mask, positions, cache: KVCache,
@@ -275,12 +287,11 @@ class Decoder:
         """Run the prompts [B, P] (left-padded), write columns 0..P-1 of the cache, return the
         logits of the last column [B, V] (or of every column [B, P, V] with all_logits)."""
         b, p = input_ids.shape
-        zero = torch.zeros(b, dtype=torch.long, device=input_ids.device)
         # Padded prompts: every per-token matmul (projections, MLP) runs on the real tokens
         # only, packed [1, T, E]; only attention sees the padded [B, H, P, D] layout the ops
         # and the cache use. Saves the pad fraction of the prefill FLOPs.
         unpack = pack = None
-        if self.pack_prefill and not all_logits and not bool(attention_mask.all()):
+        if not all_logits and not bool(attention_mask.all()):
             real = attention_mask.reshape(-1).nonzero()[:, 0]  # [T], row-major: rows stay contiguous
 
             def unpack(t):  # [1, T, N] -> [B, P, N], zeros at pads
@@ -293,15 +304,7 @@ class Decoder:
             x = self._embed(w, input_ids.reshape(-1)[real][None], positions.reshape(-1)[real][None])
         else:
             x = self._embed(w, input_ids, positions)
-        for i, lw in enumerate(w.iter_layers()):
-            kc, vc = cache.k[i], cache.v[i]
-
-            def attend(q, k, v, kc=kc, vc=vc):
-                self._append(kc, vc, k, v, zero)
-                return self._attn_prefill(q, k, v, causal=True, attention_mask=attention_mask,
-                                          scale=self.scale)
-            x = self._layer(lw, x, lambda lw_, h: self._attention(lw_, h, positions, attend,
-                                                                  unpack, pack))
+        x = self._run_layers(w, x, PrefillAttention(self, positions, attention_mask, cache, unpack, pack))
         if all_logits:
             return self._head(w, x)
         if unpack is not None:  # each row's last token (left padding: its last column)
@@ -316,34 +319,8 @@ class Decoder:
         read only the filled columns (not under CUDA graphs, whose shapes are fixed).
         Returns logits [B, V]."""
         if self.lean and read_len is not None:
-            from .lean_decode import lean_decode_step
-            return lean_decode_step(self, w, tokens, positions, read_len - 1, cache)
-        pos2 = positions[:, None]
-        x = self._embed(w, tokens[:, None], pos2)
-        starts = cache.starts
-        sp = self.spec
-        if self.decode_as_prefill:
-            n = cache.max_len if read_len is None else read_len
-            col = torch.arange(n, device=tokens.device)[None, :]
-            visible = (col < cache_lens[:, None]) & (col >= starts[:, None])  # [B, n], once per step
-            g = sp.n_heads // sp.n_kv_heads
-        for i, lw in enumerate(w.iter_layers()):
-            kc, vc = cache.k[i], cache.v[i]
-            if read_len is not None:
-                kc_r, vc_r = kc[:, :, :read_len], vc[:, :, :read_len]
-            else:
-                kc_r, vc_r = kc, vc
-
-            def attend(q, k, v, kc=kc, vc=vc, kc_r=kc_r, vc_r=vc_r):
-                self._append(kc, vc, k, v, write_col)
-                b = q.shape[0]
-                if self.decode_as_prefill:
-                    qg = q.reshape(b, sp.n_kv_heads, g, sp.head_dim)  # GQA group as query rows
-                    o = self._attn_prefill(qg, kc_r, vc_r, causal=False, attention_mask=visible,
-                                           scale=self.scale)
-                    return o.reshape(b, sp.n_heads, 1, sp.head_dim)
-                o = self._attn_decode(q[:, :, 0], kc_r, vc_r, cache_lens, cache_starts=starts,
-                                      scale=self.scale)
-                return o[:, :, None]
-            x = self._layer(lw, x, lambda lw_, h: self._attention(lw_, h, pos2, attend))
-        return self._head(w, x)[:, 0]
+            attn = LeanDecodeAttention(self, positions, read_len, cache)
+        else:
+            attn = DecodeAttention(self, positions, write_col, cache_lens, cache, read_len)
+        x = self._run_layers(w, self._embed(w, tokens[:, None], positions[:, None]), attn)
+        return self._head(w, x[:, 0])

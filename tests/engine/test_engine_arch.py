@@ -122,8 +122,8 @@ def test_right_padded_prompts_are_rejected_with_the_fix(tiny):
 @pytest.mark.parametrize("family", ["llama", "opt", "opt_proj", "gemma", "gemma2"])
 def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
     """The CPU decode step computes large lm_heads as W @ h^T; force it on a tiny model."""
-    from fastrlhf.hybrid_engine import lean_decode
-    monkeypatch.setattr(lean_decode, "_BIG_HEAD", 1)
+    from fastrlhf.hybrid_engine import decoder
+    monkeypatch.setattr(decoder, "_BIG_HEAD", 1)
     model = build_tiny(family, tmp_path)
     ids, mask = left_padded_batch([6, 2, 9], pad_id=0, seed=7)
     engine = HybridEngine(model, None, EngineConfig(backend="torch"))
