@@ -55,7 +55,6 @@ class ArchSpec:
     rotary_dim: int = 0                # 0: no rotary
     attn_scale: Optional[float] = None  # None: head_dim ** -0.5
     attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma2)
-    conv1d: bool = False               # GPT-2 Conv1D weights are [in, out]
     parallel_residual: bool = False    # x + attn(ln1(x)) + mlp(ln2(x)) (ln2 = ln1 when post_norm is None)
     pre_norm: bool = True              # False: OPT-350m style post-norm residual blocks
     max_positions: int = 2048
@@ -253,7 +252,7 @@ def _gpt2(c) -> ArchSpec:
         family="gpt2", backbone="transformer", embed="wte", layers="h", final_norm="ln_f",
         pos_embed="wpe", input_norm="ln_1", post_norm="ln_2", qkv="attn.c_attn", o="attn.c_proj",
         up="mlp.c_fc", down="mlp.c_proj", norm="layer", eps=c.layer_norm_epsilon,
-        act=c.activation_function, n_heads=h, n_kv_heads=h, head_dim=c.n_embd // h, conv1d=True,
+        act=c.activation_function, n_heads=h, n_kv_heads=h, head_dim=c.n_embd // h,
         max_positions=c.n_positions)
 
 

@@ -48,7 +48,6 @@ class HybridEngine:
     def __init__(self, model: nn.Module, tokenizer=None, config: Optional[EngineConfig] = None):
         self.config = config or EngineConfig()
         self.config.validate()
-        self.wrapped = model
         self.model = unwrap_model(model)
         self.tokenizer = tokenizer
         self.spec: Optional[ArchSpec] = None
@@ -121,7 +120,7 @@ class HybridEngine:
 
     def _build_weights(self, stack: contextlib.ExitStack) -> ModelWeights:
         spec, cfg = self.spec, self.config
-        build = dict(fuse_projections=self._fuse_projections(), backend=cfg.backend)
+        build = dict(fuse_projections=cfg.fuse_projections, backend=cfg.backend)
         layers = get_path(get_path(self.model, spec.backbone), spec.layers)
         if cfg.zero3_gather == "layer" and model_is_zero3(self.model):
             in_layers = {id(p) for p in layers.parameters()}
@@ -137,9 +136,6 @@ class HybridEngine:
             return weights
         stack.enter_context(gathered(self.model.parameters()))
         return build_model_weights(self.model, spec, **build)
-
-    def _fuse_projections(self) -> bool:
-        return bool(self.config.fuse_projections)
 
     # -- rotary tables from the HF module (so rope-scaling variants are honoured) -------------
     def _rotary_tables(self, length: int):

@@ -29,7 +29,3 @@ class KVCache:
         return (s.shape[0] == n_layers and s.shape[2] == batch and s.shape[3] == n_kv_heads
                 and s.shape[4] >= max_len and s.shape[5] == head_dim and s.dtype == dtype
                 and s.device == device)
-
-    @property
-    def nbytes(self) -> int:
-        return self.storage.numel() * self.storage.element_size()
