@@ -115,11 +115,13 @@ class LeanDecodeAttention:
             sin = dec.sin[positions][:, None, None, :]  # [B, 1, Hkv, heads of a group, D]
             self.k_rows = (cos, sin)
             self.q_rows = (cos[..., None, :], sin[..., None, :]) if dec.grouped_qkv else self.k_rows
-        # per-layer cache views for this step, sliced once from the one [L, 2, B, Hkv, Smax, D]
-        # allocation: the column written, as [L, 2, B, 1, Hkv, D] to take k/v [B, 1, Hkv, D]
-        # as they are, and the filled columns that attention reads
-        self.write = cache.storage[:, :, :, None, :, self.col]
-        self.read = cache.storage[:, :, :, :, :self.n]
+        # every layer's cache views for this step, cut at once from the one [L, 2, B, Hkv, Smax, D]
+        # allocation: the column written (as [B, 1, Hkv, D], the layout of this step's k/v) and
+        # the filled columns that attention reads ([B, Hkv, n, D])
+        col = cache.storage[:, :, :, None, :, self.col]
+        filled = cache.storage[:, :, :, :, :self.n]
+        self.k_col, self.v_col = col[:, 0].unbind(0), col[:, 1].unbind(0)
+        self.k_read, self.v_read = filled[:, 0].unbind(0), filled[:, 1].unbind(0)
         visible = torch.arange(self.n, device=dev)[None, :] >= cache.starts[:, None]
         self.bias = torch.zeros(b, 1, 1, self.n, dtype=torch.float32, device=dev)
         self.bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
@@ -135,13 +137,11 @@ class LeanDecodeAttention:
 
     def attend(self, i, q, k, v):
         dec = self.dec
-        write, read = self.write[i], self.read[i]
-        write[0].copy_(k)
-        write[1].copy_(v)
-        b = self.b
+        self.k_col[i].copy_(k)
+        self.v_col[i].copy_(v)
+        b, vc = self.b, self.v_read[i]
         qg = q.reshape(b, dec.n_kv_heads, -1, dec.head_dim)  # [B, Hkv, group, D]
-        vc = read[1]
-        scores = torch.matmul(qg, read[0].transpose(-1, -2)).float()  # [B, Hkv, group, n]
+        scores = torch.matmul(qg, self.k_read[i].transpose(-1, -2)).float()  # [B, Hkv, group, n]
         scores.mul_(dec.scale)
         if dec.attn_softcap is not None:  # before the mask, as the ops do
             softcap_(scores, dec.attn_softcap)

@@ -31,6 +31,21 @@ def test_pure_ops_decode_path_equals_hf(tmp_path, name):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_torch_backend_decodes_through_the_lean_step_unless_disabled(tmp_path, monkeypatch, lean):
+    """The greedy-vs-HF tests of every family (test_engine_arch.py) run the lean CPU step:
+    check that the torch backend really takes it, and that lean_cpu_decode=False does not."""
+    from fastrlhf.hybrid_engine import attention
+    calls = []
+    attend = attention.LeanDecodeAttention.attend
+    monkeypatch.setattr(attention.LeanDecodeAttention, "attend",
+                        lambda self, *a: calls.append(a[0]) or attend(self, *a))
+    model = build_tiny("llama", tmp_path)  # 2 layers
+    ours, ref = _greedy_pair(model, EngineConfig(backend="torch", lean_cpu_decode=lean), new=4)
+    assert torch.equal(ours, ref)
+    assert calls == ([0, 1] * 3 if lean else [])  # 3 decode steps after the prefill's token
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt_neox", "falcon_new", "qwen3", "phi3", "gemma", "gemma2",
                                   "stablelm", "starcoder2"])
 def test_triton_kernels_path_equals_hf(tmp_path, monkeypatch, name):
