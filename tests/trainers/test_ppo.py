@@ -238,3 +238,26 @@ def test_lora_actor_trains_only_lora_and_is_saved_merged(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=x).logits, t.actor.module(input_ids=x).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_shared_options_are_honoured_by_step3(tiny, tmp_path):
+    """global_batch_size (accumulation), warmup_ratio, log_steps, eval_steps, eval_batch_size and
+    eval_max_batches: options every trainer takes, each with a visible effect on PPO."""
+    import json
+    t = trainer(tiny, tmp_path / "opts", max_steps=4, rollout_batch_size=4, micro_batch_size=2, global_batch_size=4,
+                warmup_ratio=0.75, log_steps=2, eval_steps=3, eval_batch_size=3, eval_max_batches=1, eval_prompts=8)
+    assert t.ctx.accumulation == 2
+    t.train_step()
+    assert t.actor.global_steps == t.updates_per_step // 2  # two mini-batches per optimizer step
+    # warmup over 3 of the 4 x 1 optimizer steps: after the first, the rate is 2/3 of the peak
+    assert t.actor.get_lr()[0] == pytest.approx(t.cfg.learning_rate * 2 / 3)
+    prompts_scored = []
+    real_rollout = t.rollouts.rollout
+    t.rollouts.rollout = lambda batch, gen=None: prompts_scored.append(len(batch["prompt"])) or real_rollout(batch, gen)
+    t.evaluate()
+    assert prompts_scored == [3]  # one eval batch of eval_batch_size prompts
+    t.rollouts.rollout = real_rollout
+    t.train()
+    rows = [json.loads(line) for line in open(tmp_path / "opts" / "tensorboard" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/reward_mean" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval/reward" in r] == [3]
