@@ -134,7 +134,8 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
             spec.embed_scale, dtype=embed.dtype, device=embed.device))
 
 
-_BIG_HEAD = 1 << 20  # lm_head weight elements from which W @ h^T pays on the CPU (see _logits)
+_BIG_HEAD = 1 << 20  # lm_head weight elements from which W @ h^T pays on the CPU (see _logits and
+# benchmarks/results/engine_notes.md)
 
 
 class Decoder:
@@ -259,10 +260,9 @@ class Decoder:
     def _logits(self, lm: Linear, h: torch.Tensor) -> torch.Tensor:
         """The lm_head product. On the lean (CPU) path, for hidden states [B, E] and a large head,
         as W @ h^T: the lm_head is a small model's largest matmul (V x E read once per step for
-        only B rows), and with so few rows MKL runs it about twice as fast with the weight as the
-        row operand (same weight view, no copy). The logits come back as a transposed view
-        [B, V]; argmax / softmax over dim -1 read it in place. Small heads keep the plain form,
-        which is faster there."""
+        only B rows), and with so few rows MKL runs it faster with the weight as the row operand
+        (same weight view, no copy). The logits come back as a transposed view [B, V]; argmax /
+        softmax over dim -1 read it in place. Small heads keep the plain form, faster there."""
         if not self.lean or h.dim() != 2 or lm.transposed or lm.weight.numel() < _BIG_HEAD:
             return lm(h)
         logits = torch.mm(lm.weight, h.t()).t()

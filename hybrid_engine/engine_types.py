@@ -14,11 +14,10 @@ class EngineConfig:
     zero3_gather: str = "all"            # "all" at once, or "layer" by layer (less memory)
     backend: Optional[str] = None        # fastrlhf.ops backend (None: the ops default)
     # concatenate q/k/v and gate/up weights into one matmul each. This is a COPY of those
-    # weights at every eval(); measured in benchmarks/generation.py (CPU, 2026-11-24) it did
-    # not pay: tiny default model 0.144 s fused vs 0.130 s plain CPU time per generate,
-    # llama-110m 7.62 s vs 7.47 s. Off by default, so generation weights are pure views.
+    # weights at every eval(), which did not pay on the CPU (benchmarks/results/engine_notes.md);
+    # off by default, so generation weights are pure views.
     fuse_projections: bool = False
-    lean_cpu_decode: bool = True         # torch-backend decode step in fewer ops (lean_decode.py)
+    lean_cpu_decode: bool = True         # torch-backend decode step in fewer ops (attention.LeanDecodeAttention)
     stop_check_every: int = 8            # GPU: host sync for "all finished?" every N steps
 
     def validate(self) -> None:
