@@ -18,6 +18,7 @@ import torch
 
 from ..utils.distributed import all_gather_cat
 from . import rl_math as M
+from .common import to_device
 
 
 @dataclass
@@ -204,7 +205,7 @@ class ExperienceMaker:
         cfg, models = self.cfg, self.models
         if cfg.group_size > 1:
             items = [it for it in items for _ in range(cfg.group_size)]
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.collate(items).items()}
+        batch = to_device(self.collate(items), self.device)
         clock = stopwatch(self.device)
         sequences, attention_mask, action_mask, P = self.rollout(batch)
         gen_time = clock()

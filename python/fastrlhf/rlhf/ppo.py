@@ -57,8 +57,8 @@ class PPOTrainer(Trainer):
         if prompts is None or eval_prompts is None:
             from ..data import build_datasets
             train_p, eval_p = build_datasets(cfg.data, tokenizer, 3)
-            prompts = list(train_p) if prompts is None else prompts
-            eval_prompts = list(eval_p) if eval_prompts is None else eval_prompts
+            prompts = [train_p[i] for i in range(len(train_p))] if prompts is None else prompts
+            eval_prompts = [eval_p[i] for i in range(len(eval_p))] if eval_prompts is None else eval_prompts
         self.prompts, self.eval_prompt_items = prompts, eval_prompts
         max_new_tokens = cfg.max_new_tokens or cfg.data.max_answer_len
         check_lengths(cfg, models, max(len(p["prompt_input_ids"]) for p in prompts + eval_prompts), max_new_tokens)
