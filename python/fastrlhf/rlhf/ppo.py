@@ -47,8 +47,7 @@ class PPOTrainer(Trainer):
     def __init__(self, cfg: PPOConfig, *, models: Optional[Dict[str, torch.nn.Module]] = None,
                  tokenizer=None, prompts: Optional[List[Dict[str, Any]]] = None,
                  eval_prompts: Optional[List[Dict[str, Any]]] = None, ptx_data=None):
-        ctx = setup_run(cfg)
-        cfg.check_accumulation(ctx.world_size)
+        ctx = setup_run(cfg)  # validates, accumulation against the world size included
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path, padding_side="left")
         super().__init__(cfg, ctx, tokenizer)
         self.label = f"step 3 ({cfg.algo})"
