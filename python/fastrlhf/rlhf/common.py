@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -273,7 +274,7 @@ def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, t
 
 # ----------------------------------------------------------------------------- the spine
 
-class Trainer:
+class Trainer(abc.ABC):
     """Subclasses set `self.total_steps` and implement `train_step` (one optimizer step; returns
     its metrics), `evaluate`, `trained_engines` ({role: DeepSpeed engine}, the first being the
     model a checkpoint holds in HF format at its root) and, when they carry state across a resume,
@@ -292,14 +293,17 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ what a trainer provides
+    @abc.abstractmethod
     def train_step(self) -> Dict[str, float]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def evaluate(self) -> Dict[str, float]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def trained_engines(self) -> Dict[str, Any]:
-        raise NotImplementedError
+        ...
 
     def format_metrics(self, metrics: Dict[str, float]) -> str:
         return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -444,7 +448,7 @@ class SupervisedTrainer(Trainer):
         super().__init__(cfg, ctx, tokenizer)
         self.engine, self.sampler, self.collate = engine, sampler, collate
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.loss_fn, self.evaluate_fn, self.format_metrics, self.label = loss_fn, evaluate_fn, fmt, label
+        self.loss_fn, self.evaluate_fn, self.fmt, self.label = loss_fn, evaluate_fn, fmt, label
         self.total_steps = total_train_steps(cfg, self.sampler.steps_per_epoch)
         self.eval_batch_size = cfg.eval_batch_size or ctx.micro_batch_size
         self.engine.train()
@@ -469,6 +473,9 @@ class SupervisedTrainer(Trainer):
 
     def evaluate(self) -> Dict[str, float]:
         return self.evaluate_fn(self)
+
+    def format_metrics(self, metrics: Dict[str, float]) -> str:
+        return self.fmt(metrics)
 
     def eval_sums(self, batch_sums: Callable[[Dict[str, Any]], List[float]], size: int) -> List[float]:
         return eval_sums(self.engine, self.eval_dataset, self.collate, self.eval_batch_size, self.ctx,
