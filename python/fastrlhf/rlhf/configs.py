@@ -14,7 +14,10 @@ from typing import Any, Dict, Optional
 from ..config import ConfigError, TrainConfig, _opt, batch_geometry
 from ..utils.distributed import get_world_size
 from .experience import AdvantageSettings
-from .rl_math import KL_ESTIMATORS
+from .rl_math import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+ALGOS = ("ppo", "grpo", "rloo", "reinforce++", "reinforce++_baseline")
+GROUP_ALGOS = ("grpo", "rloo", "reinforce++_baseline")  # compare answers to the same prompt
 
 
 @dataclass
@@ -53,7 +56,7 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class PPOConfig(TrainConfig):
-    """Step 3: PPO, GRPO or RLOO. `model_name_or_path` is the actor (the SFT model);
+    """Step 3: PPO, GRPO, RLOO or REINFORCE++. `model_name_or_path` is the actor (the SFT model);
     `learning_rate`, `zero_stage`, `offload`, `lora_*` are the actor's. Each step samples
     `rollout_batch_size` x `group_size` answers per process, then makes `ppo_epochs` passes over
     them in mini-batches of `micro_batch_size` answers; an optimizer step takes `global_batch_size`
@@ -62,10 +65,11 @@ class PPOConfig(TrainConfig):
     reward_model: Optional[str] = _opt(None, "the step-2 reward model dir (required)")
     critic_model: Optional[str] = _opt(None, "critic init; unset = the reward model (PPO only)")
     ref_model: Optional[str] = _opt(None, "frozen reference policy; unset = the actor's initial weights")
-    algo: str = _opt("ppo", "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out)",
-                     choices=("ppo", "grpo", "rloo"))
+    algo: str = _opt("ppo", "ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), reinforce++ "
+                     "(discounted returns, batch-whitened) or reinforce++_baseline (minus the group mean first)",
+                     choices=ALGOS)
     rollout_batch_size: int = _opt(16, "prompts per PPO step per process")
-    group_size: int = _opt(1, "answers sampled per prompt (>= 2 for grpo/rloo)")
+    group_size: int = _opt(1, "answers sampled per prompt (>= 2 for grpo, rloo, reinforce++_baseline)")
     ppo_epochs: int = _opt(1, "passes over each rollout batch")
     micro_batch_size: int = _opt(8, "answers per update mini-batch per process (one forward/backward)")
     eval_batch_size: Optional[int] = _opt(None, "held-out prompts per process per eval generation batch; "
@@ -83,7 +87,24 @@ class PPOConfig(TrainConfig):
     top_p: float = _opt(1.0, "nucleus sampling of rollouts")
     top_k: int = _opt(0, "top-k sampling of rollouts (0 = off)")
     min_new_tokens: int = _opt(0, "suppress EOS for this many answer tokens (benchmarks force full length)")
-    clip_eps: float = _opt(0.2, "policy ratio clip")
+    clip_eps: float = _opt(0.2, "policy ratio clip (PPO, Schulman et al. 2017)")
+    clip_eps_low: Optional[float] = _opt(None, "clip-higher: the ratio's lower clip 1 - eps_low; unset = clip_eps "
+                                         "(DAPO, Yu et al. 2025: 0.2)")
+    clip_eps_high: Optional[float] = _opt(None, "clip-higher: the ratio's upper clip 1 + eps_high; unset = clip_eps "
+                                          "(DAPO: 0.28)")
+    dual_clip: Optional[float] = _opt(None, "dual-clip: cap a negative-advantage token's loss at -c A, c > 1 (Ye et "
+                                      "al. 2020: 3); unset = off")
+    importance_level: str = _opt("token", "importance ratio per token (PPO) or per answer, the length-normalised "
+                                 "log-ratio (GSPO, Zheng et al. 2025, with clip 3e-4 / 4e-4 and seq_mean_token_mean)",
+                                 choices=IMPORTANCE_LEVELS)
+    loss_agg: str = _opt("token_mean", "policy loss over tokens: token_mean (DAPO), seq_mean_token_mean (GRPO "
+                         "paper), seq_mean_token_sum, seq_mean_token_sum_norm (Dr.GRPO: token sum / max_new_tokens)",
+                         choices=LOSS_AGGREGATIONS)
+    group_std_norm: Optional[bool] = _opt(None, "grpo: divide group advantages by the group std; false = Dr.GRPO "
+                                          "(Liu et al. 2025); unset = true")
+    tis_cap: Optional[float] = _opt(None, "truncated importance sampling: weight each token's loss by min(pi_trainer"
+                                    " / pi_rollout_engine, C) (Yao et al. 2025: C = 2); unset = off")
+    entropy_coef: float = _opt(0.0, "entropy bonus: subtract this x the policy's entropy from the actor loss")
     value_clip: float = _opt(0.2, "value clip around the rollout values (0 = off)")
     value_loss_coef: float = _opt(1.0, "critic loss weight")
     gamma: float = _opt(1.0, "discount")
@@ -97,7 +118,8 @@ class PPOConfig(TrainConfig):
                                         "unset = the algorithm's usual choice")
     reward_clip: float = _opt(5.0, "clip reward-model scores to +-c (0 = off)")
     normalize_reward: bool = _opt(False, "normalise scores by running mean/std before clipping")
-    whiten_advantages: Optional[bool] = _opt(None, "whiten advantages per batch; unset = on for ppo only")
+    whiten_advantages: Optional[bool] = _opt(None, "whiten advantages per batch; unset = on for ppo and "
+                                             "reinforce++(_baseline)")
     ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the SFT loss mixed into the actor update (0 = off)")
     ema_decay: float = _opt(0.0, "keep an EMA copy of the actor with this decay (0 = off)")
     generation_fallback: Optional[str] = _opt(None, "hybrid engine fallback ('hf' = plain HF generate)",
@@ -112,8 +134,9 @@ class PPOConfig(TrainConfig):
         super().validate()
         if not self.reward_model:
             raise ConfigError("PPO needs the step-2 reward model: pass --reward_model DIR")
-        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+        if self.algo in GROUP_ALGOS and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
+        self._validate_policy_loss()
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0: PPO rollouts are sampled, not greedy")
         if self.ppo_epochs < 1:
@@ -130,6 +153,34 @@ class PPOConfig(TrainConfig):
         if self.deepspeed_config and (self.critic_zero_stage, self.critic_offload) != (0, "none"):
             raise ConfigError("--deepspeed_config serves the actor and the critic alike; set ZeRO and offload in "
                               "that file and drop --critic_zero_stage / --critic_offload")
+
+    def _validate_policy_loss(self) -> None:
+        for name in ("clip_eps", "clip_eps_low", "clip_eps_high"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        low, _ = self.clip_range()
+        if low >= 1:
+            raise ConfigError(f"the lower ratio clip 1 - {low} must stay above 0: set --clip_eps_low below 1")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"dual_clip must be > 1 (it caps the loss at -dual_clip x A), got {self.dual_clip}; "
+                              "unset it to turn dual-clip off")
+        if self.tis_cap is not None and not self.tis_cap >= 1:
+            raise ConfigError(f"tis_cap must be >= 1 (a cap below 1 shrinks every token's weight), got {self.tis_cap}")
+        if self.entropy_coef < 0:
+            raise ConfigError(f"entropy_coef must be >= 0 (a bonus), got {self.entropy_coef}")
+        if self.group_std_norm is not None and self.algo != "grpo":
+            raise ConfigError(f"group_std_norm applies to --algo grpo only (the algo is {self.algo}); drop it")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.ref_model and self.kl_coef == 0:
+            raise ConfigError("ref_model is only read for the KL penalty and kl_coef is 0: drop --ref_model or set "
+                              "--kl_coef > 0")
+
+    def clip_range(self):
+        """(eps_low, eps_high) of the policy ratio clip."""
+        low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+        return low, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
     @property
     def answers_per_step(self) -> int:
@@ -150,11 +201,12 @@ class PPOConfig(TrainConfig):
 
     def advantage_settings(self) -> AdvantageSettings:
         kl_in_reward = self.algo != "grpo" if self.kl_in_reward is None else self.kl_in_reward
-        whiten = self.algo == "ppo" if self.whiten_advantages is None else self.whiten_advantages
+        whiten = (self.algo in ("ppo", "reinforce++", "reinforce++_baseline") if self.whiten_advantages is None
+                  else self.whiten_advantages)
         return AdvantageSettings(algo=self.algo, kl_estimator=self.kl_estimator,
                                  reward_clip=self.reward_clip or None, gamma=self.gamma, lam=self.lam,
                                  whiten_advantages=whiten, group_size=self.group_size,
-                                 kl_in_reward=kl_in_reward)
+                                 kl_in_reward=kl_in_reward, group_std_norm=self.group_std_norm is not False)
 
 
 # The bundled task's model has a few million parameters, trained from scratch on 2 CPU cores.

@@ -26,13 +26,15 @@ class Experience:
     sequences: torch.Tensor        # [B, P + N] token ids
     attention_mask: torch.Tensor   # [B, P + N] 1 = real token (prompt left pad and after-EOS are 0)
     action_mask: torch.Tensor      # [B, N] float, 1 on answer tokens up to and including EOS
-    old_logprobs: torch.Tensor     # [B, N] actor log-probs at rollout time
-    ref_logprobs: torch.Tensor     # [B, N] reference-model log-probs
+    old_logprobs: Optional[torch.Tensor]  # [B, N] actor log-probs at rollout time; None: the update's
+                                          # own forward gives them (one optimizer step per rollout)
+    ref_logprobs: Optional[torch.Tensor]  # [B, N] reference-model log-probs; None without a reference
     advantages: torch.Tensor       # [B, N]
     scores: torch.Tensor           # [B] reward-model scores (raw, before clipping/normalising)
     prompt_len: int
     old_values: Optional[torch.Tensor] = None  # [B, N] critic values at rollout time (PPO only)
     returns: Optional[torch.Tensor] = None     # [B, N] value targets (PPO only)
+    rollout_logprobs: Optional[torch.Tensor] = None  # [B, N] the generation engine's log-probs
     info: Dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -89,7 +91,7 @@ def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch
 @dataclass
 class AdvantageSettings:
     """The knobs of `compute_advantages` (a view of PPOConfig, so the math is testable alone)."""
-    algo: str = "ppo"                 # ppo | grpo | rloo
+    algo: str = "ppo"                 # ppo | grpo | rloo | reinforce++ | reinforce++_baseline
     kl_estimator: str = "k1"
     reward_clip: Optional[float] = 5.0
     gamma: float = 1.0
@@ -97,35 +99,67 @@ class AdvantageSettings:
     whiten_advantages: bool = True
     group_size: int = 1
     kl_in_reward: bool = True          # False: the KL goes to the policy loss instead (GRPO)
+    group_std_norm: bool = True        # grpo: divide by the group std (False: Dr.GRPO)
 
 
 def compute_advantages(s: AdvantageSettings, scores: torch.Tensor, action_mask: torch.Tensor,
-                       logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                       logprobs: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor],
                        values: Optional[torch.Tensor], kl_coef: float):
-    """Shared by all three algorithms -> (advantages [B, N], returns [B, N] or None, stats).
+    """Shared by all algorithms -> (advantages [B, N], returns [B, N] or None, stats).
 
     ppo:  per-token rewards = -kl_coef * KL, clipped score on the last answer token; GAE.
     rloo: sequence reward = clipped score - kl_coef * sum KL; leave-one-out baseline.
     grpo: group-normalised clipped score; KL (if any) is a loss term, not a reward.
-    Critic-free advantages are broadcast over the answer tokens."""
-    kl = M.kl_estimate(logprobs, ref_logprobs, s.kl_estimator) * action_mask
-    seq_kl = kl.sum(-1)
-    stats = {"kl": seq_kl.mean().item()}
+    reinforce++: PPO's per-token rewards, discounted returns as advantages, whitened over the
+          batch (Hu 2025); reinforce++_baseline first subtracts the group mean from the score.
+    Critic-free sequence advantages are broadcast over the answer tokens. The KL penalty needs
+    `logprobs` and `ref_logprobs` only when it is in the reward with kl_coef > 0."""
+    kl = None
+    if s.kl_in_reward and kl_coef > 0:
+        if logprobs is None or ref_logprobs is None:
+            raise ValueError("a KL penalty in the reward needs the rollout's actor and reference log-probs")
+        kl = M.kl_estimate(logprobs, ref_logprobs, s.kl_estimator) * action_mask
+    coef = kl_coef if kl is not None else 0.0
+    kl = torch.zeros_like(action_mask, dtype=torch.float32) if kl is None else kl
+    stats = {}
+    clip = s.reward_clip
     if s.algo == "ppo":
         if values is None:
             raise ValueError("PPO needs critic values; use algo='grpo' or 'rloo' to train without a critic")
-        coef = kl_coef if s.kl_in_reward else 0.0
-        rewards = M.token_rewards(scores, kl, action_mask, coef, s.reward_clip)
+        rewards = M.token_rewards(scores, kl, action_mask, coef, clip)
         adv, returns = M.gae(rewards, values, action_mask, s.gamma, s.lam)
         stats["return"] = M.masked_mean(returns, action_mask).item()
+    elif s.algo in ("reinforce++", "reinforce++_baseline"):
+        clipped = scores.clamp(-clip, clip) if clip else scores
+        if s.algo == "reinforce++_baseline":
+            clipped = M.group_advantages(clipped, s.group_size, "mean")
+        rewards = M.token_rewards(clipped, kl, action_mask, coef)
+        adv, returns = M.discounted_returns(rewards, action_mask, s.gamma), None
+        stats["return"] = M.masked_mean(adv, action_mask).item()
     else:
-        clipped = scores.clamp(-s.reward_clip, s.reward_clip) if s.reward_clip else scores
-        seq_reward = clipped - kl_coef * seq_kl if s.kl_in_reward else clipped
-        seq_adv = M.group_advantages(seq_reward, s.group_size, s.algo)
+        clipped = scores.clamp(-clip, clip) if clip else scores
+        seq_reward = clipped - coef * kl.sum(-1)
+        seq_adv = M.group_advantages(seq_reward, s.group_size, s.algo, std_norm=s.group_std_norm)
         adv, returns = seq_adv[:, None] * action_mask, None
     if s.whiten_advantages:
         adv = M.masked_whiten(adv, action_mask)
     return adv, returns, stats
+
+
+def rollout_stats(exp: "Experience", kl_estimator: str) -> Dict[str, float]:
+    """What a step logs about its rollouts once the actor's log-probs at rollout time are known
+    (after the update when its own forward gave them): the summed KL to the reference per answer,
+    and the rollout engine's mismatch to the trainer's log-probs."""
+    out = {}
+    if exp.old_logprobs is None:
+        return out
+    mask = exp.action_mask
+    if exp.ref_logprobs is not None:
+        out["kl"] = (M.kl_estimate(exp.old_logprobs, exp.ref_logprobs, kl_estimator) * mask).sum(-1).mean().item()
+    if exp.rollout_logprobs is not None:
+        out.update({k: v.item() for k, v in M.logprob_mismatch(exp.old_logprobs, exp.rollout_logprobs,
+                                                                mask).items()})
+    return out
 
 
 def stopwatch(device: torch.device) -> Callable[[], float]:
@@ -163,23 +197,32 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, return_logprobs: bool = False):
+        """Sampled sequences [B, P + N] (and the engine's log-probs [B, N] of the sampled tokens
+        when asked)."""
         cfg = self.cfg
         out = self.engine.generate(input_ids, attention_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                    min_new_tokens=cfg.min_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                   pad_token_id=self.tokenizer.pad_token_id, generator=generator or self.generator)
-        return out.sequences
+                                   pad_token_id=self.tokenizer.pad_token_id, generator=generator or self.generator,
+                                   return_logprobs=return_logprobs)
+        return (out.sequences, out.logprobs) if return_logprobs else out.sequences
 
     def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None):
         """(sequences, attention_mask, action_mask, prompt_len) of sampled answers to a
         PromptCollator batch; the mask covers the answer up to and including its EOS."""
+        return self.sample(batch, generator)[:4]
+
+    def sample(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
+               return_logprobs: bool = False):
+        """`rollout`'s four, then the engine's log-probs [B, N] (None unless asked)."""
         input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        sequences = self.generate(input_ids, prompt_mask, generator)
+        out = self.generate(input_ids, prompt_mask, generator, return_logprobs)
+        sequences, engine_logp = out if return_logprobs else (out, None)
         prompt_len = input_ids.shape[1]
         action_mask = M.answer_mask(sequences[:, prompt_len:], self.tokenizer.eos_token_id)
         attention_mask = torch.cat([prompt_mask.float(), action_mask], 1).long()
-        return sequences, attention_mask, action_mask, prompt_len
+        return sequences, attention_mask, action_mask, prompt_len, engine_logp
 
     def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         reward_tok = self.models.reward_tokenizer
@@ -200,20 +243,25 @@ class ExperienceMaker:
         return [self.gt_score(p, a) for p, a in zip(prompts, answers)]
 
     @torch.no_grad()
-    def make(self, items: List[Dict[str, Any]], kl_coef: float) -> Experience:
-        """An Experience from prompt items (each sampled group_size times, the samples adjacent)."""
+    def make(self, items: List[Dict[str, Any]], kl_coef: float, old_logprobs: bool = True) -> Experience:
+        """An Experience from prompt items (each sampled group_size times, the samples adjacent).
+        old_logprobs=False skips the actor's forward: the update's own forward gives them (valid
+        when the policy is unchanged until every mini-batch has been through it)."""
         cfg, models = self.cfg, self.models
         if cfg.group_size > 1:
             items = [it for it in items for _ in range(cfg.group_size)]
         batch = to_device(self.collate(items), self.device)
         clock = stopwatch(self.device)
-        sequences, attention_mask, action_mask, P = self.rollout(batch)
+        sequences, attention_mask, action_mask, P, engine_logp = self.sample(batch, return_logprobs=True)
         gen_time = clock()
         models.actor.eval()
-        old_logp = answer_logprobs(models.actor, sequences, attention_mask, P)
-        times = {"time_actor_forward": clock()}
-        ref_logp = answer_logprobs(models.ref, sequences, attention_mask, P)
-        times["time_ref_forward"] = clock()
+        times, old_logp, ref_logp = {}, None, None
+        if old_logprobs:
+            old_logp = answer_logprobs(models.actor, sequences, attention_mask, P)
+            times["time_actor_forward"] = clock()
+        if models.ref is not None:
+            ref_logp = answer_logprobs(models.ref, sequences, attention_mask, P)
+            times["time_ref_forward"] = clock()
         scores = self.score(sequences, attention_mask)
         times["time_reward_forward"] = clock()
         values = None
@@ -229,23 +277,25 @@ class ExperienceMaker:
         n_tokens = action_mask.sum().item()
         info = {"reward_mean": raw_scores.mean().item(),
                 "reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
-                "kl": stats["kl"], "kl_coef": kl_coef, "answer_len": action_mask.sum(1).mean().item(),
+                "kl_coef": kl_coef, "answer_len": action_mask.sum(1).mean().item(),
                 "gen_time": gen_time, "forward_time": sum(times.values()),
                 "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}
         if self.gt_score is not None:
             info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], sequences, action_mask, P)))
         return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                           old_logprobs=old_logp, ref_logprobs=ref_logp, advantages=adv, scores=raw_scores,
-                          prompt_len=P, old_values=values, returns=returns, info=info)
+                          prompt_len=P, old_values=values, returns=returns, rollout_logprobs=engine_logp, info=info)
 
     @torch.no_grad()
     def eval_sums(self, batch: Dict[str, Any], generator: torch.Generator) -> List[float]:
-        """[summed reward-model score, summed KL to the reference, summed ground truth, answers]
-        of answers sampled (with `generator`) to a batch of held-out prompts."""
+        """[summed reward-model score, summed KL to the reference (0 without one), summed ground
+        truth, answers] of answers sampled (with `generator`) to a batch of held-out prompts."""
         sequences, attention_mask, action_mask, P = self.rollout(batch, generator)
-        logp = answer_logprobs(self.models.actor, sequences, attention_mask, P)
-        ref = answer_logprobs(self.models.ref, sequences, attention_mask, P)
-        kl = (M.kl_estimate(logp, ref, "k1") * action_mask).sum(1)
+        kl = torch.zeros(1)
+        if self.models.ref is not None:
+            logp = answer_logprobs(self.models.actor, sequences, attention_mask, P)
+            ref = answer_logprobs(self.models.ref, sequences, attention_mask, P)
+            kl = (M.kl_estimate(logp, ref, "k1") * action_mask).sum(1)
         scores = self.score(sequences, attention_mask)
         gt = sum(self.ground_truth(batch["prompt"], sequences, action_mask, P)) if self.gt_score else 0.0
         return [scores.double().sum().item(), kl.double().sum().item(), gt, float(len(sequences))]

@@ -1,11 +1,14 @@
-"""Step 3: the update loop of PPO and the critic-free GRPO / RLOO.
+"""Step 3: the update loop of PPO and the critic-free GRPO / RLOO / REINFORCE++.
 
-The three algorithms differ only in how advantages are made (`experience.compute_advantages`)
-and in whether a critic exists. Each step: sample rollouts on the next prompts
+The algorithms differ only in how advantages are made (`experience.compute_advantages`) and in
+whether a critic exists. Each step: sample rollouts on the next prompts
 (`experience.ExperienceMaker`), then `ppo_epochs` passes over them in mini-batches of
-`micro_batch_size` answers: a clipped policy loss for the actor (plus the KL loss of GRPO and the
-SFT loss of PPO-ptx), a clipped value loss for the critic. The models are built by `ppo_models`;
-the loop, checkpoints, resume and evaluation schedule are the shared `common.Trainer`'s.
+`micro_batch_size` answers: a clipped policy loss for the actor (with the GRPO family's options:
+loss aggregation, clip-higher, dual-clip, GSPO's sequence ratio, truncated importance sampling;
+plus the KL loss of GRPO, an entropy bonus and the SFT loss of PPO-ptx), a clipped value loss for
+the critic. With one optimizer step per rollout the rollout policy's log-probs are taken from the
+update's own forward, not a second pass. The models are built by `ppo_models`; the loop,
+checkpoints, resume and evaluation schedule are the shared `common.Trainer`'s.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from ..utils.distributed import all_ranks_true, barrier, is_rank0, mean_over_ran
 from . import rl_math as M
 from .common import GlobalBatchSampler, Trainer, eval_sums, setup_run, to_device, total_train_steps
 from .configs import PPOConfig
-from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, stopwatch
+from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, rollout_stats, stopwatch
 from .ppo_models import build_ppo_models, check_lengths, reward_tokenizer_for
 
 
@@ -73,6 +76,7 @@ class PPOTrainer(Trainer):
                                         bundled_task_scorer(cfg))
         self.kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else M.FixedKLController(cfg.kl_coef))
+        self.old_logprobs_from_update = self._policy_unchanged_through_update()
         self.ptx_data = ptx_data if ptx_data is not None else (
             self._load_ptx() if cfg.ptx_coef > 0 else None)
         self.ptx_sampler = None if self.ptx_data is None else GlobalBatchSampler(
@@ -80,6 +84,15 @@ class PPOTrainer(Trainer):
             what="the PPO-ptx (SFT) set", fix="lower --micro_batch_size or --ptx_coef 0")
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+
+    def _policy_unchanged_through_update(self) -> bool:
+        """True when the rollout-time actor log-probs can come from the update's own forward
+        (ratio = exp(logp - logp.detach())) instead of a separate pass: one epoch and one optimizer
+        step per rollout (the policy changes only after every mini-batch has been through it), and
+        the advantages do not need them (no KL penalty in the reward)."""
+        cfg = self.cfg
+        one_step = cfg.ppo_epochs == 1 and cfg.answers_per_step == cfg.micro_batch_size * self.ctx.accumulation
+        return one_step and not (cfg.advantage_settings().kl_in_reward and cfg.kl_coef > 0)
 
     def _load_ptx(self):
         from ..data import build_datasets
@@ -91,11 +104,10 @@ class PPOTrainer(Trainer):
         """Rollouts on the next prompts, then the update. Returns the step's metrics (mean over ranks)."""
         t0 = time.perf_counter()
         items = [self.prompts[i] for i in self.sampler.next_step()[0]]
-        exp = self.rollouts.make(items, self.kl_ctl.value)
+        exp = self.rollouts.make(items, self.kl_ctl.value, old_logprobs=not self.old_logprobs_from_update)
         t1 = time.perf_counter()
         finite = all_ranks_true(all(torch.isfinite(t).all() for t in (
-            exp.advantages, exp.scores, exp.old_logprobs, exp.ref_logprobs,
-            *([exp.returns] if exp.returns is not None else []))))
+            exp.advantages, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.returns) if t is not None))
         metrics = dict(exp.info)
         if finite:
             metrics.update(self.update(exp))
@@ -103,8 +115,9 @@ class PPOTrainer(Trainer):
             metrics["skipped_updates"] = float(self.updates_per_step)
         t2 = time.perf_counter()
         self._count_nonfinite(metrics["skipped_updates"] >= self.updates_per_step)
-        # the controller sees the all-rank KL, so every rank keeps the same coefficient
-        self.kl_ctl.update(mean_over_ranks(metrics["kl"]), len(exp) * self.ctx.world_size)
+        metrics.update(rollout_stats(exp, self.cfg.kl_estimator))
+        if "kl" in metrics:  # the controller sees the all-rank KL, so every rank keeps the same coefficient
+            self.kl_ctl.update(mean_over_ranks(metrics["kl"]), len(exp) * self.ctx.world_size)
         if self.ema is not None:
             self.ema.update(self.actor.module)
         n_tokens = exp.attention_mask.sum().item() * self.ctx.world_size
@@ -134,12 +147,17 @@ class PPOTrainer(Trainer):
             self.critic.train()
         g = torch.Generator().manual_seed(cfg.seed * 31 + self.step)
         clock, t_actor, t_critic = stopwatch(self.ctx.device), 0.0, 0.0
+        from_update = exp.old_logprobs is None
+        if from_update:  # filled, mini-batch by mini-batch, by the update's own forward
+            old_logprobs = torch.zeros_like(exp.action_mask)
         for _ in range(cfg.ppo_epochs):
             for mb_idx in torch.randperm(len(exp), generator=g).split(cfg.micro_batch_size):
                 mb = exp.select(mb_idx.to(exp.sequences.device))
                 clock()
                 stats = self._actor_step(mb)
                 t_actor += clock()
+                if from_update:
+                    old_logprobs[mb_idx.to(exp.sequences.device)] = mb.old_logprobs
                 if self.critic is not None and stats is not None:
                     critic_stats = self._critic_step(mb)
                     t_critic += clock()
@@ -150,6 +168,8 @@ class PPOTrainer(Trainer):
                 count += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
+        if from_update:
+            exp.old_logprobs = old_logprobs
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out.update(skipped_updates=float(skipped), time_actor_train=t_actor, time_critic_train=t_critic)
         return out
@@ -169,12 +189,25 @@ class PPOTrainer(Trainer):
     def _actor_step(self, mb: Experience) -> Optional[Dict[str, float]]:
         cfg = self.cfg
         logp, entropy = answer_logprobs(self.actor, mb.sequences, mb.attention_mask, mb.prompt_len, with_entropy=True)
-        loss, st = M.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_eps)
-        stats = {"policy_loss": loss.item(), "policy_clipfrac": st["policy_clipfrac"].item(),
-                 "approx_kl": st["approx_kl"].item(),
-                 "entropy": M.masked_mean(entropy.detach(), mb.action_mask).item()}
+        if mb.old_logprobs is None:  # one optimizer step per rollout: this forward is the rollout policy's
+            mb.old_logprobs = logp.detach()
+        mask, agg = mb.action_mask, dict(mode=cfg.loss_agg, norm_len=self.rollouts.max_new_tokens)
+        low, high = cfg.clip_range()
+        is_weights = None
+        if cfg.tis_cap is not None and mb.rollout_logprobs is not None:
+            is_weights = M.truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, cfg.tis_cap)
+        loss, st = M.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mask, low,
+                                         clip_eps_high=high, dual_clip=cfg.dual_clip,
+                                         importance_level=cfg.importance_level, loss_agg=cfg.loss_agg,
+                                         norm_len=agg["norm_len"], is_weights=is_weights)
+        stats = {"policy_loss": loss.item(), **{k: v.item() for k, v in st.items()},
+                 "entropy": M.masked_mean(entropy.detach(), mask).item()}
+        if is_weights is not None:
+            stats["tis_weight"] = M.masked_mean(is_weights, mask).item()
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * M.aggregate_loss(entropy, mask, **agg)
         if not cfg.advantage_settings().kl_in_reward and self.kl_ctl.value > 0:
-            kl_loss = M.masked_mean(M.kl_estimate(logp, mb.ref_logprobs, "k3"), mb.action_mask)
+            kl_loss = M.aggregate_loss(M.kl_estimate(logp, mb.ref_logprobs, "k3"), mask, **agg)
             loss = loss + self.kl_ctl.value * kl_loss
             stats["kl_loss"] = kl_loss.item()
         if cfg.ptx_coef > 0 and self.ptx_data is not None:
@@ -209,14 +242,16 @@ class PPOTrainer(Trainer):
 
     def evaluate(self) -> Dict[str, float]:
         """Mean reward-model score, ground-truth score (bundled task) and summed KL to the
-        reference of answers sampled (fixed seed) to held-out prompts."""
+        reference (when there is one) of answers sampled (fixed seed) to held-out prompts."""
         cfg = self.cfg
         generator = torch.Generator(device=self.ctx.device).manual_seed(10_000 + self.ctx.rank)
         score, kl, gt, n = eval_sums(self.actor, self.eval_prompt_items[:cfg.eval_prompts], self.rollouts.collate,
                                      cfg.eval_batch_size or cfg.rollout_batch_size, self.ctx, cfg.eval_max_batches,
                                      lambda batch: self.rollouts.eval_sums(batch, generator), 4)
         n = n if n > 0 else float("nan")
-        out = {"reward": score / n, "kl_to_ref": kl / n}
+        out = {"reward": score / n}
+        if self.ref is not None:  # none is loaded with kl_coef 0
+            out["kl_to_ref"] = kl / n
         if self.rollouts.gt_score is not None:
             out["gt_score"] = gt / n
         return out

@@ -1,6 +1,7 @@
 """Step 3's models, built once per run: the actor and critic as trained DeepSpeed engines (each
-with its own ZeRO stage, offload, learning rate and warmup), the frozen reference and reward
-models (ZeRO-3 partitioned with `frozen_zero_stage 3`, else plain modules), and the actor's EMA.
+with its own ZeRO stage, offload, learning rate and warmup), the frozen reference (only with
+kl_coef > 0: nothing else reads it) and reward models (ZeRO-3 partitioned with
+`frozen_zero_stage 3`, else plain modules), and the actor's EMA.
 Dropout is off in everything trained, so a rollout's log-probs and values are the function the
 update differentiates.
 
@@ -56,7 +57,7 @@ def _gathered(module: nn.Module, zero3: bool):
 @dataclass
 class PPOModels:
     actor: Any                     # DeepSpeed engine
-    ref: Any                       # frozen: a module, or a ZeRO-3 inference engine
+    ref: Any                       # frozen: a module, or a ZeRO-3 inference engine; None with kl_coef 0
     reward: Any                    # frozen RewardModel (or engine)
     critic: Optional[Any] = None   # DeepSpeed engine over a RewardModel (algo ppo only)
     ema: Optional[EMA] = None
@@ -119,11 +120,14 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
     disable_dropout(actor)
     actor = initialize_engine(actor, cfg, ctx.ds_config, optimizer_steps)
     frozen_ds = _ds_config(cfg, ctx, 3, "none") if cfg.frozen_zero_stage == 3 else {}
-    ref = given.get("ref") or load_causal_lm(cfg.ref_model or cfg.model_name_or_path, tokenizer=tokenizer,
-                                             dtype=dtype, seed=cfg.seed)
+    ref = None
+    if cfg.kl_coef > 0:  # with kl_coef 0 (adaptive or not: it stays 0) nothing reads the reference
+        ref = given.get("ref") or load_causal_lm(cfg.ref_model or cfg.model_name_or_path, tokenizer=tokenizer,
+                                                 dtype=dtype, seed=cfg.seed)
+        ref = frozen_engine(ref, frozen_ds, ctx.device)
     kw = dict(tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
     reward = given.get("reward") or RewardModel.from_pretrained(cfg.reward_model, **kw)
-    models = PPOModels(actor=actor, ref=frozen_engine(ref, frozen_ds, ctx.device),
+    models = PPOModels(actor=actor, ref=ref,
                        reward=frozen_engine(reward, frozen_ds, ctx.device), reward_tokenizer=reward_tokenizer)
     if cfg.algo == "ppo":
         critic_ds = _ds_config(cfg, ctx, cfg.critic_zero_stage, cfg.critic_offload)

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# how per-token losses become one number (see aggregate_loss)
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 # --------------------------------------------------------------------------- masked statistics
@@ -173,14 +176,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, returns
 
 
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over [B, N] answers (0 after the last real token): the
+    critic-free token advantage of REINFORCE++ (Hu 2025)."""
+    mask = mask.to(rewards.dtype)
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
 def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, std_norm: bool = True) -> torch.Tensor:
     """Critic-free sequence advantages for scores [P * n] laid out prompt-major (the n samples
     of a prompt are adjacent).
 
     grpo: (s - group mean) / (group std + eps), std unbiased (a group of identical scores
-          gives 0, not NaN);
-    rloo: s_i - mean of the other n-1 samples = n / (n - 1) * (s_i - group mean).
+          gives 0, not NaN); with std_norm=False s - group mean (Dr.GRPO, Liu et al. 2025:
+          the std division favours prompts that are too easy or too hard);
+    rloo: s_i - mean of the other n-1 samples = n / (n - 1) * (s_i - group mean);
+    mean: s - group mean (the baseline of REINFORCE++-baseline).
     """
     if group_size < 2:
         raise ValueError(f"{kind} needs at least 2 samples per prompt (group_size), got {group_size}")
@@ -188,12 +206,14 @@ def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
         raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
     g = scores.reshape(-1, group_size)
     mean = g.mean(dim=1, keepdim=True)
-    if kind == "grpo":
+    if kind == "grpo" and std_norm:
         out = (g - mean) / (g.std(dim=1, keepdim=True) + eps)
+    elif kind in ("grpo", "mean"):
+        out = g - mean
     elif kind == "rloo":
         out = (g - mean) * group_size / (group_size - 1)
     else:
-        raise ValueError(f"unknown group advantage {kind!r}; choose 'grpo' or 'rloo'")
+        raise ValueError(f"unknown group advantage {kind!r}; choose 'grpo', 'rloo' or 'mean'")
     return out.reshape(-1)
 
 
@@ -232,22 +252,109 @@ class RunningMoments:
 
 # --------------------------------------------------------------------------- losses
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                        advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
-                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """PPO surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old).
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
+                   norm_len: Optional[float] = None) -> torch.Tensor:
+    """One number from per-token losses [B, N]:
 
-    Also returns clip fraction (tokens where the clipped branch won) and the approximate KL
-    between old and new policy (k3 estimator, >= 0)."""
+    token_mean:              sum over every answer token / number of tokens (DAPO, Yu et al.
+                             2025: each token weighs the same, long answers are not diluted);
+    seq_mean_token_mean:     each answer's token mean, then the mean over answers (GRPO, Shao
+                             et al. 2024);
+    seq_mean_token_sum:      each answer's token sum, then the mean over answers;
+    seq_mean_token_sum_norm: each answer's token sum / norm_len (a constant: the generation
+                             budget), then the mean over answers (Dr.GRPO, Liu et al. 2025: no
+                             per-answer length normalisation).
+    Answers with no token under the mask are left out of the means over answers."""
+    mask = mask.to(per_token.dtype)
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    seq = masked_sum(per_token, mask, -1)
+    n_tokens = mask.sum(-1)
+    if mode == "seq_mean_token_mean":
+        seq = seq / n_tokens.clamp(min=1.0)
+    elif mode == "seq_mean_token_sum_norm":
+        if not norm_len or norm_len <= 0:
+            raise ValueError("seq_mean_token_sum_norm divides by the generation budget: pass norm_len > 0")
+        seq = seq / norm_len
+    elif mode != "seq_mean_token_sum":
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
+    return masked_mean(seq, (n_tokens > 0).to(per_token.dtype))
+
+
+def importance_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                         level: str = "token") -> torch.Tensor:
+    """log(pi / pi_old) per token [B, N].
+
+    token:    logp_t - old_t (PPO);
+    sequence: the answer's length-normalised log-ratio mean_t(logp - old) on every token, with
+              the gradient of logp_t (GSPO-token, Zheng et al. 2025): the value is the sequence
+              ratio s_i, the gradient of token t is s_i * grad logp_t, so with
+              seq_mean_token_mean it is GSPO's gradient."""
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if level == "token":
+        return log_ratio
+    if level != "sequence":
+        raise ValueError(f"unknown importance level {level!r}; choose one of {IMPORTANCE_LEVELS}")
+    seq = masked_mean(log_ratio.detach(), mask, -1).unsqueeze(-1)
+    return logprobs - logprobs.detach() + seq
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                        advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, *,
+                        clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                        importance_level: str = "token", loss_agg: str = "token_mean",
+                        norm_len: Optional[float] = None, is_weights: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO surrogate: per token max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old,
+    aggregated by `loss_agg` (default: the mean over tokens).
+
+    clip_eps is eps_low; clip_eps_high (unset = clip_eps) lets r rise further than it may fall
+    (clip-higher, DAPO: 0.2 / 0.28). dual_clip c > 1 caps the loss of a negative-advantage token
+    at -c A (Ye et al. 2020), so a huge ratio cannot blow the update up. importance_level
+    'sequence' is GSPO's sequence ratio (importance_log_ratio). is_weights [B, N] (detached)
+    multiply each token's loss: the truncated importance-sampling correction toward the
+    rollout engine's policy (truncated_is_weights).
+
+    Also returns the clip fraction (tokens where the clipped branch won), the dual-clip fraction
+    when on, and the approximate KL between old and new policy per token (k3, >= 0)."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, mask, importance_level))
     loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    stats = {}
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        stats["policy_dualclip_frac"] = masked_mean(capped.float(), mask).detach()
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    loss = aggregate_loss(per_token, mask, loss_agg, norm_len)
     with torch.no_grad():
-        clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
-        approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
-    return loss, {"policy_clipfrac": clipfrac, "approx_kl": approx_kl}
+        log_ratio = logprobs - old_logprobs
+        stats["policy_clipfrac"] = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+        stats["approx_kl"] = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+    return loss, stats
+
+
+def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """min(pi_trainer / pi_rollout, C) per token, detached: truncated importance sampling (Yao et
+    al. 2025) corrects the gradient for answers sampled by an engine whose numbers differ slightly
+    from the trainer's."""
+    return torch.exp(trainer_logprobs.detach() - rollout_logprobs).clamp(max=cap)
+
+
+def logprob_mismatch(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                     mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """How far the rollout engine's log-probs of the sampled tokens are from the trainer's: mean
+    |delta| over answer tokens and KL(rollout || trainer) per token (k3 on tokens the engine
+    sampled: unbiased, >= 0)."""
+    with torch.no_grad():
+        d = rollout_logprobs - trainer_logprobs
+        return {"logprob_mismatch_abs": masked_mean(d.abs(), mask),
+                "logprob_mismatch_kl": masked_mean(torch.expm1(-d) + d, mask)}
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
