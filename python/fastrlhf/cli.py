@@ -4,6 +4,7 @@
     fastrlhf sft   [--config sft.yaml] [--key value ...]
     fastrlhf rm    [--config rm.yaml]  [--key value ...]
     fastrlhf ppo   [--config ppo.yaml] [--key value ...]
+    fastrlhf grpo | rloo | reinforce++ | reinforce++_baseline [...]   (= fastrlhf ppo --algo ...)
     fastrlhf dpo   [--config dpo.yaml] [--key value ...]
     fastrlhf chat  --model DIR              (fastrlhf.rlhf.chat)
     fastrlhf ops
@@ -93,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, entry in TRAINERS.items():
         p = sub.add_parser(name, allow_abbrev=False, help=entry.help, formatter_class=_formatter,
-                           description=entry.config.__doc__,
+                           description=(entry.help + ".\n\n" if entry.preset else "") + entry.config.__doc__,
                            usage=f"fastrlhf {name} [--config FILE] [--KEY VALUE ...] [--data.KEY VALUE ...]")
         _add_common(p)
-        add_dataclass_arguments(p, entry.config)
+        add_dataclass_arguments(p, entry.config, skip=("algo",) if "algo" in entry.preset else ())
+        for action in p._actions:  # the command's own defaults in its --help
+            if action.dest in entry.preset and action.help:
+                action.help = action.help.rsplit(" (default: ", 1)[0] + f" (default: {entry.preset[action.dest]})"
         p.set_defaults(func=cmd_trainer, trainer=name)
 
     chat = sub.add_parser("chat", add_help=False,
@@ -126,8 +130,13 @@ def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
     if extra:
         raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
     entry = TRAINERS[args.trainer]
-    cfg = config_from_dict(entry.config, _layered_values(args.trainer, _file_values(args.config),
-                                                         namespace_overrides(args, entry.config)))
+    values = _layered_values(entry.profile or args.trainer, _file_values(args.config),
+                             namespace_overrides(args, entry.config))
+    for key, value in entry.preset.items():
+        if key == "algo" and values.get(key, value) != value:
+            raise CLIError(f"`fastrlhf {args.trainer}` runs --algo {value}, not {values[key]}; "
+                           f"use `fastrlhf ppo --algo {values[key]}`")
+    cfg = config_from_dict(entry.config, merge_dicts(entry.preset, values))
     from .utils.logging import print_rank0
     print_rank0("summary: " + entry.summary(entry.train(cfg)))
     return 0

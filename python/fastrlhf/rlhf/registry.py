@@ -1,10 +1,12 @@
 """Every trainer the CLI runs, in one table: command -> (config class, train function, one-line
 summary of its result, help). `fastrlhf <command>` and the steps of `fastrlhf train` dispatch
-through it; adding a trainer is adding a row."""
+through it; adding a trainer is adding a row. A row with a `preset` is another name for a trainer
+with some options set (`fastrlhf grpo` = `fastrlhf ppo --algo grpo --group_size 4`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from dataclasses import field
+from typing import Any, Callable, Dict, Optional
 
 from .configs import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .dpo import train_dpo
@@ -19,13 +21,16 @@ class TrainerEntry:
     train: Callable[[Any], Dict[str, Any]]
     summary: Callable[[Dict[str, Any]], str]
     help: str
+    preset: Dict[str, Any] = field(default_factory=dict)  # options set by the command (below file and flags)
+    profile: Optional[str] = None  # the bundled-task profile it uses; unset = its own name
 
 
 def _ppo_summary(r: Dict[str, Any]) -> str:
     before, after = r["eval_before"], r["eval_after"]
     gt = f", ground truth {before['gt_score']:.3f} -> {after['gt_score']:.3f}" if "gt_score" in before else ""
+    kl = f", KL to reference {after['kl_to_ref']:.3f}" if "kl_to_ref" in after else ""
     return (f"step 3 {r['trainer'].cfg.algo.upper()}: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}"
-            f"{gt}, KL to reference {after['kl_to_ref']:.3f}")
+            f"{gt}{kl}")
 
 
 TRAINERS: Dict[str, TrainerEntry] = {
@@ -36,8 +41,24 @@ TRAINERS: Dict[str, TrainerEntry] = {
                        f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}",
                        "step 2: reward model on preference pairs"),
     "ppo": TrainerEntry(PPOConfig, train_ppo, _ppo_summary,
-                        "step 3: PPO (or --algo grpo / rloo) against a trained reward model"),
+                        "step 3: PPO (or --algo grpo, rloo, reinforce++...) against a trained reward model"),
     "dpo": TrainerEntry(DPOConfig, train_dpo, lambda r: f"DPO: held-out loss {r['eval_before']['loss']:.4f} -> "
                         f"{r['eval_after']['loss']:.4f}, reward accuracy {r['eval_after']['reward_accuracy']:.3f}",
                         "DPO: preference pairs -> policy, instead of steps 2 + 3"),
 }
+
+
+def _critic_free(algo: str, group_size: int, what: str) -> TrainerEntry:
+    preset = {"algo": algo, **({"group_size": group_size} if group_size > 1 else {})}
+    flags = " ".join(f"--{k} {v}" for k, v in preset.items())
+    return TrainerEntry(PPOConfig, train_ppo, _ppo_summary, f"step 3 with {what}, no critic (= fastrlhf ppo {flags})",
+                        preset=preset, profile="ppo")
+
+
+# group sizes: small enough for the bundled task on a CPU (the GRPO paper sampled 64, DAPO 16)
+TRAINERS.update({
+    "grpo": _critic_free("grpo", 4, "GRPO (group-normalised advantages)"),
+    "rloo": _critic_free("rloo", 4, "RLOO (leave-one-out baseline)"),
+    "reinforce++": _critic_free("reinforce++", 1, "REINFORCE++ (batch-whitened returns)"),
+    "reinforce++_baseline": _critic_free("reinforce++_baseline", 4, "REINFORCE++-baseline (group-mean baseline)"),
+})
