@@ -1,6 +1,7 @@
-"""Rollouts: what PPO, GRPO and RLOO learn from (`Experience`), the model passes that fill it,
-the advantages of each algorithm, and `ExperienceMaker`, which samples answers with the hybrid
-engine on the actor's own weights and turns them into an Experience.
+"""Rollouts: what PPO and the critic-free algorithms learn from (`Experience`), the model passes
+that fill it, the advantages of each algorithm, and `ExperienceMaker`, which samples answers with
+the hybrid engine on the actor's own weights (keeping the engine's log-probs, to log how far they
+are from the trainer's) and turns them into an Experience.
 
 A batch is `sequences` [B, P + N] = left-padded prompts (P columns) then N generated columns.
 Token t of the answer (column P + t) is predicted by the logits at column P + t - 1, so answer
