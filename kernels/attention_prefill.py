@@ -22,12 +22,13 @@ from ._launch import Kernel, new_empty, next_pow2
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
+def _prefill_kernel(Q, K, V, O, Mask, KeyStart, LSE,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, smb, smk,
                     n_kv_heads, seq_q, seq_k, qk_scale_log2, softcap,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+                    STORE_LSE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -101,6 +102,11 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart,
     o_ptrs = (O + b * sob + (hkv * GROUP + g)[:, None] * soh + s_q[:, None] * sos
               + offs_d[None, :] * sod)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        # per-row logsumexp of the scores in log2 units, for the backward (contiguous [B, Hq, Sq]);
+        # +inf for a row that sees no key, so that the backward's exp2(s - lse) is 0 there
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("inf"))
+        tl.store(LSE + (b * n_kv_heads * GROUP + hkv * GROUP + g) * seq_q + s_q, lse, mask=row_ok)
 
 
 # Few candidates on purpose: every config is a compile (seconds) on first use per key.
@@ -109,7 +115,7 @@ _CONFIGS = [
     for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
 ]
 _kernel = Kernel(_prefill_kernel, configs=_CONFIGS,
-                 key=["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK", "SOFTCAP"],
+                 key=["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK", "SOFTCAP", "STORE_LSE"],
                  interpret_meta={"BLOCK_M": 64, "BLOCK_N": 64})
 
 
@@ -137,10 +143,28 @@ def check_softcap(softcap):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
 
 
+def key_mask_args(attention_mask: Optional[torch.Tensor], q: torch.Tensor):
+    """(mask as the kernels read it, first visible key per sequence, mask strides); q stands in
+    for the tensors a kernel never reads when there is no mask."""
+    mask = attention_mask
+    if mask is None:
+        return q, q, 0, 0
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    # index of each sequence's first visible key (0 for an all-pad row: nothing is visible)
+    key_start = mask.ne(0).to(torch.int32).argmax(1).to(torch.int32)
+    return mask, key_start, mask.stride(0), mask.stride(1)
+
+
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                       attention_mask: Optional[torch.Tensor] = None,
-                      scale: Optional[float] = None, softcap: Optional[float] = None) -> torch.Tensor:
-    """softcap: scores -> softcap * tanh(scores / softcap) before the masks (Gemma2)."""
+                      scale: Optional[float] = None, softcap: Optional[float] = None,
+                      return_lse: bool = False):
+    """softcap: scores -> softcap * tanh(scores / softcap) before the masks (Gemma2).
+
+    return_lse: also return the per-row logsumexp of the scores, fp32 [B, Hq, Sq] in log2 units
+    (+inf for rows that see no key), which `attention_backward` needs: returns (out, lse).
+    """
     check_inputs(q, k, v, attention_mask)
     check_softcap(softcap)
     b, hq, sq, d = q.shape
@@ -148,21 +172,16 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out = new_empty(q.shape, q.dtype, q.device)
+    lse = new_empty((b, hq, sq), torch.float32, q.device) if return_lse else None
     if q.numel() == 0:
-        return out
-    mask = attention_mask
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
-    # index of each sequence's first visible key (0 for an all-pad row: nothing is visible)
-    key_start = mask.ne(0).to(torch.int32).argmax(1).to(torch.int32) if mask is not None else q
-    smb, smk = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+        return (out, lse) if return_lse else out
+    mask_arg, key_start, smb, smk = key_mask_args(attention_mask, q)
     grid = lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv)  # noqa: E731
-    _kernel.launch(grid, q, k, v, out, mask_arg, key_start,
+    _kernel.launch(grid, q, k, v, out, mask_arg, key_start, lse if return_lse else q,
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smk,
                    hkv, sq, sk, scale * LOG2E.value,
                    float(softcap) if softcap is not None else 0.0,
-                   GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=mask is not None,
-                   IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
+                   GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=attention_mask is not None,
+                   IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None, STORE_LSE=return_lse,
                    BLOCK_D=max(16, next_pow2(d)))
-    return out
+    return (out, lse) if return_lse else out

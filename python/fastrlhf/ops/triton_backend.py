@@ -14,11 +14,12 @@ not matter whether triton was imported before the variable was set.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from fastrlhf.kernels import attention_backward as _attn_bwd
 from fastrlhf.kernels import attention_decode as _decode
 from fastrlhf.kernels import attention_prefill as _prefill
 from fastrlhf.kernels import kv_cache as _kv
@@ -54,24 +55,68 @@ def _op(name: str, mutates=()):
 # ---------------------------------------------------------------- attention
 # softcap (Gemma2 attention logit softcapping) is None for plain attention; the kernels then
 # compile exactly the uncapped code path (a constexpr branch).
+# The op returns (out, lse): lse, the per-row logsumexp the backward recomputes from, is written
+# only when `need_lse` (a call that will be differentiated) and is otherwise an empty tensor.
 @_op("attention_prefill")
 def _prefill_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], causal: bool,
-                scale: float, softcap: Optional[float] = None) -> Tensor:
-    return _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
-                                      softcap=softcap)
+                scale: float, softcap: Optional[float] = None, need_lse: bool = False) -> Tuple[Tensor, Tensor]:
+    if need_lse:
+        return _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
+                                          softcap=softcap, return_lse=True)
+    out = _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
+                                     softcap=softcap)
+    return out, q.new_empty(0, dtype=torch.float32)
 
 
 @_prefill_op.register_fake
-def _(q, k, v, attention_mask, causal, scale, softcap=None):
-    return q.new_empty(q.shape)
+def _(q, k, v, attention_mask, causal, scale, softcap=None, need_lse=False):
+    lse_shape = q.shape[:3] if need_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@_op("attention_prefill_backward")
+def _prefill_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    attention_mask: Optional[Tensor], causal: bool, scale: float,
+                    softcap: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return _attn_bwd.attention_backward(grad_out, q, k, v, out, lse, causal=causal,
+                                        attention_mask=attention_mask, scale=scale, softcap=softcap)
+
+
+@_prefill_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, attention_mask, causal, scale, softcap=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _prefill_setup(ctx, inputs, output):
+    q, k, v, attention_mask, causal, scale, softcap, _ = inputs
+    ctx.save_for_backward(q, k, v, attention_mask, *output)
+    ctx.causal, ctx.scale, ctx.softcap = causal, scale, softcap
+
+
+def _prefill_backward(ctx, grad_out, grad_lse):
+    # grad_lse is ignored: lse is an internal output kept only for this backward
+    q, k, v, attention_mask, out, lse = ctx.saved_tensors
+    if lse.numel() != q.shape[0] * q.shape[1] * q.shape[2]:
+        raise RuntimeError("attention_prefill (triton): backward of a call made without gradients enabled "
+                           "(no logsumexp was saved); run the forward with torch.enable_grad()")
+    dq, dk, dv = _prefill_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.causal, ctx.scale, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_prefill_op.register_autograd(_prefill_backward, setup_context=_prefill_setup)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
+    """Differentiable in q, k, v (FlashAttention-2-style backward, kernels/attention_backward.py)."""
     _prefill.check_inputs(q, k, v, attention_mask)
     _prefill.check_softcap(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _prefill_op(q, k, v, attention_mask, bool(causal), scale,
-                       None if softcap is None else float(softcap))
+                       None if softcap is None else float(softcap), _needs_grad(q, k, v))[0]
 
 
 @_op("attention_decode")
@@ -175,6 +220,8 @@ def lora_unfuse(weight, lora_a, lora_b, scaling, *, out=None):
 
 
 # ---------------------------------------------------------------- norms
+# Differentiable: the backward is kernels/norms.py `norm_backward`, registered below as the custom
+# op `norm_backward` (so torch.compile sees through it too).
 @_op("rms_norm")
 def _rms_op(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return _norms.rms_norm(x, weight, eps)
@@ -228,6 +275,60 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     if residual is None:
         return _ln_op(x, weight, bias, float(eps))
     return _ln_res_op(x, residual, weight, bias, float(eps))
+
+
+@_op("norm_backward")
+def _norm_bwd_op(grad_y: Tensor, h: Tensor, grad_h: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], eps: float, is_rms: bool, residual_dtype: Optional[torch.dtype],
+                 needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias); those not computed are empty tensors (custom ops cannot
+    return None)."""
+    grads = _norms.norm_backward(grad_y, h, weight, bias, eps, is_rms, grad_h=grad_h,
+                                 residual_dtype=residual_dtype, needs=tuple(needs))
+    return tuple(g if g is not None else h.new_empty(0) for g in grads)
+
+
+@_norm_bwd_op.register_fake
+def _(grad_y, h, grad_h, weight, bias, eps, is_rms, residual_dtype, needs):
+    none = h.new_empty(0)
+    return (h.new_empty(h.shape) if needs[0] else none,
+            h.new_empty(h.shape, dtype=residual_dtype) if residual_dtype is not None and needs[1] else none,
+            weight.new_empty(weight.shape) if weight is not None and needs[2] else none,
+            bias.new_empty(bias.shape) if bias is not None and needs[3] else none)
+
+
+def _norm_setup(is_rms: bool, residual: bool):
+    def setup(ctx, inputs, output):
+        x = inputs[0]
+        weight = inputs[2] if residual else inputs[1]
+        bias = None if is_rms else (inputs[3] if residual else inputs[2])
+        ctx.eps, ctx.is_rms = inputs[-1], is_rms
+        ctx.residual_dtype = inputs[1].dtype if residual else None
+        # the residual form normalises h = x + residual, its second output
+        ctx.save_for_backward(output[1] if residual else x, weight, bias)
+    return setup
+
+
+def _norm_backward(residual: bool):
+    def backward(ctx, grad_y, grad_h=None):
+        h, weight, bias = ctx.saved_tensors
+        ni = ctx.needs_input_grad
+        if residual:  # inputs (x, residual, weight, [bias,] eps)
+            needs = (ni[0], ni[1], ni[2], not ctx.is_rms and ni[3])
+        else:         # inputs (x, weight, [bias,] eps)
+            needs = (ni[0], False, ni[1], not ctx.is_rms and ni[2])
+        dx, dr, dw, db = (g if need and g.numel() else None for g, need in zip(
+            _norm_bwd_op(grad_y, h, grad_h if residual else None, weight, bias, ctx.eps, ctx.is_rms,
+                         ctx.residual_dtype, list(needs)), needs))
+        grads = (dx, dr, dw) if residual else (dx, dw)
+        return grads + (() if ctx.is_rms else (db,)) + (None,)
+    return backward
+
+
+_rms_op.register_autograd(_norm_backward(False), setup_context=_norm_setup(True, False))
+_rms_res_op.register_autograd(_norm_backward(True), setup_context=_norm_setup(True, True))
+_ln_op.register_autograd(_norm_backward(False), setup_context=_norm_setup(False, False))
+_ln_res_op.register_autograd(_norm_backward(True), setup_context=_norm_setup(False, True))
 
 
 # ---------------------------------------------------------------- rotary
