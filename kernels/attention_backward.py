@@ -117,7 +117,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart,
         allowed = key_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             allowed = allowed & (offs_n[:, None] <= s_q[None, :] + offset)
-        p_t = tl.where(allowed, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        # masked before the exp2: a hidden key's score may be far above the row's logsumexp
+        p_t = tl.math.exp2(tl.where(allowed, s_t - lse[None, :], float("-inf")))
         do = tl.load(do_base + g[:, None] * sdoh + s_q[:, None] * sdos + offs_d[None, :] * sdod,
                      mask=qd_ok, other=0.0)
         dv += tile_dot(p_t.to(do.dtype), do, IEEE)
@@ -185,7 +186,7 @@ def _dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Mask, KeyStart,
         if HAS_MASK:
             km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
             allowed = allowed & (km != 0)[None, :]
-        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+        p = tl.math.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
         dp = tile_dot(do, tl.trans(v), IEEE)
         ds = _score_grad(p, dp, delta[:, None], s, softcap, SOFTCAP)

@@ -258,6 +258,19 @@ def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
         except ImportError:
             continue
         print(f"  {name} leaves to the next backend: {', '.join(fallbacks) or 'no op'}")
+    print("backward (calls that need gradients):")
+    for name in ("triton", "cuda"):
+        try:
+            backward_of = importlib.import_module(f"fastrlhf.ops.{name}_backend").backward_of
+        except (ImportError, AttributeError):
+            continue
+        by_route: dict = {}
+        for op in ops.OPS:
+            by_route.setdefault(backward_of(op, device), []).append(op)
+        print(f"  {name}:")
+        for route, names in by_route.items():
+            print(f"    {', '.join(names)}: {route}")
+    print("  torch: PyTorch autograd through the reference, every op")
     try:
         from .ops import cuda_build
     except ImportError:

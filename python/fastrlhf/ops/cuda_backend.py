@@ -6,9 +6,15 @@ implementations, so torch.compile and CUDA-graph capture see through them, and e
 one function per op with the reference's signature.
 
 Calls the kernels do not cover (float32 prefill, head dims that are not compiled, mixed
-dtypes, gradients through lora_linear) go to the triton backend when it is available,
-else to the torch reference, with a one-time warning naming the reason: asking for the
-cuda backend never makes a call fail that the reference would accept.
+dtypes) go to the triton backend when it is available, else to the torch reference, with a
+one-time warning naming the reason: asking for the cuda backend never makes a call fail
+that the reference would accept.
+
+The csrc/ kernels are forward-only (their ops have no autograd formula, so a gradient would
+silently stop at them). A call that needs gradients (grad mode on and an input that requires
+grad) therefore runs where a backward exists: the triton backend when it is usable on the
+device (Triton backward kernels for attention_prefill and the norms), else the torch
+reference. `backward_of(op, device)` says which; `fastrlhf ops` prints it.
 """
 from __future__ import annotations
 
@@ -116,17 +122,29 @@ def _register_fakes() -> None:
 
 
 # ---------------------------------------------------------------- fallback for uncovered calls
-def _fallback(op: str, device: torch.device, reason: str):
-    """The triton implementation of `op` when usable, else the torch reference."""
-    fn = getattr(_reference, op)
+def _triton_module(device: torch.device):
+    """The triton backend module when it is usable on `device`, else None."""
     try:
         from . import dispatch
         ok, _ = dispatch.backend_status("triton", device)
         mod = dispatch._load("triton")
-        if ok and not isinstance(mod, Exception) and hasattr(mod, op):
-            fn = getattr(mod, op)
+        if ok and not isinstance(mod, Exception):
+            return mod
     except Exception:  # any trouble with triton: the reference is always right
         pass
+    return None
+
+
+def _triton_or_reference(op: str, device: torch.device):
+    mod = _triton_module(device)
+    if mod is not None and hasattr(mod, op) and op not in getattr(mod, "FALLBACK_OPS", ()):
+        return getattr(mod, op)
+    return getattr(_reference, op)
+
+
+def _fallback(op: str, device: torch.device, reason: str):
+    """The triton implementation of `op` when usable, else the torch reference."""
+    fn = _triton_or_reference(op, device)
     key = (op, reason)
     if key not in _warned:
         _warned.add(key)
@@ -135,11 +153,38 @@ def _fallback(op: str, device: torch.device, reason: str):
     return fn
 
 
+# ---------------------------------------------------------------- calls that need gradients
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _differentiable(op: str, device: torch.device, triton_ok: bool = True):
+    """What runs a call of `op` that needs gradients: the triton backend (its backward kernels)
+    when usable on `device` and `triton_ok` (the call is within the triton kernels' limits),
+    else the torch reference (autograd)."""
+    return _triton_or_reference(op, device) if triton_ok else getattr(_reference, op)
+
+
+def backward_of(op: str, device) -> str:
+    """Where the backward of `op` runs when the cuda backend is asked for it (`fastrlhf ops`)."""
+    device = torch.device(device)
+    mod = _triton_module(device)
+    if mod is not None and hasattr(mod, "backward_of") and op not in getattr(mod, "FALLBACK_OPS", ()):
+        return "triton backend: " + mod.backward_of(op, device)
+    if op in ("kv_cache_append", "lora_fuse", "lora_unfuse"):
+        return "none (writes in place)"
+    return "torch reference (triton unavailable here)"
+
+
 _VEC = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}  # elements per 16-byte load
 
 
 # ---------------------------------------------------------------- ops
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
+    if _needs_grad(q, k, v):
+        triton_ok = q.shape[-1] <= 256 and q.dtype in _FLOAT and k.dtype == v.dtype == q.dtype
+        return _differentiable("attention_prefill", q.device, triton_ok)(
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
     d = q.shape[-1]
     why = None
     if softcap is not None:
@@ -159,6 +204,9 @@ def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, 
 
 
 def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
+    if _needs_grad(q, k_cache, v_cache):
+        return _differentiable("attention_decode", q.device)(
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
     d = q.shape[-1]
     why = None
     if softcap is not None:
@@ -186,9 +234,8 @@ def kv_cache_append(k_cache, v_cache, k, v, positions):
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling):
     tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
     why = None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        # The fused kernel is for generation; training needs the differentiable product.
-        return _reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
+    if _needs_grad(*tensors):  # the fused kernel is for generation
+        return _differentiable("lora_linear", x.device)(x, weight, bias, lora_a, lora_b, scaling)
     if x.dtype not in _FLOAT or any(t.dtype != x.dtype for t in tensors):
         why = "needs x, weight, bias and LoRA factors in one floating dtype"
     if why:
@@ -222,6 +269,8 @@ def _norm_params_ok(x, *params) -> Optional[str]:
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):
+    if _needs_grad(x, weight, residual):
+        return _differentiable("rms_norm", x.device, x.shape[-1] <= 65536)(x, weight, eps, residual)
     why = _norm_params_ok(x, weight) or (
         "needs residual in x's dtype" if residual is not None and residual.dtype != x.dtype else None)
     if why:
@@ -233,6 +282,8 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    if _needs_grad(x, weight, bias, residual):
+        return _differentiable("layer_norm", x.device, x.shape[-1] <= 65536)(x, weight, bias, eps, residual)
     why = _norm_params_ok(x, weight, bias) or (
         "needs residual in x's dtype" if residual is not None and residual.dtype != x.dtype else None)
     if why:
@@ -244,6 +295,8 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
 
 
 def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
+    if _needs_grad(q, k):
+        return _differentiable("rotary", q.device)(q, k, cos, sin, positions, rotary_dim=rotary_dim)
     if q.dtype not in _FLOAT or k.dtype != q.dtype:
         return _fallback("rotary", q.device, "needs q and k in one floating dtype")(
             q, k, cos, sin, positions, rotary_dim=rotary_dim)

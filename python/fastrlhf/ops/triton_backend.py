@@ -28,11 +28,32 @@ from fastrlhf.kernels import norms as _norms
 from fastrlhf.kernels import rotary as _rotary
 from fastrlhf.kernels._launch import interpreting, new_empty
 
+from fastrlhf.ops import reference as _reference
+
 NAMESPACE = "fastrlhf_triton"
 # The ops of fastrlhf.ops.OPS this backend does not implement: dispatch resolves calls of them
 # as if the backend were unavailable (in the end to the torch reference). Every other op is a
 # function below with the reference's signature (tests/ops/test_backend_coverage.py).
 FALLBACK_OPS: Tuple[str, ...] = ()
+# Where the backward of each op runs when a call needs gradients (`fastrlhf ops` prints this).
+# Ops without a kernel backward that are differentiable in the reference (attention_decode,
+# rotary) run such calls on the reference; the in-place writers have no gradient.
+BACKWARD = {
+    "attention_prefill": "triton kernels (kernels/attention_backward.py)",
+    "rms_norm": "triton kernel (kernels/norms.py)",
+    "layer_norm": "triton kernel (kernels/norms.py)",
+    "lora_linear": "GEMMs (kernels/lora.py)",
+    "attention_decode": "torch reference (calls that need gradients run on it)",
+    "rotary": "torch reference (calls that need gradients run on it)",
+    "kv_cache_append": "none (writes caches in place)",
+    "lora_fuse": "none (writes weights in place)",
+    "lora_unfuse": "none (writes weights in place)",
+}
+
+
+def backward_of(op: str, device) -> str:
+    """Where the backward of `op` runs on this backend (for `fastrlhf ops`)."""
+    return BACKWARD.get(op, "none")
 
 
 def available(device) -> Tuple[bool, str]:
@@ -46,6 +67,10 @@ def available(device) -> Tuple[bool, str]:
             return True, ""
         return False, "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (tests)"
     return False, f"the triton backend does not support {device.type} tensors"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _op(name: str, mutates=()):
@@ -106,10 +131,6 @@ def _prefill_backward(ctx, grad_out, grad_lse):
 _prefill_op.register_autograd(_prefill_backward, setup_context=_prefill_setup)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
     """Differentiable in q, k, v (FlashAttention-2-style backward, kernels/attention_backward.py)."""
     _prefill.check_inputs(q, k, v, attention_mask)
@@ -132,6 +153,9 @@ def _(q, k_cache, v_cache, cache_lens, cache_starts, scale, softcap=None):
 
 
 def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
+    if _needs_grad(q, k_cache, v_cache):  # no backward kernel: the reference is differentiable
+        return _reference.attention_decode(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts,
+                                           scale=scale, softcap=softcap)
     if q.dim() != 3:
         raise ValueError(f"attention_decode expects q [B, Hq, D], got {tuple(q.shape)}")
     _prefill.check_softcap(softcap)
@@ -343,6 +367,8 @@ def _(q, k, cos, sin, positions, rotary_dim):
 
 
 def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
+    if _needs_grad(q, k):  # the kernel writes in place outside autograd; the reference records it
+        return _reference.rotary(q, k, cos, sin, positions, rotary_dim=rotary_dim)
     rd = q.shape[-1] if rotary_dim is None else int(rotary_dim)
     _rotary_op(q, k, cos, sin, positions, rd)
     return q, k
