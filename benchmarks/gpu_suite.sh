@@ -84,14 +84,23 @@ sys.exit(0 if ok else 1)"
 # (triton, engine, ...), so a slow group cannot starve the other of its verdict
 run_stage gpu_tests_cuda 150 "$PY" -m pytest -m gpu tests/gpu/test_cuda_ops.py -q -p no:cacheprovider -rfE \
   --junitxml="$OUT/gpu_tests_cuda.xml" --durations=10
+# the triton backward tests (bf16, large shapes) have their own stage: their autotuning is long
+BWD_TESTS="tests/gpu/test_triton_gpu.py::test_attention_backward_large tests/gpu/test_triton_gpu.py::test_norm_backward_large tests/gpu/test_triton_gpu.py::test_torch_compile_sees_through_the_backward_ops"
 run_stage gpu_tests_other 210 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfE \
-  --ignore=tests/gpu/test_cuda_ops.py \
+  --ignore=tests/gpu/test_cuda_ops.py $(for t in $BWD_TESTS; do printf -- "--deselect %s " "$t"; done) \
   --junitxml="$OUT/gpu_tests_other.xml" --durations=10
+# shellcheck disable=SC2086  # BWD_TESTS is a list of test ids
+run_stage gpu_tests_backward 120 "$PY" -m pytest -m gpu $BWD_TESTS -q -p no:cacheprovider -rfE \
+  --junitxml="$OUT/gpu_tests_backward.xml" --durations=10
 
 # ---- benchmarks: kernels first (they write the backend preference table), then end to end
 mkdir -p "$OUT/tables"
 if [ -f benchmarks/kernels.py ]; then
-  run_stage bench_kernels 150 "$PY" benchmarks/kernels.py --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
+  run_stage bench_kernels 150 "$PY" benchmarks/kernels.py --only prefill,decode,lora,norms \
+    --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
+  # attention backward vs SDPA's flash backend (target: >= 0.8x its TFLOP/s at head dim 128), norm backward
+  run_stage bench_kernels_backward 100 "$PY" benchmarks/kernels.py --only prefill_bwd,norms_bwd \
+    --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
 fi
 # The two prefill kernels (WMMA default, mma.sync opt-in) against SDPA, in the same run.
 run_stage bench_prefill_variants 60 "$PY" - "$OUT/prefill_variants.jsonl" <<'PYBENCH'
@@ -136,7 +145,7 @@ print("| stage | status | s |\n| --- | --- | --- |")
 with open(os.path.join(out, "stages.tsv")) as f:
     for line in list(f)[1:]:
         print("| " + " | ".join(line.rstrip("\n").split("\t")) + " |")
-for group in ("cuda", "other"):
+for group in ("cuda", "other", "backward"):
     xml = os.path.join(out, f"gpu_tests_{group}.xml")
     if os.path.exists(xml):
         s = ET.parse(xml).getroot()
@@ -146,7 +155,7 @@ for group in ("cuda", "other"):
 kj = os.path.join(out, "kernels.jsonl")
 if os.path.exists(kj):
     rows = [json.loads(l) for l in open(kj) if l.strip()]
-    cols = ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy", "overhead_pct"]
+    cols = ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy", "overhead_pct", "vs_sdpa_flash"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for r in rows:

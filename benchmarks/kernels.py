@@ -12,6 +12,12 @@ Measured in one run, on one device:
 - LoRA: time of the unmerged fused LoRA linear over the base GEMM alone (overhead %), at
   decode and prefill shapes; lora_fuse time;
 - norms, rotary, KV append: GB/s of bytes moved, % of copy.
+- backward (`--only prefill_bwd,norms_bwd`; in the default set): attention_prefill's backward
+  (dq, dk, dv from a saved forward) in TFLOP/s (2.5× the forward's FLOPs, FlashAttention's
+  convention) against PyTorch SDPA's flash backend, with `vs_sdpa_flash` (its time over ours) on
+  the triton rows; rms_norm/layer_norm backward (plain and residual form) in GB/s of bytes moved.
+  Only the torch reference and the triton kernels have backwards (the cuda backend hands
+  gradient calls to triton), so those are the rows.
 Rows are appended to benchmarks/results/kernels.jsonl (with device, date, commit), a
 markdown table is printed, and on CUDA the backend preference table
 <device slug>.json (fastest first, per op) that `auto` dispatch loads is written into the
@@ -197,6 +203,73 @@ def bench_norms_rotary_append(r: Runner, dtype):
                  nbytes=4 * kn.numel() * el)
 
 
+def _timed_backward(r: Runner, outs, leaves, grads) -> float:
+    """Median ms of the backward alone, from a forward recorded once."""
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return r.time(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True))
+
+
+def _sdpa_flash_context(device: torch.device):
+    """SDPA restricted to its flash backend on CUDA (the baseline); the default choice elsewhere."""
+    import contextlib
+    if device.type != "cuda":
+        return contextlib.nullcontext(), "sdpa"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION), "sdpa_flash"
+
+
+def bench_prefill_backward(r: Runner, dtype):
+    shapes = [(2, 4, 2, 64, 64)] if r.quick else [(4, 32, 8, 2048, 128), (2, 32, 8, 4096, 128),
+                                                   (4, 32, 32, 2048, 128)]
+    for b, hq, hkv, s, d in shapes:
+        q, k, v = (_rand(b, h, s, d, dtype=dtype, device=r.device).requires_grad_() for h in (hq, hkv, hkv))
+        g = _rand(b, hq, s, d, dtype=dtype, device=r.device)
+        shape = f"B{b} H{hq}/{hkv} S{s} D{d} causal"
+        flops = 2.5 * 4 * b * hq * s * s * d / 2
+        ms = {}
+        for be in ("torch", "triton"):
+            ok, _ = dispatch.backend_status(be, r.device)
+            if not ok or (be == "torch" and s > 2048 and not r.quick):
+                continue  # the reference materialises B·H·S² scores (and their gradient)
+            fn = ops.resolve("attention_prefill", r.device, be)[1]
+            ms[be] = _timed_backward(r, fn(q, k, v, causal=True), [q, k, v], [g])
+        ctx, name = _sdpa_flash_context(r.device)
+        with ctx:
+            try:
+                ke, ve = k, v
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                       enable_gqa=hq != hkv)
+            except RuntimeError:  # a flash build without GQA: the KV heads expanded, as a user would
+                ke, ve = (t.detach().repeat_interleave(hq // hkv, 1).requires_grad_() for t in (k, v))
+                out = torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+            ms[name] = _timed_backward(r, out, [q, ke, ve], [g])
+        for impl, t in ms.items():
+            extra = {"vs_sdpa_flash": ms[name] / t} if impl == "triton" and name == "sdpa_flash" else {}
+            r.record("attention_prefill_backward", shape, impl, t, flops=flops, **extra)
+
+
+def bench_norms_backward(r: Runner, dtype):
+    rows, hidden = (64, 512) if r.quick else (16384, 4096)
+    el = torch.empty(0, dtype=dtype).element_size()
+    shape = f"{rows}x{hidden}"
+    for op, residual in (("rms_norm", False), ("rms_norm", True), ("layer_norm", False)):
+        x = _rand(rows, hidden, dtype=dtype, device=r.device).requires_grad_()
+        res = torch.randn_like(x).requires_grad_() if residual else None
+        w = _rand(hidden, dtype=dtype, device=r.device).requires_grad_()
+        leaves = [t for t in (x, res, w) if t is not None]
+        grads = [torch.randn_like(x) for _ in range(2 if residual else 1)]
+        # bytes: read h and dy (and dh), write dx (and dresidual); the weight partials are small
+        nbytes = (5 if residual else 3) * x.numel() * el
+        name = op + ("+residual" if residual else "") + "_backward"
+        for be in ("torch", "triton"):
+            ok, _ = dispatch.backend_status(be, r.device)
+            if not ok:
+                continue
+            fn = ops.resolve(op, r.device, be)[1]
+            outs = fn(x, w, 1e-6, res) if op == "rms_norm" else fn(x, w, None, 1e-5, res)
+            r.record(name, shape, be, _timed_backward(r, outs, leaves, grads), nbytes=nbytes)
+
+
 def preference_table(rows: List[dict]) -> Dict[str, List[str]]:
     """Per op, the fused backends ordered by total time over the shapes all of them ran."""
     order: Dict[str, List[str]] = {}
@@ -229,7 +302,8 @@ def main(argv=None):
     ap.add_argument("--table-dir", default=None,
                     help=f"where to write the backend preference table (default on CUDA: {TABLES}; "
                          "on CPU no table unless given)")
-    ap.add_argument("--only", default="prefill,decode,lora,norms", help="comma list of benchmark groups")
+    ap.add_argument("--only", default="prefill,decode,lora,norms,prefill_bwd,norms_bwd",
+                    help="comma list of benchmark groups")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -241,7 +315,8 @@ def main(argv=None):
     table_dir = args.table_dir or (TABLES if device.type == "cuda" else None)
     r = Runner(device, args.quick)
     groups = {"prefill": bench_prefill, "decode": bench_decode, "lora": bench_lora,
-              "norms": bench_norms_rotary_append}
+              "norms": bench_norms_rotary_append, "prefill_bwd": bench_prefill_backward,
+              "norms_bwd": bench_norms_backward}
     written = 0
     for name in args.only.split(","):
         groups[name.strip()](r, dtype)
@@ -251,13 +326,13 @@ def main(argv=None):
             row["copy_gbps"] = r.copy_gbps
         append_jsonl(args.results, r.rows[written:])
         written = len(r.rows)
-        if table_dir:
+        if table_dir and preference_table(r.rows):  # a run of backward groups only has no op to rank
             write_table(table_dir, r, args.quick)
     print()
     print(markdown_table(r.rows, ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy",
-                                  "overhead_pct"]))
+                                  "overhead_pct", "vs_sdpa_flash"]))
     print(f"\nappended {len(r.rows)} rows to {args.results}")
-    if table_dir:
+    if table_dir and preference_table(r.rows):
         print(f"wrote backend preference table {write_table(table_dir, r, args.quick)}")
     return r.rows
 
