@@ -270,16 +270,19 @@ def test_cuda_backend_sends_gradient_calls_to_a_backward_that_exists(monkeypatch
 
 # ------------------------------------------------------------------ GPU compile (bf16)
 def test_backward_kernels_compile_for_sm90_bf16():
-    from fastrlhf.kernels import attention_backward
+    from fastrlhf.kernels import attention_backward, attention_prefill
 
     q = torch.randn(2, 8, 33, 128, dtype=torch.bfloat16)
     k = torch.randn(2, 2, 33, 128, dtype=torch.bfloat16)
     x = torch.randn(4, 4096, dtype=torch.bfloat16)
     with compile_only(90) as rec:
+        attention_prefill.attention_prefill(q, k, k, causal=True, return_lse=True)  # the forward saving lse
         attention_backward.attention_backward(q, q, k, k, q, torch.zeros(2, 8, 33), causal=True,
                                               attention_mask=torch.ones(2, 33, dtype=torch.long))
         norm_kernels.norm_backward(x, x, torch.ones(4096), torch.ones(4096), 1e-5, False, grad_h=x,
                                    residual_dtype=torch.bfloat16)
     names = {r[0] for r in rec.compiled}
-    assert names == {"_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_norm_bwd_kernel", "_partials_kernel"}
+    assert names == {"_prefill_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_norm_bwd_kernel",
+                     "_partials_kernel"}
+    assert any(r[1].get("STORE_LSE") for r in rec.compiled if r[0] == "_prefill_kernel")
     assert all(shared <= 232448 for _, _, shared in rec.compiled)  # H100 shared memory per block
