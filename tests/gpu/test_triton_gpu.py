@@ -258,3 +258,26 @@ def test_torch_compile_sees_through_the_backward_ops():
     compiled = torch.autograd.grad(torch.compile(block, fullgraph=True)(q, k, w), [q, k, w])
     for c, e in zip(compiled, eager):
         assert rel_err(c, e) < 1e-3
+
+
+@pytest.mark.parametrize("n,h,v", [(1000, 896, 151936), (257, 128, 5003)])
+def test_token_logprobs_bf16_forward_backward(n, h, v):
+    """Fused log-probs and entropy (bf16 logits chunk, fp32 statistics) against the fp32 reference,
+    values and both gradients; ignored rows (-100) are exactly zero."""
+    torch.manual_seed(n)
+    hidden = torch.randn(n, h, device=DEV).bfloat16()
+    weight = (torch.randn(v, h, device=DEV) / math.sqrt(h)).bfloat16()
+    targets = torch.randint(0, v, (n,), device=DEV)
+    targets[::5] = -100
+    g_logp, g_ent = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    got, exp = [], []
+    for fn, dtype, out in ((tb.token_logprobs, torch.bfloat16, got), (ref.token_logprobs, torch.float32, exp)):
+        hh = hidden.to(dtype).requires_grad_()
+        ww = weight.to(dtype).requires_grad_()
+        with poison_outputs():
+            logp, ent = fn(hh, ww, targets, temperature=0.9, return_entropy=True)
+        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        out += [logp, ent, hh.grad, ww.grad]
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < 2 * TOL[torch.bfloat16]
+    assert torch.all(got[0][targets < 0] == 0) and torch.all(got[2][targets < 0] == 0)

@@ -16,12 +16,12 @@ from .dispatch import BACKENDS, backend_status, get_backend, resolve, set_backen
 
 __all__ = [
     "attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
-    "lora_unfuse", "rms_norm", "layer_norm", "rotary", "set_backend", "get_backend",
+    "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs", "set_backend", "get_backend",
     "resolve", "backend_status", "BACKENDS", "OPS",
 ]
 
 OPS = ("attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
-       "lora_unfuse", "rms_norm", "layer_norm", "rotary")
+       "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs")
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -114,3 +114,19 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """
     _, fn = resolve("rotary", q.device, backend)
     return fn(q, k, cos, sin, positions, rotary_dim=rotary_dim)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   temperature: float = 1.0, return_entropy: bool = False,
+                   backend: Optional[str] = None):
+    """log softmax(hidden·weightᵀ / temperature)[target] of every row, without the logits.
+
+    hidden [N, H] (final hidden states), weight [V, H] (the lm_head / tied output embedding, no
+    bias), targets [N] token ids -> log-probs [N] in fp32 (and, with return_entropy, the entropy
+    [N] of each row's distribution: returns (logp, entropy)). Chunked over rows and vocabulary
+    with an online logsumexp; the backward (d hidden, d weight) recomputes the blocks, so no
+    [N, V] tensor is ever allocated in fp32 (the triton backend keeps one [rows, V] chunk of
+    logits in the input dtype). Targets < 0 (HF's -100) give 0 and no gradient.
+    """
+    _, fn = resolve("token_logprobs", hidden.device, backend)
+    return fn(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .logprobs_reference import token_logprobs  # noqa: F401  (chunked; its own module)
+
 
 def _expand_kv(k: torch.Tensor, n_q_heads: int) -> torch.Tensor:
     """Repeat KV heads so GQA/MQA can be computed as plain multi-head attention."""

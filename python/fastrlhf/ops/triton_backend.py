@@ -26,6 +26,7 @@ from fastrlhf.kernels import kv_cache as _kv
 from fastrlhf.kernels import lora as _lora
 from fastrlhf.kernels import norms as _norms
 from fastrlhf.kernels import rotary as _rotary
+from fastrlhf.kernels import token_logprobs as _tlp
 from fastrlhf.kernels._launch import interpreting, new_empty
 
 from fastrlhf.ops import reference as _reference
@@ -372,3 +373,62 @@ def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
     rd = q.shape[-1] if rotary_dim is None else int(rotary_dim)
     _rotary_op(q, k, cos, sin, positions, rd)
     return q, k
+
+
+# ---------------------------------------------------------------- token log-probs
+@_op("token_logprobs")
+def _tlp_op(hidden: Tensor, weight: Tensor, targets: Tensor, inv_temp: float,
+            want_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _tlp.token_logprobs_forward(hidden, weight, targets, inv_temp, want_entropy)
+
+
+@_tlp_op.register_fake
+def _(hidden, weight, targets, inv_temp, want_entropy):
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return torch.empty(n, **f32), torch.empty(n if want_entropy else 0, **f32), torch.empty(n, **f32)
+
+
+@_op("token_logprobs_backward")
+def _tlp_bwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
+                g_logp: Tensor, g_ent: Optional[Tensor], inv_temp: float, need_hidden: bool,
+                need_weight: bool) -> Tuple[Tensor, Tensor]:
+    dh, dw = _tlp.token_logprobs_backward(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp,
+                                          need_hidden, need_weight)
+    # custom ops return tensors, never None: an empty tensor stands for "not asked"
+    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+
+
+@_tlp_bwd_op.register_fake
+def _(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp, need_hidden, need_weight):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)))
+
+
+def _tlp_setup(ctx, inputs, output):
+    hidden, weight, targets, inv_temp, want_entropy = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[2], output[1])
+    ctx.inv_temp, ctx.want_entropy = inv_temp, want_entropy
+
+
+def _tlp_backward(ctx, g_logp, g_ent, g_lse):
+    # g_lse is ignored: the logsumexp is an internal output kept only for this backward
+    hidden, weight, targets, lse, entropy = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse)
+    dh, dw = _tlp_bwd_op(hidden, weight, targets, lse, entropy, g_logp,
+                         g_ent if ctx.want_entropy else None, ctx.inv_temp, need_h, need_w)
+    return (dh if need_h else None), (dw if need_w else None), None, None, None
+
+
+_tlp_op.register_autograd(_tlp_backward, setup_context=_tlp_setup)
+
+
+def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+    """Fused log p(target) (and entropy); differentiable in hidden and weight (kernels/token_logprobs.py)."""
+    from .logprobs_reference import check_token_logprobs
+
+    check_token_logprobs(hidden, weight, targets, temperature)
+    logp, entropy, _ = _tlp_op(hidden, weight, targets, 1.0 / float(temperature), bool(return_entropy))
+    return (logp, entropy) if return_entropy else logp
