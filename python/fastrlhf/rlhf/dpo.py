@@ -19,7 +19,8 @@ from ..models.loading import disable_dropout, load_causal_lm
 from . import rl_math as M
 from .common import run_supervised, training_dtype
 from .configs import DPOConfig
-from .experience import policy_logits
+from .experience import position_ids_from_mask
+from .logprobs import IGNORE_INDEX, shifted_logprobs
 
 
 def answer_mask_after_common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,11 @@ def answer_mask_after_common_prefix(input_ids: torch.Tensor, attention_mask: tor
 
 
 def sequence_logprob_sums(model, input_ids, attention_mask, answer_mask) -> torch.Tensor:
-    """Sum over answer tokens of log p(token | prefix) -> [rows]."""
-    logits = policy_logits(model, input_ids, attention_mask)[:, :-1]
-    logp = M.logprobs_from_logits(logits, input_ids[:, 1:])
+    """Sum over answer tokens of log p(token | prefix) -> [rows] (only answer tokens are scored)."""
+    labels = input_ids.clone()
+    labels[:, 1:] = labels[:, 1:].masked_fill(answer_mask == 0, IGNORE_INDEX)
+    logp = shifted_logprobs(model, input_ids, attention_mask, labels=labels,
+                            position_ids=position_ids_from_mask(attention_mask))
     return (logp * answer_mask).sum(-1)
 
 

@@ -20,6 +20,7 @@ import torch
 from ..utils.distributed import all_gather_cat
 from . import rl_math as M
 from .common import to_device
+from .logprobs import shifted_logprobs
 
 
 @dataclass
@@ -64,12 +65,10 @@ def policy_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor) 
 
 def answer_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                     with_entropy: bool = False):
-    """Log-probs [B, N] of the answer tokens under `model` (and their entropies when asked)."""
-    logits = policy_logits(model, sequences, attention_mask)[:, prompt_len - 1:-1]
-    logp = M.logprobs_from_logits(logits, sequences[:, prompt_len:])
-    if with_entropy:
-        return logp, M.entropy_from_logits(logits)
-    return logp
+    """Log-probs [B, N] of the answer tokens under `model` (and their entropies when asked), from
+    the fused op on the answer columns only (`logprobs.shifted_logprobs`)."""
+    return shifted_logprobs(model, sequences, attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                            start=prompt_len - 1, with_entropy=with_entropy)
 
 
 def answer_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,

@@ -25,6 +25,7 @@ from .common import GlobalBatchSampler, Trainer, eval_sums, setup_run, to_device
 from .configs import PPOConfig
 from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, rollout_stats, stopwatch
 from .ppo_models import build_ppo_models, check_lengths, reward_tokenizer_for
+from .sft import sequence_nll
 
 
 class NonFiniteLossError(RuntimeError):
@@ -235,8 +236,8 @@ class PPOTrainer(Trainer):
         from ..data.collators import SFTCollator
         idx = self.ptx_sampler.next_step()[0]
         batch = to_device(SFTCollator(self.tokenizer.pad_token_id)([self.ptx_data[i] for i in idx]), self.ctx.device)
-        return self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"], use_cache=False).loss
+        total, count = sequence_nll(self.actor, batch)  # SFT's loss, from the fused log-probs
+        return total / count.clamp(min=1)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -15,29 +15,25 @@ import torch
 from ..models.loading import load_causal_lm
 from .common import run_supervised
 from .configs import SFTConfig
+from .logprobs import IGNORE_INDEX, shifted_logprobs
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over labelled positions (labels != -100) and their count."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                            shift_labels.clamp(min=0).reshape(-1), reduction="none")
-    return (nll * mask.reshape(-1)).sum(), mask.sum()
+def sequence_nll(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the labelled positions and their count, from the fused log-probs
+    (`logprobs.shifted_logprobs`: only labelled tokens are scored, no [tokens, vocab] logits)."""
+    logp = shifted_logprobs(model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    return -logp.sum(), (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def sft_loss(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    total, count = token_nll(out.logits, batch["labels"])
+    total, count = sequence_nll(engine, batch)
     return total / count.clamp(min=1)
 
 
 def evaluate_perplexity(trainer) -> Dict[str, float]:
     """Token-weighted eval loss and perplexity over all ranks' shards."""
     def batch_sums(batch):
-        out = trainer.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        total, count = token_nll(out.logits, batch["labels"])
+        total, count = sequence_nll(trainer.engine, batch)
         return [total.item(), count.item()]
 
     nll, tokens = trainer.eval_sums(batch_sums, 2)

@@ -1,0 +1,71 @@
+"""rlhf.logprobs: the trainers' one log-prob definition. The fused path (model body + ops.token_logprobs)
+equals the full HF forward (logits, log_softmax) in values, entropies and every parameter gradient,
+for tied and untied heads and OPT-350m's project_out; a model with a final-logit transform (Gemma2's
+softcapping) is scored through the full forward, and says why once."""
+import copy
+
+import pytest
+import torch
+
+from fastrlhf.rlhf import logprobs as L
+from conftest import TinyModels, left_padded_batch
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return TinyModels(tmp_path_factory)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_tied", "opt_proj", "gpt2"])
+def test_fused_equals_full_forward_values_and_gradients(models, name):
+    parts, why = L.fused_parts(models[name])
+    assert parts is not None, why
+    ids, mask = left_padded_batch([7, 12, 4], seed=3)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    labels = ids.clone()
+    labels[0, 3:6] = L.IGNORE_INDEX  # ignored rows: 0 and no gradient, on both paths
+    results = []
+    for fused in (True, False):
+        model = copy.deepcopy(models[name]).eval()  # no dropout: both passes see the same network
+        logp, ent = L.shifted_logprobs(model, ids, mask, position_ids=pos, labels=labels, start=2,
+                                       with_entropy=True, fused=fused)
+        assert logp.shape == ent.shape == (3, ids.shape[1] - 3) and logp.dtype == torch.float32
+        ((logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum() + ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (lf, ef, gf), (lu, eu, gu) = results
+    assert torch.all(lf[0, :3] == 0) and torch.all(ef[0, :3] == 0) and torch.all(lf[0, 3:] != 0)
+    assert _rel(lf, lu) < 1e-5 and _rel(ef, eu) < 1e-5
+    total = torch.sqrt(sum(g.norm() ** 2 for g in gu.values() if g is not None))
+    for n, g in gu.items():
+        if g is None:
+            assert gf[n] is None, n
+            continue
+        assert (gf[n] - g).norm() <= 1e-4 * g.norm() + 1e-6 * total, n
+
+
+def test_final_logit_softcapping_falls_back_with_a_reason(models, capsys):
+    gemma2 = models["gemma2"]
+    parts, why = L.fused_parts(gemma2)
+    assert parts is None and "final_logit_softcapping" in why
+    ids, mask = left_padded_batch([5, 8], seed=4)
+    L._logged.discard(why)
+    with torch.no_grad():
+        got = L.shifted_logprobs(gemma2, ids, mask, start=1)
+        L.shifted_logprobs(gemma2, ids, mask, start=1)  # logged once
+        logits = gemma2(input_ids=ids, attention_mask=mask).logits[:, 1:-1].float()
+    expected = logits.log_softmax(-1).gather(-1, ids[:, 2:, None])[..., 0]
+    assert _rel(got, expected) < 1e-6  # HF's forward applies the cap
+    assert capsys.readouterr().out.count("final_logit_softcapping") == 1
+
+
+def test_adapter_on_the_lm_head_and_unknown_families_fall_back(models):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(copy.deepcopy(models["llama"]), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert "not a plain nn.Linear" in L.fused_parts(model)[1]
+    model = copy.deepcopy(models["llama"])
+    model.config.model_type = "mystery"
+    assert "not a family known" in L.fused_parts(model)[1]
