@@ -7,11 +7,14 @@ the 2-D padding mask instead of a materialised 4-D mask. RMSNorm / LayerNorm mod
 replaced by thin modules calling ops.rms_norm / ops.layer_norm that keep the SAME weight
 Parameters (so optimizers, ZeRO partitioning and state-dict keys are unchanged). LoRA layers
 (PEFT or fastrlhf) are untouched: they sit on the linear layers, which this does not replace.
+
+With `generate=True`, `model.generate(...)` runs through the hybrid engine (`EngineGenerate`) for
+the arguments the engine implements, and through HF's own `generate` otherwise.
 """
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -130,12 +133,17 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def inject(model: nn.Module, *, attention: bool = True, norms: bool = True) -> nn.Module:
+def inject(model: nn.Module, *, attention: bool = True, norms: bool = True, generate: bool = False,
+           engine_config=None) -> nn.Module:
     """Make `model` (HF, PEFT-wrapped, fastrlhf-LoRA, or a DeepSpeed engine) use fastrlhf ops in
-    its forward. Returns the same object. Idempotent."""
+    its forward; with generate=True, also route `model.generate` through the hybrid engine
+    (configured by `engine_config`, an EngineConfig). Returns the same object. Idempotent."""
     from .engine import unwrap_model
 
     hf = unwrap_model(model)
+    if generate:
+        from .arch_spec import spec_for
+        spec_for(hf.config)  # an unsupported family fails here, naming the supported ones
     if attention:
         why = _attention_not_injectable(hf)
         if why:
@@ -152,4 +160,142 @@ def inject(model: nn.Module, *, attention: bool = True, norms: bool = True) -> n
                 new = _replacement(child)
                 if new is not None:
                     setattr(parent, child_name, new)
+    if generate:
+        current = hf.__dict__.get("generate")
+        if isinstance(current, EngineGenerate):
+            if engine_config is not None:
+                current.engine_config, current._engine = engine_config, None
+        else:
+            hf.generate = EngineGenerate(hf, engine_config)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# model.generate through the hybrid engine
+
+# generate() arguments the engine implements (with HF's meaning); any other argument that is not
+# None, or a generation-config field set to a value the engine does not implement, sends the
+# call to HF's generate with a one-time log line naming it
+ENGINE_ARGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature",
+               "top_k", "top_p", "eos_token_id", "pad_token_id", "return_dict_in_generate", "use_cache")
+# generation-config fields with no effect on greedy / sampled decoding without beams or an assistant
+NO_EFFECT_FIELDS = ("bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
+                    "early_stopping", "length_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule",
+                    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+                    "cache_implementation", "cache_config", "compile_config", "disable_compile", "is_assistant",
+                    "diversity_penalty", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty")
+
+
+def _same(value, default) -> bool:
+    return value == default or (value in (None, False) and default in (None, False))
+
+
+class EngineGenerate:
+    """The `generate` that `inject(model, generate=True)` installs on the HF model.
+
+    Greedy and sampled decoding (temperature, top-k, top-p), max/min new tokens (or max/min
+    length), eos/pad ids, a left-padded attention_mask and return_dict_in_generate run in the
+    hybrid engine, with HF's defaults (the model's generation_config, then transformers'
+    global defaults) and HF's output types. Randomness comes from torch's global generator, so
+    `torch.manual_seed(s)` makes sampling reproducible. Anything else goes to HF's generate.
+    The engine only reads the training weights: parameters, requires_grad, train/eval modes
+    and optimizer state are the same after a call.
+    """
+
+    def __init__(self, hf: nn.Module, engine_config=None):
+        self.hf = hf
+        self.engine_config = engine_config
+        self._engine = None
+        self._logged: set = set()
+
+    def _hf(self, reason: str, args, kwargs):
+        if reason not in self._logged:
+            self._logged.add(reason)
+            from fastrlhf.utils.logging import get_logger
+            get_logger().info(f"fastrlhf.inject(generate=True): the hybrid engine does not implement "
+                              f"{reason}; model.generate runs HF's generate for such calls")
+        return type(self.hf).generate(self.hf, *args, **kwargs)
+
+    def __call__(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
+        ids = kwargs.get("input_ids") if inputs is None else inputs
+        fwd_args = ((inputs,) if inputs is not None else ()) + args
+        plan, reason = self._plan(ids, args, kwargs)
+        if plan is None:
+            return self._hf(reason, fwd_args, kwargs)
+        return self._run(plan)
+
+    def _settings(self, kwargs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        from transformers import GenerationConfig
+
+        defaults = GenerationConfig._get_default_generation_params() \
+            if hasattr(GenerationConfig, "_get_default_generation_params") else GenerationConfig().to_dict()
+        base = kwargs.get("generation_config") or self.hf.generation_config
+        settings = dict(defaults)
+        settings.update({k: v for k, v in base.to_dict().items() if v is not None})
+        settings.update({k: v for k, v in kwargs.items() if v is not None and k in ENGINE_ARGS})
+        return settings, defaults
+
+    def _plan(self, ids, args, kwargs) -> Tuple[Optional[Dict[str, Any]], str]:
+        if args:
+            return None, f"positional arguments after the inputs ({len(args)} given)"
+        for k, v in kwargs.items():
+            if v is not None and k not in ENGINE_ARGS + ("input_ids", "attention_mask", "generation_config"):
+                return None, f"the argument {k!r}"
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            return None, "inputs other than a [batch, length] tensor of token ids"
+        s, defaults = self._settings(kwargs)
+        for k, v in s.items():
+            if k not in ENGINE_ARGS and k not in NO_EFFECT_FIELDS and not _same(v, defaults.get(k)):
+                return None, f"generation_config.{k}={v!r}"
+        if s.get("use_cache") is False:
+            return None, "use_cache=False"
+        eos = s.get("eos_token_id")
+        eos_ids: List[int] = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        pad = s.get("pad_token_id")
+        if pad is None and eos_ids:
+            pad = eos_ids[0]  # as HF does (it warns)
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # HF's rule: pad tokens in the inputs are padding unless pad is an EOS
+            if pad is not None and bool((ids == pad).any()) and pad not in eos_ids:
+                mask = (ids != pad).long()
+            else:
+                mask = torch.ones_like(ids)
+        if mask.shape != ids.shape or not bool(mask[:, -1].all()):
+            return None, "right-padded attention_mask (the engine takes left-padded prompts)"
+        if not bool(mask.any(dim=-1).all()):
+            return None, "rows with no real token"
+        p = ids.shape[1]
+        max_new = s.get("max_new_tokens")
+        if max_new is None:
+            max_new = s["max_length"] - p
+        if max_new < 1:
+            return None, f"a max_length ({s.get('max_length')}) that leaves no new token after {p} prompt tokens"
+        min_new = max(int(s.get("min_new_tokens") or 0), int(s.get("min_length") or 0) - p)
+        if pad is None:
+            return None, "no pad_token_id and no eos_token_id"
+        window = self.engine().spec.extra.get("sliding_window")
+        if window is not None and p + max_new > window:
+            return None, f"prompt + new tokens ({p + max_new}) beyond the sliding window ({window})"
+        do_sample = bool(s.get("do_sample"))
+        return dict(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_new), min_new_tokens=max(0, min_new),
+                    do_sample=do_sample, temperature=float(s.get("temperature") or 1.0) if do_sample else 1.0,
+                    top_k=int(s.get("top_k") or 0) if do_sample else 0,
+                    top_p=float(s.get("top_p") or 1.0) if do_sample else 1.0,
+                    eos_token_id=eos_ids, pad_token_id=int(pad),
+                    return_dict=bool(s.get("return_dict_in_generate"))), ""
+
+    def engine(self):
+        if self._engine is None:
+            from .engine import HybridEngine
+            self._engine = HybridEngine(self.hf, None, self.engine_config)
+        return self._engine
+
+    def _run(self, plan: Dict[str, Any]):
+        return_dict = plan.pop("return_dict")
+        device = plan["input_ids"].device
+        out = self.engine().generate(generator=None, **plan)  # None: torch's global generator
+        sequences = out.sequences.to(device)
+        if not return_dict:
+            return sequences
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+        return GenerateDecoderOnlyOutput(sequences=sequences)

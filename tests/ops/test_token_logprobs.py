@@ -21,6 +21,15 @@ from conftest import TOL
 N, H, V = 37, 72, 1531
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _inputs(dtype, seed, n=N, h=H, v=V, ignore=True):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(n, h, generator=g) * 0.8).to(dtype)

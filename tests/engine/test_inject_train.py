@@ -1,0 +1,90 @@
+"""fastrlhf.inject(model) inside training: a trainer no one here wrote (`transformers.Trainer`)
+trains an injected tiny Llama exactly like the plain one, and with the triton backend (the
+interpreter on the CPU) the loss and every parameter gradient equal HF's."""
+import copy
+
+import pytest
+import torch
+
+import fastrlhf
+from fastrlhf import ops
+from conftest import TinyModels, left_padded_batch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return TinyModels(tmp_path_factory)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """Fixed random token rows (labels = inputs: the causal-LM loss)."""
+
+    def __init__(self, n=40, length=8, vocab=96):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(4, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def _trainer_losses(model, out_dir):
+    from transformers import Trainer, TrainingArguments
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=20, per_device_train_batch_size=2,
+                             learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_hf_trainer_trains_an_injected_model_like_the_plain_one(models, tmp_path):
+    ops.set_backend("torch")
+    try:
+        plain = _trainer_losses(copy.deepcopy(models["llama"]).train(), tmp_path / "plain")
+        injected_model = fastrlhf.inject(copy.deepcopy(models["llama"]).train())
+        assert injected_model.config._attn_implementation == "fastrlhf"
+        injected = _trainer_losses(injected_model, tmp_path / "injected")
+    finally:
+        ops.set_backend(None)
+    assert len(plain) == len(injected) == 20
+    assert plain[-1] < plain[0] - 0.1, "the run did not learn"
+    assert injected == pytest.approx(plain, rel=1e-4)
+
+
+def test_injected_triton_loss_and_every_gradient_equal_hf(models, monkeypatch):
+    """Needs the triton backward of attention_prefill and rms_norm (issue 11, part A)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ref = copy.deepcopy(models["llama"]).train()
+    fast = fastrlhf.inject(copy.deepcopy(models["llama"]).train())
+    ids, mask = left_padded_batch([7, 12, 4], seed=31)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss_ref = ref(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
+    loss_ref.backward()
+    ops.set_backend("triton")
+    try:
+        assert ops.resolve("attention_prefill", ids.device)[0] == "triton"
+        loss = fast(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
+        loss.backward()
+    finally:
+        ops.set_backend(None)
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=2e-5)
+    grads_ref = dict(ref.named_parameters())
+    total = torch.sqrt(sum(p.grad.norm() ** 2 for p in ref.parameters()))
+    for n, p in fast.named_parameters():
+        g_ref = grads_ref[n].grad
+        assert p.grad is not None, f"no gradient reached {n}"
+        assert (p.grad - g_ref).norm() <= 1e-4 * g_ref.norm() + 1e-6 * total, n
