@@ -136,6 +136,11 @@ fi
 if [ -f benchmarks/rlhf.py ]; then
   run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu --out "$OUT/rlhf.jsonl"
 fi
+if [ -f benchmarks/token_logprobs.py ]; then
+  # fused log-probs vs log_softmax(logits).gather, bf16 forward+backward: time and peak memory
+  run_stage bench_token_logprobs 90 "$PY" benchmarks/token_logprobs.py --device cuda --dtype bfloat16 \
+    --out "$OUT/token_logprobs.jsonl"
+fi
 
 # ---- short table last
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.md" 2>&1
@@ -161,7 +166,7 @@ if os.path.exists(kj):
     for r in rows:
         vals = [r.get(c, "") for c in cols]
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals) + " |")
-for name in ("prefill_variants.jsonl", "generation.jsonl", "rlhf.jsonl"):
+for name in ("prefill_variants.jsonl", "generation.jsonl", "rlhf.jsonl", "token_logprobs.jsonl"):
     p = os.path.join(out, name)
     if os.path.exists(p):
         print(f"\n{name}:")
