@@ -129,3 +129,14 @@ def test_generate_needs_an_engine_family(tmp_path):
     cfg = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=4, vocab_size=64)
     with pytest.raises(UnsupportedArchitecture, match="llama"):
         fastrlhf.inject(AutoModelForCausalLM.from_config(cfg), attention=False, generate=True)
+
+
+def test_peft_lora_model_generates_through_the_engine(models, engine_calls):
+    from peft import LoraConfig, get_peft_model
+    ref = get_peft_model(copy.deepcopy(models["llama"]), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                     target_modules=["q_proj", "v_proj"]))
+    fast = fastrlhf.inject(copy.deepcopy(ref), attention=False, norms=False, generate=True)
+    ids, mask = left_padded_batch([5, 8], pad_id=0, seed=12)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(input_ids=ids, **kw), ref.generate(input_ids=ids, **kw))
+    assert len(engine_calls) == 1
