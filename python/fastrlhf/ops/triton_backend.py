@@ -44,6 +44,7 @@ BACKWARD = {
     "rms_norm": "triton kernel (kernels/norms.py)",
     "layer_norm": "triton kernel (kernels/norms.py)",
     "lora_linear": "GEMMs (kernels/lora.py)",
+    "token_logprobs": "triton kernel and GEMMs, recomputing the logits chunk by chunk (kernels/token_logprobs.py)",
     "attention_decode": "torch reference (calls that need gradients run on it)",
     "rotary": "torch reference (calls that need gradients run on it)",
     "kv_cache_append": "none (writes caches in place)",
