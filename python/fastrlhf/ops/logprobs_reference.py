@@ -146,7 +146,9 @@ def unfused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            temperature: float = 1.0, return_entropy: bool = False
                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The plain path the op replaces (full logits, log_softmax, gather), for tests and benchmarks."""
-    logits = (hidden @ weight.t()).float() / temperature
+    logits = (hidden @ weight.t()).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = torch.log_softmax(logits, -1)
     keep = targets >= 0
     logp = logp_all.gather(1, targets.clamp(min=0).long()[:, None])[:, 0] * keep
