@@ -7,8 +7,9 @@ entropy), all in fp32, and writes log p(target), the entropy and the logsumexp. 
 recomputes the chunk's logits, `_grad_kernel` overwrites them in place with
 dz = (g_logp·(onehot - p) - g_ent·p·(log p + H)) / T, and two GEMMs give dh_c = dz·W and
 dW += dzᵀ·h_c (accumulated in fp32 across chunks). Rows with a negative target (HF's -100)
-give 0 and no gradient. The row chunk is sized so that the chunk of logits is about as large
-as the hidden states (as in Liger-Kernel's fused linear cross-entropy), never [N, V].
+give 0 and no gradient. A chunk has as many rows as fit LOGITS_CHUNK_BYTES of logits (large
+GEMMs, few launches), and at least enough that the chunk is about as large as the hidden states
+(Liger-Kernel's rule for its fused linear cross-entropy); never [N, V] unless that is small.
 """
 from __future__ import annotations
 
@@ -81,9 +82,30 @@ def _block_v(v: int) -> int:
     return min(next_pow2(v), 1024 if interpreting() else 4096)
 
 
-def row_chunk(n: int, v: int, h: int) -> int:
-    """Rows per chunk: the chunk's logits [rows, V] about the size of the hidden states [N, H]."""
-    return max(1, min(n, next_pow2(triton.cdiv(n, triton.cdiv(v, h)))))
+LOGITS_CHUNK_BYTES = 256 << 20  # one [rows, V] chunk of logits in the input dtype
+_fp32_accumulate_ok = True      # torch.addmm(..., out_dtype=float32): CUDA only
+
+
+def row_chunk(n: int, v: int, h: int, elem_bytes: int) -> int:
+    """Rows per chunk: a power of two whose [rows, V] logits fit LOGITS_CHUNK_BYTES, and at least
+    enough rows that the chunk is about the size of the hidden states [N, H]."""
+    fit = max(1, LOGITS_CHUNK_BYTES // (v * elem_bytes))
+    return max(1, min(n, max(next_pow2(triton.cdiv(n, triton.cdiv(v, h))), 1 << (fit.bit_length() - 1))))
+
+
+def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, hc: torch.Tensor) -> None:
+    """dw (fp32) += dzᵀ·hc without a [V, H] temporary where the GEMM can write fp32 itself."""
+    global _fp32_accumulate_ok
+    if dw.dtype == dz.dtype:
+        dw.addmm_(dz.t(), hc)
+        return
+    if _fp32_accumulate_ok and dw.is_cuda:
+        try:
+            torch.addmm(dw, dz.t(), hc, out_dtype=torch.float32, out=dw)
+            return
+        except (RuntimeError, NotImplementedError, TypeError):
+            _fp32_accumulate_ok = False
+    dw += (dz.t() @ hc).float()
 
 
 def _launch_args(v: int):
@@ -102,7 +124,7 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if n == 0:
         return logp, ent, lse
     targets = targets.contiguous()
-    rows = row_chunk(n, v, h)
+    rows = row_chunk(n, v, h, hidden.element_size())
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         z = hidden[r0:r1] @ weight.t()
@@ -125,7 +147,7 @@ def token_logprobs_backward(hidden, weight, targets, lse, entropy, g_logp, g_ent
     g_logp = g_logp.float().contiguous()
     g_ent = g_ent.float().contiguous() if want_entropy else g_logp
     ent = entropy if want_entropy else lse
-    rows = row_chunk(n, v, h)
+    rows = row_chunk(n, v, h, hidden.element_size())
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         hc = hidden[r0:r1]
@@ -135,8 +157,5 @@ def token_logprobs_backward(hidden, weight, targets, lse, entropy, g_logp, g_ent
         if need_hidden:
             torch.matmul(z, weight, out=dh[r0:r1])
         if need_weight:
-            if dw.dtype == z.dtype:
-                dw.addmm_(z.t(), hc)
-            else:
-                dw += (z.t() @ hc).float()
+            _accumulate_dw(dw, z, hc)
     return dh, (None if dw is None else dw.to(weight.dtype))

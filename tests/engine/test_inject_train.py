@@ -39,11 +39,11 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def _trainer_losses(model, out_dir):
+def _trainer_losses(model, out_dir, cpu=True):
     from transformers import Trainer, TrainingArguments
     args = TrainingArguments(output_dir=str(out_dir), max_steps=20, per_device_train_batch_size=2,
                              learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                             use_cpu=cpu, seed=0, data_seed=0, dataloader_num_workers=0,
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
     trainer.train()
@@ -88,3 +88,18 @@ def test_injected_triton_loss_and_every_gradient_equal_hf(models, monkeypatch):
         g_ref = grads_ref[n].grad
         assert p.grad is not None, f"no gradient reached {n}"
         assert (p.grad - g_ref).norm() <= 1e-4 * g_ref.norm() + 1e-6 * total, n
+
+
+@pytest.mark.gpu
+def test_hf_trainer_with_the_triton_backend_on_a_gpu(models, tmp_path):
+    """The GPU suite's version: the injected model's attention and norms (forward and backward) on
+    the triton kernels, fp32, the same 20 losses as the plain model."""
+    plain = _trainer_losses(copy.deepcopy(models["llama"]).cuda().train(), tmp_path / "plain", cpu=False)
+    ops.set_backend("triton")
+    try:
+        model = fastrlhf.inject(copy.deepcopy(models["llama"]).cuda().train())
+        assert ops.resolve("attention_prefill", torch.device("cuda"))[0] == "triton"
+        injected = _trainer_losses(model, tmp_path / "injected", cpu=False)
+    finally:
+        ops.set_backend(None)
+    assert injected == pytest.approx(plain, rel=1e-3)

@@ -109,9 +109,10 @@ def interpreter(monkeypatch):
 
 @pytest.mark.parametrize("dtype,temperature,entropy", [
     (torch.float32, 1.0, True), (torch.float32, 1.3, False), (torch.float16, 0.8, True)])
-def test_triton_matches_float64_unfused(interpreter, dtype, temperature, entropy):
+def test_triton_matches_float64_unfused(interpreter, monkeypatch, dtype, temperature, entropy):
     args = _inputs(dtype, seed=3)
-    assert tlp_kernels.row_chunk(N, V, H) < N  # several row chunks
+    monkeypatch.setattr(tlp_kernels, "LOGITS_CHUNK_BYTES", 4 * V * 4)  # chunks of 4 rows
+    assert tlp_kernels.row_chunk(N, V, H, args[0].element_size()) < N  # several row chunks
     assert tlp_kernels._block_v(V) < V          # several vocabulary slices per row
     got = _run(tb.token_logprobs, *args, temperature, entropy)
     truth = _float64_truth(*args, temperature, entropy)
@@ -140,6 +141,14 @@ def test_bad_inputs_fail_early_and_clearly(fn):
         fn(hidden, weight, targets, temperature=0.0)
     with pytest.raises(ValueError, match="flatten batch and sequence"):
         fn(hidden[None], weight, targets)
+
+
+def test_row_chunks_fit_the_budget_and_are_not_tiny():
+    budget = tlp_kernels.LOGITS_CHUNK_BYTES
+    rows = tlp_kernels.row_chunk(8192, 151936, 896, 2)  # Qwen-sized, bf16
+    assert rows * 151936 * 2 <= budget and rows >= 256 and rows & (rows - 1) == 0
+    assert tlp_kernels.row_chunk(5, 151936, 896, 2) == 5          # a small batch: one chunk
+    assert tlp_kernels.row_chunk(1 << 20, 1 << 22, 4096, 4) == 1024  # never fewer rows than N·H/V
 
 
 def test_triton_kernels_compile_for_sm90_bf16():
