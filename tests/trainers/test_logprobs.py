@@ -78,3 +78,29 @@ def test_adapter_on_the_lm_head_and_unknown_families_fall_back(models):
     model = copy.deepcopy(models["llama"])
     model.config.model_type = "mystery"
     assert "not a family known" in L.fused_parts(model)[1]
+
+
+def test_trainer_losses_take_the_fused_op_and_equal_hf(models, monkeypatch):
+    """SFT's loss (= HF's causal-LM loss) and the PPO/DPO log-prob helpers go through ops.token_logprobs."""
+    from fastrlhf import ops
+    from fastrlhf.rlhf import dpo, experience, sft
+    calls = []
+    real = ops.token_logprobs
+    monkeypatch.setattr(ops, "token_logprobs", lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1])
+    model = models["qwen3"]
+    ids, mask = left_padded_batch([6, 9], seed=5)
+    labels = ids.masked_fill(mask == 0, L.IGNORE_INDEX)
+    labels[:, :4] = L.IGNORE_INDEX  # a prompt part
+    with torch.no_grad():
+        loss = sft.sft_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        hf_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert calls == [int((labels[:, 1:] != L.IGNORE_INDEX).sum())]  # only the labelled rows
+        assert loss.item() == pytest.approx(hf_loss.item(), rel=1e-6)
+        logp = experience.answer_logprobs(model, ids, mask, prompt_len=4)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        expected = logits[:, 3:-1].float().log_softmax(-1).gather(-1, ids[:, 4:, None])[..., 0]
+        assert _rel(logp, expected) < 1e-6
+        both = torch.cat([ids, ids.flip(0)])
+        amask = dpo.answer_mask_after_common_prefix(both, torch.cat([mask, mask.flip(0)]))
+        dpo.sequence_logprob_sums(model, both, torch.cat([mask, mask.flip(0)]), amask)
+    assert len(calls) == 3
