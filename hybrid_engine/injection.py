@@ -199,7 +199,8 @@ class EngineGenerate:
     global defaults) and HF's output types. Randomness comes from torch's global generator, so
     `torch.manual_seed(s)` makes sampling reproducible. Anything else goes to HF's generate.
     The engine only reads the training weights: parameters, requires_grad, train/eval modes
-    and optimizer state are the same after a call.
+    and optimizer state are the same after a call. Its KV cache is kept for the next call (as
+    the engine does in PPO); `model.generate.engine().release_cache()` frees it.
     """
 
     def __init__(self, hf: nn.Module, engine_config=None):

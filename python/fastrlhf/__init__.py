@@ -3,7 +3,8 @@ __version__ = "0.1.0"
 
 
 def inject(model, **kwargs):
-    """Make an HF model's forward use fastrlhf ops (see fastrlhf.hybrid_engine.injection)."""
+    """Make an HF model's forward and backward use fastrlhf ops; with generate=True, also run
+    `model.generate` through the hybrid engine (see fastrlhf.hybrid_engine.injection)."""
     from fastrlhf.hybrid_engine import inject as _inject
 
     return _inject(model, **kwargs)
