@@ -181,9 +181,11 @@ def grpo_trainer(tiny, out, **over):
     return PPOTrainer(PPOConfig(**kw), prompts=tiny["train"], eval_prompts=tiny["eval"])
 
 
-def count_forwards(module):
+def count_forwards(model):
+    """Calls of the model's token embedding: one per trainer forward, whether the log-probs come
+    from the full HF forward or the fused op on the decoder body (the engine reads weights)."""
     calls = []
-    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.get_input_embeddings().register_forward_pre_hook(lambda *_: calls.append(1))
     return calls
 
 
