@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_from_dict, load_config_file,
                      merge_dicts, namespace_overrides, unflatten)
 from .data.errors import DataError
+from .rlhf.common import TrainingDiverged
 from .rlhf.configs import DEFAULT_TASK_PROFILES
 from .rlhf.registry import TRAINERS
 
@@ -290,6 +291,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args, extra) or 0
     except (CLIError, ConfigError, DataError) as e:
         parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
+    except TrainingDiverged as e:  # the message names the step, the quantity and the fix
+        parser.exit(1, f"fastrlhf {args.command}: stopped: {e}\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -83,6 +83,10 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = _opt(None, "tensorboard log dir; unset = <output_dir>/tensorboard")
     resume: str = _opt("auto", "'auto' = continue from the newest checkpoint in output_dir if any, "
                        "'no' = start fresh, or a checkpoint dir")
+    overwrite_output_dir: bool = _opt(False, "allow writing into an output_dir that holds another kind of model "
+                                      "(e.g. an SFT run into a reward-model dir)")
+    max_nonfinite_steps: int = _opt(3, "stop when this many consecutive steps had a NaN/inf loss or gradient "
+                                    "(each such step is skipped)")
     cpu_threads: Optional[int] = _opt(None, "torch intra-op threads when training on the CPU; unset = torch's "
                                       "default (one per core)")
     deepspeed_config: Optional[str] = _opt(None, "your own DeepSpeed JSON; replaces the generated one "
@@ -98,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1 or unset, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.resume not in ("auto", "no") and not os.path.isdir(self.resume):
             raise ConfigError(f"resume={self.resume!r} is neither 'auto', 'no' nor an existing checkpoint dir")
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):

@@ -124,13 +124,25 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_for_resume(tmp_path
         assert resumed["losses"][step] == pytest.approx(fresh["losses"][step], rel=1e-6, abs=1e-7)
 
 
+def _fake_checkpoint(d):
+    """The files a verified checkpoint needs (checkpoint.checkpoint_problem), with tiny contents."""
+    import json
+    import torch
+    from safetensors.torch import save_file
+    (d / "ds_state" / "model" / "state").mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))
+    torch.save({}, d / "ds_state" / "model" / "state" / "mp_rank_00_model_states.pt")
+    torch.save({}, d / "rank_state_0.pt")
+    (d / "trainer_state.json").write_text(json.dumps({"format": 2, "step": 2, "world_size": 1, "roles": ["model"]}))
+
+
 def test_incomplete_and_foreign_checkpoints_are_not_resumed(tmp_path):
     from fastrlhf.rlhf.checkpoint import find_resume_checkpoint
     (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    _fake_checkpoint(tmp_path / "checkpoint-2")
     (tmp_path / "checkpoint-5.partial").mkdir()
-    (tmp_path / "checkpoint-5.partial" / "trainer_state.json").write_text("{}")
+    _fake_checkpoint(tmp_path / "checkpoint-5.partial")
     assert find_resume_checkpoint(str(tmp_path), "auto").endswith("checkpoint-2")
     assert find_resume_checkpoint(str(tmp_path), "no") is None
     with pytest.raises(ConfigError, match="not a complete fastrlhf checkpoint"):
@@ -153,7 +165,7 @@ def test_a_checkpoint_of_another_trainer_or_format_is_refused(tmp_path):
     open(state, "w").write(text.replace('"format": 2', '"format": 1'))
     with pytest.raises(ConfigError, match="older fastrlhf"):
         _sft(SFTConfig(**dict(kw, max_steps=3)), tok)
-    open(state, "w").write(text)
+    open(state, "w").write(text.replace('"roles": [\n  "model"\n ]', '"roles": [\n  "x"\n ]'))
     os.rename(os.path.join(out, "checkpoint-2", "ds_state", "model"), os.path.join(out, "checkpoint-2", "ds_state", "x"))
     with pytest.raises(ConfigError, match=r"no saved state for \['model'\]"):
         _sft(SFTConfig(**dict(kw, max_steps=3)), tok)

@@ -13,8 +13,12 @@ Layout of a run's output_dir:
         trainer_state.json                          step, data position, counters, eval before training;
                                                     written last
     checkpoint-<step>.partial/                    a save in progress (or killed): never resumed from
-A checkpoint is written under its .partial name and renamed when complete, so resume (the newest
-complete checkpoint-<step>) never picks up a half-written one. All ranks call the save functions
+A checkpoint is written under its .partial name and renamed when complete (after its HF model
+was read back and found whole), so resume never picks up a half-written one. Before resuming,
+`find_resume_checkpoint` verifies a checkpoint (trainer_state.json parses, every file it needs is
+there and not truncated) and falls back to the newest valid one, naming the damaged ones. An HF
+model is written to a staging dir, checked, then moved into place over the previous model's
+files (stale weight or adapter files of an earlier save are removed, never left to be loaded). All ranks call the save functions
 (ZeRO-3 gathering and DeepSpeed saves are collective); only rank 0 writes the HF files.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -33,12 +38,15 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models.lora import LoRALinear
-from ..utils.distributed import barrier, get_rank, get_world_size, is_rank0
+from ..utils.distributed import all_ranks_true, barrier, get_rank, get_world_size, is_rank0
+from ..utils.logging import json_safe, print_rank0
 
 TRAINER_STATE = "trainer_state.json"
 DS_STATE_DIR = "ds_state"
 DS_TAG = "state"
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
+STAGING_DIR = ".model.partial"  # save_hf_model writes here, then moves the files into place
 CHECKPOINT_FORMAT = 2  # 1: fastrlhf 0.1 (one engine, ds_state/ without roles)
 _PEFT_PREFIX = "base_model.model."
 
@@ -101,35 +109,142 @@ def save_hf_model(engine_or_module, out_dir: str, *, tokenizer=None, merge_lora:
     """`save_pretrained` of the (possibly ZeRO-3 partitioned, LoRA-adapted) model, by rank 0.
 
     merge_lora=True writes a plain HF model; False keeps LoRA apart (a PEFT adapter dir, or
-    fastrlhf_lora.* next to the base weights) so `load_causal_lm` restores it."""
+    fastrlhf_lora.* next to the base weights) so `load_causal_lm` restores it. The files are
+    written to out_dir/.model.partial, read back (`hf_model_problem`), then moved into out_dir,
+    replacing the model files of an earlier save there. A model that does not read back whole
+    raises RuntimeError naming the file; out_dir keeps what it held."""
     from ..models.loading import save_fastrlhf_lora
     from ..models.reward import RewardModel
     if hasattr(engine_or_module, "zero_optimization_stage"):
         module, sd = engine_or_module.module, gather_state_dict(engine_or_module)
     else:
         module, sd = engine_or_module, (engine_or_module.state_dict() if is_rank0() else None)
+    problem = None
     if is_rank0():
         os.makedirs(out_dir, exist_ok=True)
+        stage = os.path.join(out_dir, STAGING_DIR)
+        shutil.rmtree(stage, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(stage)
         sd = {k: v.detach().cpu() for k, v in sd.items()}
         scalings = lora_scalings(module)
         is_peft = hasattr(module, "peft_config")
         if is_peft and not merge_lora:
-            module.save_pretrained(out_dir, state_dict=_peft_adapter_only(sd))
+            module.save_pretrained(stage, state_dict=_peft_adapter_only(sd))
         elif scalings and not merge_lora:
             base = {k: v for k, v in sd.items() if not k.endswith((".lora_a", ".lora_b"))}
-            _save_module(module, out_dir, base)
+            _save_module(module, stage, base)
             meta = {n: {"r": r, "alpha": a} for n, (_, r, a) in scalings.items()}
             prefix = "backbone." if isinstance(module, RewardModel) else ""
             save_fastrlhf_lora({k[len(prefix):]: v for k, v in sd.items()},
-                               {n[len(prefix):]: m for n, m in meta.items()}, out_dir)
+                               {n[len(prefix):]: m for n, m in meta.items()}, stage)
         else:
-            _save_module(module, out_dir, merge_lora_state_dict(sd, scalings) if scalings else sd)
+            _save_module(module, stage, merge_lora_state_dict(sd, scalings) if scalings else sd)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
+            tokenizer.save_pretrained(stage)
         for name, text in (extra_files or {}).items():
-            with open(os.path.join(out_dir, name), "w") as f:
+            with open(os.path.join(stage, name), "w") as f:
                 f.write(text)
-    barrier()
+        problem = hf_model_problem(stage)
+        if problem is None:
+            _move_into_place(stage, out_dir)
+    if not all_ranks_true(problem is None):
+        raise RuntimeError(f"the model saved to {out_dir} did not read back whole ({problem or 'see rank 0'}); "
+                           "nothing was replaced: check the disk (space, quota) and save again")
+
+
+# files of a saved model: an earlier save's copies that the new save does not write are removed,
+# so that e.g. a stale LoRA adapter or value head is never loaded on top of new weights
+_MODEL_FILE_NAMES = {"config.json", "generation_config.json", "adapter_config.json", "fastrlhf_lora.json",
+                     "reward_model.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+                     "chat_template.jinja", "chat_template.json"}
+
+
+def _is_model_file(name: str) -> bool:
+    return name in _MODEL_FILE_NAMES or name.endswith((".safetensors", ".bin", ".index.json"))
+
+
+def _move_into_place(stage: str, out_dir: str) -> None:
+    new = set(os.listdir(stage))
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name not in new and _is_model_file(name) and os.path.isfile(path):
+            os.remove(path)
+    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: a dir without it is no model
+        dest = os.path.join(out_dir, name)
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            shutil.rmtree(dest)
+        os.replace(os.path.join(stage, name), dest)
+    os.rmdir(stage)
+
+
+def _safetensors_problem(path: str) -> Optional[str]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path} is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"{path} is truncated (its header alone needs {8 + n} bytes, the file has {size})"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{path} has an unreadable header"
+    if 8 + n + end != size:
+        return f"{path} is truncated ({size} bytes of {8 + n + end})"
+    return None
+
+
+def _torch_file_problem(path: str) -> Optional[str]:
+    """A torch.save file (a zip archive): its directory is readable and every member lies inside."""
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"{path} is truncated"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{path} is damaged or truncated ({e})"
+    return None
+
+
+def _json_problem(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            json.load(f)
+    except ValueError as e:
+        return f"{path} is not valid JSON ({e})"
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror})"
+    return None
+
+
+def hf_model_problem(path: str) -> Optional[str]:
+    """Why the HF model dir `path` is not whole (naming the file), or None: config.json parses, and
+    there are weights (or a LoRA adapter), none of them truncated."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and \
+            not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return f"{path} has no config.json"
+    weights = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.endswith(".json"):
+            problem = _json_problem(full)
+        elif name.endswith(".safetensors"):
+            problem = _safetensors_problem(full)
+            weights.append(name)
+        elif name.endswith(".bin"):
+            problem = _torch_file_problem(full)
+            weights.append(name)
+        else:
+            continue
+        if problem:
+            return problem
+    if not weights:
+        return f"{path} holds no weights file (*.safetensors / *.bin)"
+    return None
 
 
 def _peft_adapter_only(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -165,19 +280,84 @@ def _refuse_legacy(path: str) -> None:
                           "or use another --output_dir")
 
 
+def read_trainer_state(ckpt: str) -> Dict[str, Any]:
+    """trainer_state.json of a checkpoint; a ConfigError naming the file when it cannot be used."""
+    path = os.path.join(ckpt, TRAINER_STATE)
+    problem = _json_problem(path)
+    if problem:
+        raise ConfigError(f"checkpoint {ckpt} is damaged: {problem}; resume from another checkpoint "
+                          "(--resume DIR), or start fresh with --resume no")
+    with open(path) as f:
+        state = json.load(f)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ConfigError(f"checkpoint {ckpt} is damaged: {path} has no step; resume from another checkpoint "
+                          "(--resume DIR), or start fresh with --resume no")
+    return state
+
+
+def checkpoint_problem(ckpt: str) -> Optional[str]:
+    """Why checkpoint `ckpt` cannot be resumed from (naming the file), or None: trainer_state.json
+    parses, the HF model(s), the DeepSpeed state of every role and every rank's state file are
+    there and not truncated. Reads directories and file headers, not the tensors."""
+    try:
+        state = read_trainer_state(ckpt)
+    except ConfigError as e:
+        return str(e).split(": ", 1)[1].rsplit("; ", 1)[0]
+    if state.get("format") != CHECKPOINT_FORMAT:
+        return None  # an older format: load_training_checkpoint explains
+    roles = state.get("roles") or [None]
+    for i, role in enumerate(roles):
+        problem = hf_model_problem(ckpt if i == 0 else os.path.join(ckpt, role))
+        if problem:
+            return problem
+    ds_root = os.path.join(ckpt, DS_STATE_DIR)
+    for role in (r for r in roles if r is not None):
+        files = glob.glob(os.path.join(ds_root, role, DS_TAG, "*.pt"))
+        if not files:
+            return f"{os.path.join(ds_root, role, DS_TAG)} holds no DeepSpeed state"
+        for f in sorted(files):
+            problem = _torch_file_problem(f)
+            if problem:
+                return problem
+    for rank in range(int(state.get("world_size", 1))):
+        f = _rank_file(ckpt, rank)
+        problem = _torch_file_problem(f) if os.path.isfile(f) else f"{f} is missing"
+        if problem:
+            return problem
+    return None
+
+
 def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
-    """The checkpoint `resume` ('auto' | 'no' | a dir) points at, or None to start fresh."""
+    """The checkpoint `resume` ('auto' | 'no' | a dir) points at, or None to start fresh. 'auto'
+    takes the newest complete checkpoint that verifies (`checkpoint_problem`), warning about each
+    newer damaged one; a damaged dir named explicitly, or a dir whose checkpoints are all damaged,
+    is a ConfigError."""
     if resume == "no":
         return None
     if resume == "auto":
         dirs = checkpoint_dirs(output_dir)
         if not dirs:
             _refuse_legacy(output_dir)
-        return dirs[-1] if dirs else None
+            return None
+        damaged = []
+        for d in reversed(dirs):
+            problem = checkpoint_problem(d)
+            if problem is None:
+                for bad, why in damaged:
+                    print_rank0(f"warning: checkpoint {bad} is damaged ({why}); resuming from {d} instead")
+                return d
+            damaged.append((d, problem))
+        others = f" (and {len(damaged) - 1} older damaged checkpoint(s))" if len(damaged) > 1 else ""
+        raise ConfigError(f"no usable checkpoint in {output_dir}: {damaged[0][0]} is damaged ({damaged[0][1]}){others}; "
+                          "start fresh with --resume no or use another --output_dir")
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
         _refuse_legacy(resume)
         raise ConfigError(f"resume={resume}: not a complete fastrlhf checkpoint (no {TRAINER_STATE}); "
                           f"pick a checkpoint-<step> dir under the output_dir")
+    problem = checkpoint_problem(resume)
+    if problem:
+        raise ConfigError(f"checkpoint {resume} is damaged ({problem}); resume from another checkpoint, "
+                          "or start fresh with --resume no")
     return resume
 
 
@@ -216,7 +396,8 @@ def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any]
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + PARTIAL_SUFFIX
     if is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        for leftover in (tmp, final + REPLACED_SUFFIX):  # left by a save that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
     for i, (role, engine) in enumerate(engines.items()):
@@ -227,12 +408,14 @@ def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any]
         save_extra(tmp)
     barrier()
     if is_rank0():
-        state = {**trainer_state, "format": CHECKPOINT_FORMAT, "step": step, "world_size": get_world_size()}
+        state = {**trainer_state, "format": CHECKPOINT_FORMAT, "step": step, "world_size": get_world_size(),
+                 "roles": list(engines)}
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:  # last: marks the checkpoint complete
-            json.dump(state, f, indent=1)
-        if os.path.isdir(final):  # the same step saved again (a rerun from an earlier checkpoint)
-            shutil.rmtree(final)
+            json.dump(json_safe(state), f, indent=1)
+        if os.path.isdir(final):  # the same step saved again (a rerun from an earlier checkpoint): the old
+            os.replace(final, final + REPLACED_SUFFIX)  # copy goes aside first, never leaving no checkpoint-<step>
         os.replace(tmp, final)
+        shutil.rmtree(final + REPLACED_SUFFIX, ignore_errors=True)
         if save_total_limit > 0:
             for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -243,8 +426,7 @@ def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any]
 def load_training_checkpoint(ckpt: str, engines: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Restore each engine (model, optimizer, scheduler) and this rank's RNG from a checkpoint of
     save_training_checkpoint; returns (trainer_state, rank_state)."""
-    with open(os.path.join(ckpt, TRAINER_STATE)) as f:
-        state = json.load(f)
+    state = read_trainer_state(ckpt)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{ckpt} was written by an older fastrlhf (checkpoint format "
                           f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start fresh with "

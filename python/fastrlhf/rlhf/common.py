@@ -10,7 +10,11 @@
   forwards are collective), filler batches weighted 0, per-batch sums reduced over ranks.
 - `Trainer`: the step loop (progress bar, logging every `log_steps`, eval every `eval_steps`,
   checkpoints every `save_steps` in the one format of `checkpoint.py`, resume, SIGTERM/SIGINT
-  = save and exit) and the run driver (eval before, train, eval after, save). A trainer
+  = save and exit) and the run driver (eval before, train, eval after, save). It also guards the
+  run: the output dir is locked (`run_guard`), a checkpoint is resumed only by the run that made
+  it (its fingerprint), and a step whose loss or gradients are NaN/inf is skipped (the optimizer
+  is wrapped so such an update is never applied); `max_nonfinite_steps` skipped steps in a row, or
+  NaN/inf weights, stop the run (`TrainingDiverged`) without writing the broken model. A trainer
   subclasses it and supplies one optimizer step (`train_step`), `evaluate`, its trained
   engines and whatever extra state it must carry across a resume.
 - `SupervisedTrainer` / `run_supervised`: a Trainer for losses over a fixed dataset (SFT, reward
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -33,11 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import build_ds_config, ds_precision, save_config
+from ..config import ConfigError, build_ds_config, ds_precision, save_config
 from ..utils.distributed import (all_ranks_true, all_reduce_sum, barrier, get_rank, get_world_size, init_distributed,
                                  is_rank0)
-from ..utils.logging import MetricsLogger, print_rank0, progress_bar, quiet_libraries
+from ..utils.logging import MetricsLogger, json_safe, print_rank0, progress_bar, quiet_libraries
 from . import checkpoint as ckpt_lib
+from . import run_guard
+
+
+class TrainingDiverged(RuntimeError):
+    """The run stopped because its numbers went NaN/inf; the message names the step, the quantity
+    and what to change. Nothing non-finite was saved."""
 
 
 @dataclass
@@ -51,6 +62,27 @@ class RunContext:
     accumulation: int
     global_batch_size: int
     metrics: MetricsLogger
+    kind: str = ""  # sft | rm | ppo | dpo (run_guard.trainer_kind)
+    lock: Optional[run_guard.OutputDirLock] = None  # rank 0's lock on output_dir
+
+
+def _lock_output_dir(cfg, kind: str) -> Optional[run_guard.OutputDirLock]:
+    """Rank 0 locks output_dir and checks what it holds; every rank raises if that failed."""
+    lock, error = None, None
+    if is_rank0():
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            lock = run_guard.OutputDirLock(cfg.output_dir).acquire(kind)
+            run_guard.check_output_kind(cfg.output_dir, kind, getattr(cfg, "overwrite_output_dir", False))
+        except ConfigError as e:
+            if lock is not None:
+                lock.release()
+            error = e
+    if not all_ranks_true(error is None):
+        raise error or ConfigError(f"rank 0 could not start a run in {cfg.output_dir} (see its message)")
+    if lock is not None and lock.stale_note:
+        print_rank0(f"warning: {lock.stale_note}")
+    return lock
 
 
 def seed_everything(seed: int) -> None:
@@ -71,15 +103,17 @@ def setup_run(cfg) -> RunContext:
     world = get_world_size()
     ds_config = build_ds_config(cfg, world)
     seed_everything(cfg.seed)
+    kind = run_guard.trainer_kind(cfg)
+    lock = _lock_output_dir(cfg, kind)
     if is_rank0():
-        os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, "training_config.yaml"))
     barrier()
     tb_dir = cfg.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard")
     return RunContext(cfg=cfg, device=device, rank=get_rank(), world_size=world, ds_config=ds_config,
                       micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       accumulation=ds_config["gradient_accumulation_steps"],
-                      global_batch_size=ds_config["train_batch_size"], metrics=MetricsLogger(tb_dir))
+                      global_batch_size=ds_config["train_batch_size"], metrics=MetricsLogger(tb_dir),
+                      kind=kind, lock=lock)
 
 
 def training_dtype(ctx: RunContext) -> str:
@@ -100,6 +134,69 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     if not groups:
         raise ValueError("the model has no trainable parameters (all frozen?)")
     return groups
+
+
+def all_finite(tensors) -> bool:
+    """True when no tensor holds a NaN/inf (one host sync per device)."""
+    by_device: Dict[Any, List[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None and t.numel():
+            by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def guard_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make `optimizer.step()` refuse an update whose gradients hold NaN/inf (or that the trainer
+    marked with `fastrlhf_skip_next`), counting it in `fastrlhf_skipped`, and flag weights that
+    come out of a step non-finite (`fastrlhf_bad_weights`). DeepSpeed calls this step on the
+    (fp32 master) parameters under every ZeRO stage; `overflow` tells DeepSpeed without ZeRO to
+    treat a refused step as it treats an fp16 overflow (the schedule holds). The instance's step is
+    wrapped (DeepSpeed checks the optimizer's exact type), after the LR scheduler's own wrapper."""
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        optimizer._opt_called = True  # what the LR scheduler's wrapper records
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if optimizer.fastrlhf_skip_next or not all_finite([p.grad for p in params]):
+            optimizer.fastrlhf_skip_next = False
+            optimizer.fastrlhf_skipped += 1
+            optimizer.overflow = True
+            return None
+        optimizer.overflow = False
+        out = inner(*args, **kwargs)
+        if not all_finite(params):
+            optimizer.fastrlhf_bad_weights = True
+        return out
+
+    step._wrapped_by_lr_sched = True
+    optimizer.step = step
+    optimizer.fastrlhf_skip_next, optimizer.fastrlhf_skipped, optimizer.fastrlhf_bad_weights = False, 0, False
+    optimizer.overflow = False
+    return optimizer
+
+
+def optimizer_step(engine, skip: bool = False) -> Optional[bool]:
+    """`engine.step()`. Off an accumulation boundary: None. On one: whether the update was applied
+    (False: NaN/inf gradients, or `skip` — e.g. the trainer saw a NaN/inf loss; the weights are
+    unchanged). An fp16 loss-scale overflow is DeepSpeed's business and counts as applied."""
+    opt = getattr(engine, "fastrlhf_optimizer", None)
+    boundary = engine.is_gradient_accumulation_boundary()
+    before = opt.fastrlhf_skipped if opt is not None else 0
+    if opt is not None and boundary:
+        opt.fastrlhf_skip_next = skip
+    engine.step()
+    if opt is not None:
+        opt.fastrlhf_skip_next = False
+    if not boundary:
+        return None
+    refused = opt is not None and opt.fastrlhf_skipped > before
+    return not (refused or skip or (not engine.fp16_enabled() and not engine.was_step_applied()))
+
+
+def weights_finite(engine) -> bool:
+    """Collective: no rank's (partition of the) weights holds NaN/inf."""
+    module = getattr(engine, "module", engine)
+    return all_ranks_true(all_finite([getattr(p, "ds_tensor", p) for p in module.parameters()]))
 
 
 def make_optimizer(model: nn.Module, cfg, ds_config: Dict[str, Any], lr: float) -> torch.optim.Optimizer:
@@ -143,8 +240,10 @@ def initialize_engine(model: nn.Module, cfg, ds_config: Dict[str, Any], total_st
     warmup = warmup_steps_for(cfg, total_steps) if warmup is None else warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.lr_scheduler))
+    guard_optimizer(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    engine.fastrlhf_optimizer = optimizer  # the guarded one (optimizer_step, Trainer's weight check)
     return engine
 
 
@@ -279,9 +378,13 @@ class Trainer(abc.ABC):
     its metrics), `evaluate`, `trained_engines` ({role: DeepSpeed engine}, the first being the
     model a checkpoint holds in HF format at its root) and, when they carry state across a resume,
     `state_dict`/`load_state_dict` (JSON, the same on every rank), `rank_state_dict`/
-    `load_rank_state_dict` (this rank's, e.g. generators) and `save_extra`/`load_extra` (files)."""
+    `load_rank_state_dict` (this rank's, e.g. generators) and `save_extra`/`load_extra` (files).
+    `train_step` reports what was NaN/inf in its step through `count_nonfinite`; `has_eval_data`
+    says whether there is anything to evaluate on."""
 
     label = "train"
+    step_noun = "steps"  # in messages: "3 consecutive steps had ..."
+    diverged_error = TrainingDiverged
 
     def __init__(self, cfg, ctx: RunContext, tokenizer):
         self.cfg, self.ctx, self.tokenizer = cfg, ctx, tokenizer
@@ -290,7 +393,14 @@ class Trainer(abc.ABC):
         self.history: List[Dict[str, float]] = []
         self.eval_before: Optional[Dict[str, float]] = None
         self.resumed_from: Optional[str] = None
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.last_checkpoint: Optional[str] = None
         self._stop_signal: Optional[int] = None
+        self._old_handlers: Optional[Dict[int, Any]] = None
+        self._fingerprint: Optional[Dict[str, Any]] = None
+        self._replaced_checkpoints: List[str] = []  # a fresh run's predecessors, removed at its first save
+        self._saved = False
 
     # ------------------------------------------------------------------ what a trainer provides
     @abc.abstractmethod
@@ -305,6 +415,9 @@ class Trainer(abc.ABC):
     def trained_engines(self) -> Dict[str, Any]:
         ...
 
+    def has_eval_data(self) -> bool:
+        return True
+
     def format_metrics(self, metrics: Dict[str, float]) -> str:
         return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -315,6 +428,11 @@ class Trainer(abc.ABC):
     def postfix(self, metrics: Dict[str, float]) -> Dict[str, str]:
         """What the progress bar shows after each step."""
         return {k: f"{v:.4g}" for k, v in metrics.items() if k == "loss"}
+
+    def divergence_hint(self) -> str:
+        lr = self.cfg.learning_rate
+        fp16 = ", or train in bf16/fp32 rather than fp16" if getattr(self.cfg, "dtype", "") == "fp16" else ""
+        return f"lower --learning_rate (now {lr:g}){fp16}"
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -343,47 +461,136 @@ class Trainer(abc.ABC):
                                    merge_lora=self.cfg.merge_lora_on_save)
         return paths
 
+    # ------------------------------------------------------------------ run identity, non-finite guard
+    def fingerprint(self) -> Dict[str, Any]:
+        if self._fingerprint is None:
+            self._fingerprint = run_guard.run_fingerprint(self.cfg, self.ctx.kind or run_guard.trainer_kind(self.cfg))
+        return self._fingerprint
+
+    def _checkpoint_note(self) -> str:
+        if self.last_checkpoint:
+            return (f"the last good checkpoint is {self.last_checkpoint} (restart from it with --resume "
+                    f"{self.last_checkpoint} and the lower value)")
+        return "no checkpoint was saved (--save_steps 0), and no model was written"
+
+    def count_nonfinite(self, what: Optional[str]) -> None:
+        """Called by `train_step` with what was NaN/inf in the step it just made (its update was
+        skipped), or None. `max_nonfinite_steps` such steps in a row stop the run."""
+        if what is None:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        step, limit = self.step + 1, self.cfg.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            raise self.diverged_error(
+                f"{self.nonfinite_streak} consecutive {self.step_noun} had NaN/inf {what} (the last at step {step}) "
+                f"and were skipped; the run is diverging: {self.divergence_hint()}; {self._checkpoint_note()}")
+        print_rank0(f"[{self.label}] step {step}: NaN/inf {what}, the update was skipped "
+                    f"({self.nonfinite_streak} in a row; the run stops at {limit})")
+
+    def _check_weights(self, when: str) -> None:
+        """Stop if a step left NaN/inf weights (the optimizer flags it), or before saving them."""
+        for role, engine in self.trained_engines().items():
+            opt = getattr(engine, "fastrlhf_optimizer", None)
+            flagged = opt is not None and opt.fastrlhf_bad_weights
+            if not all_ranks_true(not flagged) or (when != "step" and not weights_finite(engine)):
+                what = f"the {role} weights became NaN/inf at step {self.step} (the update was too large)"
+                if when != "step":
+                    what = f"the {role} weights hold NaN/inf at step {self.step}; {when} was not written"
+                raise self.diverged_error(f"{what}: {self.divergence_hint()}; {self._checkpoint_note()}")
+
+    def _record(self, status: str, **extra: Any) -> None:
+        """fastrlhf_run.json: the kind of run that writes this dir and how it stands (rank 0)."""
+        if is_rank0() and (self._saved or run_guard.read_run_file(self.cfg.output_dir).get("trainer") == self.ctx.kind):
+            run_guard.write_run_file(self.cfg.output_dir, self.ctx.kind, status, step=self.step,
+                                     total_steps=self.total_steps, last_checkpoint=self.last_checkpoint,
+                                     fingerprint=self.fingerprint(), **extra)
+
+    def _after_save(self, path: str) -> None:
+        self._saved = True
+        if is_rank0():
+            for old in self._replaced_checkpoints:
+                if os.path.abspath(old) != os.path.abspath(path):
+                    shutil.rmtree(old, ignore_errors=True)
+        self._replaced_checkpoints = []
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
-        state = {"eval_before": self.eval_before, "trainer": self.state_dict()}
-        return ckpt_lib.save_training_checkpoint(
+        self._check_weights(f"checkpoint-{self.step}")
+        state = {"eval_before": self.eval_before, "trainer": self.state_dict(), "fingerprint": self.fingerprint(),
+                 "nonfinite": [self.nonfinite_total, self.nonfinite_streak]}
+        path = ckpt_lib.save_training_checkpoint(
             self.cfg.output_dir, self.step, self.trained_engines(), state, self.rank_state_dict(),
             tokenizer=self.tokenizer, merge_lora=self.cfg.merge_lora_on_save,
             save_total_limit=self.cfg.save_total_limit, save_extra=self.save_extra)
+        self.last_checkpoint = path
+        self._after_save(path)
+        self._record("running")
+        return path
 
     def maybe_resume(self) -> Optional[str]:
-        """Continue from the checkpoint cfg.resume names (newest in output_dir for 'auto')."""
-        path = ckpt_lib.find_resume_checkpoint(self.cfg.output_dir, self.cfg.resume)
+        """Continue from the checkpoint cfg.resume names (newest valid one in output_dir for 'auto'),
+        if it was saved by this run (same fingerprint) and is not past this run's last step."""
+        cfg = self.cfg
+        path = ckpt_lib.find_resume_checkpoint(cfg.output_dir, cfg.resume)
         if path is None:
+            self._replaced_checkpoints = ckpt_lib.checkpoint_dirs(cfg.output_dir)
+            if self._replaced_checkpoints:
+                print_rank0(f"[{self.label}] starting fresh (--resume {cfg.resume}): the {len(self._replaced_checkpoints)} "
+                            f"earlier checkpoint(s) in {cfg.output_dir} are deleted when this run saves")
             return None
+        state = ckpt_lib.read_trainer_state(path)
+        if "fingerprint" not in state:
+            print_rank0(f"warning: {path} was saved by an older fastrlhf without a run fingerprint: whether it "
+                        "belongs to this run cannot be checked")
+        diffs = run_guard.fingerprint_diff(state.get("fingerprint"), self.fingerprint())
+        if diffs and cfg.resume == "auto":
+            raise ConfigError(f"{path} was saved by a different run ({'; '.join(diffs)}): to continue it, rerun "
+                              "with that run's options; to start over in this dir, pass --resume no (its "
+                              "checkpoints are replaced); or use another --output_dir")
+        if diffs:
+            print_rank0(f"warning: resuming {path} as asked, although it was saved by a different run "
+                        f"({'; '.join(diffs)})")
+        if state["step"] > self.total_steps:
+            raise ConfigError(f"{path} is at step {state['step']}, past the {self.total_steps} steps of this run "
+                              f"(max_steps / num_epochs): raise --max_steps to continue it, or start over with "
+                              f"--resume no or another --output_dir")
         state, rank_state = ckpt_lib.load_training_checkpoint(path, self.trained_engines())
         self.step, self.eval_before = state["step"], state["eval_before"]
+        self.nonfinite_total, self.nonfinite_streak = state.get("nonfinite", [0, 0])
         self.load_state_dict(state["trainer"])
         self.load_rank_state_dict(rank_state)
         self.load_extra(path)
-        self.resumed_from = path
+        self.resumed_from = self.last_checkpoint = path
         print_rank0(f"[{self.label}] resumed from {path} at step {self.step}")
+        if self.step == self.total_steps:
+            print_rank0(f"[{self.label}] {path} already holds all {self.total_steps} steps of this run: nothing is "
+                        "left to train; it is evaluated and saved as the final model")
         return path
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> List[Dict[str, float]]:
         cfg = self.cfg
         bar = progress_bar(self.total_steps, self.label, initial=min(self.step, self.total_steps))
-        old_handlers = self._install_signal_handlers()
+        installed = self._install_signal_handlers()
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 self.step += 1
+                self._check_weights("step")
                 self.history.append({"step": self.step, **metrics})
                 bar.update(1)
                 bar.set_postfix(self.postfix(metrics))
                 if self.step % max(1, cfg.log_steps) == 0 or self.step == self.total_steps:
                     self.ctx.metrics.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
-                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps \
+                        and self.has_eval_data():
                     self.ctx.metrics.log({f"eval/{k}": v for k, v in self.evaluate().items()}, self.step)
                 if not all_ranks_true(self._stop_signal is None):  # every rank saves, or none
                     signum = self._stop_signal or signal.SIGTERM
                     path = self.save_checkpoint()
+                    self._record("stopped", signal=int(signum))
                     print_rank0(f"signal {signum}: checkpoint saved to {path} at step {self.step}; "
                                 "exiting (rerun the same command to continue)")
                     raise SystemExit(128 + signum)
@@ -391,41 +598,88 @@ class Trainer(abc.ABC):
                     self.save_checkpoint()
         finally:
             bar.close()
-            for s, h in (old_handlers or {}).items():
-                signal.signal(s, h)
+            if installed:
+                self._restore_signal_handlers()
         return self.history
 
-    def _install_signal_handlers(self):
+    def _install_signal_handlers(self) -> bool:
         """SIGTERM (a scheduler's preemption) and SIGINT: finish the step, save, exit. A second
-        signal stops at once, without saving."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
+        signal stops at once, without saving. False when not installed (already, or not the main thread)."""
+        if self._old_handlers is not None or threading.current_thread() is not threading.main_thread():
+            return False
 
         def handler(signum, _frame):
             if self._stop_signal is not None:
                 raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
             self._stop_signal = signum  # no printing here: a handler may interrupt a write to the same stream
 
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return True
+
+    def _restore_signal_handlers(self) -> None:
+        for s, h in (self._old_handlers or {}).items():
+            signal.signal(s, h)
+        self._old_handlers = None
 
     def run(self) -> Dict[str, Any]:
-        """Resume if asked, evaluate, train, evaluate again, save the final model(s)."""
+        """Resume if asked, evaluate, train, evaluate again, save the final model(s). The signal
+        handlers cover the whole run: a signal before training exits without saving (nothing was
+        trained), one after the last step lets the final save finish. The output dir's lock is
+        released however the run ends."""
+        installed = self._install_signal_handlers()
+        try:
+            return self._run()
+        except TrainingDiverged as e:
+            self._record("diverged", message=str(e))
+            raise
+        finally:
+            if installed:
+                self._restore_signal_handlers()
+            self.ctx.metrics.close()
+            if self.ctx.lock is not None:
+                self.ctx.lock.release()
+
+    def _exit_if_signalled(self, where: str) -> None:
+        if all_ranks_true(self._stop_signal is None):
+            return
+        signum = self._stop_signal or signal.SIGTERM
+        kept = f"; {self.resumed_from} is still the newest checkpoint" if self.resumed_from else ""
+        print_rank0(f"signal {signum} {where}: nothing was trained, nothing saved{kept}; exiting")
+        raise SystemExit(128 + signum)
+
+    def _run(self) -> Dict[str, Any]:
         self.maybe_resume()
-        if self.eval_before is None:
+        self.ctx.metrics.begin(self.step if self.resumed_from else None)
+        has_eval = self.has_eval_data()
+        if not has_eval:
+            self.eval_before = {}
+            print_rank0(f"[{self.label}] no eval data (the eval split is empty, e.g. data.eval_fraction 0): the "
+                        "evaluations before and after training are skipped")
+        elif self.eval_before is None:
             self.eval_before = self.evaluate()
-            self.ctx.metrics.log({f"eval/{k}": v for k, v in self.eval_before.items()}, 0)
-        when = f" (at the start of the run resumed from {self.resumed_from})" if self.resumed_from else ""
-        print_rank0(f"[{self.label}] eval before training{when}: {self.format_metrics(self.eval_before)}")
+            self.ctx.metrics.log({f"eval/{k}": v for k, v in self.eval_before.items()}, self.step)
+            when = f" (of the model resumed from {self.resumed_from})" if self.resumed_from else ""
+            print_rank0(f"[{self.label}] eval before training{when}: {self.format_metrics(self.eval_before)}")
+        else:
+            when = f" (at the start of the run resumed from {self.resumed_from})" if self.resumed_from else ""
+            print_rank0(f"[{self.label}] eval before training{when}: {self.format_metrics(self.eval_before)}")
+        self._exit_if_signalled("before training")
         self.train()
-        after = self.evaluate()
-        self.ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, self.step)
-        print_rank0(self.format_eval(self.eval_before, after))
+        after: Dict[str, float] = {}
+        if has_eval:
+            after = self.evaluate()
+            self.ctx.metrics.log({f"eval/{k}": v for k, v in after.items()}, self.step)
+            print_rank0(self.format_eval(self.eval_before, after))
+        self._check_weights("the final model")
         paths = self.save_final()
+        self._after_save(self.cfg.output_dir)
         if is_rank0():
             with open(os.path.join(self.cfg.output_dir, "eval_before_after.json"), "w") as f:
-                json.dump({"before": self.eval_before, "after": after}, f, indent=1)
+                json.dump(json_safe({"before": self.eval_before, "after": after}), f, indent=1)
+        self._record("finished")
         print_rank0(f"[{self.label}] saved to {self.cfg.output_dir}")
-        self.ctx.metrics.close()
+        if self._stop_signal is not None:
+            print_rank0(f"signal {self._stop_signal} arrived after the last step: the run was finished and saved")
         return {"eval_before": self.eval_before, "eval_after": after, "history": self.history,
                 "steps": self.step, "output_dir": self.cfg.output_dir, "paths": paths, "trainer": self}
 
@@ -459,17 +713,26 @@ class SupervisedTrainer(Trainer):
 
     def train_step(self) -> Dict[str, float]:
         t0 = time.perf_counter()
-        total = 0.0
+        total, bad_loss, applied = 0.0, False, True
         micro_batches = self.sampler.next_step()
-        for idx in micro_batches:
+        for n, idx in enumerate(micro_batches):
             batch = to_device(self.collate([self.train_dataset[i] for i in idx]), self.engine.device)
             loss = self.loss_fn(self.engine, batch)
+            value = loss.detach().float().item()
+            bad_loss = bad_loss or not math.isfinite(value)
             self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().float().item()
+            if n == len(micro_batches) - 1:  # the step is skipped on every rank, or on none
+                bad_loss = not all_ranks_true(not bad_loss)
+            applied = optimizer_step(self.engine, skip=bad_loss) is not False and applied
+            total += value
+        self.count_nonfinite("loss" if bad_loss else None if applied else "gradients")
         summed = all_reduce_sum(torch.tensor([total, len(micro_batches)], dtype=torch.float64))
         return {"loss": float(summed[0] / summed[1]), "lr": self.engine.get_lr()[0],
-                "samples_per_s": self.ctx.global_batch_size / max(1e-9, time.perf_counter() - t0)}
+                "samples_per_s": self.ctx.global_batch_size / max(1e-9, time.perf_counter() - t0),
+                "nonfinite_steps": float(self.nonfinite_total)}
+
+    def has_eval_data(self) -> bool:
+        return len(self.eval_dataset) > 0
 
     def evaluate(self) -> Dict[str, float]:
         return self.evaluate_fn(self)

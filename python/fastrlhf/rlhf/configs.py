@@ -125,7 +125,6 @@ class PPOConfig(TrainConfig):
     generation_fallback: Optional[str] = _opt(None, "hybrid engine fallback ('hf' = plain HF generate)",
                                               choices=(None, "hf"))
     eval_prompts: int = _opt(64, "held-out prompts scored before and after training")
-    max_nonfinite_steps: int = _opt(3, "stop when this many consecutive steps had a NaN/inf loss")
     reward_tokenizer: str = _opt("check", "actor vs reward tokenizer: 'check' (must match) or "
                                  "'retokenize' (decode and re-encode for the reward model)",
                                  choices=("check", "retokenize"))

@@ -21,14 +21,15 @@ import torch
 from ..models.loading import load_tokenizer
 from ..utils.distributed import all_ranks_true, barrier, is_rank0, mean_over_ranks
 from . import rl_math as M
-from .common import GlobalBatchSampler, Trainer, eval_sums, setup_run, to_device, total_train_steps
+from .common import (GlobalBatchSampler, Trainer, TrainingDiverged, eval_sums, optimizer_step, setup_run, to_device,
+                     total_train_steps)
 from .configs import PPOConfig
 from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, rollout_stats, stopwatch
 from .ppo_models import build_ppo_models, check_lengths, reward_tokenizer_for
 from .sft import sequence_nll
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingDiverged):
     pass
 
 
@@ -83,8 +84,15 @@ class PPOTrainer(Trainer):
         self.ptx_sampler = None if self.ptx_data is None else GlobalBatchSampler(
             len(self.ptx_data), cfg.micro_batch_size, 1, ctx.world_size, ctx.rank, cfg.seed,
             what="the PPO-ptx (SFT) set", fix="lower --micro_batch_size or --ptx_coef 0")
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
+
+    step_noun = "PPO steps"
+    diverged_error = NonFiniteLossError
+
+    def divergence_hint(self) -> str:
+        return "lower --learning_rate, raise --kl_coef, set --reward_clip, or use fp32/bf16 instead of fp16"
+
+    def has_eval_data(self) -> bool:
+        return len(self.eval_prompt_items[:self.cfg.eval_prompts]) > 0
 
     def _policy_unchanged_through_update(self) -> bool:
         """True when the rollout-time actor log-probs can come from the update's own forward
@@ -127,16 +135,7 @@ class PPOTrainer(Trainer):
         return {k: mean_over_ranks(v) for k, v in sorted(metrics.items())}
 
     def _count_nonfinite(self, nothing_learned: bool) -> None:
-        if not nothing_learned:
-            self.nonfinite_streak = 0
-            return
-        self.nonfinite_total += 1
-        self.nonfinite_streak += 1
-        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_streak} consecutive PPO steps had NaN/inf losses or rewards (step {self.step + 1}); "
-                "the run is diverging: lower --learning_rate, raise --kl_coef, set --reward_clip, or use fp32/bf16 "
-                "instead of fp16")
+        self.count_nonfinite("losses, gradients or rewards" if nothing_learned else None)
 
     def update(self, exp: Experience) -> Dict[str, float]:
         """`ppo_epochs` shuffled passes over the rollout batch in mini-batches of micro_batch_size."""
@@ -218,7 +217,8 @@ class PPOTrainer(Trainer):
         if not self._finite_or_skip(loss.detach()):
             return None
         self.actor.backward(loss)
-        self.actor.step()
+        if optimizer_step(self.actor) is False:  # NaN/inf gradients: the update was not applied
+            return None
         return stats
 
     def _critic_step(self, mb: Experience) -> Optional[Dict[str, float]]:
@@ -228,7 +228,8 @@ class PPOTrainer(Trainer):
         if not self._finite_or_skip(loss.detach()):
             return None
         self.critic.backward(cfg.value_loss_coef * loss)
-        self.critic.step()
+        if optimizer_step(self.critic) is False:
+            return None
         err = M.masked_mean((values.detach() - mb.returns) ** 2, mb.action_mask)
         return {"value_loss": loss.item(), "value_clipfrac": st["value_clipfrac"].item(), "value_error": err.item()}
 
@@ -275,14 +276,13 @@ class PPOTrainer(Trainer):
     def state_dict(self) -> Dict[str, Any]:
         return {"prompts": self.sampler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                 "reward_stats": self.rollouts.reward_stats.state_dict(),
-                "nonfinite": [self.nonfinite_total, self.nonfinite_streak], "history": self.history,
+                "history": self.history,
                 "ptx": None if self.ptx_sampler is None else self.ptx_sampler.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["prompts"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.rollouts.reward_stats.load_state_dict(state["reward_stats"])
-        self.nonfinite_total, self.nonfinite_streak = state["nonfinite"]
         self.history = state["history"]
         if self.ptx_sampler is not None and state["ptx"] is not None:
             self.ptx_sampler.load_state_dict(state["ptx"])

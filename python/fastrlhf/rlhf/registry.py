@@ -25,6 +25,11 @@ class TrainerEntry:
     profile: Optional[str] = None  # the bundled-task profile it uses; unset = its own name
 
 
+def _evaluated(label: str, summary: Callable[[Dict[str, Any]], str]) -> Callable[[Dict[str, Any]], str]:
+    """`summary`, or a line without eval numbers when the run had no eval data."""
+    return lambda r: summary(r) if r["eval_after"] else f"{label}: {r['steps']} steps (no eval data)"
+
+
 def _ppo_summary(r: Dict[str, Any]) -> str:
     before, after = r["eval_before"], r["eval_after"]
     gt = f", ground truth {before['gt_score']:.3f} -> {after['gt_score']:.3f}" if "gt_score" in before else ""
@@ -34,16 +39,17 @@ def _ppo_summary(r: Dict[str, Any]) -> str:
 
 
 TRAINERS: Dict[str, TrainerEntry] = {
-    "sft": TrainerEntry(SFTConfig, train_sft, lambda r: f"step 1 SFT: eval perplexity "
-                        f"{r['eval_before']['perplexity']:.3f} -> {r['eval_after']['perplexity']:.3f}",
+    "sft": TrainerEntry(SFTConfig, train_sft, _evaluated("step 1 SFT", lambda r: f"step 1 SFT: eval perplexity "
+                        f"{r['eval_before']['perplexity']:.3f} -> {r['eval_after']['perplexity']:.3f}"),
                         "step 1: supervised fine-tuning"),
-    "rm": TrainerEntry(RMConfig, train_reward_model, lambda r: f"step 2 RM: eval accuracy "
-                       f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}",
+    "rm": TrainerEntry(RMConfig, train_reward_model, _evaluated("step 2 RM", lambda r: f"step 2 RM: eval accuracy "
+                       f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}"),
                        "step 2: reward model on preference pairs"),
-    "ppo": TrainerEntry(PPOConfig, train_ppo, _ppo_summary,
+    "ppo": TrainerEntry(PPOConfig, train_ppo, _evaluated("step 3", _ppo_summary),
                         "step 3: PPO (or --algo grpo, rloo, reinforce++...) against a trained reward model"),
-    "dpo": TrainerEntry(DPOConfig, train_dpo, lambda r: f"DPO: held-out loss {r['eval_before']['loss']:.4f} -> "
-                        f"{r['eval_after']['loss']:.4f}, reward accuracy {r['eval_after']['reward_accuracy']:.3f}",
+    "dpo": TrainerEntry(DPOConfig, train_dpo, _evaluated("DPO", lambda r: f"DPO: held-out loss "
+                        f"{r['eval_before']['loss']:.4f} -> {r['eval_after']['loss']:.4f}, reward accuracy "
+                        f"{r['eval_after']['reward_accuracy']:.3f}"),
                         "DPO: preference pairs -> policy, instead of steps 2 + 3"),
 }
 
@@ -51,7 +57,7 @@ TRAINERS: Dict[str, TrainerEntry] = {
 def _critic_free(algo: str, group_size: int, what: str) -> TrainerEntry:
     preset = {"algo": algo, **({"group_size": group_size} if group_size > 1 else {})}
     flags = " ".join(f"--{k} {v}" for k, v in preset.items())
-    return TrainerEntry(PPOConfig, train_ppo, _ppo_summary, f"step 3 with {what}, no critic (= fastrlhf ppo {flags})",
+    return TrainerEntry(PPOConfig, train_ppo, _evaluated("step 3", _ppo_summary), f"step 3 with {what}, no critic (= fastrlhf ppo {flags})",
                         preset=preset, profile="ppo")
 
 
