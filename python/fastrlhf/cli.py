@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_from_dict, load_config_file,
                      merge_dicts, namespace_overrides, unflatten)
 from .data.errors import DataError
+from .rlhf.checkpoint import SaveError
 from .rlhf.common import TrainingDiverged
 from .rlhf.configs import DEFAULT_TASK_PROFILES
 from .rlhf.registry import TRAINERS
@@ -293,6 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
     except TrainingDiverged as e:  # the message names the step, the quantity and the fix
         parser.exit(1, f"fastrlhf {args.command}: stopped: {e}\n")
+    except SaveError as e:
+        parser.exit(1, f"fastrlhf {args.command}: error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -51,6 +51,10 @@ CHECKPOINT_FORMAT = 2  # 1: fastrlhf 0.1 (one engine, ds_state/ without roles)
 _PEFT_PREFIX = "base_model.model."
 
 
+class SaveError(RuntimeError):
+    """A model or checkpoint that did not come out whole (a full disk, a quota); nothing was replaced."""
+
+
 # ----------------------------------------------------------------------------- state dicts
 
 def gather_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
@@ -112,7 +116,7 @@ def save_hf_model(engine_or_module, out_dir: str, *, tokenizer=None, merge_lora:
     fastrlhf_lora.* next to the base weights) so `load_causal_lm` restores it. The files are
     written to out_dir/.model.partial, read back (`hf_model_problem`), then moved into out_dir,
     replacing the model files of an earlier save there. A model that does not read back whole
-    raises RuntimeError naming the file; out_dir keeps what it held."""
+    raises SaveError naming the file; out_dir keeps what it held."""
     from ..models.loading import save_fastrlhf_lora
     from ..models.reward import RewardModel
     if hasattr(engine_or_module, "zero_optimization_stage"):
@@ -148,7 +152,7 @@ def save_hf_model(engine_or_module, out_dir: str, *, tokenizer=None, merge_lora:
         if problem is None:
             _move_into_place(stage, out_dir)
     if not all_ranks_true(problem is None):
-        raise RuntimeError(f"the model saved to {out_dir} did not read back whole ({problem or 'see rank 0'}); "
+        raise SaveError(f"the model saved to {out_dir} did not read back whole ({problem or 'see rank 0'}); "
                            "nothing was replaced: check the disk (space, quota) and save again")
 
 

@@ -123,7 +123,8 @@ class PPOTrainer(Trainer):
         else:
             metrics["skipped_updates"] = float(self.updates_per_step)
         t2 = time.perf_counter()
-        self._count_nonfinite(metrics["skipped_updates"] >= self.updates_per_step)
+        self.count_nonfinite(None if metrics["skipped_updates"] < self.updates_per_step else
+                             "losses or gradients" if finite else "rollout rewards, values or log-probs")
         metrics.update(rollout_stats(exp, self.cfg.kl_estimator))
         if "kl" in metrics:  # the controller sees the all-rank KL, so every rank keeps the same coefficient
             self.kl_ctl.update(mean_over_ranks(metrics["kl"]), len(exp) * self.ctx.world_size)
@@ -133,9 +134,6 @@ class PPOTrainer(Trainer):
         metrics.update(train_time=t2 - t1, step_time=t2 - t0, tokens_per_s=n_tokens / max(t2 - t0, 1e-9),
                        nonfinite_steps=float(self.nonfinite_total))
         return {k: mean_over_ranks(v) for k, v in sorted(metrics.items())}
-
-    def _count_nonfinite(self, nothing_learned: bool) -> None:
-        self.count_nonfinite("losses, gradients or rewards" if nothing_learned else None)
 
     def update(self, exp: Experience) -> Dict[str, float]:
         """`ppo_epochs` shuffled passes over the rollout batch in mini-batches of micro_batch_size."""

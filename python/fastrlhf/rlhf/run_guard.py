@@ -307,9 +307,10 @@ def run_fingerprint(cfg, kind: str) -> Dict[str, Any]:
     return json.loads(json.dumps(fp, default=str))  # the form it has after a trip through trainer_state.json
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, width: int = 80) -> str:
+    """A value for a one-line message; long ones keep their start and end (file names)."""
     text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= width else text[:width // 3] + "..." + text[-(width - width // 3 - 3):]
 
 
 def fingerprint_diff(saved: Optional[Dict[str, Any]], current: Dict[str, Any], limit: int = 3) -> List[str]:
