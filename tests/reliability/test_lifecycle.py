@@ -5,9 +5,9 @@ resumed from a damaged checkpoint. Each case checks the exit status, a one-line 
 the cause, no Traceback, and what the output dir holds afterwards.
 
 Runs are tiny (the bundled 0.8M-parameter model, a few dozen rows, a few steps). Cases that need a
-real process boundary (signals, a second run while the first holds the lock) run `python -m
-fastrlhf.cli` in subprocesses, started together so their imports overlap; the others call
-`fastrlhf.cli.main` in this process (the same code path, minus the interpreter start).
+real process boundary (signals, kill -9, a second run while the first holds the lock) run in
+child processes forked from one launcher that has done the slow imports once (`LAUNCHER`); the
+others call `fastrlhf.cli.main` in this process (the same code path, minus the interpreter start).
 """
 import json
 import os
@@ -84,41 +84,99 @@ def train_steps_logged(out):
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return dict(env, FASTRLHF_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return dict(env, FASTRLHF_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                TOKENIZERS_PARALLELISM="false")
 
 
-def start(argv, log, script=None):
-    """`python -m fastrlhf.cli ARGV` (or `python -c SCRIPT ARGV`) in the background, output to `log`."""
-    head = ["-c", script] if script else ["-m", "fastrlhf.cli"]
-    return subprocess.Popen([sys.executable, *head, *argv], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=_env())
+# A launcher process pays the imports (torch, transformers, DeepSpeed: most of a tiny run's time)
+# once, then forks one child per job; each child is a separate process that runs
+# `fastrlhf.cli.main(argv)` exactly as the `fastrlhf` script does, with its output in its own log,
+# and exits with main's status. The launcher prints ("@@" + JSON) each child's pid, then each exit status.
+LAUNCHER = textwrap.dedent("""
+    import json, os, signal, sys, traceback
+    import deepspeed, transformers.models.llama.modeling_llama  # noqa: F401 (imported once, shared by the children)
+    from fastrlhf import cli
+    from fastrlhf.rlhf import checkpoint
+
+    def kill_during_save(step):  # SIGKILL once the model files of checkpoint-<step> are written, before the rest
+        real = checkpoint._save_module
+        def save_then_die(module, out_dir, sd):
+            real(module, out_dir, sd)
+            if f"checkpoint-{step}" in out_dir:
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint._save_module = save_then_die
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = 1
+            try:
+                if job.get("kill_during_save"):
+                    kill_during_save(job["kill_during_save"])
+                sys.argv = ["fastrlhf", *job["argv"]]
+                code = cli.main(job["argv"]) or 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print("@@" + json.dumps({"name": job["name"], "pid": pid}), flush=True)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        print("@@" + json.dumps({"pid": pid, "status": os.waitstatus_to_exitcode(status)}), flush=True)
+""")
 
 
-def wait_until_training(proc, out, log, timeout=240):
+class Launcher:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=_env())
+        self.pids = {}
+
+    def start(self, name, argv, log, **options):
+        self.proc.stdin.write(json.dumps({"name": name, "argv": argv, "log": str(log), **options}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        while not line.startswith("@@"):  # the libraries' own chatter
+            assert line, "the launcher died"
+            line = self.proc.stdout.readline()
+        line = json.loads(line[2:])
+        assert line["name"] == name
+        self.pids[name] = line["pid"]
+        return line["pid"]
+
+    def statuses(self, timeout=300):
+        """{name: exit status} once every child has ended (-N: killed by signal N)."""
+        self.proc.wait(timeout=timeout)
+        out = self.proc.stdout.read()
+        by_pid = {v: k for k, v in self.pids.items()}
+        rows = [json.loads(line[2:]) for line in out.splitlines() if line.startswith("@@")]
+        return {by_pid[r["pid"]]: r["status"] for r in rows}
+
+
+def wait_until_training(pid, out, log, timeout=240):
     """Until the run in `out` has logged a training step."""
     path = os.path.join(out, "tensorboard", "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, open(log).read()[-3000:]
         if os.path.isfile(path) and '"train/' in open(path).read():
             return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise AssertionError(f"the run ended before training:\n" + open(log).read()[-3000:])
         time.sleep(0.1)
     raise AssertionError(f"no training step logged in {timeout}s:\n" + open(log).read()[-3000:])
-
-
-# a run killed (SIGKILL) while it writes checkpoint-4: after the model files, before the rest
-KILL_DURING_SAVE = textwrap.dedent("""
-    import os, signal, sys
-    from fastrlhf.rlhf import checkpoint
-    real = checkpoint._save_module
-    def save_then_die(module, out_dir, sd):
-        real(module, out_dir, sd)
-        if "checkpoint-4" in out_dir:
-            os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint._save_module = save_then_die
-    from fastrlhf.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
 
 
 # ----------------------------------------------------------------------------- signals, lock, kill -9
@@ -136,31 +194,33 @@ def test_signals_lock_and_kill9_through_the_cli(tmp_path, reward_dir, capsys):
         "ppo": (["ppo", "--reward_model", reward_dir, *PPO_TINY, "--num_epochs", "1000", "--max_steps", "100000"],
                 signal.SIGTERM),
     }
-    procs = {}
+    launcher = Launcher()
+    outs = {name: str(tmp_path / name) for name in runs}
     for name, (argv, _) in runs.items():
-        out = str(tmp_path / name)
-        procs[name] = (start([*argv, "--output_dir", out], tmp_path / f"{name}.log"), out)
+        launcher.start(name, [*argv, "--output_dir", outs[name]], tmp_path / f"{name}.log")
     killed_out = str(tmp_path / "killed")
-    killed = start(["sft", *TINY, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "0",
-                    "--output_dir", killed_out], tmp_path / "killed.log", script=KILL_DURING_SAVE)
+    killed_pid = launcher.start("killed", ["sft", *TINY, "--max_steps", "6", "--save_steps", "2",
+                                           "--save_total_limit", "0", "--output_dir", killed_out],
+                                tmp_path / "killed.log", kill_during_save=4)
+    launcher.proc.stdin.close()
 
-    for name, (proc, out) in procs.items():
-        wait_until_training(proc, out, tmp_path / f"{name}.log")
+    for name in runs:
+        wait_until_training(launcher.pids[name], outs[name], tmp_path / f"{name}.log")
     # a second run into a dir whose run is alive: refused before it writes anything there
-    sft_proc, sft_out = procs["sft"]
+    sft_out = outs["sft"]
     config_before = open(os.path.join(sft_out, "training_config.yaml")).read()
     rc, _, err = run(["sft", *TINY, "--max_steps", "2", "--learning_rate", "1e-3", "--output_dir", sft_out], capsys)
     assert rc == 2
-    one_line_error(err, f"output_dir {sft_out} is in use by another fastrlhf run", f"process {sft_proc.pid}",
-                   "--output_dir")
+    one_line_error(err, f"output_dir {sft_out} is in use by another fastrlhf run",
+                   f"process {launcher.pids['sft']}", "--output_dir")
     assert open(os.path.join(sft_out, "training_config.yaml")).read() == config_before
 
-    for name, (proc, _) in procs.items():
-        proc.send_signal(runs[name][1])
-    for name, (proc, out) in procs.items():
-        signum = runs[name][1]
-        assert proc.wait(timeout=240) == 128 + signum, name
-        log = open(tmp_path / f"{name}.log").read()
+    for name, (_, signum) in runs.items():
+        os.kill(launcher.pids[name], signum)
+    status = launcher.statuses()
+    for name, (_, signum) in runs.items():
+        out, log = outs[name], open(tmp_path / f"{name}.log").read()
+        assert status[name] == 128 + signum, (name, log[-3000:])
         assert "Traceback" not in log, log[-3000:]
         saved = [line for line in log.splitlines() if f"signal {int(signum)}: checkpoint saved to" in line]
         assert len(saved) == 1, log[-3000:]
@@ -170,14 +230,13 @@ def test_signals_lock_and_kill9_through_the_cli(tmp_path, reward_dir, capsys):
         assert not os.path.exists(os.path.join(out, LOCK_FILE)), name  # released on the way out
         assert json.load(open(os.path.join(out, RUN_FILE)))["status"] == "stopped"
 
-    assert killed.wait(timeout=240) == -signal.SIGKILL, open(tmp_path / "killed.log").read()[-3000:]
+    assert status["killed"] == -signal.SIGKILL, open(tmp_path / "killed.log").read()[-3000:]
     assert checkpoints(killed_out) == ["checkpoint-2", "checkpoint-4.partial"]
-    dead_pid = json.load(open(os.path.join(killed_out, LOCK_FILE)))["pid"]
-    assert dead_pid == killed.pid
+    assert json.load(open(os.path.join(killed_out, LOCK_FILE)))["pid"] == killed_pid
     rc, out, err = run(["sft", *TINY, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "0",
                         "--output_dir", killed_out], capsys)
     assert rc == 0, err[-3000:]
-    assert f"cleared a stale lock of a run that is no longer running (process {dead_pid}" in out
+    assert f"cleared a stale lock of a run that is no longer running (process {killed_pid}" in out
     assert f"resumed from {os.path.join(killed_out, 'checkpoint-2')} at step 2" in out
     assert checkpoints(killed_out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert train_steps_logged(killed_out) == [1, 2, 3, 4, 5, 6]  # the killed run's rows after step 2 are gone

@@ -64,6 +64,31 @@ class RunContext:
     metrics: MetricsLogger
     kind: str = ""  # sft | rm | ppo | dpo (run_guard.trainer_kind)
     lock: Optional[run_guard.OutputDirLock] = None  # rank 0's lock on output_dir
+    fingerprint: Optional[Dict[str, Any]] = None  # what defines this run (run_guard.run_fingerprint)
+    resume_from: Optional[str] = None  # the checkpoint cfg.resume picked (verified, same fingerprint)
+    resume_checked: bool = False
+
+
+def check_resume(cfg, fingerprint: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint cfg.resume picks (verified by checkpoint.find_resume_checkpoint). With 'auto'
+    one saved by a different run (another fingerprint) is refused, naming what differs; a dir
+    named explicitly is taken with a warning. Runs before anything is loaded."""
+    path = ckpt_lib.find_resume_checkpoint(cfg.output_dir, cfg.resume)
+    if path is None:
+        return None
+    state = ckpt_lib.read_trainer_state(path)
+    if "fingerprint" not in state:
+        print_rank0(f"warning: {path} was saved by an older fastrlhf without a run fingerprint: whether it "
+                    "belongs to this run cannot be checked")
+    diffs = run_guard.fingerprint_diff(state.get("fingerprint"), fingerprint)
+    if diffs and cfg.resume == "auto":
+        raise ConfigError(f"{path} was saved by a different run ({'; '.join(diffs)}): to continue it, rerun "
+                          "with that run's options; to start over in this dir, pass --resume no (its "
+                          "checkpoints are replaced); or use another --output_dir")
+    if diffs:
+        print_rank0(f"warning: resuming {path} as asked, although it was saved by a different run "
+                    f"({'; '.join(diffs)})")
+    return path
 
 
 def _lock_output_dir(cfg, kind: str) -> Optional[run_guard.OutputDirLock]:
@@ -105,6 +130,13 @@ def setup_run(cfg) -> RunContext:
     seed_everything(cfg.seed)
     kind = run_guard.trainer_kind(cfg)
     lock = _lock_output_dir(cfg, kind)
+    try:
+        fingerprint = run_guard.run_fingerprint(cfg, kind)
+        resume_from = check_resume(cfg, fingerprint)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if is_rank0():
         save_config(cfg, os.path.join(cfg.output_dir, "training_config.yaml"))
     barrier()
@@ -113,7 +145,7 @@ def setup_run(cfg) -> RunContext:
                       micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       accumulation=ds_config["gradient_accumulation_steps"],
                       global_batch_size=ds_config["train_batch_size"], metrics=MetricsLogger(tb_dir),
-                      kind=kind, lock=lock)
+                      kind=kind, lock=lock, fingerprint=fingerprint, resume_from=resume_from, resume_checked=True)
 
 
 def training_dtype(ctx: RunContext) -> str:
@@ -464,7 +496,8 @@ class Trainer(abc.ABC):
     # ------------------------------------------------------------------ run identity, non-finite guard
     def fingerprint(self) -> Dict[str, Any]:
         if self._fingerprint is None:
-            self._fingerprint = run_guard.run_fingerprint(self.cfg, self.ctx.kind or run_guard.trainer_kind(self.cfg))
+            self._fingerprint = self.ctx.fingerprint or run_guard.run_fingerprint(
+                self.cfg, self.ctx.kind or run_guard.trainer_kind(self.cfg))
         return self._fingerprint
 
     def _checkpoint_note(self) -> str:
@@ -533,7 +566,10 @@ class Trainer(abc.ABC):
         """Continue from the checkpoint cfg.resume names (newest valid one in output_dir for 'auto'),
         if it was saved by this run (same fingerprint) and is not past this run's last step."""
         cfg = self.cfg
-        path = ckpt_lib.find_resume_checkpoint(cfg.output_dir, cfg.resume)
+        if self.ctx.resume_checked:  # setup_run looked before anything was loaded
+            path, self.ctx.resume_checked = self.ctx.resume_from, False
+        else:
+            path = check_resume(cfg, self.fingerprint())
         if path is None:
             self._replaced_checkpoints = ckpt_lib.checkpoint_dirs(cfg.output_dir)
             if self._replaced_checkpoints:
@@ -541,17 +577,6 @@ class Trainer(abc.ABC):
                             f"earlier checkpoint(s) in {cfg.output_dir} are deleted when this run saves")
             return None
         state = ckpt_lib.read_trainer_state(path)
-        if "fingerprint" not in state:
-            print_rank0(f"warning: {path} was saved by an older fastrlhf without a run fingerprint: whether it "
-                        "belongs to this run cannot be checked")
-        diffs = run_guard.fingerprint_diff(state.get("fingerprint"), self.fingerprint())
-        if diffs and cfg.resume == "auto":
-            raise ConfigError(f"{path} was saved by a different run ({'; '.join(diffs)}): to continue it, rerun "
-                              "with that run's options; to start over in this dir, pass --resume no (its "
-                              "checkpoints are replaced); or use another --output_dir")
-        if diffs:
-            print_rank0(f"warning: resuming {path} as asked, although it was saved by a different run "
-                        f"({'; '.join(diffs)})")
         if state["step"] > self.total_steps:
             raise ConfigError(f"{path} is at step {state['step']}, past the {self.total_steps} steps of this run "
                               f"(max_steps / num_epochs): raise --max_steps to continue it, or start over with "
