@@ -103,6 +103,9 @@ def _lock_output_dir(cfg, kind: str) -> Optional[run_guard.OutputDirLock]:
             if lock is not None:
                 lock.release()
             error = e
+        except OSError as e:  # not a dir, not writable, ...
+            error = ConfigError(f"cannot write to output_dir {cfg.output_dir} ({e.strerror or e}): "
+                                "pick a writable directory with --output_dir")
     if not all_ranks_true(error is None):
         raise error or ConfigError(f"rank 0 could not start a run in {cfg.output_dir} (see its message)")
     if lock is not None and lock.stale_note:
@@ -504,7 +507,8 @@ class Trainer(abc.ABC):
         if self.last_checkpoint:
             return (f"the last good checkpoint is {self.last_checkpoint} (restart from it with --resume "
                     f"{self.last_checkpoint} and the lower value)")
-        return "no checkpoint was saved (--save_steps 0), and no model was written"
+        why = " (--save_steps 0)" if not self.cfg.save_steps else " yet"
+        return f"no checkpoint was saved{why}, and no model was written"
 
     def count_nonfinite(self, what: Optional[str]) -> None:
         """Called by `train_step` with what was NaN/inf in the step it just made (its update was
@@ -597,6 +601,8 @@ class Trainer(abc.ABC):
     # ------------------------------------------------------------------ the loop
     def train(self) -> List[Dict[str, float]]:
         cfg = self.cfg
+        if not self.ctx.metrics.begun:  # train() called on its own, without run()
+            self.ctx.metrics.begin(self.step if self.resumed_from else None)
         bar = progress_bar(self.total_steps, self.label, initial=min(self.step, self.total_steps))
         installed = self._install_signal_handlers()
         try:

@@ -82,6 +82,10 @@ class MetricsLogger:
         self.jsonl = None
         self._begun = False
 
+    @property
+    def begun(self) -> bool:
+        return self._begun
+
     def begin(self, resumed_at: Optional[int] = None) -> None:
         import json
         self._begun = True
