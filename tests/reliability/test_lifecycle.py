@@ -21,8 +21,13 @@ import time
 import pytest
 
 from fastrlhf import cli
-from fastrlhf.rlhf.checkpoint import checkpoint_problem
-from fastrlhf.rlhf.run_guard import LOCK_FILE, RUN_FILE
+
+LOCK_FILE, RUN_FILE = ".fastrlhf.lock", "fastrlhf_run.json"  # the names the README documents
+
+
+def checkpoint_problem(path):
+    from fastrlhf.rlhf.checkpoint import checkpoint_problem as problem
+    return problem(path)
 
 TINY = ["--data.max_samples", "32", "--micro_batch_size", "8", "--eval_max_batches", "1", "--log_steps", "1"]
 PPO_TINY = ["--data.max_samples", "32", "--rollout_batch_size", "4", "--micro_batch_size", "4", "--ppo_epochs", "1",
