@@ -211,6 +211,12 @@ _dkdv = Kernel(_dkdv_kernel, configs=_configs([(64, 128, 8, 2), (32, 128, 4, 2),
 _dq = Kernel(_dq_kernel, configs=_configs([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2),
                                            (64, 32, 4, 2)]),
              key=_KEY, interpret_meta={"BLOCK_M": 64, "BLOCK_N": 64})
+# Wide rows (head dim 256, or fp32 operands past 128): small tiles only; the big ones spill
+# registers and take minutes to compile.
+_dkdv_wide = Kernel(_dkdv_kernel, configs=_configs([(32, 64, 4, 1), (16, 64, 4, 1)]),
+                    key=_KEY, interpret_meta={"BLOCK_M": 64, "BLOCK_N": 64})
+_dq_wide = Kernel(_dq_kernel, configs=_configs([(64, 32, 4, 1), (32, 32, 4, 1)]),
+                  key=_KEY, interpret_meta={"BLOCK_M": 64, "BLOCK_N": 64})
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -244,11 +250,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     common = dict(GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=attention_mask is not None,
                   IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None, BLOCK_D=block_d)
     scalars = (hkv, sq, sk, scale * LOG2E.value, scale, float(softcap) if softcap is not None else 0.0)
-    _dkdv.launch(lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv),
+    wide = block_d > 128 or (block_d > 64 and q.dtype == torch.float32)
+    dkdv, dq_kernel = (_dkdv_wide, _dq_wide) if wide else (_dkdv, _dq)
+    dkdv.launch(lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv),
                  q, k, v, grad_out, lse, delta, dk, dv, mask_arg, key_start,
                  *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
                  smb, smk, *scalars, **common)
-    _dq.launch(lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv),
+    dq_kernel.launch(lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv),
                q, k, v, grad_out, lse, delta, dq, mask_arg, key_start,
                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
                smb, smk, *scalars, **common)
