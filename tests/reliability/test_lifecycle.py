@@ -449,3 +449,56 @@ def test_metrics_are_strict_json_lines(tmp_path):
     (row,) = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}"))
               for line in open(tmp_path / "metrics.jsonl")]
     assert row == {"step": 1, "train/loss": None, "train/lr": 1e-3, "eval/x": None}
+
+
+# ----------------------------------------------------------------------------- the guard's parts
+
+def test_lock_without_flock_judges_by_the_recorded_process(tmp_path, monkeypatch):
+    """On a filesystem without flock: a live process on this host, or any on another host, keeps
+    the lock (the message says what to delete); a dead one's lock is stale."""
+    import socket
+    from fastrlhf.config import ConfigError
+    from fastrlhf.rlhf.run_guard import OutputDirLock
+    monkeypatch.setattr(OutputDirLock, "_flock", staticmethod(lambda fd: None))
+    lock_file = tmp_path / LOCK_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for holder, expected in [({"pid": os.getppid(), "host": socket.gethostname()}, "is in use by another fastrlhf run"),
+                             ({"pid": 1, "host": "elsewhere"}, f"cannot be checked from here: if that run has ended, "
+                                                               f"delete {lock_file}"),
+                             ({"pid": dead.pid, "host": socket.gethostname()}, None)]:
+        lock_file.write_text(json.dumps({**holder, "command": "fastrlhf sft"}))
+        if expected:
+            with pytest.raises(ConfigError, match=expected):
+                OutputDirLock(str(tmp_path)).acquire("sft")
+            assert json.loads(lock_file.read_text())["pid"] == holder["pid"]  # left as it was
+        else:
+            lock = OutputDirLock(str(tmp_path)).acquire("sft")
+            assert f"process {dead.pid}" in lock.stale_note
+            assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+            lock.release()
+            assert not lock_file.exists()
+
+
+def test_fingerprint_names_a_changed_model_or_data_file(tmp_path):
+    from fastrlhf.data import DataSpec
+    from fastrlhf.rlhf.configs import SFTConfig
+    from fastrlhf.rlhf.run_guard import fingerprint_diff, run_fingerprint
+    from fastrlhf.utils.testing import make_tiny_model_dir
+    model = make_tiny_model_dir(str(tmp_path / "m"), with_weights=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b"}\n')
+    cfg = SFTConfig(model_name_or_path=model, data=DataSpec(paths=[str(data)]), output_dir=str(tmp_path / "o"))
+    saved = run_fingerprint(cfg, "sft")
+    # what does not change the math does not count: where to write, how often to log, how long to run
+    later = SFTConfig(model_name_or_path=model, data=DataSpec(paths=[str(data)]), output_dir=str(tmp_path / "x"),
+                      log_steps=1, max_steps=7, save_steps=3)
+    assert fingerprint_diff(saved, run_fingerprint(later, "sft")) == []
+    data.write_text('{"prompt": "a", "chosen": "c"}\n')
+    assert fingerprint_diff(saved, run_fingerprint(cfg, "sft")) == ["the content of the data files changed"]
+    data.write_text('{"prompt": "a", "chosen": "b"}\n')
+    with open(os.path.join(model, "model.safetensors"), "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x01\x02\x03\x04")
+    assert fingerprint_diff(saved, run_fingerprint(cfg, "sft")) == [f"the content of model_name_or_path {model} changed"]
+    assert fingerprint_diff(saved, run_fingerprint(cfg, "dpo"))[0] == "trainer sft -> dpo"
