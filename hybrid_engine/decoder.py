@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ class ModelWeights:
     layers: List[LayerWeights] = field(default_factory=list)
     # ZeRO-3 layer-by-layer mode: a function yielding each layer's weights inside its gather
     layer_iter: Optional[Callable[[], Iterator[LayerWeights]]] = None
+    # tensor parallelism with a vocabulary-parallel embedding: the token ids [start, stop) whose
+    # rows `embed` (and the lm_head) hold on this rank
+    vocab_range: Optional[Tuple[int, int]] = None
 
     def iter_layers(self) -> Iterator[LayerWeights]:
         return self.layer_iter() if self.layer_iter is not None else iter(self.layers)
@@ -107,17 +110,22 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
         attn_out_norm=norm(spec.attn_out_norm), mlp_out_norm=norm(spec.mlp_out_norm))
 
 
+def lm_head_module(model: nn.Module, spec: ArchSpec) -> nn.Module:
+    head = get_path(model, spec.lm_head)
+    if head is None and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()  # e.g. GPT-NeoX's `embed_out` before transformers 5
+    if head is None:
+        head = _require(model, spec.lm_head, "lm_head")  # raises the clear error
+    return head
+
+
 def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
                         backend: Optional[str], per_layer: bool = True) -> ModelWeights:
     backbone = _require(model, spec.backbone, "decoder stack")
     embed = _require(backbone, spec.embed, "token embedding").weight.data
     pos = get_path(backbone, spec.pos_embed)
     fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
-    head = get_path(model, spec.lm_head)
-    if head is None and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()  # e.g. GPT-NeoX's `embed_out` before transformers 5
-    if head is None:
-        head = _require(model, spec.lm_head, "lm_head")  # raises the clear error
+    head = lm_head_module(model, spec)
     proj = lambda p: None if p is None else resolve_linear(  # noqa: E731
         _require(backbone, p, "projection"), backend=backend)
     layers = []
@@ -145,8 +153,9 @@ class Decoder:
 
     def __init__(self, spec: ArchSpec, device: torch.device, backend: Optional[str] = None,
                  cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                 lean: bool = True):
+                 lean: bool = True, tp=None):
         self.spec = spec
+        self.tp = tp  # tensor_parallel.TPGroup (spec then holds this rank's head counts), or None
         self.cos, self.sin = cos, sin
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.grouped_qkv = spec.qkv is not None and spec.qkv_layout == "grouped"
@@ -248,7 +257,14 @@ class Decoder:
         return x + self._norm(self._mlp(lw, h2), lw.mlp_out_norm)
 
     def _embed(self, w: ModelWeights, ids, positions):
-        x = nn.functional.embedding(ids, w.embed)
+        if w.vocab_range is not None:  # vocabulary-parallel: this rank's rows, zeros elsewhere, summed
+            lo, hi = w.vocab_range
+            local = ids - lo
+            inside = (local >= 0) & (local < hi - lo)
+            x = nn.functional.embedding(local.clamp(0, hi - lo - 1), w.embed)
+            x = self.tp.all_reduce_(x.mul_(inside[..., None].to(x.dtype)))
+        else:
+            x = nn.functional.embedding(ids, w.embed)
         if w.embed_scale is not None:
             x = x * w.embed_scale
         if w.project_in is not None:
@@ -269,12 +285,21 @@ class Decoder:
         return logits if lm.bias is None else logits + lm.bias
 
     def _head(self, w: ModelWeights, x):
+        """Logits of hidden states x [B, ..., E]. Under tensor parallelism, of this rank's own rows
+        of the group's batch only: a replicated lm_head runs on those rows; a vocabulary-parallel
+        one runs its slice on every row, and an all-to-all hands each rank its rows' slices."""
+        if self.tp is not None and w.vocab_range is None:
+            x = x[self.tp.own]
         if w.final_norm is not None:
             x = self._norm(x, w.final_norm)
         if w.project_out is not None:
             x = w.project_out(x)
         logits = self._logits(w.lm_head, x)
-        return logits if self.softcap is None else softcap_(logits, self.softcap)
+        if self.softcap is not None:
+            logits = softcap_(logits, self.softcap)
+        if self.tp is not None and w.vocab_range is not None:
+            logits = self.tp.exchange_rows(logits)
+        return logits
 
     def _run_layers(self, w: ModelWeights, x, attn):
         for i, lw in enumerate(w.iter_layers()):

@@ -10,7 +10,7 @@ ZeRO-3 partitions, read weight views and fuse LoRA into side buffers; `train()` 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -53,6 +53,18 @@ class HybridEngine:
         self.spec: Optional[ArchSpec] = None
         if self.config.fallback is None:
             self.spec = spec_for(self.model.config)  # clear error for unsupported families
+        # tensor parallelism: checked before anything is built; the decoder and the KV cache then
+        # see this rank's head counts (local_spec)
+        self.tp = self._plan = self._reader = None
+        self.local_spec = self.spec
+        if self.config.tp_size > 1:
+            from .tensor_parallel import ShardPlan, TPGroup, check_tp_size
+            import torch.distributed as dist
+            check_tp_size(self.spec, self.config.tp_size,
+                          dist.get_world_size() if dist.is_initialized() else None)
+            self.tp = TPGroup(self.config.tp_size, self.device)
+            self._plan = ShardPlan(self.spec, self.config.tp_size)
+            self.local_spec = self._plan.heads.local_spec(self.spec)
         self._weights: Optional[ModelWeights] = None
         self._stack: Optional[contextlib.ExitStack] = None
         self._cache: Optional[KVCache] = None
@@ -95,6 +107,7 @@ class HybridEngine:
         """Back to training mode: drop fused buffers and views, release gathered partitions."""
         self._weights = None
         self._decoder = None
+        self._reader = None
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
@@ -113,6 +126,18 @@ class HybridEngine:
             if entered:
                 self.train()
 
+    def memory_footprint(self) -> Dict[str, int]:
+        """Bytes this rank's generation holds, in inference mode: `weights` (the distinct tensors the
+        forward reads: views of training parameters, fused/sliced buffers, gathered ZeRO-3 slices),
+        `kv_cache` (its allocation), and `gathered` (of the weights, those moved in from ZeRO-3
+        partitions under tensor parallelism)."""
+        if self._weights is None:
+            raise RuntimeError("memory_footprint() needs inference mode: call it inside engine.inference()")
+        from .tensor_parallel import weights_nbytes
+        cache = 0 if self._cache is None else self._cache.storage.numel() * self._cache.storage.element_size()
+        return {"weights": weights_nbytes(self._weights), "kv_cache": cache,
+                "gathered": 0 if self._reader is None else self._reader.gathered_bytes}
+
     def release_cache(self) -> None:
         self._cache = None
         if torch.cuda.is_available():
@@ -122,6 +147,8 @@ class HybridEngine:
         spec, cfg = self.spec, self.config
         build = dict(fuse_projections=cfg.fuse_projections, backend=cfg.backend)
         layers = get_path(get_path(self.model, spec.backbone), spec.layers)
+        if self.tp is not None:
+            return self._build_tp_weights(layers, build)
         if cfg.zero3_gather == "layer" and model_is_zero3(self.model):
             in_layers = {id(p) for p in layers.parameters()}
             rest = [p for p in self.model.parameters() if id(p) not in in_layers]
@@ -136,6 +163,24 @@ class HybridEngine:
             return weights
         stack.enter_context(gathered(self.model.parameters()))
         return build_model_weights(self.model, spec, **build)
+
+    def _build_tp_weights(self, layers, build) -> ModelWeights:
+        """This rank's shards: views / one-time slices of full weights, or exactly the slices of
+        ZeRO-3 partitions (tensor_parallel.ShardReader); "layer" mode reads each layer's slices
+        when the forward reaches it and drops them after."""
+        from .tensor_parallel import ShardReader, build_tp_layer, build_tp_model
+        tp, plan = self.tp, self._plan
+        self._reader = ShardReader(tp.rank, tp.size, self.device)
+        per_layer = not (self.config.zero3_gather == "layer" and model_is_zero3(self.model))
+        weights = build_tp_model(self.model, self.spec, plan, self._reader, tp, per_layer=per_layer,
+                                 vocab_parallel=self.config.tp_lm_head == "vocab_parallel", **build)
+        if not per_layer:
+            def layer_iter():
+                for layer in layers:
+                    yield build_tp_layer(layer, self.spec, plan, ShardReader(tp.rank, tp.size, self.device),
+                                         tp, **build)
+            weights.layer_iter = layer_iter
+        return weights
 
     # -- rotary tables from the HF module (so rope-scaling variants are honoured) -------------
     def _rotary_tables(self, length: int):
@@ -167,7 +212,7 @@ class HybridEngine:
         return cos, sin
 
     def _get_cache(self, batch: int, max_len: int) -> KVCache:
-        sp = self.spec
+        sp = self.local_spec
         n_layers = len(get_path(get_path(self.model, sp.backbone), sp.layers))
         args = (n_layers, batch, sp.n_kv_heads, max_len, sp.head_dim, self.dtype, self.device)
         if self._cache is None or not self._cache.fits(*args):
@@ -184,12 +229,21 @@ class HybridEngine:
                  generator: Union[torch.Generator, int, None] = None,
                  return_logprobs: bool = False, release_cache: bool = False) -> GenerationOutput:
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens)
-        params.validate()
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, max_new_tokens)
-        eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else self._default_eos())
-        if pad_token_id is None:
-            pad_token_id = self._default_pad(eos_ids)
-        gen = make_generator(generator, self.device)
+        try:
+            params.validate()
+            input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, max_new_tokens)
+            eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else self._default_eos())
+            if pad_token_id is None:
+                pad_token_id = self._default_pad(eos_ids)
+            gen = make_generator(generator, self.device)
+        except (ValueError, TypeError):
+            if self.tp is not None:  # tell the group first, so that no rank waits for this one
+                self.tp.gather_prompts(None, None, 0, [], problem=True)
+            raise
+        own_prompt_len = input_ids.shape[1]
+        if self.tp is not None:  # the group generates the union of its prompts
+            input_ids, attention_mask = self.tp.gather_prompts(
+                input_ids, attention_mask, pad_token_id, [max_new_tokens, len(eos_ids)] + eos_ids)
         entered = not self.in_inference
         if entered:
             self.eval()
@@ -199,8 +253,11 @@ class HybridEngine:
                     from .hf_fallback import hf_generate
                     return hf_generate(self.model, input_ids, attention_mask, max_new_tokens, params,
                                        eos_ids, pad_token_id, gen, return_logprobs)
-                return self._generate(input_ids, attention_mask, max_new_tokens, params, eos_ids,
-                                      pad_token_id, gen, return_logprobs)
+                out = self._generate(input_ids, attention_mask, max_new_tokens, params, eos_ids,
+                                     pad_token_id, gen, return_logprobs)
+                if self.tp is not None:  # this rank's rows without the union's extra left padding
+                    out.sequences = out.sequences[:, input_ids.shape[1] - own_prompt_len:]
+                return out
         finally:
             if entered:
                 self.train()
@@ -258,21 +315,26 @@ class HybridEngine:
     def _decoder_for(self, total_len: int) -> Decoder:
         cos, sin = self._rotary_tables(total_len)
         if self._decoder is None or self._decoder.cos is not cos:
-            self._decoder = Decoder(self.spec, self.device, self.config.backend, cos, sin,
-                                    lean=self.config.lean_cpu_decode)
+            self._decoder = Decoder(self.local_spec, self.device, self.config.backend, cos, sin,
+                                    lean=self.config.lean_cpu_decode, tp=self.tp)
         return self._decoder
 
     @torch.no_grad()
     def prefill_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Logits of every prompt position [B, P, V] from the engine's forward (for checks)."""
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, 1)
+        if self.tp is not None:  # the union of the group's prompts; this rank's rows come back
+            p_own = input_ids.shape[1]
+            input_ids, attention_mask = self.tp.gather_prompts(input_ids, attention_mask, 0, [])
         with self.inference():
             b, p = input_ids.shape
             dec = self._decoder_for(p)
-            cache = KVCache(len(get_path(get_path(self.model, self.spec.backbone), self.spec.layers)),
-                            b, self.spec.n_kv_heads, p, self.spec.head_dim, self.dtype, self.device)
+            sp = self.local_spec
+            cache = KVCache(len(get_path(get_path(self.model, sp.backbone), sp.layers)),
+                            b, sp.n_kv_heads, p, sp.head_dim, self.dtype, self.device)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            return dec.prefill(self._weights, input_ids, attention_mask, positions, cache, all_logits=True)
+            logits = dec.prefill(self._weights, input_ids, attention_mask, positions, cache, all_logits=True)
+            return logits if self.tp is None else logits[:, p - p_own:]
 
     def _generate(self, input_ids, attention_mask, max_new, params, eos_ids, pad_id, gen, want_lp):
         from .loop import generation_loop
@@ -282,6 +344,14 @@ class HybridEngine:
         cache = self._get_cache(b, total)
         use_graphs = (self.config.cuda_graphs and self.device.type == "cuda"
                       and self._weights.layer_iter is None)
+        stop_sync = None
+        if self._weights.layer_iter is not None and model_is_zero3(self.model):
+            # every decode step gathers over all ranks: they stop together (each keeps its own rows'
+            # length), else a rank that finished first would leave the others waiting in a gather
+            from fastrlhf.utils.distributed import all_ranks_true, get_world_size
+            if get_world_size() > 1:
+                stop_sync = all_ranks_true
         return generation_loop(dec, self._weights, cache, input_ids, attention_mask, max_new, params,
                                eos_ids, pad_id, gen, want_lp, use_graphs=use_graphs,
-                               stop_check_every=1 if self.device.type == "cpu" else self.config.stop_check_every)
+                               stop_check_every=1 if self.device.type == "cpu" else self.config.stop_check_every,
+                               tp=self.tp, stop_sync=stop_sync)

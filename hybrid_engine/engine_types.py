@@ -19,6 +19,12 @@ class EngineConfig:
     fuse_projections: bool = False
     lean_cpu_decode: bool = True         # torch-backend decode step in fewer ops (attention.LeanDecodeAttention)
     stop_check_every: int = 8            # GPU: host sync for "all finished?" every N steps
+    # tensor-parallel generation over groups of tp_size consecutive ranks (torch.distributed must be
+    # initialized; see tensor_parallel.py). Training is unaffected.
+    tp_size: int = 1
+    # under tensor parallelism: "vocab_parallel" (the token embedding and lm_head split by
+    # vocabulary rows; default, by measurement: benchmarks/results/tp_notes.md) or "replicated"
+    tp_lm_head: str = "vocab_parallel"
 
     def validate(self) -> None:
         if self.fallback not in (None, "hf"):
@@ -28,6 +34,14 @@ class EngineConfig:
                              f"{self.zero3_gather!r}")
         if self.stop_check_every < 1:
             raise ValueError("EngineConfig.stop_check_every must be >= 1")
+        if not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1:
+            raise ValueError(f"EngineConfig.tp_size must be an integer >= 1, got {self.tp_size!r}")
+        if self.tp_lm_head not in ("vocab_parallel", "replicated"):
+            raise ValueError(f"EngineConfig.tp_lm_head must be 'vocab_parallel' or 'replicated', got "
+                             f"{self.tp_lm_head!r}")
+        if self.tp_size > 1 and self.fallback is not None:
+            raise ValueError(f"EngineConfig(tp_size={self.tp_size}) runs the engine's own decoder; the HF "
+                             "fallback generates on one rank. Use tp_size=1 with fallback='hf'")
 
 
 @dataclass

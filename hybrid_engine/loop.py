@@ -9,7 +9,7 @@ shapes never change between replays.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -53,24 +53,32 @@ class _GraphedDecode:
 def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, attention_mask,
                     max_new: int, params: SamplingParams, eos_ids: List[int], pad_id: int,
                     gen: Optional[torch.Generator], want_logprobs: bool, *, use_graphs: bool,
-                    stop_check_every: int) -> GenerationOutput:
+                    stop_check_every: int, tp=None,
+                    stop_sync: Optional[Callable[[bool], bool]] = None) -> GenerationOutput:
+    """Generate for the batch. With `tp` (a tensor_parallel.TPGroup) the batch is the union of the
+    group's prompts: the decoder's logits are this rank's own rows (`tp.own`), which it samples
+    alone (with its generator, as it would without TP); the group then shares the chosen tokens.
+    The result holds the own rows only, cut where they alone would have stopped. `stop_sync`, when
+    given, makes the "all finished?" decision collective (ranks that must step in lockstep)."""
     b, p = input_ids.shape
     dev = input_ids.device
+    own = slice(None) if tp is None else tp.own
     mask = attention_mask.to(torch.bool)
     real_len = mask.sum(dim=-1)                                  # [B]
     cache.starts = p - real_len  # int64 throughout: no per-op index casts
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = dec.prefill(w, input_ids, mask, positions, cache)  # [B, V]
+    logits = dec.prefill(w, input_ids, mask, positions, cache)  # [B_own, V]
+    b_own = logits.shape[0]
 
     seen = None
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=dev)
+        seen = torch.zeros(b_own, logits.shape[-1], dtype=torch.bool, device=dev)
         # pads are replaced by the (always real) last prompt token so they mark nothing extra
-        seen.scatter_(1, torch.where(mask, input_ids, input_ids[:, -1:]), True)
+        seen.scatter_(1, torch.where(mask, input_ids, input_ids[:, -1:])[own], True)
     eos_t = torch.tensor(eos_ids, device=dev, dtype=torch.long) if eos_ids else None
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
-    out_tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=dev)
-    out_lp = torch.zeros(b, max_new, dtype=torch.float32, device=dev) if want_logprobs else None
+    out_tokens = torch.full((b_own, max_new), pad_id, dtype=torch.long, device=dev)
+    out_lp = torch.zeros(b_own, max_new, dtype=torch.float32, device=dev) if want_logprobs else None
     write_cols = torch.arange(p, p + max_new, device=dev)
     graphed = None
     if use_graphs and max_new > 1:
@@ -80,32 +88,43 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
             warnings.warn(f"fastrlhf engine: CUDA-graph capture of the decode step failed ({e}); "
                           "decoding without graphs (EngineConfig(cuda_graphs=False) silences this)",
                           RuntimeWarning, stacklevel=3)
+        if tp is not None and not tp.all_true(graphed is not None):
+            graphed = None  # a group decodes all graphed or all eager, never mixed
 
-    n = 0
+    n = n_own = 0
     for t in range(max_new):
         raw = logits.float()
         tok = choose_tokens(process_logits(raw, params, seen=seen, n_generated=t, eos_ids=eos_ids),
                             params, gen)
         if eos_t is not None:
-            tok = tok.masked_fill(finished, pad_id)
+            tok = tok.masked_fill(finished[own], pad_id)
         out_tokens[:, t] = tok
         if out_lp is not None:
             lp = torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
-            out_lp[:, t] = lp.masked_fill(finished, 0.0) if eos_t is not None else lp
+            out_lp[:, t] = lp.masked_fill(finished[own], 0.0) if eos_t is not None else lp
         n = t + 1
-        if eos_t is not None:
-            finished = finished | torch.isin(tok, eos_t)
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
+        if tp is not None:
+            tok = tp.share_tokens(tok)
+        if eos_t is not None:
+            finished = finished | torch.isin(tok, eos_t)
         if t == max_new - 1:
             break
-        if eos_t is not None and (t + 1) % stop_check_every == 0 and bool(finished.all()):
-            break
+        if eos_t is not None and (t + 1) % stop_check_every == 0:
+            if not n_own and bool(finished[own].all()):
+                n_own = n  # where this rank's rows alone stop
+            done = bool(finished.all())
+            if stop_sync is not None:
+                done = stop_sync(done)
+            if done:
+                break
         pos = real_len + t
         if graphed is not None:
             logits = graphed(tok, pos, p + t)
         else:
             col = write_cols[t].expand(b)
             logits = dec.decode(w, tok, pos, col, col + 1, cache, read_len=p + t + 1)
-    sequences = torch.cat([input_ids, out_tokens[:, :n]], dim=1)
-    return GenerationOutput(sequences, None if out_lp is None else out_lp[:, :n])
+    n_own = n_own or n
+    sequences = torch.cat([input_ids[own], out_tokens[:, :n_own]], dim=1)
+    return GenerationOutput(sequences, None if out_lp is None else out_lp[:, :n_own])

@@ -10,7 +10,7 @@ in the optional QKV / gate-up concatenation (`fuse_projections=True`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,12 +26,19 @@ class Linear:
     bias: Optional[torch.Tensor]
     transposed: bool = False
     fused_lora: bool = False  # weight is a private buffer holding W + scaling * B @ A
+    # tensor parallelism, row-parallel shard: sums the partial products over the group (in place)
+    # before the bias is added
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[1] if self.transposed else self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reduce is not None:
+            y = torch.matmul(x, self.weight) if self.transposed else nn.functional.linear(x, self.weight)
+            self.reduce(y)
+            return y if self.bias is None else y.add_(self.bias)
         if self.transposed:
             y = torch.matmul(x, self.weight)
             return y if self.bias is None else y + self.bias
@@ -64,20 +71,28 @@ def _fuse_all(weight: torch.Tensor, updates: List[Tuple[torch.Tensor, torch.Tens
     return fused.t() if transposed else fused
 
 
-def resolve_linear(module: nn.Module, *, backend: Optional[str] = None, fuse_lora: bool = True) -> Linear:
-    """The generation-time Linear of an HF linear module, plain or LoRA-wrapped."""
+@dataclass
+class LinearParts:
+    """The parameters behind an HF linear module: its base weight (native layout: [out, in], or
+    [in, out] when `transposed`, as GPT-2's Conv1D), bias, and the LoRA updates to fuse as
+    (A [r, in], B [out, r], scaling). Parameters, not tensors: a tensor-parallel build slices
+    them (or gathers slices of ZeRO-3 partitions) before reading."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    transposed: bool
+    lora: List[Tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def linear_parts(module: nn.Module, *, fuse_lora: bool = True) -> LinearParts:
+    """What `resolve_linear` reads from a plain or LoRA-wrapped linear (clear errors for others)."""
     if isinstance(module, LoRALinear):
-        w, b = module.weight.data, None if module.bias is None else module.bias.data
-        if module.merged or not fuse_lora:
-            return Linear(w, b)
-        fused = _fuse_all(w, [(module.lora_a.data, module.lora_b.data, module.scaling)], False, backend)
-        return Linear(fused, b, fused_lora=True)
+        lora = [] if module.merged or not fuse_lora else [(module.lora_a, module.lora_b, module.scaling)]
+        return LinearParts(module.weight, module.bias, False, lora)
     if _peft_lora_layer(module):
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base_layer
-        lin = resolve_linear(base, backend=backend, fuse_lora=False)
+        parts = linear_parts(base, fuse_lora=False)
         if module.merged or getattr(module, "disable_adapters", False) or not fuse_lora:
-            return lin
-        updates = []
+            return parts
         for name in module.active_adapters:
             if name not in module.lora_A:
                 continue
@@ -85,19 +100,27 @@ def resolve_linear(module: nn.Module, *, backend: Optional[str] = None, fuse_lor
                 raise NotImplementedError(
                     f"PEFT adapter {name!r} uses DoRA, which the engine cannot fuse; use "
                     "EngineConfig(fallback='hf') or a plain LoRA adapter")
-            updates.append((module.lora_A[name].weight.data, module.lora_B[name].weight.data,
-                            float(module.scaling[name])))
-        if not updates:
-            return lin
-        fused = _fuse_all(lin.weight, updates, lin.transposed, backend)
-        return Linear(fused, lin.bias, lin.transposed, fused_lora=True)
+            parts.lora.append((module.lora_A[name].weight, module.lora_B[name].weight,
+                               float(module.scaling[name])))
+        return parts
     if _is_conv1d(module):
-        return Linear(module.weight.data, None if module.bias is None else module.bias.data, True)
+        return LinearParts(module.weight, module.bias, True, [])
     if isinstance(module, nn.Linear):
-        return Linear(module.weight.data, None if module.bias is None else module.bias.data)
+        return LinearParts(module.weight, module.bias, False, [])
     raise TypeError(f"the engine cannot read weights from a {type(module).__name__} module; "
                     "expected nn.Linear, Conv1D, fastrlhf LoRALinear or a PEFT LoRA layer "
                     "(or use EngineConfig(fallback='hf'))")
+
+
+def resolve_linear(module: nn.Module, *, backend: Optional[str] = None, fuse_lora: bool = True) -> Linear:
+    """The generation-time Linear of an HF linear module, plain or LoRA-wrapped."""
+    parts = linear_parts(module, fuse_lora=fuse_lora)
+    w = parts.weight.data
+    b = None if parts.bias is None else parts.bias.data
+    if not parts.lora:
+        return Linear(w, b, parts.transposed)
+    fused = _fuse_all(w, [(a.data, bb.data, s) for a, bb, s in parts.lora], parts.transposed, backend)
+    return Linear(fused, b, parts.transposed, fused_lora=True)
 
 
 def concat_linears(parts: List[Linear]) -> Linear:

@@ -124,6 +124,9 @@ class PPOConfig(TrainConfig):
     ema_decay: float = _opt(0.0, "keep an EMA copy of the actor with this decay (0 = off)")
     generation_fallback: Optional[str] = _opt(None, "hybrid engine fallback ('hf' = plain HF generate)",
                                               choices=(None, "hf"))
+    inference_tp_size: int = _opt(1, "tensor-parallel generation: groups of this many consecutive processes "
+                                  "generate together, each holding 1/N of the actor's weights and KV cache "
+                                  "(training stays ZeRO data parallel over all processes)")
     eval_prompts: int = _opt(64, "held-out prompts scored before and after training")
     reward_tokenizer: str = _opt("check", "actor vs reward tokenizer: 'check' (must match) or "
                                  "'retokenize' (decode and re-encode for the reward model)",
@@ -149,6 +152,7 @@ class PPOConfig(TrainConfig):
         if self.critic_offload != "none" and self.critic_zero_stage == 0:
             raise ConfigError("critic_offload=cpu needs ZeRO: set --critic_zero_stage 1, 2 or 3")
         self.check_accumulation(get_world_size())  # the launcher's WORLD_SIZE (1 without one)
+        self.check_inference_tp(get_world_size())
         if self.deepspeed_config and (self.critic_zero_stage, self.critic_offload) != (0, "none"):
             raise ConfigError("--deepspeed_config serves the actor and the critic alike; set ZeRO and offload in "
                               "that file and drop --critic_zero_stage / --critic_offload")
@@ -185,6 +189,20 @@ class PPOConfig(TrainConfig):
     def answers_per_step(self) -> int:
         """Answers each process samples per PPO step."""
         return self.rollout_batch_size * self.group_size
+
+    def check_inference_tp(self, world_size: int) -> None:
+        """Tensor-parallel generation groups must tile the processes (the head counts are checked
+        from the actor's config in ppo_models.check_inference_tp, still before any model loads)."""
+        n = self.inference_tp_size
+        if n < 1:
+            raise ConfigError(f"inference_tp_size must be >= 1, got {n}")
+        if world_size % n:
+            valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ConfigError(f"--inference_tp_size {n} does not divide the {world_size} processes of this run "
+                              f"(groups are {n} consecutive ranks); valid choices: {valid}")
+        if n > 1 and self.generation_fallback is not None:
+            raise ConfigError(f"--inference_tp_size {n} runs the hybrid engine's decoder; --generation_fallback hf "
+                              "generates with plain HF on each process. Drop one of them")
 
     def check_accumulation(self, world_size: int) -> None:
         """An optimizer step must not straddle two rollout batches."""

@@ -191,7 +191,8 @@ class ExperienceMaker:
         self.collate = PromptCollator(tokenizer.pad_token_id)
         # the bare module: the engine finds ZeRO-3 partitions on its parameters either way, and a
         # DeepSpeedEngine's own `.config` (its JSON) would shadow the HF config it looks for
-        self.engine = HybridEngine(models.actor.module, tokenizer, EngineConfig(fallback=cfg.generation_fallback))
+        self.engine = HybridEngine(models.actor.module, tokenizer, EngineConfig(
+            fallback=cfg.generation_fallback, tp_size=cfg.inference_tp_size))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
         self.reward_stats = M.RunningMoments()
 

@@ -100,6 +100,23 @@ def check_lengths(cfg, given: Dict[str, nn.Module], longest_prompt: int, max_new
                 f"{name}'s {limit} positions; lower --data.max_prompt_len or --max_new_tokens")
 
 
+def check_inference_tp(cfg, given: Dict[str, nn.Module], world_size: int) -> None:
+    """--inference_tp_size against the actor's head counts, from its config (before any weights load)."""
+    if cfg.inference_tp_size == 1:
+        return
+    from transformers import AutoConfig
+    from ..config import ConfigError
+    from ..hybrid_engine.tensor_parallel import check_tp_size
+    if "actor" in given:
+        conf = getattr(given["actor"], "module", given["actor"]).config
+    else:
+        conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path))
+    try:
+        check_tp_size(conf, cfg.inference_tp_size, world_size)
+    except ValueError as e:
+        raise ConfigError(f"--inference_tp_size: {e}") from None
+
+
 def _ds_config(cfg, ctx: RunContext, zero_stage: int, offload: str) -> Dict[str, Any]:
     if cfg.deepspeed_config:  # the user's JSON serves every trained model
         return ctx.ds_config
@@ -111,6 +128,7 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
     """Load (or take from `given`: "actor", "ref", "reward", "critic") and wrap step 3's models.
     `optimizer_steps` is the length of the actor's and critic's learning-rate schedules."""
     given = dict(given or {})
+    check_inference_tp(cfg, given, ctx.world_size)
     dtype = training_dtype(ctx)
     actor = given.get("actor") or load_causal_lm(cfg.model_name_or_path, tokenizer=tokenizer, dtype=dtype,
                                                  seed=cfg.seed, ds_config=ctx.ds_config)

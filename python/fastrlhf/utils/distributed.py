@@ -105,3 +105,24 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts).to(t.device)
+
+
+_TP_GROUPS: dict = {}
+
+
+def tensor_parallel_group(size: int, backend: Optional[str] = None):
+    """This rank's process group of `size` consecutive ranks (rank // size-th of world / size).
+    `dist.new_group` is collective, so every rank creates every group, once per (size, backend)
+    and default group; later calls return the cached one."""
+    world = dist.get_world_size()
+    if world % size:
+        raise ValueError(f"a group size of {size} does not divide the world size {world}")
+    key = (size, backend, id(dist.group.WORLD))
+    if key not in _TP_GROUPS:
+        mine = None
+        for start in range(0, world, size):
+            g = dist.new_group(list(range(start, start + size)), backend=backend)
+            if start <= dist.get_rank() < start + size:
+                mine = g
+        _TP_GROUPS[key] = mine
+    return _TP_GROUPS[key]
