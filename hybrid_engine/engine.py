@@ -322,7 +322,12 @@ class HybridEngine:
     @torch.no_grad()
     def prefill_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Logits of every prompt position [B, P, V] from the engine's forward (for checks)."""
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, 1)
+        try:
+            input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, 1)
+        except (ValueError, TypeError):
+            if self.tp is not None:  # tell the group first, so that no rank waits for this one
+                self.tp.gather_prompts(None, None, 0, [], problem=True)
+            raise
         if self.tp is not None:  # the union of the group's prompts; this rank's rows come back
             p_own = input_ids.shape[1]
             input_ids, attention_mask = self.tp.gather_prompts(input_ids, attention_mask, 0, [])

@@ -112,9 +112,10 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
         if t == max_new - 1:
             break
         if eos_t is not None and (t + 1) % stop_check_every == 0:
-            if not n_own and bool(finished[own].all()):
+            own_done = bool(finished[own].all())
+            if own_done and not n_own:
                 n_own = n  # where this rank's rows alone stop
-            done = bool(finished.all())
+            done = own_done if tp is None else bool(finished.all())
             if stop_sync is not None:
                 done = stop_sync(done)
             if done:
