@@ -217,8 +217,12 @@ def test_tensor_parallel_generation_matches_one_process(tmp_path):
         assert res["zero3/llama/untouched"] and res["zero3/gpt_neox/untouched"]
     one, two = results[0]["ppo"]["1"], results[0]["ppo"][str(TP)]
     assert one.keys() == two.keys() and one["skipped_updates"] == 0
+    assert {"reward_mean", "kl", "answer_len"} <= one.keys()
     for k in one:
-        assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-7), (k, one[k], two[k])
+        # the engine-vs-trainer log-prob mismatch measures the engine's rounding (~1e-6), which
+        # the split reductions of TP change at that scale; every other metric is the same
+        tol = dict(abs=1e-5) if k.startswith("logprob_mismatch") else dict(rel=1e-6, abs=1e-7)
+        assert two[k] == pytest.approx(one[k], **tol), (k, one[k], two[k])
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -249,8 +253,9 @@ def test_tp_size_errors_name_the_numbers_and_valid_choices():
 def test_inference_tp_size_is_checked_before_any_model_loads(tmp_path, monkeypatch):
     from fastrlhf.config import ConfigError
     from fastrlhf.rlhf import ppo_models
+    from fastrlhf.rlhf import configs
     from fastrlhf.rlhf.configs import PPOConfig
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(configs, "get_world_size", lambda: 4)  # as under a 4-process launcher
     with pytest.raises(ConfigError, match=r"--inference_tp_size 3 does not divide the 4 processes.*\[1, 2, 4\]"):
         PPOConfig(reward_model="rm", inference_tp_size=3).validate()
     with pytest.raises(ConfigError, match="generation_fallback"):
