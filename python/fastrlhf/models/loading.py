@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from . import lora as fl_lora
 
 PAD_TOKEN = "<|pad|>"
@@ -40,6 +41,189 @@ def default_model_dir() -> str:
 
 def resolve_model_path(path: Optional[str]) -> str:
     return str(path) if path else default_model_dir()
+
+
+# ----------------------------------------------------------------------------- the check at load
+
+class ModelPathError(ConfigError):
+    """A model path that cannot be what it is asked to be: missing, empty, a run rather than a
+    model, the wrong kind of model, or a hub name that cannot be reached. `path` is the path."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
+# what each expected kind is, in words, for the messages
+MODEL_KINDS = {
+    "policy": "a causal LM (a base model, or the output of `fastrlhf sft`)",
+    "reward": "a reward model (the output of `fastrlhf rm`: config.json + value_head.safetensors)",
+    "any": "a model dir (config.json + weights)",
+    "tokenizer": "a tokenizer (a model dir with tokenizer files, or a tokenizer dir)",
+}
+REWARD_HEAD_FILE = "value_head.safetensors"  # models/reward.py's HEAD_FILE (reward.py imports this module)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model")
+
+
+def model_dir_kind(path: str) -> str:
+    """What a local dir holds: 'reward' (a fastrlhf reward model), 'policy' (an HF causal LM or a
+    PEFT adapter), 'run' (no model at its root, but model subdirs), 'empty' or 'other'."""
+    if os.path.isfile(os.path.join(path, REWARD_HEAD_FILE)):
+        return "reward"
+    if os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return "policy"
+    if model_subdirs(path):
+        return "run"
+    return "empty" if not os.listdir(path) else "other"
+
+
+def model_subdirs(path: str) -> Dict[str, str]:
+    """{subdir name: its kind} of the immediate subdirs of `path` that hold a model
+    (a run's actor/, critic/, checkpoint-<step>/, a pipeline's step1_sft/ ...)."""
+    found = {}
+    try:
+        names = sorted(os.listdir(path), key=_natural_key)
+    except OSError:
+        return found
+    for name in names:
+        sub = os.path.join(path, name)
+        if os.path.isdir(sub) and not name.endswith(".partial"):
+            if os.path.isfile(os.path.join(sub, REWARD_HEAD_FILE)):
+                found[name] = "reward"
+            elif os.path.isfile(os.path.join(sub, "config.json")) or os.path.isfile(
+                    os.path.join(sub, "adapter_config.json")):
+                found[name] = "policy"
+    return found
+
+
+def _natural_key(name: str):
+    import re
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _has_tokenizer_files(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) or any(
+        os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def _hub_offline() -> bool:
+    truthy = ("1", "on", "yes", "true")
+    if any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _is_hub_name(path: str) -> bool:
+    """Could `path` be a hub repo id ('gpt2', 'org/name')? Paths like './x', '/a/b', 'a/b/c' cannot,
+    nor 'runs/x' when there is a local dir runs/ (a typo in a local path, not a hub name)."""
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return False
+    if "/" in path and os.path.isdir(path.split("/")[0]):
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+        validate_repo_id(path)
+    except ImportError:
+        return True
+    except Exception:  # HFValidationError
+        return False
+    return True
+
+
+def _check_hub_name(path: str, what: str) -> None:
+    """A hub name must be in the local HF cache when offline, and reachable otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+    cached = any(isinstance(try_to_load_from_cache(path, f), str) for f in ("config.json", "adapter_config.json"))
+    if cached:
+        return
+    if _hub_offline():
+        raise ModelPathError(
+            f"{what}{path!r} is not a local directory, and as a hub model it is not in the local "
+            f"HF cache while the hub is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set). Fix: check the path, "
+            f"or download the model where there is network (`hf download {path}`) and copy the cache", path=path)
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(path, "config.json")
+    except Exception as e:  # network failure, unknown repo, gated repo, adapter-only repo
+        name = type(e).__name__
+        if name in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            return  # the repo exists (e.g. a PEFT adapter without config.json); loading takes it from here
+        if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            why = f"the hub has no model {path!r} you can access ({name})"
+        else:
+            why = f"the hub could not be reached ({name})"
+        raise ModelPathError(f"{what}{path!r} is not a local directory, and {why}. Fix: check the "
+                             f"path or the model name, your network, or set HF_HUB_OFFLINE=1 to use only the "
+                             f"local HF cache", path=path) from None
+
+
+def check_model_path(path: Optional[str], expect: str = "any", *, option: Optional[str] = None,
+                     tokenizer: bool = False) -> None:
+    """The one check every model path gets before anything loads from it; raises ModelPathError
+    (a ConfigError) saying what was expected and what was found.
+
+    `expect`: 'policy' (a causal LM: an SFT model, an actor, a reference), 'reward' (a step-2
+    reward model dir), 'any' (a backbone to start from) or 'tokenizer' (a dir with tokenizer files,
+    or a model dir that has them). `option` names the flag in messages. `tokenizer=True` also
+    requires tokenizer files in a local model dir (a PEFT adapter dir borrows its base model's).
+    None (the bundled default) always passes, except as a reward model."""
+    if expect not in MODEL_KINDS:
+        raise ValueError(f"expect must be one of {', '.join(MODEL_KINDS)}, got {expect!r}")
+    if expect == "tokenizer":
+        if path and os.path.isdir(path) and _has_tokenizer_files(path):
+            return
+        tokenizer = True
+    what = f"{option} " if option else ""
+    expected = MODEL_KINDS[expect]
+    if not path:
+        if expect == "reward":
+            raise ModelPathError(f"{what}is not set; it must be {expected}", path=path)
+        return
+    path = str(path)
+    if not os.path.exists(path):
+        if expect == "reward":
+            raise ModelPathError(f"{what}{path!r}: no such directory; it must be {expected}", path=path)
+        if _is_hub_name(path):
+            _check_hub_name(path, what)
+            return
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        where = "" if os.path.isdir(parent) else f" (nor does {parent}/)"
+        raise ModelPathError(f"{what}{path!r}: no such directory{where}; it must be {expected}. Fix: check the "
+                             f"path (relative paths are taken from {os.getcwd()})", path=path)
+    if not os.path.isdir(path):
+        raise ModelPathError(f"{what}{path!r} is a file; it must be {expected}, a directory", path=path)
+    kind = model_dir_kind(path)
+    if kind == "empty":
+        raise ModelPathError(f"{what}{path!r} is an empty directory; it must be {expected}", path=path)
+    if kind == "other":
+        names = sorted(os.listdir(path))
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ModelPathError(f"{what}{path!r} holds no model (no config.json; it has {shown}); it must be "
+                             f"{expected}", path=path)
+    if kind == "run":
+        subdirs = model_subdirs(path)
+        listed = ", ".join(f"{name}/" + (" (reward model)" if k == "reward" else "") for name, k in subdirs.items())
+        # a run's critic/ has the reward-model format but is a value function, never the reward model
+        fits = [n for n, k in subdirs.items() if expect == "any" or (k == expect and not n.startswith("critic"))]
+        pick = "actor" if "actor" in fits and expect != "reward" else (fits[0] if fits else None)
+        fix = f" Fix: pass {os.path.join(path, pick)}" if pick else ""
+        raise ModelPathError(f"{what}{path!r} holds a training run, not a model: its model subdirs are {listed}; "
+                             f"it must be {expected}.{fix}", path=path)
+    if expect == "reward" and kind != "reward":
+        raise ModelPathError(f"{what}{path!r} is a causal LM (policy), not a reward model: it has no "
+                             f"{REWARD_HEAD_FILE}, so its scores would come from a random value head; it must be "
+                             f"{expected}", path=path)
+    if expect == "policy" and kind == "reward":
+        raise ModelPathError(f"{what}{path!r} is a reward model ({REWARD_HEAD_FILE}), not a causal LM: its backbone "
+                             f"has no trained LM head; it must be {expected}", path=path)
+    if tokenizer and not _has_tokenizer_files(path):
+        raise ModelPathError(f"{what}{path!r} has a model but no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                             f"...). Fix: pass --tokenizer NAME_OR_DIR, or save the tokenizer into that dir", path=path)
 
 
 def hf_dtype_kwargs(dtype: torch.dtype) -> Dict[str, torch.dtype]:
@@ -65,6 +249,7 @@ def load_tokenizer(path: Optional[str] = None, *, padding_side: str = "right"):
     """AutoTokenizer for `path` (None = bundled default) with a pad token guaranteed."""
     from transformers import AutoTokenizer
     path = resolve_model_path(path)
+    check_model_path(path, "tokenizer")
     adapter = os.path.join(path, "adapter_config.json")
     if os.path.isfile(adapter) and not glob.glob(os.path.join(path, "tokenizer*")):
         path = _adapter_base(path)  # PEFT adapter dirs usually carry no tokenizer
@@ -79,7 +264,7 @@ def _adapter_base(adapter_dir: str) -> str:
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         base = json.load(f).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; "
+        raise ConfigError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; "
                          "load the base model yourself and pass a PeftModel")
     return base
 
@@ -158,6 +343,7 @@ def load_causal_lm(path: Optional[str] = None, *, tokenizer=None, dtype: str = "
     """A causal LM ready for training (see the module docstring for what `path` may be)."""
     from transformers import AutoModelForCausalLM
     path = resolve_model_path(path)
+    check_model_path(path, "policy")
     tdtype = torch_dtype(dtype)
     adapter_cfg = os.path.join(path, "adapter_config.json")
     if os.path.isfile(adapter_cfg):
@@ -222,15 +408,18 @@ def apply_lora_from_config(model: nn.Module, cfg) -> nn.Module:
     """fastrlhf LoRA per cfg.lora_* (skipped for PEFT models, which carry their own adapters)."""
     if is_peft_model(model):
         if cfg.lora_rank > 0:
-            raise ValueError("the model already has PEFT LoRA adapters; drop --lora_rank (0) or pass the "
-                             "plain base model")
+            raise ConfigError("the model already has PEFT LoRA adapters; drop --lora_rank (0) or pass the "
+                              "plain base model")
         return model
     if cfg.lora_rank > 0:
-        fl_lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        try:
+            fl_lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        except ValueError as e:  # no layer matched --lora_target_modules: the message lists the names
+            raise ConfigError(f"--lora_target_modules: {e}") from None
         if cfg.only_optimize_lora:
             fl_lora.only_optimize_lora(model)
     elif cfg.only_optimize_lora:
-        raise ValueError("only_optimize_lora needs LoRA: set --lora_rank > 0")
+        raise ConfigError("only_optimize_lora needs LoRA: set --lora_rank > 0")
     return model
 
 

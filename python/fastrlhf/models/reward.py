@@ -18,9 +18,10 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .loading import load_fastrlhf_lora, load_pretrained, resize_for_tokenizer, resolve_model_path, torch_dtype
+from .loading import (REWARD_HEAD_FILE, check_model_path, load_fastrlhf_lora, load_pretrained, resize_for_tokenizer,
+                      resolve_model_path, torch_dtype)
 
-HEAD_FILE = "value_head.safetensors"
+HEAD_FILE = REWARD_HEAD_FILE
 META_FILE = "reward_model.json"
 
 
@@ -96,6 +97,7 @@ class RewardModel(nn.Module):
         """A saved reward model, or a fresh head on the backbone of any causal-LM dir/name."""
         from transformers import AutoModel
         path = resolve_model_path(path_or_name)
+        check_model_path(path, "any")
         backbone = load_pretrained(AutoModel, path, dtype=torch_dtype(dtype), seed=seed, ds_config=ds_config)
         resize_for_tokenizer(backbone, tokenizer, seed)
         load_fastrlhf_lora(backbone, path)  # saved with merge_lora_on_save=False
