@@ -18,11 +18,12 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from .data import DataSpec
 
@@ -31,6 +32,47 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says which key and how."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The sane values of a numeric option (each element, for a list): `low`/`high` bounds,
+    excluded when `*_open`; `hint` is added to the error message."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    hint: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{num(self.low)}, {num(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {num(self.low)}"
+        return f"{'<' if self.high_open else '<='} {num(self.high)}" if self.high is not None else "finite"
+
+
+def at_least(low: float, hint: str = "") -> Range:
+    return Range(low=low, hint=hint)
+
+
+def above(low: float, hint: str = "") -> Range:
+    return Range(low=low, low_open=True, hint=hint)
+
+
+def fraction(high_open: bool = True, low_open: bool = False, hint: str = "") -> Range:
+    """[0, 1) by default."""
+    return Range(0.0, 1.0, low_open=low_open, high_open=high_open, hint=hint)
 
 
 def _opt(default, help: str, choices: Optional[Sequence[Any]] = None, factory=None):
@@ -92,22 +134,107 @@ class TrainConfig:
     deepspeed_config: Optional[str] = _opt(None, "your own DeepSpeed JSON; replaces the generated one "
                                            "('auto' values are filled in from this config)")
 
+    # the sane values of every numeric option (validate_config checks them; --help shows them)
+    RANGES: ClassVar[Dict[str, Range]] = {
+        "seed": Range(0, 2 ** 32, high_open=True),
+        "micro_batch_size": at_least(1), "global_batch_size": at_least(1), "eval_batch_size": at_least(1),
+        "learning_rate": above(0), "weight_decay": at_least(0), "adam_betas": fraction(),
+        "warmup_steps": at_least(0), "warmup_ratio": fraction(), "num_epochs": at_least(1),
+        "max_steps": at_least(1), "gradient_clipping": at_least(0, "0 = no clipping"),
+        "lora_rank": at_least(0, "0 = no LoRA"), "lora_alpha": above(0), "lora_dropout": fraction(),
+        "save_steps": at_least(0, "0 = only at the end"), "save_total_limit": at_least(0, "0 = keep all"),
+        "eval_steps": at_least(0, "0 = only before and after training"), "eval_max_batches": at_least(1),
+        "log_steps": at_least(1), "cpu_threads": at_least(1), "max_nonfinite_steps": at_least(1),
+    }
+    # the kind of model model_name_or_path must be (models.loading.check_model_path)
+    MODEL_KIND: ClassVar[str] = "policy"
+
     def validate(self) -> None:
+        """Checks of the values alone (and of the files they name): run whenever a config is built."""
         validate_config(self)
-        if self.micro_batch_size < 1:
-            raise ConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas takes two numbers (beta1 beta2), got {self.adam_betas}")
         if self.offload != "none" and self.zero_stage == 0:
             raise ConfigError("offload=cpu needs ZeRO: set --zero_stage 1, 2 or 3 (or --offload none)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 or unset, got {self.max_steps}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_nonfinite_steps < 1:
-            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.only_optimize_lora and self.lora_rank == 0 and not (
+                self.model_name_or_path and os.path.isfile(os.path.join(self.model_name_or_path,
+                                                                        "adapter_config.json"))):
+            raise ConfigError("only_optimize_lora needs LoRA: set --lora_rank > 0 (e.g. 8), pass a PEFT adapter "
+                              "dir as the model, or drop --only_optimize_lora")
         if self.resume not in ("auto", "no") and not os.path.isdir(self.resume):
             raise ConfigError(f"resume={self.resume!r} is neither 'auto', 'no' nor an existing checkpoint dir")
-        if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
-            raise ConfigError(f"deepspeed_config file {self.deepspeed_config!r} does not exist")
+        if self.deepspeed_config:
+            read_deepspeed_config(self.deepspeed_config)
+
+    def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
+        """(option, path, expected kind) of every model this run loads (see check_model_path)."""
+        return [("--model_name_or_path", self.model_name_or_path, self.MODEL_KIND)]
+
+    def tokenizer_inputs(self) -> List[Tuple[str, Optional[str]]]:
+        """(option, path) of every tokenizer this run loads when none is passed in."""
+        if self.tokenizer:
+            return [("--tokenizer", self.tokenizer)]
+        return [("--model_name_or_path", self.model_name_or_path)]
+
+    def check_inputs(self, produced: Sequence[str] = (), tokenizers: bool = False) -> None:
+        """Checks against this machine, before anything loads or is written: every model path is
+        there and of the right kind, the output dir can be made, the precision runs here.
+        `produced`: dirs an earlier step of the same pipeline will write (not checked yet);
+        `tokenizers`: also check the tokenizer paths (the command line always loads them)."""
+        from .models.loading import check_model_path
+        made = {os.path.abspath(p) for p in produced}
+        for option, path, kind in self.model_inputs():
+            if not (path and os.path.abspath(path) in made):
+                check_model_path(path, kind, option=option)
+        if tokenizers:
+            for option, path in self.tokenizer_inputs():
+                if not (path and os.path.abspath(path) in made):
+                    check_model_path(path, "tokenizer", option=option)
+        check_output_dir(self.output_dir)
+        fp16 = self.dtype == "fp16"
+        if self.deepspeed_config:  # the file decides; its "auto" means this config's dtype
+            section = read_deepspeed_config(self.deepspeed_config).get("fp16")
+            enabled = section.get("enabled") if isinstance(section, Mapping) else None
+            fp16 = enabled is True or (enabled == "auto" and self.dtype == "fp16")
+        if fp16:
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("fp16 training needs a CUDA GPU (DeepSpeed has no fp16 on the CPU) and none is "
+                                  "visible here; use --dtype fp32 or bf16")
+
+
+def check_output_dir(path: str) -> None:
+    """The output dir must be a directory this process can create or write into."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ConfigError(f"output_dir {path!r} is a file, not a directory. Fix: pass another --output_dir "
+                          f"or move the file")
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"output_dir {path!r} cannot be created: {existing} is a file. Fix: pass another "
+                          f"--output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {path!r} cannot be written: no write permission in {existing}. Fix: pass "
+                          f"a writable --output_dir")
+
+
+def read_deepspeed_config(path: str) -> Dict[str, Any]:
+    """The user's DeepSpeed JSON as a dict, or a one-line ConfigError naming the file and the position."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"deepspeed_config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config {path}: not valid JSON at line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"deepspeed_config {path}: cannot read it ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed_config {path} must hold a JSON object ({{...}}), got {type(data).__name__}")
+    return data
 
 
 # ----------------------------------------------------------------------------- generic machinery
@@ -120,10 +247,27 @@ def _hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unknown_key(key: str, known: Sequence[str], where: str) -> ConfigError:
+def did_you_mean(key: str, known: Sequence[str], prefix: str = "") -> str:
+    """'; did you mean X?' (the closest of `known`, each shown with `prefix`), or ''."""
     close = difflib.get_close_matches(key, list(known), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+
+
+def _unknown_key(key: str, known: Sequence[str], where: str) -> ConfigError:
+    hint = did_you_mean(key, known) or f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown config key {where + key!r}{hint}")
+
+
+def option_names(cls, prefix: str = "") -> List[str]:
+    """Every option of dataclass `cls` as the command line spells it, without '--' (nested: 'data.paths')."""
+    names = []
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(_hints(cls)[f.name])
+        if dataclasses.is_dataclass(tp):
+            names += option_names(tp, prefix + f.name + ".")
+        else:
+            names.append(prefix + f.name)
+    return names
 
 
 def _strip_optional(tp):
@@ -211,7 +355,9 @@ def config_from_dict(cls: Type[T], values: Mapping[str, Any], *, prefix: str = "
 
 
 def validate_config(obj: Any, prefix: str = "") -> None:
-    """Check every field with `choices` metadata (recursively)."""
+    """Check every field with `choices` metadata, every number against the class's `RANGES`
+    (lists element by element) and every float for being finite (recursively)."""
+    ranges = getattr(type(obj), "RANGES", {})
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         choices = f.metadata.get("choices")
@@ -220,6 +366,16 @@ def validate_config(obj: Any, prefix: str = "") -> None:
                               f"{', '.join(map(str, choices))}")
         if dataclasses.is_dataclass(value):
             validate_config(value, f"{prefix}{f.name}.")
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            rng = ranges.get(f.name, Range())
+            if v not in rng:
+                shown = value if isinstance(value, (list, tuple)) else v
+                each = "each value of " if isinstance(value, (list, tuple)) else ""
+                hint = f" ({rng.hint})" if rng.hint else ""
+                raise ConfigError(f"{each}{prefix}{f.name} must be {rng}{hint}, got {shown}")
 
 
 def update_config(obj: T, overrides: Mapping[str, Any]) -> T:
@@ -260,8 +416,11 @@ def load_config_file(path: str) -> Dict[str, Any]:
     """Read a YAML (.yaml/.yml) or JSON file into a dict."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is skipped
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path} ({type(e).__name__}: {e})") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)
@@ -304,6 +463,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = 
         choices = f.metadata.get("choices")
         if choices:
             help_text += f" {{{'|'.join(map(str, choices))}}}"
+        rng = getattr(cls, "RANGES", {}).get(f.name)
+        if rng is not None:
+            help_text += f"; {rng}"
         help_text += f" (default: {default})"
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         if typing.get_origin(tp) in (list, List):
@@ -368,9 +530,7 @@ def build_ds_config(cfg: Any, world_size: int) -> Dict[str, Any]:
     accumulation, clipping, precision) are filled in from `cfg`."""
     geometry = batch_geometry(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     if getattr(cfg, "deepspeed_config", None):
-        with open(cfg.deepspeed_config) as f:
-            user = json.load(f)
-        return _fill_auto(user, cfg, geometry, world_size)
+        return _fill_auto(read_deepspeed_config(cfg.deepspeed_config), cfg, geometry, world_size)
     zero: Dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)

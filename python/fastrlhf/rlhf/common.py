@@ -124,6 +124,7 @@ def seed_everything(seed: int) -> None:
 def setup_run(cfg) -> RunContext:
     """Validate cfg, join the process group, seed, build the DeepSpeed config, create the output dir."""
     cfg.validate()
+    cfg.check_inputs()  # model paths and kinds, output dir, precision: before anything is written
     quiet_libraries()
     device = init_distributed()
     if device.type == "cpu" and cfg.cpu_threads:
@@ -311,7 +312,7 @@ class GlobalBatchSampler:
         self.global_batch = micro * accumulation * world
         self.seed, self.shuffle = seed, shuffle
         if num_items < self.global_batch:
-            raise ValueError(f"{what} has {num_items} examples, fewer than one global batch "
+            raise ConfigError(f"{what} has {num_items} examples, fewer than one global batch "
                              f"({self.global_batch}); {fix}")
         self.epoch, self.micro_in_epoch = 0, 0
         self._order: Tuple[int, List[int]] = (-1, [])

@@ -9,9 +9,9 @@ pretrained models instead). How the PPO profile was tuned: benchmarks/results/pp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
-from ..config import ConfigError, TrainConfig, _opt, batch_geometry
+from ..config import ConfigError, Range, TrainConfig, _opt, above, at_least, batch_geometry, fraction
 from ..utils.distributed import get_world_size
 from .experience import AdvantageSettings
 from .rl_math import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
@@ -35,6 +35,8 @@ class RMConfig(TrainConfig):
     learning_rate: float = _opt(1e-5, "peak learning rate")
     warmup_ratio: float = _opt(0.03, "warmup as a fraction of the total optimizer steps")
 
+    MODEL_KIND: ClassVar[str] = "any"  # a base or SFT causal LM, or a reward model to train further
+
 
 @dataclass
 class DPOConfig(TrainConfig):
@@ -46,12 +48,11 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = _opt(0.0, "conservative DPO: assumed share of flipped preference labels")
     learning_rate: float = _opt(1e-4, "peak learning rate")
 
-    def validate(self) -> None:
-        super().validate()
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    RANGES: ClassVar[Dict[str, Range]] = {**TrainConfig.RANGES, "beta": above(0),
+                                          "label_smoothing": Range(0.0, 0.5, high_open=True)}
+
+    def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
+        return super().model_inputs() + [("--ref_model", self.ref_model, "policy")] * bool(self.ref_model)
 
 
 @dataclass
@@ -132,6 +133,26 @@ class PPOConfig(TrainConfig):
                                  "'retokenize' (decode and re-encode for the reward model)",
                                  choices=("check", "retokenize"))
 
+    RANGES: ClassVar[Dict[str, Range]] = {
+        **TrainConfig.RANGES, "rollout_batch_size": at_least(1), "group_size": at_least(1), "ppo_epochs": at_least(1),
+        "critic_learning_rate": above(0), "critic_warmup_steps": at_least(0), "max_new_tokens": at_least(1),
+        "temperature": above(0, "PPO rollouts are sampled, not greedy"), "top_p": fraction(False, low_open=True),
+        "top_k": at_least(0, "0 = off"), "min_new_tokens": at_least(0), "clip_eps": above(0),
+        "clip_eps_low": above(0), "clip_eps_high": above(0), "dual_clip": above(1, "it caps the loss at -c x A"),
+        "tis_cap": at_least(1, "a cap below 1 shrinks every token's weight"), "entropy_coef": at_least(0, "a bonus"),
+        "value_clip": at_least(0, "0 = off"), "value_loss_coef": at_least(0), "gamma": fraction(False),
+        "lam": fraction(False), "kl_coef": at_least(0), "target_kl": above(0), "kl_horizon": at_least(1),
+        "reward_clip": at_least(0, "0 = off"), "ptx_coef": at_least(0, "0 = off"),
+        "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0)}
+
+    def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
+        return super().model_inputs() + [("--reward_model", self.reward_model, "reward")] + [
+            (f"--{key}", getattr(self, key), kind) for key, kind in (("critic_model", "any"), ("ref_model", "policy"))
+            if getattr(self, key)]
+
+    def tokenizer_inputs(self) -> List[Tuple[str, Optional[str]]]:
+        return super().tokenizer_inputs() + [("--reward_model", self.reward_model)]
+
     def validate(self) -> None:
         super().validate()
         if not self.reward_model:
@@ -139,16 +160,14 @@ class PPOConfig(TrainConfig):
         if self.algo in GROUP_ALGOS and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
         self._validate_policy_loss()
-        if self.temperature <= 0:
-            raise ConfigError("temperature must be > 0: PPO rollouts are sampled, not greedy")
-        if self.ppo_epochs < 1:
-            raise ConfigError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        answer_cap = self.max_new_tokens or self.data.max_answer_len
+        if self.min_new_tokens > answer_cap:
+            raise ConfigError(f"min_new_tokens ({self.min_new_tokens}) exceeds the answer length cap ({answer_cap}: "
+                              "--max_new_tokens, else --data.max_answer_len)")
         n = self.answers_per_step
         if n % self.micro_batch_size:
             raise ConfigError(f"rollout_batch_size x group_size = {n} answers do not split into mini-batches "
                               f"of micro_batch_size={self.micro_batch_size}; make it a divisor of {n}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be >= 1")
         if self.critic_offload != "none" and self.critic_zero_stage == 0:
             raise ConfigError("critic_offload=cpu needs ZeRO: set --critic_zero_stage 1, 2 or 3")
         self.check_accumulation(get_world_size())  # the launcher's WORLD_SIZE (1 without one)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..config import build_ds_config
+from ..config import ConfigError, build_ds_config
 from ..models.loading import (apply_lora_from_config, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
                               load_tokenizer, max_positions, resolve_model_path)
 from ..models.reward import RewardModel
@@ -66,7 +66,7 @@ class PPOModels:
 
 def check_same_tokenizer(actor_tok, reward_tok, actor_path: str, reward_path: str) -> None:
     if actor_tok.get_vocab() != reward_tok.get_vocab() or actor_tok.eos_token_id != reward_tok.eos_token_id:
-        raise ValueError(
+        raise ConfigError(
             f"the actor ({actor_path}) and the reward model ({reward_path}) use different tokenizers "
             f"(vocab sizes {len(actor_tok)} vs {len(reward_tok)}); the reward model would score the wrong "
             "tokens. Train the reward model from the same base tokenizer, or pass --reward_tokenizer "
@@ -95,7 +95,7 @@ def check_lengths(cfg, given: Dict[str, nn.Module], longest_prompt: int, max_new
             conf = AutoConfig.from_pretrained(resolve_model_path(path))
         limit = max_positions(conf)
         if limit is not None and need > limit:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt ({longest_prompt} tokens) + answer ({max_new_tokens} tokens) = {need} exceeds the "
                 f"{name}'s {limit} positions; lower --data.max_prompt_len or --max_new_tokens")
 
