@@ -306,11 +306,12 @@ def test_parquet_json_and_save_to_disk_sources(tmp_path, tok):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
                           "test": datasets.Dataset.from_list(pair_rows(20, "test"))}).save_to_disk(str(tmp_path / "dd"))
-    ref_train, ref_eval = build_datasets(DataSpec(paths=[write_jsonl(tmp_path / "d.jsonl", rows)]), tok, 2)
+    split = dict(split_ratios="2,4,4")  # the pipeline's split: each step gets its share
+    ref_train, ref_eval = build_datasets(DataSpec(paths=[write_jsonl(tmp_path / "d.jsonl", rows)], **split), tok, 2)
     reference = row_ids(tok, ref_train, 2)
     for name in ("d.parquet", "d.json"):
-        assert row_ids(tok, build_datasets(DataSpec(paths=[str(tmp_path / name)]), tok, 2)[0], 2) == reference
-    train, evals = build_datasets(DataSpec(paths=[str(tmp_path / "dd")]), tok, 2)
+        assert row_ids(tok, build_datasets(DataSpec(paths=[str(tmp_path / name)], **split), tok, 2)[0], 2) == reference
+    train, evals = build_datasets(DataSpec(paths=[str(tmp_path / "dd")], **split), tok, 2)
     # no rows held out of train: the eval rows come from the test split
     assert sorted(row_ids(tok, train, 2)) == sorted(reference + row_ids(tok, ref_eval, 2))
     # the dataset's own test split supplies the eval rows (its step-2 share)

@@ -10,8 +10,10 @@ DataSpec fields (all optional):
                     (fastrlhf.data.default_task).
     weights         one per path: the fraction of that dataset's rows to use in the blend
                     (1.0 = all, 0.5 = a seeded half, 2.0 = every row twice); None = all of each.
-    split_ratios    "2,4,4": each dataset is cut by one seeded permutation into disjoint shares for
-                    steps 1, 2, 3 (same seed -> same parts, whichever step is built).
+    split_ratios    None: each step gets all rows of every dataset (a step run alone: `fastrlhf
+                    sft`, `rm`, `ppo`, `dpo`, the Python API). "2,4,4": each dataset is cut by one
+                    seeded permutation into disjoint shares for steps 1, 2, 3 (same seed -> same
+                    parts, whichever step is built); `fastrlhf train` uses 2,4,4 unless told otherwise.
     eval_fraction   0.05 of each step's share held out for eval; a dataset with a test/validation
                     split uses that split's share instead.
     seed            1234; drives the split, the held-out rows, the blend and the caps.
@@ -40,7 +42,11 @@ Formats, prompt rendering and the plain "Human: ...\\n\\nAssistant:" template us
 tokenizer has no chat template are described in fastrlhf.data.formats. Steps that need pairs use
 the rows that have them; SFT uses prompt + chosen (or response); PPO uses the prompts. Bad data
 (missing columns or values, empty text, wrong types, unreadable files) raises DataError (a
-ValueError) before any training, naming the file, row and column, and the fix.
+ValueError) before any training, naming the file, row and column, and the fix. What each
+dataset gives a step (rows, share, rows skipped) is logged on "fastrlhf.data"; a dataset of a
+blend that gives the step no training rows is a warning naming the reason (a blend may mix
+prompt-only data for PPO with pairs, so it is not an error; no rows from all of them is).
+A UTF-8 byte-order mark at the start of a .json/.jsonl file is accepted.
 """
 from fastrlhf.data.build import build_datasets, split_indices
 from fastrlhf.data.collators import PairCollator, PromptCollator, SFTCollator, pad_sequences

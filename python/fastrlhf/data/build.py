@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -82,39 +84,105 @@ def _render(name: str, parsed: list, indices: list[int], renderer: PromptRendere
     return out
 
 
+STEP_NAMES = {1: "SFT", 2: "preference pairs", 3: "PPO prompts"}
+logger = logging.getLogger("fastrlhf.data")
+
+
+def _share(n: int, ratios: list[float] | None, seed: int, step: int) -> list[int]:
+    """The indices of ``step``'s share of n rows: all of them (seeded order) when ratios is None."""
+    return split_indices(n, ratios or [1.0, 0.0, 0.0], seed)[step - 1 if ratios else 0]
+
+
+@dataclass
+class _SourceReport:
+    """What one dataset gave a step: printed, and warned about when it gave nothing."""
+    name: str
+    rows: int              # all train rows of the dataset
+    share: int             # rows of the step's share (all rows without split_ratios)
+    unusable: int          # rows of the share (train and eval) without what the step needs
+    train: int             # train rows after weighting
+    eval: int
+    weight: float
+    eval_from_test: bool
+
+    def line(self, spec: DataSpec, step: int) -> str:
+        if spec.split_ratios is None:
+            where = f"all {self.rows} rows; split_ratios not applied"
+        else:
+            where = f"step {step}'s share of its {self.rows} rows, split_ratios {spec.split_ratios}"
+        extra = f", weight {self.weight:g}" if self.weight != 1.0 else ""
+        extra += ", eval rows from its test split" if self.eval_from_test else ""
+        skipped = f"; {self.unusable} rows skipped: step {step} needs {STEP_NEEDS[step]}" if self.unusable else ""
+        return (f"data, step {step} ({STEP_NAMES[step]}): {self.train} train + {self.eval} eval rows from "
+                f"{self.name} ({where}{extra}){skipped}")
+
+    def why_empty(self, spec: DataSpec, step: int) -> str:
+        if self.weight == 0:
+            return "its weight is 0"
+        if self.share == 0:
+            return f"its share under split_ratios {spec.split_ratios} is empty ({self.rows} rows in all)"
+        if self.unusable:
+            return f"none of its rows has what step {step} needs: {STEP_NEEDS[step]}"
+        return "all of its rows of this step were held out for eval"
+
+
 def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: list[str]):
     """Train and eval Samples of ``step`` from every source, validated, blended and capped."""
     ratios = spec.step_ratios()
-    if ratios[step - 1] == 0:
+    if ratios is not None and ratios[step - 1] == 0:
         raise DataError(f"DataSpec.split_ratios={spec.split_ratios!r} gives step {step} no data. Fix: give "
                         f"step {step} a positive share, e.g. '2,4,4'")
     weights = spec.weights or [1.0] * len(paths)
     rng = random.Random(f"fastrlhf-blend:{spec.seed}:{step}")
-    train, evals = [], []
+    train, evals, reports = [], [], []
     for path, weight in zip(paths, weights):
         source = read_source(path)
         parsed = parse_rows(source.train, source.name)                 # validates every row
         parsed_test = parse_rows(source.test, f"{source.name} (test split)") if source.test else None
-        share = split_indices(len(parsed), ratios, spec.seed)[step - 1]
+        share = _share(len(parsed), ratios, spec.seed, step)
         if parsed_test is not None:
             train_idx, eval_src = share, (f"{source.name} (test split)", parsed_test)
-            eval_idx = split_indices(len(parsed_test), ratios, spec.seed)[step - 1]
+            eval_idx = _share(len(parsed_test), ratios, spec.seed, step)
         else:
             n_eval = _eval_count(len(share), spec.eval_fraction)
             train_idx, eval_idx, eval_src = share[n_eval:], share[:n_eval], (source.name, parsed)
         src_train = [s for s in _render(source.name, parsed, train_idx, renderer) if _usable(step, s)]
         src_eval = [s for s in _render(*eval_src, eval_idx, renderer) if _usable(step, s)]
-        train += _weighted(src_train, weight, rng)
+        weighted = _weighted(src_train, weight, rng)
+        train += weighted
         evals += src_eval
+        unusable = len(train_idx) - len(src_train) + len(eval_idx) - len(src_eval)
+        reports.append(_SourceReport(source.name, len(parsed), len(share), unusable, len(weighted), len(src_eval),
+                                     weight, parsed_test is not None))
     if not train:
         raise DataError(f"no training rows for step {step} in {paths}: it needs {STEP_NEEDS[step]}. Fix: add "
                         f"a dataset that has them, or set split_ratios so step {step} gets rows")
     rng.shuffle(train)
     rng.shuffle(evals)
+    n_train, n_eval = len(train), len(evals)
     if spec.max_samples is not None:
         train = train[: spec.max_samples]
         evals = evals[: max(1, math.ceil(spec.max_samples * spec.eval_fraction))] if evals else evals
+    _report(spec, step, reports, (n_train, n_eval), (len(train), len(evals)))
     return train, evals
+
+
+def _report(spec: DataSpec, step: int, reports: list, before_cap: tuple, used: tuple) -> None:
+    """One line per dataset (rank 0), a total for a blend or a cap, and a warning for each
+    dataset of a blend that gives the step no training rows."""
+    from fastrlhf.utils.distributed import is_rank0
+    if not is_rank0():
+        return
+    for r in reports:
+        logger.info(r.line(spec, step))
+        if r.train == 0:
+            logger.warning(f"warning: data, step {step} ({STEP_NAMES[step]}): {r.name} contributes no training "
+                           f"rows: {r.why_empty(spec, step)}")
+    if used != before_cap:
+        logger.info(f"data, step {step} ({STEP_NAMES[step]}): {used[0]} train + {used[1]} eval rows used "
+                    f"(max_samples={spec.max_samples} of {before_cap[0]} + {before_cap[1]})")
+    elif len(reports) > 1:
+        logger.info(f"data, step {step} ({STEP_NAMES[step]}): {used[0]} train + {used[1]} eval rows in all")
 
 
 def build_datasets(spec: DataSpec, tokenizer, step: int) -> tuple[TokenizedDataset, TokenizedDataset]:
@@ -132,6 +200,8 @@ def build_datasets(spec: DataSpec, tokenizer, step: int) -> tuple[TokenizedDatas
     cache = _cache_path(spec, tokenizer, step, paths)
     if cache and os.path.exists(cache):
         saved = torch.load(cache, weights_only=True)
+        logger.info(f"data, step {step} ({STEP_NAMES[step]}): {len(saved['train']['items'])} train + "
+                    f"{len(saved['eval']['items'])} eval rows from the cache {cache}")
         return tuple(TokenizedDataset(step, saved[p]["items"], saved[p]["stats"]) for p in ("train", "eval"))
     train, evals = _step_samples(spec, PromptRenderer(tokenizer), step, paths)
     encoder = StepTokenizer(tokenizer, spec.max_prompt_len, spec.max_answer_len, spec.overlong,

@@ -41,7 +41,7 @@ def source_fingerprint(name: str) -> str:
 
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -55,7 +55,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _read_json(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     try:
         data = json.loads(text)
