@@ -24,9 +24,11 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_from_dict, load_config_file,
-                     merge_dicts, namespace_overrides, unflatten)
+from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_from_dict, did_you_mean,
+                     load_config_file, merge_dicts, namespace_overrides, option_names, unflatten)
 from .data.errors import DataError
+from .data.spec import PIPELINE_SPLIT_RATIOS
+from .ops.dispatch import BackendError
 from .rlhf.checkpoint import SaveError
 from .rlhf.common import TrainingDiverged
 from .rlhf.configs import DEFAULT_TASK_PROFILES
@@ -128,10 +130,19 @@ def _layered_values(name: str, file_values: Dict[str, Any], overrides: Dict[str,
     return merge_dicts(_profile(name, bool(values.get("model_name_or_path"))), values)
 
 
+def unknown_argument(extra: Sequence[str], known: Sequence[str]) -> CLIError:
+    """The error for the first argument argparse did not know, with the closest known options."""
+    tok = extra[0]
+    if not tok.startswith("--"):
+        return CLIError(f"unexpected argument {tok!r}; options look like --key value")
+    key = tok[2:].partition("=")[0]
+    return CLIError(f"unknown option --{key}" + (did_you_mean(key, known, "--") or "; see --help for the options"))
+
+
 def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
-    if extra:
-        raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
     entry = TRAINERS[args.trainer]
+    if extra:
+        raise unknown_argument(extra, option_names(entry.config) + ["config"])
     values = _layered_values(entry.profile or args.trainer, _file_values(args.config),
                              namespace_overrides(args, entry.config))
     for key, value in entry.preset.items():
@@ -139,6 +150,7 @@ def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
             raise CLIError(f"`fastrlhf {args.trainer}` runs --algo {value}, not {values[key]}; "
                            f"use `fastrlhf ppo --algo {values[key]}`")
     cfg = config_from_dict(entry.config, merge_dicts(entry.preset, values))
+    cfg.check_inputs(tokenizers=True)  # before anything loads or is written
     from .utils.logging import print_rank0
     print_rank0("summary: " + entry.summary(entry.train(cfg)))
     return 0
@@ -155,8 +167,7 @@ def _split_step_overrides(extra: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         key, _, value = tok[2:].partition("=")
         section, _, rest = key.partition(".")
         if section not in out or not rest:
-            raise CLIError(f"unknown option --{key}; shared options are listed by `fastrlhf train --help`, "
-                           f"step-only ones are given as --sft.KEY, --rm.KEY or --ppo.KEY")
+            raise _unknown_train_option(key)
         values: List[str] = [value] if value else []
         while not value and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             values.append(extra[i + 1])
@@ -164,6 +175,18 @@ def _split_step_overrides(extra: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         i += 1
         out[section][rest] = values[0] if len(values) == 1 else (values or "true")
     return {k: unflatten(v) for k, v in out.items()}
+
+
+def _unknown_train_option(key: str) -> CLIError:
+    shared = set(option_names(TrainConfig)) | {"steps", "rm_init", "config"}
+    for step, name in STEP_NAMES.items():
+        if key in option_names(TRAINERS[name].config):
+            return CLIError(f"--{key} is an option of step {step} ({name}) only: pass it as --{name}.{key}")
+    step_only = [f"{name}.{o}" for name in STEP_NAMES.values() for o in option_names(TRAINERS[name].config)
+                 if o not in shared]
+    hint = did_you_mean(key, sorted(shared) + step_only, "--")
+    return CLIError(f"unknown option --{key}" + (hint or "; shared options are listed by `fastrlhf train --help`, "
+                                                 "step-only ones are given as --sft.KEY, --rm.KEY or --ppo.KEY"))
 
 
 def _fields_of(cls) -> set:
@@ -199,6 +222,8 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
         values = merge_dicts(values, step_sections[name])
         values = merge_dicts(values, cli_steps[name])
         values = merge_dicts(_profile(name, bool(base_model)), values)
+        if "split_ratios" not in (values.get("data") or {}):  # the pipeline splits each dataset across its steps
+            values = merge_dicts(values, {"data": {"split_ratios": PIPELINE_SPLIT_RATIOS}})
         try:
             configs[step] = config_from_dict(cls, values)
         except ConfigError as e:
@@ -206,8 +231,30 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
     return configs
 
 
+def check_step_inputs(configs: Dict[int, Any]) -> None:
+    """Every step's inputs, before step 1 starts: what an earlier step of this run will write is
+    taken as given; anything else must be there now (e.g. step1_sft/ for `--steps 3`)."""
+    produced: List[str] = []
+    for step, cfg in configs.items():
+        name = STEP_NAMES[step]
+        root = os.path.dirname(os.path.normpath(cfg.output_dir))
+        for option, path, _ in cfg.model_inputs():  # another step's output: local, never a hub name
+            for other, sub in STEP_DIRS.items():
+                if (path and os.path.normpath(path) == os.path.join(root, sub) and other not in configs
+                        and not os.path.exists(path)):
+                    raise ConfigError(f"step {step} ({name}): {option} {path}: no such directory; it is written by "
+                                      f"step {other}: run `fastrlhf train --steps {other} ...` first with the same "
+                                      f"--output_dir, add {other} to --steps, or pass --{name}.{option[2:]}")
+        try:
+            cfg.check_inputs(produced=produced, tokenizers=True)
+        except ConfigError as e:
+            raise ConfigError(f"step {step} ({name}): {e}") from None
+        produced.append(cfg.output_dir)
+
+
 def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     configs = build_step_configs(args, extra)
+    check_step_inputs(configs)
     from .utils.logging import print_rank0
     summary = []
     t_start = time.time()
@@ -288,9 +335,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from .utils.logging import get_logger
+    get_logger()  # so that fastrlhf.data's lines (what data each step uses) are printed
     try:
+        from .ops.dispatch import get_backend
+        get_backend()  # a bad FASTRLHF_BACKEND stops here, not deep inside a run
         return args.func(args, extra) or 0
-    except (CLIError, ConfigError, DataError) as e:
+    except (CLIError, ConfigError, DataError, BackendError) as e:
         parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
     except TrainingDiverged as e:  # the message names the step, the quantity and the fix
         parser.exit(1, f"fastrlhf {args.command}: stopped: {e}\n")

@@ -47,7 +47,7 @@ def test_console_script_help_runs_in_a_fresh_process():
     (["train", "--sft.learnin_rate", "1"], "did you mean learning_rate"),
     (["train", "--bogus", "1"], "unknown option --bogus"),
     (["sft", "--micro_batch_size", "many"], "micro_batch_size='many' is not a valid int"),
-    (["rm", "--not_an_option", "1"], "unrecognized arguments"),
+    (["rm", "--not_an_option", "1"], "unknown option --not_an_option"),
     (["train", "--config", "/no/such/file.yaml"], "does not exist"),
 ])
 def test_bad_arguments_give_one_clear_error(argv, message, capsys):

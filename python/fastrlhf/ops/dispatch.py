@@ -43,18 +43,28 @@ _loaded: Dict[str, object] = {}
 _preference: Dict[str, Tuple[str, ...]] = {}
 
 
+class BackendError(ValueError):
+    """An unknown backend name (argument, config or FASTRLHF_BACKEND); the message lists the valid ones."""
+
+
 def set_backend(name: Optional[str]) -> None:
     """Set the process-wide default backend (`None` returns to env/auto)."""
     global _global_backend
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown ops backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown ops backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _global_backend = name
 
 
 def get_backend() -> str:
-    name = _global_backend or os.environ.get("FASTRLHF_BACKEND", "auto") or "auto"
+    """The backend setting in force: set_backend's, else FASTRLHF_BACKEND (case and spaces ignored),
+    else 'auto'."""
+    if _global_backend:
+        return _global_backend
+    raw = os.environ.get("FASTRLHF_BACKEND", "")
+    name = raw.strip().lower() or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"FASTRLHF_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+        raise BackendError(f"FASTRLHF_BACKEND={raw!r} is not a kernel backend; set it to one of "
+                           f"{', '.join(BACKENDS)}, or unset it (auto)")
     return name
 
 
@@ -152,7 +162,7 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Tup
     """Return (backend name, function) that will run `op` for tensors on `device`."""
     want = backend or get_backend()
     if want not in BACKENDS:
-        raise ValueError(f"unknown ops backend {want!r}; choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown ops backend {want!r}; choose one of {', '.join(BACKENDS)}")
     if want != "auto":
         fn, why = _impl(want, op, device)
         if fn is not None:

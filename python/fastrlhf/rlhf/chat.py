@@ -20,11 +20,9 @@ class ChatSession:
                  top_p: float = 0.9, top_k: int = 0, greedy: bool = False, fallback: Optional[str] = None,
                  seed: int = 0, dtype: str = "fp32", device: Optional[str] = None):
         from ..hybrid_engine import EngineConfig, HybridEngine
-        from ..models.loading import load_causal_lm, load_tokenizer, max_positions
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not greedy and temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling; pass --greedy for greedy decoding")
+        from ..models.loading import check_model_path, load_causal_lm, load_tokenizer, max_positions
+        check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+        check_model_path(model_path, "policy", option="--model", tokenizer=True)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
         self.model = load_causal_lm(model_path, tokenizer=self.tokenizer, dtype=dtype).to(self.device).eval()
@@ -56,7 +54,8 @@ class ChatSession:
             if len(ids) <= budget:
                 return ids
             if len(self.messages) <= 1:
-                raise ValueError(f"the message is {len(ids)} tokens; with {self.gen_kwargs['max_new_tokens']} "
+                from ..config import ConfigError  # a ValueError: the loop shows it; --prompt stops with it
+                raise ConfigError(f"the message is {len(ids)} tokens; with {self.gen_kwargs['max_new_tokens']} "
                                  f"new tokens it exceeds the model's {self.max_positions} positions. Send a "
                                  "shorter message or lower --max_new_tokens")
             self.messages = self.messages[2:]  # one user + assistant turn
@@ -79,6 +78,19 @@ class ChatSession:
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+
+def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, greedy: bool) -> None:
+    """The sampling options, checked before the model loads (ConfigError, a ValueError)."""
+    from ..config import ConfigError
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and not temperature > 0:
+        raise ConfigError("temperature must be > 0 when sampling; pass --greedy for greedy decoding")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 = off), got {top_k}")
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,11 +140,24 @@ def run_chat(args: argparse.Namespace, read: Callable[[str], str] = input,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastrlhf chat", description=__doc__,
+    """Raises ConfigError (a ValueError, one line) for a bad model path or option; the `fastrlhf`
+    command prints it as `fastrlhf chat: error: ...`."""
+    from ..config import ConfigError, did_you_mean
+    p = argparse.ArgumentParser(prog="fastrlhf chat", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_arguments(p)
-    return run_chat(p.parse_args(argv))
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        key = extra[0][2:].partition("=")[0] if extra[0].startswith("--") else None
+        known = [o[2:] for o in p._option_string_actions if o.startswith("--")]
+        raise ConfigError(f"unknown option --{key}{did_you_mean(key, known, '--')}" if key else
+                          f"unexpected argument {extra[0]!r}; options look like --key value")
+    return run_chat(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..config import ConfigError as _ConfigError
+    try:
+        sys.exit(main())
+    except _ConfigError as e:
+        sys.exit(f"fastrlhf chat: error: {e}")
