@@ -150,7 +150,6 @@ def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
             raise CLIError(f"`fastrlhf {args.trainer}` runs --algo {value}, not {values[key]}; "
                            f"use `fastrlhf ppo --algo {values[key]}`")
     cfg = config_from_dict(entry.config, merge_dicts(entry.preset, values))
-    cfg.check_inputs(tokenizers=True)  # before anything loads or is written
     from .utils.logging import print_rank0
     print_rank0("summary: " + entry.summary(entry.train(cfg)))
     return 0

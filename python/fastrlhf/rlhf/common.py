@@ -121,10 +121,11 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def setup_run(cfg) -> RunContext:
-    """Validate cfg, join the process group, seed, build the DeepSpeed config, create the output dir."""
+def setup_run(cfg, check_tokenizers: bool = True) -> RunContext:
+    """Validate cfg, join the process group, seed, build the DeepSpeed config, create the output dir.
+    `check_tokenizers`: the tokenizer will be loaded from cfg's paths (none was passed in)."""
     cfg.validate()
-    cfg.check_inputs()  # model paths and kinds, output dir, precision: before anything is written
+    cfg.check_inputs(tokenizers=check_tokenizers)  # paths, kinds, output dir, precision: before anything is written
     quiet_libraries()
     device = init_distributed()
     if device.type == "cpu" and cfg.cpu_threads:
@@ -797,7 +798,7 @@ def run_supervised(cfg, *, step: int, label: str, load_model: Callable, default_
     reference) before the engine is built."""
     from ..models.loading import apply_lora_from_config, enable_gradient_checkpointing, load_tokenizer
 
-    ctx = setup_run(cfg)
+    ctx = setup_run(cfg, check_tokenizers=tokenizer is None)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
     if datasets is None:
         from ..data import build_datasets

@@ -52,7 +52,7 @@ class PPOTrainer(Trainer):
     def __init__(self, cfg: PPOConfig, *, models: Optional[Dict[str, torch.nn.Module]] = None,
                  tokenizer=None, prompts: Optional[List[Dict[str, Any]]] = None,
                  eval_prompts: Optional[List[Dict[str, Any]]] = None, ptx_data=None):
-        ctx = setup_run(cfg)  # validates, accumulation against the world size included
+        ctx = setup_run(cfg, check_tokenizers=tokenizer is None)  # validates (accumulation vs the world size too)
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model_name_or_path, padding_side="left")
         super().__init__(cfg, ctx, tokenizer)
         self.label = f"step 3 ({cfg.algo})"
