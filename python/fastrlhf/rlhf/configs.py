@@ -143,7 +143,7 @@ class PPOConfig(TrainConfig):
         "value_clip": at_least(0, "0 = off"), "value_loss_coef": at_least(0), "gamma": fraction(False),
         "lam": fraction(False), "kl_coef": at_least(0), "target_kl": above(0), "kl_horizon": at_least(1),
         "reward_clip": at_least(0, "0 = off"), "ptx_coef": at_least(0, "0 = off"),
-        "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0)}
+        "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0), "inference_tp_size": at_least(1)}
 
     def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
         return super().model_inputs() + [("--reward_model", self.reward_model, "reward")] + [
