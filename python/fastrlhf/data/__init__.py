@@ -30,13 +30,15 @@ Items (torch Datasets; values are LongTensors unless noted):
     step 1  {"input_ids", "labels"}: prompt + answer + EOS; labels -100 on the prompt tokens
             unless train_on_prompt.
     step 2  {"chosen_input_ids", "rejected_input_ids"}: prompt + answer + EOS each.
-    step 3  {"prompt_input_ids", "prompt": str}: the rendered prompt text, e.g. for
-            fastrlhf.data.default_task.ground_truth_score(prompt, response).
+    step 3  {"prompt_input_ids", "prompt": str, "columns": dict}: the rendered prompt text (e.g. for
+            fastrlhf.data.default_task.ground_truth_score(prompt, response)) and the row's other
+            columns (e.g. "answer"), which reward functions receive as keyword arguments.
 
 Collators (pad_token_id must not be None):
     SFTCollator(pad)(items)    -> {"input_ids", "attention_mask", "labels"}, right-padded, labels with -100
     PairCollator(pad)(items)   -> {"input_ids": [2B, S], "attention_mask"}: B chosen rows, then B rejected
     PromptCollator(pad)(items) -> {"input_ids", "attention_mask"} LEFT-padded, plus "prompt": list[str]
+                                  and "columns": {name: [value per item]}
 
 Formats, prompt rendering and the plain "Human: ...\\n\\nAssistant:" template used when the
 tokenizer has no chat template are described in fastrlhf.data.formats. Steps that need pairs use

@@ -17,7 +17,7 @@ from fastrlhf.data.sources import read_source, source_fingerprint
 from fastrlhf.data.spec import DataSpec
 from fastrlhf.data.encoding import StepTokenizer, TokenizedDataset, log_stats
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: step-3 items carry the rows' other columns
 STEP_NEEDS = {1: "a prompt and an answer (prompt/chosen or prompt/response or chat messages)",
               2: "prompt/chosen/rejected pairs", 3: "prompts"}
 

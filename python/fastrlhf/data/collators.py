@@ -55,12 +55,15 @@ class PairCollator:
 
 
 class PromptCollator:
-    """Step 3: {"input_ids", "attention_mask"} LEFT-padded for generation, plus "prompt": list[str]."""
+    """Step 3: {"input_ids", "attention_mask"} LEFT-padded for generation, plus "prompt": list[str]
+    and "columns": {name: list of values} (the rows' other columns, None where a row lacks one)."""
 
     def __init__(self, pad_token_id: int):
         self.pad = _check_pad(pad_token_id)
 
     def __call__(self, items: list[dict]) -> dict:
         ids = [it["prompt_input_ids"] for it in items]
+        names = sorted({k for it in items for k in (it.get("columns") or {})})
+        columns = {k: [(it.get("columns") or {}).get(k) for it in items] for k in names}
         return {"input_ids": pad_sequences(ids, self.pad, left=True), "attention_mask": _mask(ids, left=True),
-                "prompt": [it["prompt"] for it in items]}
+                "prompt": [it["prompt"] for it in items], "columns": columns}

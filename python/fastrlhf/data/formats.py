@@ -10,10 +10,15 @@ Accepted formats (the first that matches the dataset's columns wins):
 * HH pairs: ``chosen`` + ``rejected`` strings holding whole "Human: ... Assistant: ..."
             dialogues (no prompt column): the prompt is the text up to the last "Assistant:".
 * SFT:      a prompt (``prompt`` | ``question`` | ``instruction``) + a response
-            (``response`` | ``completion`` | ``answer`` | ``output``); exactly one of each.
+            (``response`` | ``completion`` | ``answer`` | ``output``); exactly one of each,
+            except that ``answer`` beside another response column is a ground-truth column
+            (e.g. the final number a reward function checks), not the response.
             A non-empty ``input`` next to ``instruction`` (Alpaca) is appended to the prompt
             after a blank line.
 * prompts:  a prompt column alone (usable by PPO only).
+
+Every column but the prompt's (``messages`` for chat rows) is kept with the row as its
+``columns`` (a dict), which step-3 items carry to the reward functions.
 
 Rendering: a prompt that already ends in "Assistant:" is used as is. Otherwise it goes
 through the tokenizer's chat template (``add_generation_prompt=True``) when the tokenizer
@@ -39,6 +44,7 @@ class Sample:
     prompt: str                   # rendered prompt text, ends where the answer begins
     chosen: str | None = None     # answer text (the SFT target; the preferred answer of a pair)
     rejected: str | None = None   # the dispreferred answer, for pairs
+    columns: dict | None = None   # the row's other columns (ground truth for reward functions)
 
 
 def _one_alias(columns: set, aliases: tuple, source: str, what: str) -> str | None:
@@ -69,7 +75,10 @@ def detect_format(rows: list[dict], source: str) -> tuple[str, dict]:
         if prompt_col is None:
             return "hh_pairs", {"chosen": "chosen", "rejected": "rejected"}
         return "pairs", {"prompt": prompt_col, "chosen": "chosen", "rejected": "rejected"}
-    response_col = _one_alias(columns, RESPONSE_ALIASES, source, "response")
+    responses = [c for c in RESPONSE_ALIASES if c in columns]
+    if "answer" in responses and len(responses) == 2:
+        responses.remove("answer")   # "answer" beside a response column is ground truth, not the response
+    response_col = _one_alias(set(responses), RESPONSE_ALIASES, source, "response")
     if "chosen" in columns and prompt_col is not None and response_col is None:
         response_col = "chosen"    # chosen without rejected: an SFT set
     if prompt_col is not None and response_col is not None:
@@ -193,6 +202,7 @@ class ParsedRow:
     prompt_text: str | None = None          # a text prompt (rendered as a user turn unless pre-rendered)
     prompt_messages: list | None = None     # a chat prompt
     answers: tuple = ()                     # (chosen,) or (chosen, rejected); raw answer text
+    columns: dict | None = None             # the row's other columns, passed through
 
     def render(self, renderer: PromptRenderer) -> Sample:
         if self.prompt_messages is not None:
@@ -203,13 +213,21 @@ class ParsedRow:
         else:
             head = [{"role": "user", "content": self.prompt_text}]
             prompt = renderer.prompt(head)
-        return Sample(prompt, *(renderer.answer(head, prompt, a) for a in self.answers))
+        answers = [renderer.answer(head, prompt, a) for a in self.answers]
+        answers += [None] * (2 - len(answers))
+        return Sample(prompt, *answers, columns=self.columns)
 
 
 def parse_rows(rows: list[dict], source: str) -> list[ParsedRow]:
     """Validate every row (cheap; no rendering); the first bad row raises DataError."""
     fmt, cols = detect_format(rows, source)
-    return [_parse_row(fmt, cols, row, source, i) for i, row in enumerate(rows)]
+    own = {"messages"} if fmt == "chat" else {cols["prompt"]} if "prompt" in cols else set()
+    out = []
+    for i, row in enumerate(rows):
+        parsed = _parse_row(fmt, cols, row, source, i)
+        parsed.columns = {k: v for k, v in row.items() if k not in own}
+        out.append(parsed)
+    return out
 
 
 def _parse_row(fmt: str, cols: dict, row: dict, source: str, i: int) -> ParsedRow:
