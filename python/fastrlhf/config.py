@@ -469,7 +469,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = 
         help_text += f" (default: {default})"
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         if typing.get_origin(tp) in (list, List):
-            kwargs.update(nargs="+", metavar="V")
+            kwargs.update(nargs="+", metavar="V", action="extend")  # repeatable: --reward_fn A --reward_fn B
         elif tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:

@@ -63,8 +63,22 @@ class PPOConfig(TrainConfig):
     them in mini-batches of `micro_batch_size` answers; an optimizer step takes `global_batch_size`
     answers over all processes (unset = one mini-batch per process, no accumulation)."""
     output_dir: str = _opt("output/step3_ppo", "where checkpoints, the final models and logs are written")
-    reward_model: Optional[str] = _opt(None, "the step-2 reward model dir (required)")
-    critic_model: Optional[str] = _opt(None, "critic init; unset = the reward model (PPO only)")
+    reward_model: Optional[str] = _opt(None, "the step-2 reward model dir (optional when a --reward_fn or "
+                                       "--reward_url is given)")
+    reward_fn: List[str] = _opt(None, "reward function SPEC, repeatable: package.module:function or "
+                                "path/to/file.py:function, called as fn(prompts, completions, **columns) -> "
+                                "list[float | None] in a worker process; e.g. fastrlhf.rewards:math_answer_match",
+                                factory=list)
+    reward_url: List[str] = _opt(None, "HTTP reward server, repeatable: POST {prompts, completions, ...columns} "
+                                 "-> {rewards}", factory=list)
+    reward_weights: Optional[List[float]] = _opt(None, "one weight per reward source, in the order reward model, "
+                                                 "--reward_fn's, --reward_url's; unset = all 1")
+    reward_timeout: float = _opt(60.0, "seconds a reward function or server may take per batch (request)")
+    reward_retries: int = _opt(3, "retries of a failed reward-server request (exponential backoff from 0.5 s)")
+    reward_concurrency: int = _opt(4, "reward-server requests in flight at once, per URL")
+    reward_request_size: int = _opt(0, "completions per reward-server request (0 = the whole batch in one)")
+    critic_model: Optional[str] = _opt(None, "critic init; unset = the reward model, or the actor when there is "
+                                       "none (PPO only)")
     ref_model: Optional[str] = _opt(None, "frozen reference policy; unset = the actor's initial weights")
     algo: str = _opt("ppo", "ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), reinforce++ "
                      "(discounted returns, batch-whitened) or reinforce++_baseline (minus the group mean first)",
@@ -155,8 +169,7 @@ class PPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.reward_model:
-            raise ConfigError("PPO needs the step-2 reward model: pass --reward_model DIR")
+        self.validate_rewards()
         if self.algo in GROUP_ALGOS and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
         self._validate_policy_loss()
@@ -203,6 +216,31 @@ class PPOConfig(TrainConfig):
         """(eps_low, eps_high) of the policy ratio clip."""
         low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
         return low, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    def validate_rewards(self) -> None:
+        """At least one reward source; every --reward_fn names a callable (imported here, before any
+        model loads); URLs are http(s); one weight per source; positive timeout and retries >= 0."""
+        from ..rewards.errors import RewardSpecError
+        from ..rewards.http import check_url
+        from ..rewards.spec import load_reward_fn
+        if not (self.reward_model or self.reward_fn or self.reward_url):
+            raise ConfigError("step 3 needs a reward: pass --reward_model DIR (the step-2 model), --reward_fn SPEC "
+                              "(e.g. fastrlhf.rewards:math_answer_match) or --reward_url URL")
+        try:
+            for spec in self.reward_fn:
+                load_reward_fn(spec)
+            for url in self.reward_url:
+                check_url(url)
+        except RewardSpecError as e:
+            raise ConfigError(str(e)) from None
+        n = int(bool(self.reward_model)) + len(self.reward_fn) + len(self.reward_url)
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ConfigError(f"--reward_weights has {len(self.reward_weights)} values for {n} reward sources (in "
+                              "order: the reward model, each --reward_fn, each --reward_url); give one per source")
+        if self.reward_timeout <= 0:
+            raise ConfigError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+        if self.reward_retries < 0 or self.reward_concurrency < 1 or self.reward_request_size < 0:
+            raise ConfigError("reward_retries must be >= 0, reward_concurrency >= 1 and reward_request_size >= 0")
 
     @property
     def answers_per_step(self) -> int:
@@ -260,4 +298,15 @@ DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
             "learning_rate": 3e-4, "critic_learning_rate": 1e-3, "critic_warmup_steps": 4,
             "max_new_tokens": 28, "temperature": 1.0, "kl_coef": 0.2, "reward_clip": 5.0,
             "eval_prompts": 128, "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
+}
+
+# `fastrlhf train --task arithmetic` (fastrlhf.data.arithmetic_task): SFT, then GRPO with the
+# exact-answer reward function and no reward model; kl_coef 0 (the verifier cannot be exploited).
+ARITHMETIC_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
+    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 4, "warmup_ratio": 0.05,
+            "weight_decay": 0.01, "eval_max_batches": 4, "log_steps": 10},
+    "ppo": {"algo": "grpo", "group_size": 8, "rollout_batch_size": 16, "micro_batch_size": 64, "ppo_epochs": 1,
+            "learning_rate": 1e-4, "kl_coef": 0.0, "reward_clip": 0.0, "max_new_tokens": 12, "temperature": 1.0,
+            "max_steps": 100, "reward_fn": ["fastrlhf.rewards:arithmetic_reward"], "eval_prompts": 64,
+            "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
 }

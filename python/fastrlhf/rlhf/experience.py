@@ -27,16 +27,19 @@ from .logprobs import shifted_logprobs
 class Experience:
     sequences: torch.Tensor        # [B, P + N] token ids
     attention_mask: torch.Tensor   # [B, P + N] 1 = real token (prompt left pad and after-EOS are 0)
-    action_mask: torch.Tensor      # [B, N] float, 1 on answer tokens up to and including EOS
+    action_mask: torch.Tensor      # [B, N] float, 1 on answer tokens up to and including EOS, times sample_mask
     old_logprobs: Optional[torch.Tensor]  # [B, N] actor log-probs at rollout time; None: the update's
                                           # own forward gives them (one optimizer step per rollout)
     ref_logprobs: Optional[torch.Tensor]  # [B, N] reference-model log-probs; None without a reference
     advantages: torch.Tensor       # [B, N]
-    scores: torch.Tensor           # [B] reward-model scores (raw, before clipping/normalising)
+    scores: torch.Tensor           # [B] total rewards (raw, before clipping/normalising); see sample_mask
     prompt_len: int
     old_values: Optional[torch.Tensor] = None  # [B, N] critic values at rollout time (PPO only)
     returns: Optional[torch.Tensor] = None     # [B, N] value targets (PPO only)
     rollout_logprobs: Optional[torch.Tensor] = None  # [B, N] the generation engine's log-probs
+    # [B] 1 = the sample has a reward; 0 = a reward source gave None: the row's score is a stand-in
+    # (its group's mean), and the row is out of the loss (already multiplied into action_mask)
+    sample_mask: Optional[torch.Tensor] = None
     info: Dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -195,6 +198,8 @@ class ExperienceMaker:
             fallback=cfg.generation_fallback, tp_size=cfg.inference_tp_size))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
         self.reward_stats = M.RunningMoments()
+        from ..rewards.sources import RewardSet
+        self.rewards = RewardSet.from_config(cfg, has_model=models.reward is not None)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -225,7 +230,8 @@ class ExperienceMaker:
         attention_mask = torch.cat([prompt_mask.float(), action_mask], 1).long()
         return sequences, attention_mask, action_mask, prompt_len, engine_logp
 
-    def score(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The step-2 reward model's scores [B]."""
         reward_tok = self.models.reward_tokenizer
         if reward_tok is None:
             return sequence_scores(self.models.reward, sequences, attention_mask)
@@ -234,6 +240,43 @@ class ExperienceMaker:
         reward_tok.padding_side = "right"
         enc = reward_tok(texts, return_tensors="pt", padding=True).to(self.device)
         return sequence_scores(self.models.reward, enc["input_ids"], enc["attention_mask"])
+
+    def score(self, batch: Dict[str, Any], sequences: torch.Tensor, attention_mask: torch.Tensor,
+              action_mask: torch.Tensor, prompt_len: int, group_size: int = 1):
+        """Every reward source on a rollout -> (scores [B], sample_mask [B], per-source stats).
+
+        A sample some source gave None scores its group's mean over the scored samples (0 when none
+        is), so it moves no baseline; sample_mask marks it 0, to be left out of the loss."""
+        model = None
+        if self.models.reward is not None:
+            model = self.model_scores(sequences, attention_mask).tolist()
+        texts = self.answers_text(sequences, action_mask, prompt_len) if self.rewards.sources else []
+        columns = batch.get("columns") or {}
+        result = self.rewards.compute(batch["prompt"], texts, columns, model) if self.rewards.sources else None
+        total = result.total if result is not None else model
+        valid = torch.tensor([t is not None for t in total], dtype=torch.float32, device=self.device)
+        filled = torch.tensor([0.0 if t is None else t for t in total], dtype=torch.float32, device=self.device)
+        if bool((valid == 0).any()):
+            g = max(group_size, 1) if len(total) % max(group_size, 1) == 0 else 1
+            v, f = valid.view(-1, g), filled.view(-1, g)
+            mean = (f * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
+            filled = torch.where(v > 0, f, mean).view(-1)
+        stats = result.stats() if result is not None else {"rewardless_samples": 0.0}
+        return filled, valid, stats
+
+    def score_all_ranks(self, batch, sequences, attention_mask, action_mask, prompt_len: int):
+        """`score`, with a failure on any rank stopping every rank (none waits in a collective)."""
+        from ..rewards.errors import RewardError
+        from ..utils.distributed import all_ranks_true
+        error = None
+        try:
+            out = self.score(batch, sequences, attention_mask, action_mask, prompt_len, self.cfg.group_size)
+        except RewardError as e:
+            error = e
+        if not all_ranks_true(error is None):
+            raise error if error is not None else RewardError("a reward source failed on another process; "
+                                                              "see its message")
+        return out
 
     def answers_text(self, sequences: torch.Tensor, action_mask: torch.Tensor, prompt_len: int) -> List[str]:
         return [self.tokenizer.decode(s[prompt_len:][m.bool()], skip_special_tokens=True)
@@ -263,40 +306,45 @@ class ExperienceMaker:
         if models.ref is not None:
             ref_logp = answer_logprobs(models.ref, sequences, attention_mask, P)
             times["time_ref_forward"] = clock()
-        scores = self.score(sequences, attention_mask)
+        scores, sample_mask, reward_info = self.score_all_ranks(batch, sequences, attention_mask, action_mask, P)
         times["time_reward_forward"] = clock()
+        answer_len = action_mask.sum(1).mean().item()
+        action_mask = action_mask * sample_mask[:, None]  # samples without a reward are out of the loss
         values = None
         if models.critic is not None:
             values = answer_values(models.critic, sequences, attention_mask, P)
             times["time_critic_forward"] = clock()
         raw_scores = scores.clone()
         if cfg.normalize_reward:
-            self.reward_stats.update(all_gather_cat(scores))
+            self.reward_stats.update(all_gather_cat(scores[sample_mask > 0]))
             scores = self.reward_stats.normalize(scores)
         adv, returns, stats = compute_advantages(cfg.advantage_settings(), scores, action_mask, old_logp,
                                                  ref_logp, values, kl_coef)
         n_tokens = action_mask.sum().item()
-        info = {"reward_mean": raw_scores.mean().item(),
-                "reward_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
-                "kl_coef": kl_coef, "answer_len": action_mask.sum(1).mean().item(),
+        scored = raw_scores[sample_mask > 0]
+        info = {"reward_mean": scored.mean().item() if len(scored) else float("nan"),
+                "reward_std": scored.std().item() if len(scored) > 1 else 0.0, **reward_info,
+                "kl_coef": kl_coef, "answer_len": answer_len,
                 "gen_time": gen_time, "forward_time": sum(times.values()),
                 "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}
         if self.gt_score is not None:
             info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], sequences, action_mask, P)))
         return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                           old_logprobs=old_logp, ref_logprobs=ref_logp, advantages=adv, scores=raw_scores,
-                          prompt_len=P, old_values=values, returns=returns, rollout_logprobs=engine_logp, info=info)
+                          prompt_len=P, old_values=values, returns=returns, rollout_logprobs=engine_logp, info=info,
+                          sample_mask=sample_mask)
 
     @torch.no_grad()
     def eval_sums(self, batch: Dict[str, Any], generator: torch.Generator) -> List[float]:
-        """[summed reward-model score, summed KL to the reference (0 without one), summed ground
-        truth, answers] of answers sampled (with `generator`) to a batch of held-out prompts."""
+        """[summed reward, summed KL to the reference (0 without one), summed ground truth, answers]
+        of answers sampled (with `generator`) to a batch of held-out prompts. A sample without a
+        reward counts as the batch's mean reward."""
         sequences, attention_mask, action_mask, P = self.rollout(batch, generator)
         kl = torch.zeros(1)
         if self.models.ref is not None:
             logp = answer_logprobs(self.models.actor, sequences, attention_mask, P)
             ref = answer_logprobs(self.models.ref, sequences, attention_mask, P)
             kl = (M.kl_estimate(logp, ref, "k1") * action_mask).sum(1)
-        scores = self.score(sequences, attention_mask)
+        scores, _, _ = self.score(batch, sequences, attention_mask, action_mask, P, len(sequences))
         gt = sum(self.ground_truth(batch["prompt"], sequences, action_mask, P)) if self.gt_score else 0.0
         return [scores.double().sum().item(), kl.double().sum().item(), gt, float(len(sequences))]

@@ -58,7 +58,7 @@ def _gathered(module: nn.Module, zero3: bool):
 class PPOModels:
     actor: Any                     # DeepSpeed engine
     ref: Any                       # frozen: a module, or a ZeRO-3 inference engine; None with kl_coef 0
-    reward: Any                    # frozen RewardModel (or engine)
+    reward: Any                    # frozen RewardModel (or engine); None when rewards come from functions/servers only
     critic: Optional[Any] = None   # DeepSpeed engine over a RewardModel (algo ppo only)
     ema: Optional[EMA] = None
     reward_tokenizer: Any = None   # set when answers are re-encoded for the reward model
@@ -74,8 +74,10 @@ def check_same_tokenizer(actor_tok, reward_tok, actor_path: str, reward_path: st
 
 
 def reward_tokenizer_for(cfg, actor_tokenizer):
-    """None when the reward model reads the actor's tokens as they are (checked), else its own
-    tokenizer (reward_tokenizer='retokenize')."""
+    """None when the reward model reads the actor's tokens as they are (checked) or there is no
+    reward model, else its own tokenizer (reward_tokenizer='retokenize')."""
+    if not cfg.reward_model:
+        return None
     reward_tok = load_tokenizer(cfg.reward_model)
     if cfg.reward_tokenizer == "retokenize":
         return reward_tok
@@ -89,6 +91,8 @@ def check_lengths(cfg, given: Dict[str, nn.Module], longest_prompt: int, max_new
     from transformers import AutoConfig
     need = longest_prompt + max_new_tokens
     for name, key, path in (("actor", "actor", cfg.model_name_or_path), ("reward model", "reward", cfg.reward_model)):
+        if key not in given and key == "reward" and not path:
+            continue  # no reward model: rewards come from functions or servers
         if key in given:
             conf = getattr(getattr(given[key], "module", given[key]), "config", None)
         else:
@@ -144,13 +148,15 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
                                                  dtype=dtype, seed=cfg.seed)
         ref = frozen_engine(ref, frozen_ds, ctx.device)
     kw = dict(tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
-    reward = given.get("reward") or RewardModel.from_pretrained(cfg.reward_model, **kw)
+    reward = given.get("reward") or (RewardModel.from_pretrained(cfg.reward_model, **kw) if cfg.reward_model else None)
     models = PPOModels(actor=actor, ref=ref,
-                       reward=frozen_engine(reward, frozen_ds, ctx.device), reward_tokenizer=reward_tokenizer)
+                       reward=None if reward is None else frozen_engine(reward, frozen_ds, ctx.device),
+                       reward_tokenizer=reward_tokenizer)
     if cfg.algo == "ppo":
         critic_ds = _ds_config(cfg, ctx, cfg.critic_zero_stage, cfg.critic_offload)
-        critic = given.get("critic") or RewardModel.from_pretrained(cfg.critic_model or cfg.reward_model, **kw,
-                                                                    ds_config=critic_ds)
+        # no reward model: the critic starts from the actor's backbone with a fresh value head
+        critic_init = cfg.critic_model or cfg.reward_model or cfg.model_name_or_path
+        critic = given.get("critic") or RewardModel.from_pretrained(critic_init, **kw, ds_config=critic_ds)
         disable_dropout(critic)
         models.critic = initialize_engine(critic, cfg, critic_ds, optimizer_steps, lr=cfg.critic_learning_rate,
                                           warmup=cfg.critic_warmup_steps)
