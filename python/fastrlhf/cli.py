@@ -1,6 +1,7 @@
 """The `fastrlhf` command line.
 
     fastrlhf train [--steps 1 2 3] [--config run.yaml] [--model_name_or_path M] [--output_dir D] ...
+    fastrlhf train --task arithmetic      (SFT then GRPO with an exact-answer reward function)
     fastrlhf sft   [--config sft.yaml] [--key value ...]
     fastrlhf rm    [--config rm.yaml]  [--key value ...]
     fastrlhf ppo   [--config ppo.yaml] [--key value ...]
@@ -29,9 +30,10 @@ from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_f
 from .data.errors import DataError
 from .data.spec import PIPELINE_SPLIT_RATIOS
 from .ops.dispatch import BackendError
+from .rewards.errors import RewardError
 from .rlhf.checkpoint import SaveError
 from .rlhf.common import TrainingDiverged
-from .rlhf.configs import DEFAULT_TASK_PROFILES
+from .rlhf.configs import DEFAULT_TASK_PROFILES, PPOConfig
 from .rlhf.registry import TRAINERS
 
 STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
@@ -44,9 +46,31 @@ examples:
   fastrlhf train --model_name_or_path facebook/opt-350m --data.paths Dahoas/rm-static \\
       --zero_stage 2 --dtype bf16 --sft.learning_rate 2e-5 --rm.num_epochs 1
   fastrlhf train --config run.yaml                 # top-level keys apply to every step; sections sft:, rm:, ppo:
+  fastrlhf train --task arithmetic                 # SFT, then GRPO with a reward function and no reward model;
+                                                   # prints held-out pass@1 / pass@8 before and after RL
+  fastrlhf train --steps 1 3 --ppo.algo grpo --ppo.group_size 4 --data.paths math.jsonl \
+      --ppo.reward_fn fastrlhf.rewards:math_answer_match --ppo.reward_fn my_rewards.py:brevity \
+      --ppo.reward_weights 1.0 0.2                 # reward functions instead of a reward model (no step 2)
 
 Options shared by all steps are listed below; any step-only option is given as --sft.KEY, --rm.KEY or
 --ppo.KEY (see `fastrlhf sft --help`, `fastrlhf rm --help`, `fastrlhf ppo --help` for the keys).
+"""
+
+
+REWARD_EPILOG = """\
+rewards (any weighted mix; a sample that a source scores None is left out of the loss):
+  --reward_model DIR        the step-2 reward model (optional when a function or server is given)
+  --reward_fn SPEC          repeatable; package.module:function or path/to/file.py:function, called in a worker
+                            process as fn(prompts, completions, **columns) -> list[float | None], where columns are
+                            the dataset's other columns (e.g. answer); built-ins: fastrlhf.rewards:math_answer_match,
+                            format_reward, length_penalty, arithmetic_reward
+  --reward_url URL          repeatable; POST {"prompts", "completions", ...columns} -> {"rewards": [...]}
+  --reward_weights W ...    one per source: reward model first, then each --reward_fn, then each --reward_url
+  --reward_timeout S        per batch (function) or request (server); servers are retried with backoff
+
+example:
+  fastrlhf ppo --algo grpo --group_size 8 --model_name_or_path runs/sft --data.paths gsm8k.jsonl \\
+      --reward_fn fastrlhf.rewards:math_answer_match --reward_fn my_rewards.py:brevity --reward_weights 1 0.1
 """
 
 
@@ -92,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rm_init", choices=("base", "sft"), default="base",
                        help="initialise the reward model from the base model (default, as DeepSpeed-Chat) "
                             "or from the step-1 output")
+    train.add_argument("--task", choices=("default", "arithmetic"), default="default",
+                       help="bundled task when no model/data is named: 'default' (tone, steps 1 2 3) or "
+                            "'arithmetic' (word problems: SFT then GRPO with the exact-answer reward function, no "
+                            "reward model; prints held-out pass@1 and pass@k before and after RL)")
     _add_common(train)
     add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
@@ -99,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, entry in TRAINERS.items():
         p = sub.add_parser(name, allow_abbrev=False, help=entry.help, formatter_class=_formatter,
                            description=(entry.help + ".\n\n" if entry.preset else "") + entry.config.__doc__,
+                           epilog=REWARD_EPILOG if entry.config is PPOConfig else None,
                            usage=f"fastrlhf {name} [--config FILE] [--KEY VALUE ...] [--data.KEY VALUE ...]")
         _add_common(p)
         add_dataclass_arguments(p, entry.config, skip=("algo",) if "algo" in entry.preset else ())
@@ -172,7 +201,11 @@ def _split_step_overrides(extra: Sequence[str]) -> Dict[str, Dict[str, Any]]:
             values.append(extra[i + 1])
             i += 1
         i += 1
-        out[section][rest] = values[0] if len(values) == 1 else (values or "true")
+        value = values[0] if len(values) == 1 else (values or "true")
+        if rest in out[section] and rest.split(".")[-1].startswith("reward_"):  # repeatable: --ppo.reward_fn A ...
+            before = out[section][rest]
+            value = (before if isinstance(before, list) else [before]) + (values or [value])
+        out[section][rest] = value
     return {k: unflatten(v) for k, v in out.items()}
 
 
@@ -192,11 +225,27 @@ def _fields_of(cls) -> set:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _task_defaults(task: str) -> tuple:
+    """(values for every step, per-step profiles, default steps) of a bundled task."""
+    if task != "arithmetic":
+        return {}, DEFAULT_TASK_PROFILES, [1, 2, 3]
+    from .data import arithmetic_task as at
+    from .rlhf.configs import ARITHMETIC_TASK_PROFILES
+    common = {"model_name_or_path": at.arithmetic_model_dir(),
+              "data": {"paths": [at.arithmetic_data_path()], "split_ratios": "5,0,5", "max_prompt_len": 48,
+                       "max_answer_len": 16}}
+    return common, ARITHMETIC_TASK_PROFILES, [1, 3]
+
+
 def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[int, Any]:
     """The config of every requested step, wired so each step feeds the next."""
     file_values = _file_values(args.config)
     step_sections = {name: file_values.pop(name, None) or {} for name in ("sft", "rm", "ppo")}
-    common = merge_dicts(file_values, namespace_overrides(args, TrainConfig))
+    task = getattr(args, "task", "default")
+    task_common, profiles, task_steps = _task_defaults(task)
+    if task != "default" and 2 in (args.steps or []):
+        raise CLIError(f"the {task} task has no reward-model step: its reward is a function; use --steps 1 3")
+    common = merge_dicts(task_common, merge_dicts(file_values, namespace_overrides(args, TrainConfig)))
     unknown = set(common) - _fields_of(TrainConfig)
     if unknown:
         raise CLIError(f"unknown config key(s) {sorted(unknown)} at the top level of {args.config}; "
@@ -204,7 +253,8 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
     cli_steps = _split_step_overrides(extra)
     root = common.pop("output_dir", "output")
     base_model = common.get("model_name_or_path")
-    steps = sorted(set(args.steps or STEP_NAMES))
+    task_model = task != "default" and base_model == task_common.get("model_name_or_path")
+    steps = sorted(set(args.steps or task_steps))
     configs: Dict[int, Any] = {}
     for step in steps:
         name = STEP_NAMES[step]
@@ -216,11 +266,15 @@ def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[i
             values["model_name_or_path"] = configs[1].output_dir if 1 in configs else os.path.join(root, STEP_DIRS[1])
         if step == 3:
             values["model_name_or_path"] = os.path.join(root, STEP_DIRS[1]) if 1 in steps or not base_model \
-                else base_model
-            values["reward_model"] = os.path.join(root, STEP_DIRS[2])
+                or task_model else base_model
+            given = merge_dicts(step_sections[name], cli_steps[name])
+            # the step-2 model is the reward when step 2 runs now, or when no function/server is named
+            if 2 in steps or not (given.get("reward_fn") or given.get("reward_url") or task != "default"):
+                values["reward_model"] = os.path.join(root, STEP_DIRS[2])
         values = merge_dicts(values, step_sections[name])
         values = merge_dicts(values, cli_steps[name])
-        values = merge_dicts(_profile(name, bool(base_model)), values)
+        profile = dict(profiles.get(name, {})) if task_model or not base_model else {}
+        values = merge_dicts(profile, values)
         if "split_ratios" not in (values.get("data") or {}):  # the pipeline splits each dataset across its steps
             values = merge_dicts(values, {"data": {"split_ratios": PIPELINE_SPLIT_RATIOS}})
         try:
@@ -257,16 +311,49 @@ def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     from .utils.logging import print_rank0
     summary = []
     t_start = time.time()
+    accuracy = {}
     for step, cfg in configs.items():
         t0 = time.time()
         entry = TRAINERS[STEP_NAMES[step]]
+        if step == 3 and args.task == "arithmetic":
+            accuracy["before"] = _task_accuracy(cfg, cfg.model_name_or_path)
         r = entry.train(cfg)
         summary.append(entry.summary(r))
         del r  # free the engines before the next step
         summary[-1] += f" ({time.time() - t0:.0f}s, saved to {cfg.output_dir})"
         _release_memory()
+        if step == 3 and args.task == "arithmetic":
+            accuracy["after"] = _task_accuracy(cfg, os.path.join(cfg.output_dir, "actor"))
+            summary.append(_accuracy_line(accuracy))
     print_rank0("summary:\n  " + "\n  ".join(summary) + f"\n  total {time.time() - t_start:.0f}s")
     return 0
+
+
+ARITHMETIC_EVAL = {"prompts": 150, "k": 8}
+
+
+def _task_accuracy(cfg, model_dir: str) -> Dict[str, float]:
+    """Held-out pass@1 / pass@k of the arithmetic task (step-3 held-out prompts, k samples each)."""
+    from .data import arithmetic_task as at
+    from .models.loading import load_tokenizer
+    from .utils.logging import print_rank0
+    tok = load_tokenizer(model_dir, padding_side="left")
+    items = at.heldout_items(tok, cfg.data, ARITHMETIC_EVAL["prompts"])
+    res = at.evaluate_pass_at_k(model_dir, items, ARITHMETIC_EVAL["k"], temperature=cfg.temperature,
+                                max_new_tokens=cfg.max_new_tokens or cfg.data.max_answer_len, seed=cfg.seed,
+                                tokenizer=tok)
+    print_rank0(f"[arithmetic] {model_dir}: held-out pass@1 {res['pass@1']:.3f}, pass@{ARITHMETIC_EVAL['k']} "
+                f"{res['pass@' + str(ARITHMETIC_EVAL['k'])]:.3f}, greedy {res['greedy']:.3f} "
+                f"({int(res['prompts'])} prompts)")
+    return res
+
+
+def _accuracy_line(acc: Dict[str, Dict[str, float]]) -> str:
+    k = ARITHMETIC_EVAL["k"]
+    b, a = acc["before"], acc["after"]
+    return (f"arithmetic held-out accuracy ({int(a['prompts'])} prompts, {k} samples each, temperature as in RL): "
+            f"pass@1 {b['pass@1']:.3f} -> {a['pass@1']:.3f}, pass@{k} {b[f'pass@{k}']:.3f} -> {a[f'pass@{k}']:.3f}, "
+            f"greedy {b['greedy']:.3f} -> {a['greedy']:.3f}")
 
 
 def _release_memory() -> None:
@@ -340,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .ops.dispatch import get_backend
         get_backend()  # a bad FASTRLHF_BACKEND stops here, not deep inside a run
         return args.func(args, extra) or 0
-    except (CLIError, ConfigError, DataError, BackendError) as e:
+    except (CLIError, ConfigError, DataError, BackendError, RewardError) as e:
         parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
     except TrainingDiverged as e:  # the message names the step, the quantity and the fix
         parser.exit(1, f"fastrlhf {args.command}: stopped: {e}\n")

@@ -46,7 +46,8 @@ TRAINERS: Dict[str, TrainerEntry] = {
                        f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}"),
                        "step 2: reward model on preference pairs"),
     "ppo": TrainerEntry(PPOConfig, train_ppo, _evaluated("step 3", _ppo_summary),
-                        "step 3: PPO (or --algo grpo, rloo, reinforce++...) against a trained reward model"),
+                        "step 3: PPO (or --algo grpo, rloo, reinforce++...) on a reward model and/or reward "
+                        "functions"),
     "dpo": TrainerEntry(DPOConfig, train_dpo, _evaluated("DPO", lambda r: f"DPO: held-out loss "
                         f"{r['eval_before']['loss']:.4f} -> {r['eval_after']['loss']:.4f}, reward accuracy "
                         f"{r['eval_after']['reward_accuracy']:.3f}"),
