@@ -47,7 +47,7 @@ setup(
     package_dir=_package_dir(),
     package_data={"fastrlhf.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"],
                   "fastrlhf.ops.tables": ["*.json"],  # backend preference tables per GPU model
-                  "fastrlhf": ["data/default/*", "data/default/**/*"]},
+                  "fastrlhf": ["data/default/*", "data/default/**/*", "data/arithmetic/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
