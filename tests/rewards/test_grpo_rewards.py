@@ -91,3 +91,14 @@ def test_a_raising_reward_function_stops_the_run_before_the_update_keeping_the_c
     assert os.path.isfile(out / "checkpoint-1" / "trainer_state.json")
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")   # intact, loadable
     assert not os.path.exists(out / "checkpoint-2")
+
+
+def test_ppo_with_a_reward_function_starts_its_critic_from_the_actor(arith, tmp_path):
+    t = trainer(arith, tmp_path / "ppo", algo="ppo", group_size=1, rollout_batch_size=4, max_steps=1,
+                reward_fn=[f"{FNS}:none_for_odd_rows"])
+    assert t.models.reward is None and t.critic is not None
+    actor_sd = t.actor.module.state_dict()
+    k = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(t.critic.module.backbone.state_dict()[k[len("model."):]], actor_sd[k])
+    m = t.train_step()
+    assert math.isfinite(m["value_loss"]) and m["rewardless_samples"] == 2.0 and m["skipped_updates"] == 0

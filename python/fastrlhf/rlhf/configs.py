@@ -131,7 +131,7 @@ class PPOConfig(TrainConfig):
     kl_horizon: int = _opt(10000, "adaptive controller's horizon (answers)")
     kl_in_reward: Optional[bool] = _opt(None, "KL as a reward penalty (ppo/rloo) or a loss term (grpo); "
                                         "unset = the algorithm's usual choice")
-    reward_clip: float = _opt(5.0, "clip reward-model scores to +-c (0 = off)")
+    reward_clip: float = _opt(5.0, "clip rewards (all sources summed) to +-c (0 = off)")
     normalize_reward: bool = _opt(False, "normalise scores by running mean/std before clipping")
     whiten_advantages: Optional[bool] = _opt(None, "whiten advantages per batch; unset = on for ppo and "
                                              "reinforce++(_baseline)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence
 
-PANELS = (("reward_mean", "reward-model score"), ("gt_score", "ground-truth score"), ("kl", "KL to reference"))
+PANELS = (("reward_mean", "reward"), ("gt_score", "ground-truth score"), ("kl", "KL to reference"))
 
 
 def plot_ppo_history(history: Sequence[Dict[str, float]], path: str,

@@ -241,7 +241,7 @@ class PPOTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> Dict[str, float]:
-        """Mean reward-model score, ground-truth score (bundled task) and summed KL to the
+        """Mean reward (all sources), ground-truth score (bundled task) and summed KL to the
         reference (when there is one) of answers sampled (fixed seed) to held-out prompts."""
         cfg = self.cfg
         generator = torch.Generator(device=self.ctx.device).manual_seed(10_000 + self.ctx.rank)
@@ -257,7 +257,7 @@ class PPOTrainer(Trainer):
         return out
 
     def format_eval(self, before: Dict[str, float], after: Dict[str, float]) -> str:
-        rows = [("reward-model score", "reward"), ("ground-truth score", "gt_score"), ("KL to reference", "kl_to_ref")]
+        rows = [("reward", "reward"), ("ground-truth score", "gt_score"), ("KL to reference", "kl_to_ref")]
         n = len(self.eval_prompt_items[:self.cfg.eval_prompts])
         lines = [f"[{self.label}] on {n} held-out prompts:", f"{'held-out prompts':<22}{'before PPO':>12}{'after PPO':>12}"]
         lines += [f"{label:<22}{before[key]:>12.4f}{after[key]:>12.4f}" for label, key in rows if key in before]
