@@ -74,3 +74,26 @@ def test_arithmetic_scorer_on_the_bundled_data():
     assert 0.5 < sum(as_written) / 200 < 0.8      # about SLIP_RATE of the final answers are slips
     wrong = arithmetic_reward(["q"] * 3, ["3 + 4 = 7 . #### 8", "7", "3 + 4 = 7 ."], answer=["7", "8", "7"])
     assert wrong == [0.0, 0.0, 1.0]
+
+
+def test_the_rows_other_columns_reach_step_3_items_and_batches(tmp_path):
+    import json
+    from fastrlhf.data import DataSpec, PromptCollator, build_datasets
+    from fastrlhf.models.loading import load_tokenizer
+    rows = [{"prompt": f"How many is {i} + 1 ?", "response": f"{i} + 1 = {i + 1} . #### {i + 1}", "answer": str(i + 1),
+             **({"level": i % 3} if i % 2 else {})} for i in range(12)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from fastrlhf.data.arithmetic_task import arithmetic_model_dir
+    tok = load_tokenizer(arithmetic_model_dir(), padding_side="left")
+    spec = DataSpec(paths=[str(path)], split_ratios="1,0,1", eval_fraction=0.0)
+    sft = build_datasets(spec, tok, 1)[0]
+    assert "####" in tok.decode(sft[0]["input_ids"])          # `response` is the SFT answer, not `answer`
+    train = build_datasets(spec, tok, 3)[0]
+    items = [train[i] for i in range(len(train))]
+    for it in items:
+        i = int(it["prompt"].split("How many is ")[1].split()[0])
+        assert it["columns"]["answer"] == str(i + 1) and it["columns"].get("level") == rows[i].get("level")
+    batch = PromptCollator(tok.pad_token_id)(items)
+    assert batch["columns"]["answer"] == [it["columns"]["answer"] for it in items]
+    assert batch["columns"]["level"] == [it["columns"].get("level") for it in items]   # None where missing

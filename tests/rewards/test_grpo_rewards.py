@@ -24,7 +24,9 @@ def arith(tmp_path_factory):
     tok = load_tokenizer(arithmetic_model_dir(), padding_side="left")
     load_causal_lm(arithmetic_model_dir(), seed=3).save_pretrained(root / "sft")
     tok.save_pretrained(root / "sft")
-    spec = DataSpec(paths=[arithmetic_data_path()], split_ratios="5,0,5", max_samples=40)
+    rows = open(arithmetic_data_path()).readlines()[:60]   # a small file of the task's rows (prompt/response/answer)
+    (root / "arith.jsonl").write_text("".join(rows))
+    spec = DataSpec(paths=[str(root / "arith.jsonl")], split_ratios="0,0,1", eval_fraction=0.2)
     train, evals = build_datasets(spec, tok, 3)
     return {"sft": str(root / "sft"), "train": [train[i] for i in range(len(train))],
             "eval": [evals[i] for i in range(len(evals))], "spec": spec}
