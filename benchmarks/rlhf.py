@@ -12,6 +12,12 @@ speedup. One JSON row per mode is appended to benchmarks/results/rlhf.jsonl (or 
     python benchmarks/rlhf.py                 # CPU: the bundled tiny Llama (actor and reward)
     python benchmarks/rlhf.py --gpu           # OPT-1.3B actor + OPT-350M reward, 256 + 256, bf16
     python benchmarks/rlhf.py --preset opt-125m --batch 8 --prompt_len 64 --answer_len 64
+    python benchmarks/rlhf.py --preset tiny-grpo   # GRPO, group 4, a reward function (worker process),
+                                                   # no reward model and no critic
+    python benchmarks/rlhf.py --preset tiny --algo grpo --reward_fn my_rewards.py:score
+
+With --reward_fn (or a -grpo preset) the reward is that function, run in a worker process like
+in training (its time is in time_reward_forward); no reward model is built.
 """
 from __future__ import annotations
 
@@ -41,9 +47,12 @@ OPT_125M = dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attenti
 # name -> (actor config or None = bundled default, reward config or None, batch, prompt, answer, dtype)
 PRESETS = {
     "tiny": (None, None, 8, 16, 16, "fp32"),
+    "tiny-grpo": (None, None, 8, 16, 16, "fp32"),
     "opt-125m": (OPT_125M, OPT_125M, 8, 64, 64, "fp32"),
     "opt-1.3b": (OPT_1_3B, OPT_350M, 16, 256, 256, "bf16"),
 }
+# presets that train GRPO on a reward function: (algo, group size, reward function)
+GRPO_PRESETS = {"tiny-grpo": ("grpo", 4, "fastrlhf.rewards:length_penalty")}
 SPLIT = ("gen_time", "time_actor_forward", "time_ref_forward", "time_reward_forward", "time_critic_forward",
          "time_actor_train", "time_critic_train")
 
@@ -91,8 +100,13 @@ def make_trainer(mode: str, paths, prompts, args, dtype: str):
     from fastrlhf.rlhf.configs import PPOConfig
     from fastrlhf.rlhf.ppo import PPOTrainer
     actor_dir, rm_dir = paths
-    cfg = PPOConfig(model_name_or_path=actor_dir, reward_model=rm_dir, output_dir=os.path.join(args.workdir, mode),
-                    rollout_batch_size=args.batch, micro_batch_size=args.micro_batch or args.batch,
+    rewards = dict(reward_fn=[args.reward_fn]) if args.reward_fn else dict(reward_model=rm_dir)
+    group = args.group_size if args.algo != "ppo" else 1
+    if args.batch % group:
+        raise SystemExit(f"--batch {args.batch} (answers per iteration) must be a multiple of --group_size {group}")
+    cfg = PPOConfig(model_name_or_path=actor_dir, output_dir=os.path.join(args.workdir, mode), **rewards,
+                    algo=args.algo, group_size=group, rollout_batch_size=args.batch // group,
+                    micro_batch_size=args.micro_batch or args.batch,
                     max_new_tokens=args.answer_len, min_new_tokens=args.answer_len, dtype=dtype,
                     zero_stage=args.zero_stage, max_steps=args.warmup + args.iters, eval_prompts=0, seed=1,
                     generation_fallback="hf" if mode == "hf" else None, resume="no",
@@ -148,6 +162,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--modes", nargs="+", default=["engine", "hf"], choices=("engine", "hf"))
+    p.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default=None, help="default: ppo (grpo for -grpo presets)")
+    p.add_argument("--group_size", type=int, default=None, help="answers per prompt for grpo/rloo (default 4)")
+    p.add_argument("--reward_fn", default=None, help="reward function SPEC instead of a reward model (default for "
+                   "-grpo presets: fastrlhf.rewards:length_penalty)")
     p.add_argument("--sequential", action="store_true", help="one trainer at a time instead of interleaved")
     p.add_argument("--out", default=RESULTS, help="JSONL file the rows are appended to")
     p.add_argument("--no_save", action="store_true", help="do not append to the results file")
@@ -155,6 +173,9 @@ def main(argv=None) -> int:
     if args.gpu:
         args.preset = "opt-1.3b"
     actor_cfg, reward_cfg, batch, plen, alen, dtype = PRESETS[args.preset]
+    algo, group, fn = GRPO_PRESETS.get(args.preset, ("ppo", 4, None))
+    args.algo, args.group_size = args.algo or algo, args.group_size or group
+    args.reward_fn = args.reward_fn or fn
     if args.gpu and args.sequential is False and torch.cuda.is_available():
         args.sequential = True  # two full PPO setups of OPT-1.3B do not both fit comfortably
     args.batch, args.prompt_len = args.batch or batch, args.prompt_len or plen
@@ -171,8 +192,9 @@ def main(argv=None) -> int:
         results = run_modes(paths, prompts, args, dtype)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     dev = device_name()
-    print(f"\nPPO iteration, preset {args.preset}: batch {args.batch}, prompt {args.prompt_len} + answer "
-          f"{args.answer_len} tokens, {dtype}, ZeRO-{args.zero_stage}, device {dev}, {when}")
+    reward = f"reward function {args.reward_fn}" if args.reward_fn else "reward model"
+    print(f"\n{args.algo.upper()} iteration, preset {args.preset}: batch {args.batch} answers, prompt {args.prompt_len} + "
+          f"answer {args.answer_len} tokens, {dtype}, ZeRO-{args.zero_stage}, {reward}, device {dev}, {when}")
     print(f"{'seconds (median)':<22}" + "".join(f"{m:>12}" for m in results))
     for k in SPLIT + ("step_time",):
         print(f"{k:<22}" + "".join(f"{results[m][k]:>12.4f}" for m in results))
@@ -187,8 +209,10 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:
             for mode, r in results.items():
+                extra = {"algo": args.algo, "group_size": args.group_size,
+                         "reward_fn": args.reward_fn} if args.reward_fn or args.algo != "ppo" else {}
                 f.write(json.dumps({"bench": "rlhf_ppo_iteration", "date": when, "device": dev, "preset": args.preset,
-                                    "mode": mode, "batch": args.batch, "prompt_len": args.prompt_len,
+                                    "mode": mode, **extra, "batch": args.batch, "prompt_len": args.prompt_len,
                                     "answer_len": args.answer_len, "dtype": dtype, "zero_stage": args.zero_stage,
                                     "iters": args.iters, "commit": git_commit(), **versions(),
                                     "interleaved": not args.sequential, **load,
