@@ -14,7 +14,7 @@ or else the last number, equals ``answer``) trains it with GRPO and no reward mo
 add (operands 1-15), subtract (2-25) or multiply (2-7); numbers are single tokens of a word-level
 tokenizer, so the tiny model has to learn the facts. The data is imperfect on purpose, like real
 SFT data: in ``SLIP_RATE`` (35%) of the worked solutions the equation is right but the final
-answer after ``####`` is a slip (off by one or two, or an operand copied), so SFT learns a sloppy
+answer after ``####`` is a slip (an operand copied, or a stray number), so SFT learns a sloppy
 habit that only the exact reward can see, and the facts it half knows leave room to sharpen.
 
 The folder holds the data, the word-level tokenizer (Human/Assistant chat template) and a tiny
@@ -89,8 +89,8 @@ def make_problem(rng: random.Random) -> Dict[str, str]:
         c, template = a * b, rng.choice(MUL)
     prompt = template.format(n=n, m=m, a=a, b=b, item=item, p="She" if n in SHE else "He")
     final = c
-    if rng.random() < SLIP_RATE:   # a careless final answer: off by one or two, or an operand copied
-        final = rng.choice([x for x in (c - 2, c - 1, c + 1, c + 2, a, b) if 0 <= x <= MAX_NUMBER and x != c])
+    if rng.random() < SLIP_RATE:   # a careless final answer: an operand copied, or a stray number
+        final = rng.choice([x for x in (a, b, rng.randint(0, 60)) if x != c] or [c + 1])
     return {"prompt": prompt, "response": f"{a} {op} {b} = {c} . #### {final}", "answer": str(c)}
 
 

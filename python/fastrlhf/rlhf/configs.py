@@ -304,8 +304,8 @@ DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
 # exact-answer reward function and no reward model. Tuned on the shared 2-core VM (2026-11-27):
 # lr 1e-3 (no warmup) blows the policy up on the first Adam step (approx KL > 4), lr 1e-4..3e-4
 # without warmup stays flat for 25+ steps; 2e-4 with 20 warmup steps and 4 updates per step
-# removes most final-answer slips within 100 steps. kl_coef 0.1 (GRPO's k3 loss term) keeps the
-# equations from drifting further than they do with 0.
+# removes most final-answer slips within 100 steps (held-out pass@1 0.22 -> 0.38, README).
+# kl_coef 0.1 (GRPO's k3 loss term): with 0 the equations drifted more (greedy accuracy fell).
 ARITHMETIC_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
     "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 4, "warmup_ratio": 0.05,
             "weight_decay": 0.01, "eval_max_batches": 4, "log_steps": 10},
