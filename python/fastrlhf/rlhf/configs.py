@@ -160,12 +160,13 @@ class PPOConfig(TrainConfig):
         "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0), "inference_tp_size": at_least(1)}
 
     def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
-        return super().model_inputs() + [("--reward_model", self.reward_model, "reward")] + [
-            (f"--{key}", getattr(self, key), kind) for key, kind in (("critic_model", "any"), ("ref_model", "policy"))
-            if getattr(self, key)]
+        return super().model_inputs() + [
+            (f"--{key}", getattr(self, key), kind) for key, kind in (("reward_model", "reward"), ("critic_model", "any"),
+                                                                     ("ref_model", "policy"))
+            if getattr(self, key)]  # no --reward_model: rewards come from functions or servers
 
     def tokenizer_inputs(self) -> List[Tuple[str, Optional[str]]]:
-        return super().tokenizer_inputs() + [("--reward_model", self.reward_model)]
+        return super().tokenizer_inputs() + ([("--reward_model", self.reward_model)] if self.reward_model else [])
 
     def validate(self) -> None:
         super().validate()
