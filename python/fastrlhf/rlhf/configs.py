@@ -72,7 +72,7 @@ class PPOConfig(TrainConfig):
     reward_url: List[str] = _opt(None, "HTTP reward server, repeatable: POST {prompts, completions, ...columns} "
                                  "-> {rewards}", factory=list)
     reward_weights: Optional[List[float]] = _opt(None, "one weight per reward source, in the order reward model, "
-                                                 "--reward_fn's, --reward_url's; unset = all 1")
+                                                 "--reward_fn's, --reward_url's; each >= 0; unset = all 1")
     reward_timeout: float = _opt(60.0, "seconds a reward function or server may take per batch (request)")
     reward_retries: int = _opt(3, "retries of a failed reward-server request (exponential backoff from 0.5 s)")
     reward_concurrency: int = _opt(4, "reward-server requests in flight at once, per URL")
@@ -157,7 +157,10 @@ class PPOConfig(TrainConfig):
         "value_clip": at_least(0, "0 = off"), "value_loss_coef": at_least(0), "gamma": fraction(False),
         "lam": fraction(False), "kl_coef": at_least(0), "target_kl": above(0), "kl_horizon": at_least(1),
         "reward_clip": at_least(0, "0 = off"), "ptx_coef": at_least(0, "0 = off"),
-        "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0), "inference_tp_size": at_least(1)}
+        "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0), "inference_tp_size": at_least(1),
+        "reward_weights": at_least(0, "a penalty is a source that returns negative rewards"),
+        "reward_timeout": above(0), "reward_retries": at_least(0), "reward_concurrency": at_least(1),
+        "reward_request_size": at_least(0, "0 = the whole batch in one request")}
 
     def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
         return super().model_inputs() + [
@@ -220,7 +223,7 @@ class PPOConfig(TrainConfig):
 
     def validate_rewards(self) -> None:
         """At least one reward source; every --reward_fn names a callable (imported here, before any
-        model loads); URLs are http(s); one weight per source; positive timeout and retries >= 0."""
+        model loads); URLs are http(s); one weight per source (the numbers are checked by RANGES)."""
         from ..rewards.errors import RewardSpecError
         from ..rewards.http import check_url
         from ..rewards.spec import load_reward_fn
@@ -238,10 +241,6 @@ class PPOConfig(TrainConfig):
         if self.reward_weights is not None and len(self.reward_weights) != n:
             raise ConfigError(f"--reward_weights has {len(self.reward_weights)} values for {n} reward sources (in "
                               "order: the reward model, each --reward_fn, each --reward_url); give one per source")
-        if self.reward_timeout <= 0:
-            raise ConfigError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
-        if self.reward_retries < 0 or self.reward_concurrency < 1 or self.reward_request_size < 0:
-            raise ConfigError("reward_retries must be >= 0, reward_concurrency >= 1 and reward_request_size >= 0")
 
     @property
     def answers_per_step(self) -> int:
