@@ -141,6 +141,11 @@ if [ -f benchmarks/token_logprobs.py ]; then
   run_stage bench_token_logprobs 90 "$PY" benchmarks/token_logprobs.py --device cuda --dtype bfloat16 \
     --out "$OUT/token_logprobs.jsonl"
 fi
+if [ -f benchmarks/inject_training.py ]; then
+  # one training step of an injected ~0.5B Llama (triton attention + norms, forward and backward)
+  # against the same model on HF sdpa, bf16
+  run_stage bench_inject_training 90 "$PY" benchmarks/inject_training.py --gpu --out "$OUT/inject_training.jsonl"
+fi
 
 # ---- short table last
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.md" 2>&1
