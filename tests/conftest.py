@@ -5,6 +5,9 @@ of tiny HF models of every supported family.
   is skipped, with the reason, on a machine without CUDA; `benchmarks/gpu_suite.sh` runs them.
 - `TOL[dtype]`: the relative-norm error ‖out − ref‖ / ‖ref‖ a kernel may have against the fp32
   reference, about two roundings of the output dtype.
+- Fixtures: `tiny_models` (module-scoped `TinyModels`: each family built once per module, by
+  name) and `one_thread` (one intra-op thread for the test: tiny tensors run several times faster
+  that way on a shared 2-core machine; use it with `pytestmark = pytest.mark.usefixtures(...)`).
 - Tiny models are built from configs with random weights, saved with save_pretrained and loaded
   back by path (the real loading code, no hub). A larger initializer_range than HF's default makes
   the next-token distributions peaked, so greedy comparisons are not decided by near-ties.
@@ -168,3 +171,18 @@ def left_padded_batch(lengths, vocab: int = VOCAB, pad_id: int = 0, seed: int = 
         ids[i, p - n:] = torch.randint(4, vocab, (n,), generator=g)
         mask[i, p - n:] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Tiny models of every family, built on first use and shared by the module's tests."""
+    return TinyModels(tmp_path_factory)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,23 +11,17 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 import fastrlhf
 from fastrlhf.hybrid_engine import HybridEngine
 from fastrlhf.hybrid_engine.injection import EngineGenerate
-from conftest import FAMILY_OF, TINY_CONFIGS, TinyModels, left_padded_batch
+from conftest import FAMILY_OF, TINY_CONFIGS, left_padded_batch
 
 ONE_PER_FAMILY = sorted(name for name in TINY_CONFIGS if name not in FAMILY_OF) + ["opt_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return TinyModels(tmp_path_factory)
+def models(tiny_models):
+    return tiny_models
 
 
 def _generate_only(model):

@@ -8,21 +8,15 @@ import torch
 
 import fastrlhf
 from fastrlhf import ops
-from conftest import TinyModels, left_padded_batch
+from conftest import left_padded_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return TinyModels(tmp_path_factory)
+def models(tiny_models):
+    return tiny_models
 
 
 class _Tokens(torch.utils.data.Dataset):

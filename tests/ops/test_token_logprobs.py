@@ -21,13 +21,7 @@ from conftest import TOL
 N, H, V = 37, 72, 1531
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(dtype, seed, n=N, h=H, v=V, ignore=True):
