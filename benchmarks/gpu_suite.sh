@@ -11,6 +11,12 @@
 # Robust by design: no `set -e`; every stage runs under its own time limit, clipped to what
 # is left of SUITE_BUDGET seconds (default 570), a failing stage is recorded and the next
 # one still runs, and each stage's status, duration and log land in $OUT.
+#
+# SUITE_STAGES="gpu_tests_backward bench_*" runs only the stages matching those shell patterns
+# (the install stages always run): the second call of a session reruns what failed, or the
+# stages the first call's budget did not reach, e.g.
+#   run(command="SUITE_STAGES='bench_rlhf bench_inject_*' bash benchmarks/gpu_suite.sh", carry=[".whl"])
+# (select build_cuda_ext too when a selected stage uses the cuda backend on a fresh machine).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +36,18 @@ PY="${PYTHON:-python3}"
 run_stage() {
   local name="$1" cap="$2"
   shift 2
-  local now left limit t0 rc status
+  local now left limit t0 rc status pattern selected
+  if [ -n "${SUITE_STAGES:-}" ] && [[ "$name" != install_* ]]; then
+    selected=0
+    for pattern in $SUITE_STAGES; do
+      # shellcheck disable=SC2053  # the pattern is meant to glob
+      [[ "$name" == $pattern ]] && selected=1
+    done
+    if [ "$selected" -eq 0 ]; then
+      printf "%s\tskipped (not in SUITE_STAGES)\t0\n" "$name" >> "$STAGES"
+      return 0
+    fi
+  fi
   now=$(date +%s)
   left=$((BUDGET - (now - START) - 5))
   if [ "$left" -lt 15 ]; then
