@@ -186,3 +186,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_ppo_setup(root, n_prompts: int):
+    """Step-3 inputs on the bundled tiny task: a policy saved at root/sft and a reward model at
+    root/rm (fresh random weights, seeds 1 and 2, each with the tokenizer), and the first
+    `n_prompts` prompts of the bundled data as trainer items (prompt, prompt_input_ids).
+    Returns (tokenizer, items)."""
+    import json
+
+    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+    from fastrlhf.models.reward import RewardModel
+
+    tok = load_tokenizer(None, padding_side="left")
+    load_causal_lm(None, seed=1).save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    RewardModel.from_pretrained(None, seed=2).save_pretrained(str(root / "rm"))
+    tok.save_pretrained(root / "rm")
+    with open(default_data_path()) as f:
+        rows = [json.loads(line) for _, line in zip(range(n_prompts), f)]
+    items = [{"prompt": r["prompt"],
+              "prompt_input_ids": tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                          add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)} for r in rows]
+    return tok, items

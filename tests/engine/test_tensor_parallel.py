@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import build_tiny, left_padded_batch
+from conftest import build_tiny, left_padded_batch, tiny_ppo_setup
 
 FIVE = ["llama", "qwen2", "opt", "gpt_neox", "mistral"]  # mistral: 1 KV head, replicated on both ranks
 # beyond conftest's tiny models: Falcon's grouped [Hkv, g + 2, D] qkv with 1 KV head (replicated
@@ -149,18 +149,7 @@ def _free_port():
 
 
 def _ppo_data(root):
-    from fastrlhf.data.default_task import default_data_path
-    from fastrlhf.models.loading import load_causal_lm, load_tokenizer
-    from fastrlhf.models.reward import RewardModel
-    tok = load_tokenizer(None, padding_side="left")
-    load_causal_lm(None, seed=1).save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    RewardModel.from_pretrained(None, seed=2).save_pretrained(str(root / "rm"))
-    tok.save_pretrained(root / "rm")
-    rows = [json.loads(line) for line in open(default_data_path())][:16]
-    items = [{"prompt": r["prompt"], "prompt_input_ids": tok.apply_chat_template(
-        [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True,
-        return_dict=False)} for r in rows]
+    _, items = tiny_ppo_setup(root, 16)
     (root / "ppo_prompts.json").write_text(json.dumps(items))
 
 

@@ -13,6 +13,7 @@ from fastrlhf.config import ConfigError
 from fastrlhf.rlhf import rl_math as M
 from fastrlhf.rlhf.configs import PPOConfig
 from fastrlhf.rlhf.experience import AdvantageSettings, compute_advantages
+from conftest import tiny_ppo_setup
 
 TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s",
           "time_actor_forward", "time_ref_forward", "time_reward_forward", "time_critic_forward",
@@ -154,21 +155,9 @@ def test_option_values_are_checked_with_clear_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fastrlhf.data.default_task import default_data_path
-    from fastrlhf.models.loading import load_causal_lm, load_tokenizer
-    from fastrlhf.models.reward import RewardModel
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("grpo_models")
-    tok = load_tokenizer(None, padding_side="left")
-    load_causal_lm(None, seed=1).save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    RewardModel.from_pretrained(None, seed=2).save_pretrained(str(root / "rm"))
-    tok.save_pretrained(root / "rm")
-    rows = [json.loads(line) for line in open(default_data_path())][:24]
-    items = [{"prompt": r["prompt"],
-              "prompt_input_ids": tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                          add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)} for r in rows]
+    _, items = tiny_ppo_setup(root, 24)
     return {"root": root, "train": items[:20], "eval": items[20:]}
 
 

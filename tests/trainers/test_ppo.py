@@ -2,7 +2,6 @@
 
 The models are saved once per module and loaded back by path (the real loading code).
 """
-import json
 import math
 import os
 import signal
@@ -10,10 +9,10 @@ import signal
 import pytest
 import torch
 
-from fastrlhf.rlhf import rl_math as M
 from fastrlhf.rlhf.experience import answer_logprobs, sequence_scores
 from fastrlhf.rlhf.configs import PPOConfig
 from fastrlhf.rlhf.ppo import NonFiniteLossError, PPOTrainer, train_ppo
+from conftest import tiny_ppo_setup
 
 TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s",
           "time_actor_forward", "time_ref_forward", "time_reward_forward", "time_critic_forward",
@@ -22,21 +21,9 @@ TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s",
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fastrlhf.data.default_task import default_data_path
-    from fastrlhf.models.loading import load_causal_lm, load_tokenizer
-    from fastrlhf.models.reward import RewardModel
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ppo_models")
-    tok = load_tokenizer(None, padding_side="left")
-    load_causal_lm(None, seed=1).save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    RewardModel.from_pretrained(None, seed=2).save_pretrained(str(root / "rm"))
-    tok.save_pretrained(root / "rm")
-    rows = [json.loads(line) for line in open(default_data_path())][:60]
-    items = [{"prompt": r["prompt"],
-              "prompt_input_ids": tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                          add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)} for r in rows]
+    tok, items = tiny_ppo_setup(root, 60)
     return {"root": root, "tok": tok, "train": items[:48], "eval": items[48:]}
 
 
@@ -182,7 +169,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny, tmp_path):
 
 
 def test_tokenizer_mismatch_and_overlong_are_clear_errors_before_training(tiny, tmp_path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
     other = tmp_path / "other_rm"
     import shutil
