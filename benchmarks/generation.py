@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common import git_commit, machine_load, versions
+from common import append_jsonl, git_commit, machine_load, versions
 from fastrlhf.data.default_task import default_model_dir
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 
@@ -203,10 +202,7 @@ def main(argv=None):
         csp = "" if r["cpu_speedup_vs_hf"] is None else f"{r['cpu_speedup_vs_hf']:.2f}"
         print(f"{r['model']:<12}{r['params_m']:>10}{r['impl']:>20}{r['tokens_per_s']:>10}"
               f"{r['median_s']:>10}{sp:>7}{r['cpu_median_s']:>9}{csp:>9}{lp:>10}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in all_rows:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, all_rows)
     return all_rows
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import git_commit, machine_load, versions
+from common import append_jsonl, git_commit, machine_load, versions
 from generation import MODEL_CONFIGS, build_model, make_prompts
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 
@@ -128,10 +127,7 @@ def main(argv=None):
         for r in rows:
             print(f"{r['model']:<12}{r['impl']:>18}{r['weights_mb']:>12}{r['kv_cache_mb']:>8}{r['memory_vs_tp1']:>10}"
                   f"{r['ms_per_token']:>10}{r['time_vs_tp1']:>11}{str(r['tokens_same_as_tp1']):>12}")
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, rows)
     dist.barrier()
     return rows
 
