@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from fastrlhf.utils.positions import position_ids_from_mask
+
 from .arch_spec import ArchSpec, spec_for
 from .decoder import Decoder, ModelWeights, build_layer_weights, build_model_weights, get_path
 from .engine_types import EngineConfig, GenerationOutput
@@ -337,7 +339,7 @@ class HybridEngine:
             sp = self.local_spec
             cache = KVCache(len(get_path(get_path(self.model, sp.backbone), sp.layers)),
                             b, sp.n_kv_heads, p, sp.head_dim, self.dtype, self.device)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            positions = position_ids_from_mask(attention_mask)
             logits = dec.prefill(self._weights, input_ids, attention_mask, positions, cache, all_logits=True)
             return logits if self.tp is None else logits[:, p - p_own:]
 

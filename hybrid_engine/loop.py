@@ -13,6 +13,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from fastrlhf.utils.positions import position_ids_from_mask
+
 from .decoder import Decoder, ModelWeights
 from .engine_types import GenerationOutput
 from .kv_cache import KVCache
@@ -66,7 +68,7 @@ def generation_loop(dec: Decoder, w: ModelWeights, cache: KVCache, input_ids, at
     mask = attention_mask.to(torch.bool)
     real_len = mask.sum(dim=-1)                                  # [B]
     cache.starts = p - real_len  # int64 throughout: no per-op index casts
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     logits = dec.prefill(w, input_ids, mask, positions, cache)  # [B_own, V]
     b_own = logits.shape[0]
 

@@ -98,3 +98,10 @@ def test_trainer_losses_take_the_fused_op_and_equal_hf(models, monkeypatch):
         amask = dpo.answer_mask_after_common_prefix(both, torch.cat([mask, mask.flip(0)]))
         dpo.sequence_logprob_sums(model, both, torch.cat([mask, mask.flip(0)]), amask)
     assert len(calls) == 3
+
+
+def test_position_ids_count_real_tokens_only():
+    from fastrlhf.utils.positions import position_ids_from_mask
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3], [0, 0, 0, 0, 0]]
+    assert position_ids_from_mask(mask.bool()).tolist() == position_ids_from_mask(mask).tolist()

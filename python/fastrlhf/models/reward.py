@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ..utils.positions import position_ids_from_mask
 from .loading import (REWARD_HEAD_FILE, check_model_path, load_fastrlhf_lora, load_pretrained, resize_for_tokenizer,
                       resolve_model_path, torch_dtype)
 
@@ -64,7 +65,7 @@ class RewardModel(nn.Module):
         kwargs: Dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self._takes_position_ids:
             # positions count real tokens only, so a left-padded row scores like its right-padded twin
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         hidden = self.backbone(**kwargs)[0]  # last_hidden_state
         return self.v_head(hidden).squeeze(-1).float()
 

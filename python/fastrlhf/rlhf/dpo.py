@@ -16,10 +16,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..models.loading import disable_dropout, load_causal_lm
+from ..utils.positions import position_ids_from_mask
 from . import rl_math as M
 from .common import run_supervised, training_dtype
 from .configs import DPOConfig
-from .experience import position_ids_from_mask
 from .logprobs import IGNORE_INDEX, shifted_logprobs
 
 

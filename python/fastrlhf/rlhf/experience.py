@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..utils.distributed import all_gather_cat
+from ..utils.positions import position_ids_from_mask
 from . import rl_math as M
 from .common import to_device
 from .logprobs import shifted_logprobs
@@ -52,12 +53,6 @@ class Experience:
             v = getattr(self, f.name)
             out[f.name] = v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
         return Experience(**out)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (what HF generate uses), so the trainer's log-probs
-    match the rollout's."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def answer_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
