@@ -2,6 +2,7 @@
 
 Layouts (all ops): attention tensors are [batch, heads, seq, head_dim]; KV caches are
 [batch, kv_heads, max_seq, head_dim]; GQA/MQA means q has a multiple of k/v's heads.
+The paged ops (`paged_*`) use block pools instead: see `fastrlhf.ops.paged_reference`.
 Every function takes `backend=` ("auto" | "torch" | "triton" | "cuda"); see
 `fastrlhf.ops.dispatch` for how the default is chosen and how an unavailable backend falls
 back. The `torch` backend (`fastrlhf.ops.reference`) defines the semantics.
@@ -13,15 +14,18 @@ from typing import Optional
 import torch
 
 from .dispatch import BACKENDS, backend_status, get_backend, resolve, set_backend
+from .paged_reference import paged_slot_mapping  # noqa: F401  (a helper of the paged ops, no kernel)
 
 __all__ = [
     "attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
-    "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs", "set_backend", "get_backend",
+    "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs", "paged_kv_append",
+    "paged_attention_decode", "paged_attention_prefill", "paged_slot_mapping", "set_backend", "get_backend",
     "resolve", "backend_status", "BACKENDS", "OPS",
 ]
 
 OPS = ("attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
-       "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs")
+       "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs",
+       "paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -130,3 +134,57 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """
     _, fn = resolve("token_logprobs", hidden.device, backend)
     return fn(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
+
+
+# ---------------------------------------------------------------- paged KV cache
+# Pools per layer k_pool, v_pool [num_blocks, Hkv, block_size, D]; block_tables int32 [B, max_blocks];
+# seq_lens int32 [B] (tokens in the cache, new ones included; sequences start at position 0 of
+# their first block). Full contract: fastrlhf.ops.paged_reference and docs/interfaces.md.
+def paged_kv_append(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    slot_mapping: torch.Tensor, *, backend: Optional[str] = None):
+    """Write k, v [T, Hkv, D] into the pools in place: token t at slot_mapping[t] = block *
+    block_size + offset (int [T]; slots < 0 are skipped, e.g. padding rows). Serves prefill (T
+    tokens of many sequences) and decode (one per sequence) alike; `paged_slot_mapping` builds
+    the slots from block tables. Returns (k_pool, v_pool)."""
+    _, fn = resolve("paged_kv_append", k_pool.device, backend)
+    return fn(k_pool, v_pool, k, v, slot_mapping)
+
+
+def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
+                           scale: Optional[float] = None, softcap: Optional[float] = None,
+                           window: Optional[int] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D] at position seq_lens[b] - 1, over the sequence's
+    keys 0..seq_lens[b]-1 read through block_tables -> [B, Hq, D] (0 where seq_lens[b] == 0).
+
+    scale defaults to 1/sqrt(D); softcap: scores -> softcap·tanh(scores/softcap); alibi_slopes
+    fp32 [Hq]: score += slope[h]·(key position - query position); window: a query at p sees keys
+    p - window < k <= p. Order: scale, softcap, alibi, masks, softmax in fp32. GPU kernels split
+    each sequence's keys into chunks of a fixed size, so a sequence's output does not depend on
+    which other sequences share the batch.
+    """
+    _, fn = resolve("paged_attention_decode", q.device, backend)
+    return fn(q, k_pool, v_pool, block_tables, seq_lens, scale=scale, softcap=softcap, window=window,
+              alibi_slopes=alibi_slopes)
+
+
+def paged_attention_prefill(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_tables: torch.Tensor, cu_q_lens: torch.Tensor, seq_lens: torch.Tensor, *,
+                            max_q_len: Optional[int] = None, scale: Optional[float] = None,
+                            softcap: Optional[float] = None, window: Optional[int] = None,
+                            alibi_slopes: Optional[torch.Tensor] = None,
+                            backend: Optional[str] = None) -> torch.Tensor:
+    """Ragged queries of many sequences over their paged keys (prefill, extend/append) -> [T, Hq, D].
+
+    q [T, Hq, D] packs the sequences' new tokens: rows cu_q_lens[b]:cu_q_lens[b+1] (int [B+1],
+    starting at 0) are sequence b's last m_b positions seq_lens[b]-m_b .. seq_lens[b]-1, and see
+    keys 0..their own position (bottom-right causal); their keys must already be in the pools
+    (paged_kv_append first). m_b = seq_lens[b] is a prefill, m_b < seq_lens[b] an extend; rows
+    from cu_q_lens[B] to T are 0 (static-shape padding). max_q_len: an optional upper bound of
+    the m_b that the GPU kernels size their launch by (default T; no device sync either way;
+    a smaller value only makes them loop). Options as in paged_attention_decode.
+    """
+    _, fn = resolve("paged_attention_prefill", q.device, backend)
+    return fn(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, max_q_len=max_q_len, scale=scale,
+              softcap=softcap, window=window, alibi_slopes=alibi_slopes)

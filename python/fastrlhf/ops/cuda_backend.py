@@ -33,7 +33,8 @@ NAMESPACE = "fastrlhf_cuda"
 # as if the backend were unavailable (triton, in the end the torch reference). Every other op
 # is a function below with the reference's signature (tests/ops/test_backend_coverage.py);
 # its calls that no kernel covers are handed on one by one (`_fallback`; module docstring).
-FALLBACK_OPS: Tuple[str, ...] = ("token_logprobs",)  # no CUDA kernel: auto picks triton
+FALLBACK_OPS: Tuple[str, ...] = ("token_logprobs",  # no CUDA kernel: auto picks triton
+                                 "paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
 # the torch.library ops that csrc/ops.cpp registers (the kernels behind the functions below)
 OP_NAMES = ("attention_decode", "attention_prefill", "lora_linear", "lora_fuse", "lora_fuse_out", "rms_norm",
             "rms_norm_residual", "layer_norm", "layer_norm_residual", "rotary_", "kv_cache_append_")

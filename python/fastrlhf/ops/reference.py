@@ -11,6 +11,8 @@ import math
 import torch
 
 from .logprobs_reference import token_logprobs  # noqa: F401  (chunked; its own module)
+from .paged_reference import (  # noqa: F401  (the paged KV-cache ops; their own module)
+    paged_attention_decode, paged_attention_prefill, paged_kv_append)
 
 
 def _expand_kv(k: torch.Tensor, n_q_heads: int) -> torch.Tensor:

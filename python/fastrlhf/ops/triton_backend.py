@@ -35,7 +35,7 @@ NAMESPACE = "fastrlhf_triton"
 # The ops of fastrlhf.ops.OPS this backend does not implement: dispatch resolves calls of them
 # as if the backend were unavailable (in the end to the torch reference). Every other op is a
 # function below with the reference's signature (tests/ops/test_backend_coverage.py).
-FALLBACK_OPS: Tuple[str, ...] = ()
+FALLBACK_OPS: Tuple[str, ...] = ("paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
 # Where the backward of each op runs when a call needs gradients (`fastrlhf ops` prints this).
 # Ops without a kernel backward that are differentiable in the reference (attention_decode,
 # rotary) run such calls on the reference; the in-place writers have no gradient.
