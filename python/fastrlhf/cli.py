@@ -25,14 +25,12 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import (ConfigError, TrainConfig, add_dataclass_arguments, config_from_dict, did_you_mean,
-                     load_config_file, merge_dicts, namespace_overrides, option_names, unflatten)
-from .data.errors import DataError
+from .config import TrainConfig
 from .data.spec import PIPELINE_SPLIT_RATIOS
+from .errors import USER_INPUT_ERRORS, ConfigError, SaveError, TrainingDiverged
 from .ops.dispatch import BackendError
-from .rewards.errors import RewardError
-from .rlhf.checkpoint import SaveError
-from .rlhf.common import TrainingDiverged
+from .options import (add_dataclass_arguments, config_from_dict, did_you_mean, load_config_file, merge_dicts,
+                      namespace_overrides, option_names, unflatten)
 from .rlhf.configs import DEFAULT_TASK_PROFILES, PPOConfig
 from .rlhf.registry import TRAINERS
 
@@ -427,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .ops.dispatch import get_backend
         get_backend()  # a bad FASTRLHF_BACKEND stops here, not deep inside a run
         return args.func(args, extra) or 0
-    except (CLIError, ConfigError, DataError, BackendError, RewardError) as e:
+    except (CLIError, BackendError, *USER_INPUT_ERRORS) as e:
         parser.exit(2, f"fastrlhf {args.command}: error: {e}\n")
     except TrainingDiverged as e:  # the message names the step, the quantity and the fix
         parser.exit(1, f"fastrlhf {args.command}: stopped: {e}\n")

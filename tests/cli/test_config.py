@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from fastrlhf.config import (ConfigError, TrainConfig, batch_geometry, build_ds_config, config_from_dict,
-                             load_config_file, parse_config, update_config)
+from fastrlhf.config import TrainConfig, batch_geometry, build_ds_config
+from fastrlhf.errors import ConfigError
+from fastrlhf.options import config_from_dict, load_config_file, parse_config, update_config
 from fastrlhf.rlhf.configs import RMConfig, SFTConfig
 
 

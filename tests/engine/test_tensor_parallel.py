@@ -240,7 +240,7 @@ def test_tp_size_errors_name_the_numbers_and_valid_choices():
 
 
 def test_inference_tp_size_is_checked_before_any_model_loads(tmp_path, monkeypatch):
-    from fastrlhf.config import ConfigError
+    from fastrlhf.errors import ConfigError
     from fastrlhf.rlhf import ppo_models
     from fastrlhf.rlhf import configs
     from fastrlhf.rlhf.configs import PPOConfig

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from fastrlhf import cli
-from fastrlhf.config import ConfigError, Range, TrainConfig, config_from_dict, load_config_file
 from fastrlhf.data import DataSpec, build_datasets
-from fastrlhf.data.errors import DataError
-from fastrlhf.models.loading import ModelPathError, check_model_path, load_causal_lm, load_tokenizer
+from fastrlhf.errors import ConfigError, DataError, ModelPathError
+from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+from fastrlhf.models.paths import check_model_path
+from fastrlhf.options import Range, config_from_dict, load_config_file
 from fastrlhf.rlhf.registry import TRAINERS
 
 BOM = "\ufeff"
@@ -213,7 +214,7 @@ def test_bad_options_are_refused_before_anything_is_written(argv, expected, tmp_
 def _numeric_fields(cls, prefix=""):
     """(dotted name, field, base type) of every int/float (or list of them) option of a config."""
     import typing
-    from fastrlhf.config import _strip_optional
+    from fastrlhf.options import _strip_optional
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _strip_optional(hints[f.name])

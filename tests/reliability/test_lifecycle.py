@@ -354,7 +354,7 @@ def test_ppo_stops_when_a_step_leaves_the_actor_weights_non_finite(tmp_path, rew
     """Gradients can be finite and the update still break the weights: checked after every step."""
     import torch
     from fastrlhf.rlhf.configs import PPOConfig
-    from fastrlhf.rlhf.common import TrainingDiverged
+    from fastrlhf.errors import TrainingDiverged
     from fastrlhf.rlhf.ppo import PPOTrainer
     from fastrlhf.data import DataSpec
     cfg = PPOConfig(reward_model=reward_dir, output_dir=str(tmp_path / "w"), rollout_batch_size=4, micro_batch_size=4,
@@ -457,7 +457,7 @@ def test_lock_without_flock_judges_by_the_recorded_process(tmp_path, monkeypatch
     """On a filesystem without flock: a live process on this host, or any on another host, keeps
     the lock (the message says what to delete); a dead one's lock is stale."""
     import socket
-    from fastrlhf.config import ConfigError
+    from fastrlhf.errors import ConfigError
     from fastrlhf.rlhf.run_guard import OutputDirLock
     monkeypatch.setattr(OutputDirLock, "_flock", staticmethod(lambda fd: None))
     lock_file = tmp_path / LOCK_FILE
@@ -502,3 +502,24 @@ def test_fingerprint_names_a_changed_model_or_data_file(tmp_path):
         f.write(b"\x01\x02\x03\x04")
     assert fingerprint_diff(saved, run_fingerprint(cfg, "sft")) == [f"the content of model_name_or_path {model} changed"]
     assert fingerprint_diff(saved, run_fingerprint(cfg, "dpo"))[0] == "trainer sft -> dpo"
+
+
+def test_the_fingerprint_leaves_out_exactly_the_options_defined_so():
+    """`option(..., fingerprint=False)` marks what does not change what is learned; an override in
+    a trainer's config must keep the mark (else its runs would refuse their own checkpoints)."""
+    import dataclasses
+
+    from fastrlhf.options import in_fingerprint, option_names
+    from fastrlhf.rlhf.configs import DPOConfig, PPOConfig, RMConfig, SFTConfig
+    from fastrlhf.rlhf.run_guard import run_fingerprint
+    shared = {"output_dir", "resume", "overwrite_output_dir", "log_steps", "save_steps", "save_total_limit",
+              "eval_steps", "eval_max_batches", "eval_batch_size", "tensorboard_dir", "cpu_threads", "max_steps",
+              "num_epochs", "merge_lora_on_save", "max_nonfinite_steps", "gradient_checkpointing", "deepspeed_config"}
+    for cls, own in ((SFTConfig, set()), (RMConfig, set()), (DPOConfig, set()),
+                     (PPOConfig, {"eval_prompts", "generation_fallback"})):
+        left_out = {f.name for f in dataclasses.fields(cls) if not in_fingerprint(f)}
+        assert left_out == shared | own, cls.__name__
+        cfg = cls(reward_fn=["fastrlhf.rewards:arithmetic_reward"]) if cls is PPOConfig else cls()
+        fp = run_fingerprint(cfg, "x")
+        assert set(fp) & (left_out | {"data.cache_dir"}) == set()
+        assert set(option_names(cls)) - left_out - {"data.cache_dir"} <= set(fp)

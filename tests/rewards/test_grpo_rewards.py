@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from fastrlhf.rewards.errors import RewardError
+from fastrlhf.errors import RewardError
 from fastrlhf.rlhf.configs import PPOConfig
 from fastrlhf.rlhf.ppo import PPOTrainer, train_ppo
 

@@ -38,7 +38,7 @@ def test_reward_flags_repeat_and_drop_the_reward_model_when_step_2_does_not_run(
                          "--ppo.reward_weights", "1", "0.5"])
     assert cfgs[3].reward_model == str(tmp_path / "step2_rm")
     # `fastrlhf ppo`: the flag repeats too
-    from fastrlhf.config import namespace_overrides
+    from fastrlhf.options import namespace_overrides
     from fastrlhf.rlhf.configs import PPOConfig
     ns, _ = build_parser().parse_known_args(["ppo", "--reward_fn", "a:b", "--reward_fn", "c.py:d"])
     assert namespace_overrides(ns, PPOConfig)["reward_fn"] == ["a:b", "c.py:d"]

@@ -9,8 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fastrlhf.config import ConfigError
-from fastrlhf.rewards.errors import RewardError, RewardTimeoutError
+from fastrlhf.errors import ConfigError, RewardError, RewardTimeoutError
 from fastrlhf.rewards.http import HTTPReward
 from fastrlhf.rewards.sources import RewardSet, in_process
 from fastrlhf.rewards.worker import FunctionWorker

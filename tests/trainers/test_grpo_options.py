@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fastrlhf.config import ConfigError
+from fastrlhf.errors import ConfigError
 from fastrlhf.rlhf import rl_math as M
 from fastrlhf.rlhf.configs import PPOConfig
 from fastrlhf.rlhf.experience import AdvantageSettings, compute_advantages
@@ -147,7 +147,7 @@ def test_option_values_are_checked_with_clear_errors(tmp_path):
            ({"loss_agg": "sum"}, "seq_mean_token_mean")]
     for over, msg in bad:
         with pytest.raises(ConfigError, match=msg):
-            from fastrlhf.config import config_from_dict
+            from fastrlhf.options import config_from_dict
             config_from_dict(PPOConfig, {**base, **over})
 
 

@@ -11,7 +11,8 @@ import torch
 
 from fastrlhf.rlhf.experience import answer_logprobs, sequence_scores
 from fastrlhf.rlhf.configs import PPOConfig
-from fastrlhf.rlhf.ppo import NonFiniteLossError, PPOTrainer, train_ppo
+from fastrlhf.errors import NonFiniteLossError
+from fastrlhf.rlhf.ppo import PPOTrainer, train_ppo
 from conftest import tiny_ppo_setup
 
 TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s",

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from transformers import AutoModelForCausalLM
 
-from fastrlhf.config import ConfigError
+from fastrlhf.errors import ConfigError
 from fastrlhf.models.loading import load_tokenizer
 from fastrlhf.models.reward import RewardModel
 from fastrlhf.rlhf.configs import DPOConfig, RMConfig, SFTConfig

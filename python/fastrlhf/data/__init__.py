@@ -53,7 +53,7 @@ A UTF-8 byte-order mark at the start of a .json/.jsonl file is accepted.
 from fastrlhf.data.build import build_datasets, split_indices
 from fastrlhf.data.collators import PairCollator, PromptCollator, SFTCollator, pad_sequences
 from fastrlhf.data.encoding import IGNORE_INDEX, TokenizedDataset
-from fastrlhf.data.errors import DataError
+from fastrlhf.errors import DataError
 from fastrlhf.data.spec import DataSpec
 
 __all__ = ["DataSpec", "DataError", "build_datasets", "split_indices", "SFTCollator", "PairCollator",

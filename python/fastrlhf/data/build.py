@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrlhf.data.errors import DataError
+from fastrlhf.errors import DataError
 from fastrlhf.data.formats import PromptRenderer, Sample, parse_rows
 from fastrlhf.data.sources import read_source, source_fingerprint
 from fastrlhf.data.spec import DataSpec

@@ -31,7 +31,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastrlhf.data.errors import DataError, where
+from fastrlhf.errors import DataError
+
+
+def where(source: str, row: int | None = None, column: str | None = None) -> str:
+    """'file X, row N, column 'c'' (rows count from 0, as in the file's record order)."""
+    parts = [f"{source}"]
+    if row is not None:
+        parts.append(f"row {row}")
+    if column is not None:
+        parts.append(f"column {column!r}")
+    return ", ".join(parts)
 
 PROMPT_ALIASES = ("prompt", "question", "instruction")
 RESPONSE_ALIASES = ("response", "completion", "answer", "output")

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from fastrlhf.data.errors import DataError
+from fastrlhf.errors import DataError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 TEST_SPLIT_NAMES = ("test", "validation", "eval")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from fastrlhf.data.errors import DataError
+from fastrlhf.errors import DataError
 
 OVERLONG_MODES = ("drop", "truncate")
 # what `fastrlhf train` (the pipeline) splits each dataset by when no split_ratios is given;
@@ -19,7 +19,8 @@ class DataSpec:
     split_ratios: str | None = None       # shares for steps 1, 2, 3 ("2,4,4"); None = all rows to the step
     eval_fraction: float = 0.05           # held out of each step's share (unless a test split exists)
     seed: int = 1234
-    cache_dir: str | None = None          # tokenized parts cached here, keyed by spec + tokenizer
+    # tokenized parts cached here, keyed by spec + tokenizer; not part of a run's fingerprint
+    cache_dir: str | None = field(default=None, metadata={"fingerprint": False})
     max_prompt_len: int = 128
     max_answer_len: int = 128
     overlong: str = "drop"                # or "truncate" (prompt from the left, answer from the right)

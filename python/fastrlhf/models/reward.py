@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..utils.positions import position_ids_from_mask
-from .loading import (REWARD_HEAD_FILE, check_model_path, load_fastrlhf_lora, load_pretrained, resize_for_tokenizer,
-                      resolve_model_path, torch_dtype)
+from .loading import load_fastrlhf_lora, load_pretrained, resize_for_tokenizer, torch_dtype
+from .paths import REWARD_HEAD_FILE, check_model_path, resolve_model_path
 
 HEAD_FILE = REWARD_HEAD_FILE
 META_FILE = "reward_model.json"

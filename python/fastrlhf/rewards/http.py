@@ -18,7 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
-from .errors import RewardError, RewardSpecError
+from ..errors import RewardError, RewardSpecError
 
 BACKOFF_S = 0.5
 

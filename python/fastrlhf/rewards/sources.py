@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .errors import RewardError
+from ..errors import RewardError
 from .spec import absolute_spec, spec_name
 
 MODEL_SOURCE = "reward_model"

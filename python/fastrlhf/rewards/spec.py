@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, Tuple
 
-from .errors import RewardSpecError
+from ..errors import RewardSpecError
 
 
 def split_spec(spec: str) -> Tuple[str, str]:

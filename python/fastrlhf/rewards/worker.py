@@ -23,7 +23,7 @@ import traceback
 import weakref
 from typing import Any, Dict, List, Optional
 
-from .errors import RewardError, RewardTimeoutError
+from ..errors import RewardError, RewardTimeoutError
 
 _HEADER = struct.Struct("!Q")
 # how long a fresh worker may take to import the function's module (then the per-batch timeout runs)

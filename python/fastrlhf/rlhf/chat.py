@@ -20,7 +20,8 @@ class ChatSession:
                  top_p: float = 0.9, top_k: int = 0, greedy: bool = False, fallback: Optional[str] = None,
                  seed: int = 0, dtype: str = "fp32", device: Optional[str] = None):
         from ..hybrid_engine import EngineConfig, HybridEngine
-        from ..models.loading import check_model_path, load_causal_lm, load_tokenizer, max_positions
+        from ..models.loading import load_causal_lm, load_tokenizer, max_positions
+        from ..models.paths import check_model_path
         check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
         check_model_path(model_path, "policy", option="--model", tokenizer=True)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -54,7 +55,7 @@ class ChatSession:
             if len(ids) <= budget:
                 return ids
             if len(self.messages) <= 1:
-                from ..config import ConfigError  # a ValueError: the loop shows it; --prompt stops with it
+                from ..errors import ConfigError  # a ValueError: the loop shows it; --prompt stops with it
                 raise ConfigError(f"the message is {len(ids)} tokens; with {self.gen_kwargs['max_new_tokens']} "
                                  f"new tokens it exceeds the model's {self.max_positions} positions. Send a "
                                  "shorter message or lower --max_new_tokens")
@@ -82,7 +83,7 @@ class ChatSession:
 
 def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, greedy: bool) -> None:
     """The sampling options, checked before the model loads (ConfigError, a ValueError)."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not greedy and not temperature > 0:
@@ -142,7 +143,8 @@ def run_chat(args: argparse.Namespace, read: Callable[[str], str] = input,
 def main(argv=None) -> int:
     """Raises ConfigError (a ValueError, one line) for a bad model path or option; the `fastrlhf`
     command prints it as `fastrlhf chat: error: ...`."""
-    from ..config import ConfigError, did_you_mean
+    from ..errors import ConfigError
+    from ..options import did_you_mean
     p = argparse.ArgumentParser(prog="fastrlhf chat", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_arguments(p)
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ..config import ConfigError as _ConfigError
+    from ..errors import ConfigError as _ConfigError
     try:
         sys.exit(main())
     except _ConfigError as e:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError, SaveError
 from ..models.lora import LoRALinear
 from ..utils.distributed import all_ranks_true, barrier, get_rank, get_world_size, is_rank0
 from ..utils.logging import json_safe, print_rank0
@@ -49,10 +49,6 @@ REPLACED_SUFFIX = ".replaced"
 STAGING_DIR = ".model.partial"  # save_hf_model writes here, then moves the files into place
 CHECKPOINT_FORMAT = 2  # 1: fastrlhf 0.1 (one engine, ds_state/ without roles)
 _PEFT_PREFIX = "base_model.model."
-
-
-class SaveError(RuntimeError):
-    """A model or checkpoint that did not come out whole (a full disk, a quota); nothing was replaced."""
 
 
 # ----------------------------------------------------------------------------- state dicts

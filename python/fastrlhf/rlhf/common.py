@@ -38,17 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, build_ds_config, ds_precision, save_config
+from ..config import build_ds_config, ds_precision
+from ..errors import ConfigError, TrainingDiverged
+from ..options import save_config
 from ..utils.distributed import (all_ranks_true, all_reduce_sum, barrier, get_rank, get_world_size, init_distributed,
                                  is_rank0)
 from ..utils.logging import MetricsLogger, json_safe, print_rank0, progress_bar, quiet_libraries
 from . import checkpoint as ckpt_lib
 from . import run_guard
-
-
-class TrainingDiverged(RuntimeError):
-    """The run stopped because its numbers went NaN/inf; the message names the step, the quantity
-    and what to change. Nothing non-finite was saved."""
 
 
 @dataclass

@@ -255,7 +255,7 @@ class ExperienceMaker:
 
     def score_all_ranks(self, batch, sequences, attention_mask, action_mask, prompt_len: int):
         """`score`, with a failure on any rank stopping every rank (none waits in a collective)."""
-        from ..rewards.errors import RewardError
+        from ..errors import RewardError
         from ..utils.distributed import all_ranks_true
         error = None
         try:

@@ -18,19 +18,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..errors import NonFiniteLossError
 from ..models.loading import load_tokenizer
 from ..utils.distributed import all_ranks_true, barrier, is_rank0, mean_over_ranks
 from . import rl_math as M
-from .common import (GlobalBatchSampler, Trainer, TrainingDiverged, eval_sums, optimizer_step, setup_run, to_device,
+from .common import (GlobalBatchSampler, Trainer, eval_sums, optimizer_step, setup_run, to_device,
                      total_train_steps)
 from .configs import PPOConfig
 from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, rollout_stats, stopwatch
 from .ppo_models import build_ppo_models, check_lengths, reward_tokenizer_for
 from .sft import sequence_nll
-
-
-class NonFiniteLossError(TrainingDiverged):
-    pass
 
 
 def bundled_task_scorer(cfg) -> Optional[Any]:

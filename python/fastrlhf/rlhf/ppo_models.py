@@ -18,9 +18,11 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..config import ConfigError, build_ds_config
+from ..config import build_ds_config
+from ..errors import ConfigError
 from ..models.loading import (apply_lora_from_config, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
-                              load_tokenizer, max_positions, resolve_model_path)
+                              load_tokenizer, max_positions)
+from ..models.paths import resolve_model_path
 from ..models.reward import RewardModel
 from .common import RunContext, frozen_engine, initialize_engine, training_dtype
 
@@ -109,7 +111,6 @@ def check_inference_tp(cfg, given: Dict[str, nn.Module], world_size: int) -> Non
     if cfg.inference_tp_size == 1:
         return
     from transformers import AutoConfig
-    from ..config import ConfigError
     from ..hybrid_engine.tensor_parallel import check_tp_size
     if "actor" in given:
         conf = getattr(given["actor"], "module", given["actor"]).config

@@ -25,7 +25,8 @@ import socket
 import sys
 from typing import Any, Dict, List, Optional
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..options import in_fingerprint
 
 LOCK_FILE = ".fastrlhf.lock"
 RUN_FILE = "fastrlhf_run.json"
@@ -217,14 +218,6 @@ def write_run_file(output_dir: str, kind: str, status: str, **extra: Any) -> Non
 
 # ----------------------------------------------------------------------------- fingerprint
 
-# options that do not change what is learned (where and how often to save, log, evaluate; how
-# long to run: a run may be extended); every other option is part of a run's identity
-NOT_IN_FINGERPRINT = {
-    "output_dir", "resume", "overwrite_output_dir", "log_steps", "save_steps", "save_total_limit", "eval_steps",
-    "eval_max_batches", "eval_batch_size", "eval_prompts", "tensorboard_dir", "cpu_threads", "max_steps",
-    "num_epochs", "merge_lora_on_save", "max_nonfinite_steps", "gradient_checkpointing", "generation_fallback",
-    "data.cache_dir", "deepspeed_config",
-}
 MODEL_FIELDS = ("model_name_or_path", "tokenizer", "reward_model", "critic_model", "ref_model")
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".pt")
 _NOT_MODEL_FILES = {RUN_FILE, "eval_before_after.json", "trainer_state.json", "latest"}
@@ -274,8 +267,13 @@ def content_digest(path: Optional[str], model: bool = False) -> Optional[str]:
 
 
 def _flatten(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: value} of the options that are part of a run's identity: every option but
+    those defined with `fingerprint=False` (where and how often to save, log, evaluate; how long
+    to run, since a run may be extended), nested dataclasses included."""
     out: Dict[str, Any] = {}
     for f in dataclasses.fields(obj):
+        if not in_fingerprint(f):
+            continue
         value = getattr(obj, f.name)
         key = prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -289,9 +287,7 @@ def run_fingerprint(cfg, kind: str) -> Dict[str, Any]:
     """{key: value} of everything that defines the run (JSON-able): the trainer, the options that
     change the math, and the content of local models, data files and the DeepSpeed config."""
     fp: Dict[str, Any] = {"trainer": kind}
-    for key, value in _flatten(cfg).items():
-        if key not in NOT_IN_FINGERPRINT:
-            fp[key] = value
+    fp.update(_flatten(cfg))
     for name in MODEL_FIELDS:
         if getattr(cfg, name, None):
             fp[f"{name} (content)"] = content_digest(getattr(cfg, name), model=True)
