@@ -104,11 +104,15 @@ run_stage gpu_tests_cuda 150 "$PY" -m pytest -m gpu tests/gpu/test_cuda_ops.py -
 # the triton backward tests (bf16, large shapes) have their own stage: their autotuning is long
 BWD_TESTS="tests/gpu/test_triton_gpu.py::test_attention_backward_large tests/gpu/test_triton_gpu.py::test_norm_backward_large tests/gpu/test_triton_gpu.py::test_torch_compile_sees_through_the_backward_ops"
 run_stage gpu_tests_other 210 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfE \
-  --ignore=tests/gpu/test_cuda_ops.py $(for t in $BWD_TESTS; do printf -- "--deselect %s " "$t"; done) \
+  --ignore=tests/gpu/test_cuda_ops.py --ignore=tests/gpu/test_paged_gpu.py $(for t in $BWD_TESTS; do printf -- "--deselect %s " "$t"; done) \
   --junitxml="$OUT/gpu_tests_other.xml" --durations=10
 # shellcheck disable=SC2086  # BWD_TESTS is a list of test ids
 run_stage gpu_tests_backward 120 "$PY" -m pytest -m gpu $BWD_TESTS -q -p no:cacheprovider -rfE \
   --junitxml="$OUT/gpu_tests_backward.xml" --durations=10
+
+# the paged KV-cache ops (triton and cuda backends): their own stage, their autotuning is long too
+run_stage gpu_tests_paged 150 "$PY" -m pytest -m gpu tests/gpu/test_paged_gpu.py -q -p no:cacheprovider -rfE \
+  --junitxml="$OUT/gpu_tests_paged.xml" --durations=10
 
 # ---- benchmarks: kernels first (they write the backend preference table), then end to end
 mkdir -p "$OUT/tables"
@@ -117,6 +121,12 @@ if [ -f benchmarks/kernels.py ]; then
     --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
   # attention backward vs SDPA's flash backend (target: >= 0.8x its TFLOP/s at head dim 128), norm backward
   run_stage bench_kernels_backward 100 "$PY" benchmarks/kernels.py --only prefill_bwd,norms_bwd \
+    --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
+fi
+# paged decode (target: >= 80% of the bandwidth of a copy of the same bytes, batch 32-128, 1k-8k keys)
+# and paged extend/prefill, each against the dense kernel on the same keys; adds the paged ops to the table
+if [ -f benchmarks/kernels.py ]; then
+  run_stage bench_paged 120 "$PY" benchmarks/kernels.py --only paged_decode,paged_extend \
     --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
 fi
 # The two prefill kernels (WMMA default, mma.sync opt-in) against SDPA, in the same run.
@@ -172,7 +182,7 @@ print("| stage | status | s |\n| --- | --- | --- |")
 with open(os.path.join(out, "stages.tsv")) as f:
     for line in list(f)[1:]:
         print("| " + " | ".join(line.rstrip("\n").split("\t")) + " |")
-for group in ("cuda", "other", "backward"):
+for group in ("cuda", "other", "backward", "paged"):
     xml = os.path.join(out, f"gpu_tests_{group}.xml")
     if os.path.exists(xml):
         s = ET.parse(xml).getroot()
@@ -182,7 +192,8 @@ for group in ("cuda", "other", "backward"):
 kj = os.path.join(out, "kernels.jsonl")
 if os.path.exists(kj):
     rows = [json.loads(l) for l in open(kj) if l.strip()]
-    cols = ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy", "overhead_pct", "vs_sdpa_flash"]
+    cols = ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy", "overhead_pct", "vs_sdpa_flash",
+            "vs_dense", "pct_of_same_copy"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for r in rows:

@@ -12,6 +12,12 @@ Measured in one run, on one device:
 - LoRA: time of the unmerged fused LoRA linear over the base GEMM alone (overhead %), at
   decode and prefill shapes; lora_fuse time;
 - norms, rotary, KV append: GB/s of bytes moved, % of copy.
+- paged decode (`--only paged_decode`): GB/s of KV bytes read through block tables (shuffled pool
+  blocks, cold L2), % of the copy bandwidth of a buffer of the same bytes measured in the same
+  run (target >= 80%), and the time of the dense attention_decode on the same keys (`vs_dense`);
+  paged_kv_append of one token per sequence;
+- paged extend (`--only paged_extend`): new tokens appended to long paged sequences (and a full
+  prefill), TFLOP/s of the causal part, vs the dense attention_prefill on the same keys;
 - backward (`--only prefill_bwd,norms_bwd`; in the default set): attention_prefill's backward
   (dq, dk, dv from a saved forward) in TFLOP/s (2.5× the forward's FLOPs, FlashAttention's
   convention) against PyTorch SDPA's flash backend, with `vs_sdpa_flash` (its time over ours) on
@@ -203,6 +209,76 @@ def bench_norms_rotary_append(r: Runner, dtype):
                  nbytes=4 * kn.numel() * el)
 
 
+def _paged_pools(b: int, hkv: int, ctx: int, d: int, block_size: int, dtype, device):
+    """Pools holding b sequences of ctx tokens in shuffled blocks, and their block tables."""
+    per_seq = -(-ctx // block_size)
+    blocks = torch.randperm(b * per_seq, device=device).to(torch.int32).view(b, per_seq)
+    k_pool, v_pool = (_rand(b * per_seq, hkv, block_size, d, dtype=dtype, device=device) for _ in range(2))
+    return k_pool, v_pool, blocks
+
+
+def _dense_cache(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The same keys as a dense [B, Hkv, S, D] cache (the baseline layout)."""
+    g = pool[tables.long()]  # [B, nb, Hkv, bs, D]
+    return g.transpose(1, 2).reshape(g.shape[0], g.shape[2], -1, g.shape[-1]).contiguous()
+
+
+def bench_paged_decode(r: Runner, dtype):
+    block_size = 16
+    shapes = [(2, 4, 2, 300, 64)] if r.quick else [(32, 32, 8, 1024, 128), (32, 32, 8, 8192, 128),
+                                                    (64, 32, 8, 4096, 128), (128, 32, 8, 2048, 128),
+                                                    (128, 32, 8, 1024, 128)]
+    for b, hq, hkv, ctx, d in shapes:
+        k_pool, v_pool, tables = _paged_pools(b, hkv, ctx, d, block_size, dtype, r.device)
+        q = _rand(b, hq, d, dtype=dtype, device=r.device)
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=r.device)
+        el = q.element_size()
+        kv_bytes = 2 * b * hkv * ctx * d * el + 2 * q.numel() * el
+        same_copy = copy_bandwidth(r.device, nbytes=kv_bytes // 2)  # a copy moving the same bytes
+        shape = f"B{b} H{hq}/{hkv} ctx{ctx} D{d} bs{block_size}"
+        kc, vc = _dense_cache(k_pool, tables), _dense_cache(v_pool, tables)
+        dense = ops.resolve("attention_decode", r.device)
+        dense_ms = r.time(lambda: dense[1](q, kc, vc, lens), cold_l2=True)
+        r.record("attention_decode(dense)", shape, dense[0], dense_ms, nbytes=kv_bytes)
+        del kc, vc
+        for be in backends_for("paged_attention_decode", r.device):
+            fn = ops.resolve("paged_attention_decode", r.device, be)[1]
+            ms = r.time(lambda: fn(q, k_pool, v_pool, tables, lens), cold_l2=True)
+            r.record("paged_attention_decode", shape, be, ms, nbytes=kv_bytes, vs_dense=dense_ms / ms,
+                     pct_of_same_copy=100.0 * kv_bytes / (ms * 1e-3) / GB / same_copy)
+        new_k = _rand(b, hkv, d, dtype=dtype, device=r.device)
+        slots = (tables[:, 0].long() * block_size).to(torch.int32)
+        for be in backends_for("paged_kv_append", r.device):
+            fn = ops.resolve("paged_kv_append", r.device, be)[1]
+            r.record("paged_kv_append", f"T{b} Hkv{hkv} D{d}", be,
+                     r.time(lambda: fn(k_pool, v_pool, new_k, new_k, slots)), nbytes=4 * new_k.numel() * el)
+
+
+def bench_paged_extend(r: Runner, dtype):
+    block_size = 16
+    # (B, Hq, Hkv, context before, new tokens, D); new == context: a plain prefill
+    shapes = [(2, 4, 2, 40, 9, 64)] if r.quick else [(32, 32, 8, 2048, 64, 128), (8, 32, 8, 4096, 512, 128),
+                                                      (4, 32, 8, 0, 2048, 128)]
+    for b, hq, hkv, before, new, d in shapes:
+        ctx = before + new
+        k_pool, v_pool, tables = _paged_pools(b, hkv, ctx, d, block_size, dtype, r.device)
+        q = _rand(b * new, hq, d, dtype=dtype, device=r.device)
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=r.device)
+        cu = torch.arange(b + 1, dtype=torch.int32, device=r.device) * new
+        flops = 4 * b * hq * new * d * (before + (new + 1) / 2)  # each new query sees before + its causal part
+        shape = f"B{b} H{hq}/{hkv} ctx{before}+{new} D{d} bs{block_size}"
+        kc, vc = _dense_cache(k_pool, tables), _dense_cache(v_pool, tables)
+        qd = q.view(b, new, hq, d).transpose(1, 2)
+        dense = ops.resolve("attention_prefill", r.device)
+        dense_ms = r.time(lambda: dense[1](qd, kc, vc, causal=True))
+        r.record("attention_prefill(dense)", shape, dense[0], dense_ms, flops=flops)
+        del kc, vc
+        for be in backends_for("paged_attention_prefill", r.device):
+            fn = ops.resolve("paged_attention_prefill", r.device, be)[1]
+            ms = r.time(lambda: fn(q, k_pool, v_pool, tables, cu, lens, max_q_len=new))
+            r.record("paged_attention_prefill", shape, be, ms, flops=flops, vs_dense=dense_ms / ms)
+
+
 def _timed_backward(r: Runner, outs, leaves, grads) -> float:
     """Median ms of the backward alone, from a forward recorded once."""
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -286,11 +362,17 @@ def preference_table(rows: List[dict]) -> Dict[str, List[str]]:
 
 
 def write_table(table_dir: str, r: Runner, quick: bool) -> str:
+    """Write (or update) the device's table: the ops ranked in this run replace their old entries,
+    other ops keep theirs, so runs of different groups (the GPU suite's stages) add up."""
     os.makedirs(table_dir, exist_ok=True)
     path = os.path.join(table_dir, dispatch.device_slug(r.info["device"]) + ".json")
+    ranked = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            ranked = json.load(f).get("ops", {})
+    ranked.update(preference_table(r.rows))
     with open(path, "w") as f:
-        json.dump({"device": r.info["device"], "date": r.info["date"], "quick": quick,
-                   "ops": preference_table(r.rows)}, f, indent=1)
+        json.dump({"device": r.info["device"], "date": r.info["date"], "quick": quick, "ops": ranked}, f, indent=1)
     return path
 
 
@@ -302,7 +384,7 @@ def main(argv=None):
     ap.add_argument("--table-dir", default=None,
                     help=f"where to write the backend preference table (default on CUDA: {TABLES}; "
                          "on CPU no table unless given)")
-    ap.add_argument("--only", default="prefill,decode,lora,norms,prefill_bwd,norms_bwd",
+    ap.add_argument("--only", default="prefill,decode,lora,norms,prefill_bwd,norms_bwd,paged_decode,paged_extend",
                     help="comma list of benchmark groups")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -316,7 +398,8 @@ def main(argv=None):
     r = Runner(device, args.quick)
     groups = {"prefill": bench_prefill, "decode": bench_decode, "lora": bench_lora,
               "norms": bench_norms_rotary_append, "prefill_bwd": bench_prefill_backward,
-              "norms_bwd": bench_norms_backward}
+              "norms_bwd": bench_norms_backward, "paged_decode": bench_paged_decode,
+              "paged_extend": bench_paged_extend}
     written = 0
     for name in args.only.split(","):
         groups[name.strip()](r, dtype)
@@ -330,7 +413,7 @@ def main(argv=None):
             write_table(table_dir, r, args.quick)
     print()
     print(markdown_table(r.rows, ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy",
-                                  "overhead_pct", "vs_sdpa_flash"]))
+                                  "overhead_pct", "vs_sdpa_flash", "vs_dense", "pct_of_same_copy"]))
     print(f"\nappended {len(r.rows)} rows to {args.results}")
     if table_dir and preference_table(r.rows):
         print(f"wrote backend preference table {write_table(table_dir, r, args.quick)}")

@@ -37,10 +37,11 @@ class PagedCase:
 
 def paged_case(seq_lens, *, q_lens=None, hq: int = 4, hkv: int = 2, d: int = 32, block_size: int = 16,
                dtype=torch.float32, seed: int = 0, spare_blocks: int = 3, extra_columns: int = 2,
-               q_rows: Optional[int] = None, amp: float = 1.0) -> PagedCase:
+               q_rows: Optional[int] = None, amp: float = 1.0, device="cpu") -> PagedCase:
     """Sequences of `seq_lens` tokens in shuffled pool blocks. q_lens=None: a decode case (one
     query per sequence, q [B, Hq, D]); else prefill/extend with q_lens[b] queries per sequence
-    packed in q [q_rows or sum(q_lens), Hq, D]. amp scales q and k (large scores for softcap)."""
+    packed in q [q_rows or sum(q_lens), Hq, D]. amp scales q and k (large scores for softcap).
+    Built on the CPU, then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     needed = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(needed) + spare_blocks
@@ -59,9 +60,10 @@ def paged_case(seq_lens, *, q_lens=None, hq: int = 4, hkv: int = 2, d: int = 32,
             tables[b, nb] = spare[b % len(spare)]
         k = (torch.randn(hkv, n, d, generator=g) * amp).to(dtype)
         v = torch.randn(hkv, n, d, generator=g).to(dtype)
-        for p in range(n):
-            k_pool[blocks[p // block_size], :, p % block_size] = k[:, p]
-            v_pool[blocks[p // block_size], :, p % block_size] = v[:, p]
+        pos = torch.arange(n)
+        where = torch.tensor(blocks, dtype=torch.long)[pos // block_size], pos % block_size
+        k_pool[where[0], :, where[1]] = k.transpose(0, 1)
+        v_pool[where[0], :, where[1]] = v.transpose(0, 1)
         k_seqs.append(k)
         v_seqs.append(v)
     if q_lens is None:
@@ -71,7 +73,8 @@ def paged_case(seq_lens, *, q_lens=None, hq: int = 4, hkv: int = 2, d: int = 32,
         cu = torch.tensor([0] + list(q_lens), dtype=torch.int64).cumsum(0).to(torch.int32)
         rows = int(cu[-1]) if q_rows is None else q_rows
         q = (torch.randn(rows, hq, d, generator=g) * amp).to(dtype)
-    return PagedCase(q, k_pool, v_pool, tables, torch.tensor(seq_lens, dtype=torch.int32), cu, k_seqs, v_seqs)
+    case = PagedCase(q, k_pool, v_pool, tables, torch.tensor(seq_lens, dtype=torch.int32), cu, k_seqs, v_seqs)
+    return case if torch.device(device).type == "cpu" else case.to(device)
 
 
 def naive_attention(case: PagedCase, *, decode: bool, scale=None, softcap=None, window=None,

@@ -16,16 +16,21 @@ def test_quick_benchmark_records_rows_and_writes_preference_table(tmp_path):
     results = tmp_path / "kernels.jsonl"
     tables = tmp_path / "tables"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--only", "norms,lora",
+    run = subprocess.run([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--only", "norms,lora,paged_decode,paged_extend",
                           "--results", str(results), "--table-dir", str(tables)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert f"appended {len(lines)} rows to {results}" in run.stdout and lines
     impls = {(r["op"], r["impl"]) for r in lines}
-    for op in ("rms_norm", "layer_norm", "rotary", "kv_cache_append", "lora_linear", "lora_fuse"):
+    for op in ("rms_norm", "layer_norm", "rotary", "kv_cache_append", "lora_linear", "lora_fuse",
+               "paged_attention_decode", "paged_kv_append", "paged_attention_prefill"):
         assert (op, "torch") in impls and (op, "triton") in impls, op
     assert ("lora_linear", "base_gemm") in impls
+    assert ("attention_decode(dense)", "torch") in impls and ("attention_prefill(dense)", "torch") in impls
+    paged = [r for r in lines if r["op"] in ("paged_attention_decode", "paged_attention_prefill")]
+    assert all(r["vs_dense"] > 0 for r in paged)
+    assert all(r["pct_of_same_copy"] > 0 for r in paged if r["op"] == "paged_attention_decode")
     for r in lines:
         assert r["device"] and r["date"] and r["median_ms"] > 0
         assert "gbps" not in r or r["pct_of_copy"] == 100 * r["gbps"] / r["copy_gbps"]

@@ -25,17 +25,19 @@ from fastrlhf.kernels import attention_prefill as _prefill
 from fastrlhf.kernels import kv_cache as _kv
 from fastrlhf.kernels import lora as _lora
 from fastrlhf.kernels import norms as _norms
+from fastrlhf.kernels import paged_attention as _paged
 from fastrlhf.kernels import rotary as _rotary
 from fastrlhf.kernels import token_logprobs as _tlp
 from fastrlhf.kernels._launch import interpreting, new_empty
 
+from fastrlhf.ops import paged_reference as _paged_ref
 from fastrlhf.ops import reference as _reference
 
 NAMESPACE = "fastrlhf_triton"
 # The ops of fastrlhf.ops.OPS this backend does not implement: dispatch resolves calls of them
 # as if the backend were unavailable (in the end to the torch reference). Every other op is a
 # function below with the reference's signature (tests/ops/test_backend_coverage.py).
-FALLBACK_OPS: Tuple[str, ...] = ("paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
+FALLBACK_OPS: Tuple[str, ...] = ()
 # Where the backward of each op runs when a call needs gradients (`fastrlhf ops` prints this).
 # Ops without a kernel backward that are differentiable in the reference (attention_decode,
 # rotary) run such calls on the reference; the in-place writers have no gradient.
@@ -50,6 +52,9 @@ BACKWARD = {
     "kv_cache_append": "none (writes caches in place)",
     "lora_fuse": "none (writes weights in place)",
     "lora_unfuse": "none (writes weights in place)",
+    "paged_attention_decode": "torch reference (calls that need gradients run on it)",
+    "paged_attention_prefill": "torch reference (calls that need gradients run on it)",
+    "paged_kv_append": "none (writes the pools in place)",
 }
 
 
@@ -433,3 +438,79 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=F
     check_token_logprobs(hidden, weight, targets, temperature)
     logp, entropy, _ = _tlp_op(hidden, weight, targets, 1.0 / float(temperature), bool(return_entropy))
     return (logp, entropy) if return_entropy else logp
+
+
+# ---------------------------------------------------------------- paged KV cache (kernels/paged_attention.py)
+# Forward only (generation): calls that need gradients run on the torch reference. Inputs are checked
+# by the shared checks of fastrlhf.ops.paged_reference (values only on CPU tensors: no device sync).
+@_op("paged_attention_decode")
+def _paged_decode_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                     alibi_slopes: Optional[Tensor], scale: float, softcap: Optional[float],
+                     window: Optional[int]) -> Tensor:
+    return _paged.paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale=scale, softcap=softcap,
+                                         window=window, alibi_slopes=alibi_slopes)
+
+
+@_paged_decode_op.register_fake
+def _(q, k_pool, v_pool, block_tables, seq_lens, alibi_slopes, scale, softcap, window):
+    return q.new_empty(q.shape)
+
+
+def paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, *, scale=None, softcap=None,
+                           window=None, alibi_slopes=None):
+    if _needs_grad(q, k_pool, v_pool):
+        return _paged_ref.paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale=scale,
+                                                 softcap=softcap, window=window, alibi_slopes=alibi_slopes)
+    _paged_ref.check_attention("paged_attention_decode", q, k_pool, v_pool, block_tables, seq_lens, softcap,
+                               window, alibi_slopes)
+    if seq_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"paged_attention_decode: seq_lens has {seq_lens.shape[0]} entries for {q.shape[0]} queries")
+    _paged.check_supported(q, k_pool, "paged_attention_decode")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _paged_decode_op(q, k_pool, v_pool, block_tables, seq_lens, alibi_slopes, scale,
+                            None if softcap is None else float(softcap), None if window is None else int(window))
+
+
+@_op("paged_attention_prefill")
+def _paged_prefill_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, cu_q_lens: Tensor,
+                      seq_lens: Tensor, alibi_slopes: Optional[Tensor], max_q_len: Optional[int], scale: float,
+                      softcap: Optional[float], window: Optional[int]) -> Tensor:
+    return _paged.paged_attention_prefill(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, max_q_len=max_q_len,
+                                          scale=scale, softcap=softcap, window=window, alibi_slopes=alibi_slopes)
+
+
+@_paged_prefill_op.register_fake
+def _(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, alibi_slopes, max_q_len, scale, softcap, window):
+    return q.new_empty(q.shape)
+
+
+def paged_attention_prefill(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, *, max_q_len=None, scale=None,
+                            softcap=None, window=None, alibi_slopes=None):
+    if _needs_grad(q, k_pool, v_pool):
+        return _paged_ref.paged_attention_prefill(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens,
+                                                  max_q_len=max_q_len, scale=scale, softcap=softcap, window=window,
+                                                  alibi_slopes=alibi_slopes)
+    _paged_ref.check_attention("paged_attention_prefill", q, k_pool, v_pool, block_tables, seq_lens, softcap,
+                               window, alibi_slopes)
+    _paged_ref.check_cu_q_lens("paged_attention_prefill", cu_q_lens, seq_lens, q.shape[0], max_q_len)
+    _paged.check_supported(q, k_pool, "paged_attention_prefill")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _paged_prefill_op(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, alibi_slopes,
+                             None if max_q_len is None else int(max_q_len), scale,
+                             None if softcap is None else float(softcap), None if window is None else int(window))
+
+
+@_op("paged_kv_append", mutates=("k_pool", "v_pool"))
+def _paged_append_op(k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+    _paged.paged_kv_append(k_pool, v_pool, k, v, slot_mapping)
+
+
+@_paged_append_op.register_fake
+def _(k_pool, v_pool, k, v, slot_mapping):
+    return None
+
+
+def paged_kv_append(k_pool, v_pool, k, v, slot_mapping):
+    _paged_ref.check_append(k_pool, v_pool, k, v, slot_mapping)
+    _paged_append_op(k_pool, v_pool, k, v, slot_mapping)
+    return k_pool, v_pool
