@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fastrlhf.errors import ConfigError
+from fastrlhf.options import config_from_dict
 from fastrlhf.rlhf import rl_math as M
+from fastrlhf.rlhf.algorithms import ALGORITHMS, AdvantageSettings, compute_advantages
 from fastrlhf.rlhf.configs import PPOConfig
-from fastrlhf.rlhf.experience import AdvantageSettings, compute_advantages
 from conftest import tiny_ppo_setup
 
 TIMING = {"gen_time", "forward_time", "train_time", "step_time", "tokens_per_s", "gen_tokens_per_s",
@@ -136,6 +137,26 @@ def test_reinforce_plus_plus_advantages_by_hand():
     torch.testing.assert_close(adv, t([1.5, 1.5, 1.5], [-1.5, -1.5, 0.0]))
 
 
+def test_every_record_of_the_algorithm_table_reaches_the_config_the_math_and_the_commands():
+    from fastrlhf.rlhf.registry import TRAINERS
+    scores, mask = torch.tensor([1.0, 0.0, 2.0, -1.0]), torch.ones(4, 3)
+    mask[1, 2] = 0
+    for algo in ALGORITHMS.values():
+        group = 2 if algo.grouped else 1
+        cfg = PPOConfig(algo=algo.name, group_size=group, reward_fn=["fastrlhf.rewards:arithmetic_reward"])
+        s = cfg.advantage_settings()
+        assert (s.whiten_advantages, s.kl_in_reward) == (algo.whiten, algo.kl_in_reward), algo.name
+        values = torch.zeros(4, 3) if algo.needs_critic else None
+        adv, returns, _ = compute_advantages(s, scores, mask, None, None, values, kl_coef=0.0)
+        assert adv.shape == (4, 3) and torch.isfinite(adv).all() and adv.abs().sum() > 0, algo.name
+        assert (returns is not None) == algo.needs_critic, algo.name
+        if algo.grouped:
+            with pytest.raises(ConfigError, match="group_size >= 2"):
+                config_from_dict(PPOConfig, {"algo": algo.name, "reward_fn": ["fastrlhf.rewards:arithmetic_reward"]})
+        if algo.command is not None:
+            assert TRAINERS[algo.name].preset == {"algo": algo.name, **algo.command}
+
+
 def test_option_values_are_checked_with_clear_errors(tmp_path):
     base = dict(model_name_or_path="m", reward_model="r", output_dir=str(tmp_path))
     bad = [({"dual_clip": 0.5}, "dual_clip must be > 1"), ({"clip_eps_high": 0.0}, "clip_eps_high must be > 0"),
@@ -147,7 +168,6 @@ def test_option_values_are_checked_with_clear_errors(tmp_path):
            ({"loss_agg": "sum"}, "seq_mean_token_mean")]
     for over, msg in bad:
         with pytest.raises(ConfigError, match=msg):
-            from fastrlhf.options import config_from_dict
             config_from_dict(PPOConfig, {**base, **over})
 
 

@@ -15,11 +15,9 @@ from ..config import TrainConfig, batch_geometry
 from ..errors import ConfigError, RewardSpecError
 from ..options import Range, above, at_least, fraction, option
 from ..utils.distributed import get_world_size
-from .experience import AdvantageSettings
+from .algorithms import ALGORITHMS, AdvantageSettings, Algorithm, algo_help, names
 from .rl_math import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
-ALGOS = ("ppo", "grpo", "rloo", "reinforce++", "reinforce++_baseline")
-GROUP_ALGOS = ("grpo", "rloo", "reinforce++_baseline")  # compare answers to the same prompt
 
 
 @dataclass
@@ -86,11 +84,9 @@ class PPOConfig(TrainConfig):
     critic_model: Optional[str] = option(None, "critic init; unset = the reward model, or the actor when there is "
                                           "none (PPO only)")
     ref_model: Optional[str] = option(None, "frozen reference policy; unset = the actor's initial weights")
-    algo: str = option("ppo", "ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), reinforce++ "
-                        "(discounted returns, batch-whitened) or reinforce++_baseline (minus the group mean first)",
-                        choices=ALGOS)
+    algo: str = option("ppo", algo_help(), choices=tuple(ALGORITHMS))
     rollout_batch_size: int = option(16, "prompts per PPO step per process")
-    group_size: int = option(1, "answers sampled per prompt (>= 2 for grpo, rloo, reinforce++_baseline)")
+    group_size: int = option(1, f"answers sampled per prompt (>= 2 for {', '.join(names(lambda a: a.grouped))})")
     ppo_epochs: int = option(1, "passes over each rollout batch")
     micro_batch_size: int = option(8, "answers per update mini-batch per process (one forward/backward)")
     eval_batch_size: Optional[int] = option(None, "held-out prompts per process per eval generation batch; "
@@ -116,7 +112,8 @@ class PPOConfig(TrainConfig):
     dual_clip: Optional[float] = option(None, "dual-clip: cap a negative-advantage token's loss at -c A, c > 1 (Ye et "
                                          "al. 2020: 3); unset = off")
     importance_level: str = option("token", "importance ratio per token (PPO) or per answer, the length-normalised "
-                                    "log-ratio (GSPO, Zheng et al. 2025, with clip 3e-4 / 4e-4 and seq_mean_token_mean)",
+                                    "log-ratio (GSPO, Zheng et al. 2025, with clip 3e-4 / 4e-4 and "
+                                    "seq_mean_token_mean)",
                                     choices=IMPORTANCE_LEVELS)
     loss_agg: str = option("token_mean", "policy loss over tokens: token_mean (DAPO), seq_mean_token_mean (GRPO "
                             "paper), seq_mean_token_sum, seq_mean_token_sum_norm (Dr.GRPO: token sum / max_new_tokens)",
@@ -135,12 +132,13 @@ class PPOConfig(TrainConfig):
     adaptive_kl: bool = option(False, "adapt kl_coef toward target_kl")
     target_kl: float = option(1.0, "adaptive controller's target (summed per-answer KL)")
     kl_horizon: int = option(10000, "adaptive controller's horizon (answers)")
-    kl_in_reward: Optional[bool] = option(None, "KL as a reward penalty (ppo/rloo) or a loss term (grpo); "
+    kl_in_reward: Optional[bool] = option(None, f"KL as a reward penalty ({'/'.join(names(lambda a: a.kl_in_reward))}) "
+                                           f"or a loss term ({'/'.join(names(lambda a: not a.kl_in_reward))}); "
                                            "unset = the algorithm's usual choice")
     reward_clip: float = option(5.0, "clip rewards (all sources summed) to +-c (0 = off)")
     normalize_reward: bool = option(False, "normalise scores by running mean/std before clipping")
-    whiten_advantages: Optional[bool] = option(None, "whiten advantages per batch; unset = on for ppo and "
-                                                "reinforce++(_baseline)")
+    whiten_advantages: Optional[bool] = option(None, "whiten advantages per batch; unset = on for "
+                                                f"{', '.join(names(lambda a: a.whiten))}")
     ptx_coef: float = option(0.0, "PPO-ptx: weight of the SFT loss mixed into the actor update (0 = off)")
     ema_decay: float = option(0.0, "keep an EMA copy of the actor with this decay (0 = off)")
     generation_fallback: Optional[str] = option(None, "hybrid engine fallback ('hf' = plain HF generate)",
@@ -180,7 +178,7 @@ class PPOConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         self.validate_rewards()
-        if self.algo in GROUP_ALGOS and self.group_size < 2:
+        if self.algorithm.grouped and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
         self._validate_policy_loss()
         answer_cap = self.max_new_tokens or self.data.max_answer_len
@@ -205,8 +203,9 @@ class PPOConfig(TrainConfig):
         low, _ = self.clip_range()
         if low >= 1:
             raise ConfigError(f"the lower ratio clip 1 - {low} must stay above 0: set --clip_eps_low below 1")
-        if self.group_std_norm is not None and self.algo != "grpo":
-            raise ConfigError(f"group_std_norm applies to --algo grpo only (the algo is {self.algo}); drop it")
+        if self.group_std_norm is not None and not self.algorithm.takes_group_std_norm:
+            takers = " or ".join(names(lambda a: a.takes_group_std_norm))
+            raise ConfigError(f"group_std_norm applies to --algo {takers} only (the algo is {self.algo}); drop it")
         if self.ref_model and self.kl_coef == 0:
             raise ConfigError("ref_model is only read for the KL penalty and kl_coef is 0: drop --ref_model or set "
                               "--kl_coef > 0")
@@ -265,10 +264,14 @@ class PPOConfig(TrainConfig):
                 f"divide the {self.answers_per_step} answers of a rollout batch; lower --global_batch_size or "
                 "raise --rollout_batch_size")
 
+    @property
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.algo]
+
     def advantage_settings(self) -> AdvantageSettings:
-        kl_in_reward = self.algo != "grpo" if self.kl_in_reward is None else self.kl_in_reward
-        whiten = (self.algo in ("ppo", "reinforce++", "reinforce++_baseline") if self.whiten_advantages is None
-                  else self.whiten_advantages)
+        """The advantage math's view of this config: unset options take the algorithm's defaults."""
+        kl_in_reward = self.algorithm.kl_in_reward if self.kl_in_reward is None else self.kl_in_reward
+        whiten = self.algorithm.whiten if self.whiten_advantages is None else self.whiten_advantages
         return AdvantageSettings(algo=self.algo, kl_estimator=self.kl_estimator,
                                  reward_clip=self.reward_clip or None, gamma=self.gamma, lam=self.lam,
                                  whiten_advantages=whiten, group_size=self.group_size,

@@ -20,6 +20,7 @@ import torch
 from ..utils.distributed import all_gather_cat
 from ..utils.positions import position_ids_from_mask
 from . import rl_math as M
+from .algorithms import compute_advantages
 from .common import to_device
 from .logprobs import shifted_logprobs
 
@@ -78,64 +79,6 @@ def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch
     values = reward_model(input_ids=sequences, attention_mask=attention_mask)
     last = M.last_index(attention_mask)
     return values[torch.arange(values.shape[0], device=values.device), last].float()
-
-
-@dataclass
-class AdvantageSettings:
-    """The knobs of `compute_advantages` (a view of PPOConfig, so the math is testable alone)."""
-    algo: str = "ppo"                 # ppo | grpo | rloo | reinforce++ | reinforce++_baseline
-    kl_estimator: str = "k1"
-    reward_clip: Optional[float] = 5.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    group_size: int = 1
-    kl_in_reward: bool = True          # False: the KL goes to the policy loss instead (GRPO)
-    group_std_norm: bool = True        # grpo: divide by the group std (False: Dr.GRPO)
-
-
-def compute_advantages(s: AdvantageSettings, scores: torch.Tensor, action_mask: torch.Tensor,
-                       logprobs: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor],
-                       values: Optional[torch.Tensor], kl_coef: float):
-    """Shared by all algorithms -> (advantages [B, N], returns [B, N] or None, stats).
-
-    ppo:  per-token rewards = -kl_coef * KL, clipped score on the last answer token; GAE.
-    rloo: sequence reward = clipped score - kl_coef * sum KL; leave-one-out baseline.
-    grpo: group-normalised clipped score; KL (if any) is a loss term, not a reward.
-    reinforce++: PPO's per-token rewards, discounted returns as advantages, whitened over the
-          batch (Hu 2025); reinforce++_baseline first subtracts the group mean from the score.
-    Critic-free sequence advantages are broadcast over the answer tokens. The KL penalty needs
-    `logprobs` and `ref_logprobs` only when it is in the reward with kl_coef > 0."""
-    kl = None
-    if s.kl_in_reward and kl_coef > 0:
-        if logprobs is None or ref_logprobs is None:
-            raise ValueError("a KL penalty in the reward needs the rollout's actor and reference log-probs")
-        kl = M.kl_estimate(logprobs, ref_logprobs, s.kl_estimator) * action_mask
-    coef = kl_coef if kl is not None else 0.0
-    kl = torch.zeros_like(action_mask, dtype=torch.float32) if kl is None else kl
-    stats = {}
-    clip = s.reward_clip
-    if s.algo == "ppo":
-        if values is None:
-            raise ValueError("PPO needs critic values; use algo='grpo' or 'rloo' to train without a critic")
-        rewards = M.token_rewards(scores, kl, action_mask, coef, clip)
-        adv, returns = M.gae(rewards, values, action_mask, s.gamma, s.lam)
-        stats["return"] = M.masked_mean(returns, action_mask).item()
-    elif s.algo in ("reinforce++", "reinforce++_baseline"):
-        clipped = scores.clamp(-clip, clip) if clip else scores
-        if s.algo == "reinforce++_baseline":
-            clipped = M.group_advantages(clipped, s.group_size, "mean")
-        rewards = M.token_rewards(clipped, kl, action_mask, coef)
-        adv, returns = M.discounted_returns(rewards, action_mask, s.gamma), None
-        stats["return"] = M.masked_mean(adv, action_mask).item()
-    else:
-        clipped = scores.clamp(-clip, clip) if clip else scores
-        seq_reward = clipped - coef * kl.sum(-1)
-        seq_adv = M.group_advantages(seq_reward, s.group_size, s.algo, std_norm=s.group_std_norm)
-        adv, returns = seq_adv[:, None] * action_mask, None
-    if s.whiten_advantages:
-        adv = M.masked_whiten(adv, action_mask)
-    return adv, returns, stats
 
 
 def rollout_stats(exp: "Experience", kl_estimator: str) -> Dict[str, float]:

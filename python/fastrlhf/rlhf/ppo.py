@@ -1,7 +1,7 @@
 """Step 3: the update loop of PPO and the critic-free GRPO / RLOO / REINFORCE++.
 
-The algorithms differ only in how advantages are made (`experience.compute_advantages`) and in
-whether a critic exists. Each step: sample rollouts on the next prompts
+The algorithms differ only in what their record in `algorithms.ALGORITHMS` says: how advantages
+are made, whether a critic exists, and their defaults. Each step: sample rollouts on the next prompts
 (`experience.ExperienceMaker`), then `ppo_epochs` passes over them in mini-batches of
 `micro_batch_size` answers: a clipped policy loss for the actor (with the GRPO family's options:
 loss aggregation, clip-higher, dual-clip, GSPO's sequence ratio, truncated importance sampling;

@@ -61,7 +61,7 @@ class PPOModels:
     actor: Any                     # DeepSpeed engine
     ref: Any                       # frozen: a module, or a ZeRO-3 inference engine; None with kl_coef 0
     reward: Any                    # frozen RewardModel (or engine); None when rewards come from functions/servers only
-    critic: Optional[Any] = None   # DeepSpeed engine over a RewardModel (algo ppo only)
+    critic: Optional[Any] = None   # DeepSpeed engine over a RewardModel (algorithms that need a critic)
     ema: Optional[EMA] = None
     reward_tokenizer: Any = None   # set when answers are re-encoded for the reward model
 
@@ -153,7 +153,7 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
     models = PPOModels(actor=actor, ref=ref,
                        reward=None if reward is None else frozen_engine(reward, frozen_ds, ctx.device),
                        reward_tokenizer=reward_tokenizer)
-    if cfg.algo == "ppo":
+    if cfg.algorithm.needs_critic:
         critic_ds = _ds_config(cfg, ctx, cfg.critic_zero_stage, cfg.critic_offload)
         # no reward model: the critic starts from the actor's backbone with a fresh value head
         critic_init = cfg.critic_model or cfg.reward_model or cfg.model_name_or_path

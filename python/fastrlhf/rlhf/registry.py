@@ -1,13 +1,15 @@
 """Every trainer the CLI runs, in one table: command -> (config class, train function, one-line
 summary of its result, help). `fastrlhf <command>` and the steps of `fastrlhf train` dispatch
 through it; adding a trainer is adding a row. A row with a `preset` is another name for a trainer
-with some options set (`fastrlhf grpo` = `fastrlhf ppo --algo grpo --group_size 4`)."""
+with some options set: every algorithm of `algorithms.ALGORITHMS` with a `command` (`fastrlhf grpo` =
+`fastrlhf ppo --algo grpo --group_size 4`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any, Callable, Dict, Optional
 
+from .algorithms import ALGORITHMS, Algorithm
 from .configs import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .dpo import train_dpo
 from .ppo import train_ppo
@@ -55,17 +57,13 @@ TRAINERS: Dict[str, TrainerEntry] = {
 }
 
 
-def _critic_free(algo: str, group_size: int, what: str) -> TrainerEntry:
-    preset = {"algo": algo, **({"group_size": group_size} if group_size > 1 else {})}
+def _algorithm_command(algo: Algorithm) -> TrainerEntry:
+    """`fastrlhf <algo>` = `fastrlhf ppo --algo <algo>` with the algorithm's command options."""
+    preset = {"algo": algo.name, **(algo.command or {})}
     flags = " ".join(f"--{k} {v}" for k, v in preset.items())
-    return TrainerEntry(PPOConfig, train_ppo, _evaluated("step 3", _ppo_summary), f"step 3 with {what}, no critic (= fastrlhf ppo {flags})",
-                        preset=preset, profile="ppo")
+    critic = "" if algo.needs_critic else ", no critic"
+    return TrainerEntry(PPOConfig, train_ppo, _evaluated("step 3", _ppo_summary),
+                        f"step 3 with {algo.title}{critic} (= fastrlhf ppo {flags})", preset=preset, profile="ppo")
 
 
-# group sizes: small enough for the bundled task on a CPU (the GRPO paper sampled 64, DAPO 16)
-TRAINERS.update({
-    "grpo": _critic_free("grpo", 4, "GRPO (group-normalised advantages)"),
-    "rloo": _critic_free("rloo", 4, "RLOO (leave-one-out baseline)"),
-    "reinforce++": _critic_free("reinforce++", 1, "REINFORCE++ (batch-whitened returns)"),
-    "reinforce++_baseline": _critic_free("reinforce++_baseline", 4, "REINFORCE++-baseline (group-mean baseline)"),
-})
+TRAINERS.update({a.name: _algorithm_command(a) for a in ALGORITHMS.values() if a.command is not None})
