@@ -173,3 +173,40 @@ def test_new_source_version_is_seeded_from_previous_build(tmp_path, monkeypatch)
     assert sorted(os.listdir(new)) == [".ninja_log", "build.ninja", "norms.cuda.o"]
     assert os.path.getmtime(new / "norms.cuda.o") == 1_000_000
     assert not [d for d in os.listdir(tmp_path) if ".tmp" in d]
+
+
+def test_window_alibi_packed_calls_route_and_decode_windows_become_starts(monkeypatch):
+    """The csrc kernels have no window/alibi/packed code: prefill calls with any of them (and decode
+    calls with alibi) go to triton or the reference, warning once; a decode window is the csrc
+    kernel's cache_starts raised to len - window (checked here with a stand-in for the kernel)."""
+    from types import SimpleNamespace
+
+    from fastrlhf.ops import reference
+    monkeypatch.setattr(cb, "_warned", set())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton unusable on CPU: the reference
+    seen = []
+
+    def fake_decode(q, kc, vc, lens, starts, scale):  # what the csrc kernel computes
+        seen.append(starts)
+        return reference.attention_decode(q, kc, vc, lens, cache_starts=starts, scale=scale)
+    monkeypatch.setattr(cb, "_ops", lambda: SimpleNamespace(
+        attention_decode=fake_decode, attention_prefill=lambda *a: pytest.fail("csrc prefill reached")))
+    torch.manual_seed(1)
+    q, kc, vc = torch.randn(3, 4, 32), torch.randn(3, 2, 20, 32), torch.randn(3, 2, 20, 32)
+    lens, starts = torch.tensor([20, 9, 3]), torch.tensor([0, 6, 1])
+    for st in (None, starts):
+        out = cb.attention_decode(q, kc, vc, lens, cache_starts=st, window=5)
+        assert torch.equal(seen[-1], torch.maximum(torch.tensor([15, 4, 0]), st if st is not None else lens * 0))
+        assert torch.allclose(out, reference.attention_decode(q, kc, vc, lens, cache_starts=st, window=5), atol=1e-6)
+    slopes = torch.rand(4)
+    with pytest.warns(RuntimeWarning, match="attention_decode has no alibi_slopes kernel"):
+        out = cb.attention_decode(q, kc, vc, lens, alibi_slopes=slopes, window=4)
+    assert torch.equal(out, reference.attention_decode(q, kc, vc, lens, alibi_slopes=slopes, window=4))
+    qp = torch.randn(1, 4, 10, 64, dtype=torch.float16)
+    kp = torch.randn(1, 2, 10, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    for kw, name in ((dict(window=3), "window"), (dict(alibi_slopes=slopes), "alibi_slopes"),
+                     (dict(cu_seqlens=cu), "cu_seqlens")):
+        with pytest.warns(RuntimeWarning, match=f"attention_prefill has no {name} kernel"):
+            out = cb.attention_prefill(qp, kp, kp, **kw)
+        assert torch.equal(out, reference.attention_prefill(qp, kp, kp, **kw))

@@ -223,3 +223,215 @@ def test_packaged_device_table_is_found_through_importlib_resources(tmp_path, mo
     assert dispatch._preference["layer_norm"] == ("torch", "triton", "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
     assert not dispatch.load_device_table(torch.device("cuda"))  # no table ships for it
+
+
+# ------------------------------------------------------------------ window, alibi, packed sequences
+def _naive_biased(q, k, v, visible, scale, q_col, softcap=None, slopes=None):
+    """float64 loops: query (bi, i) at column q_col(bi, i) over the keys j with visible(bi, i, j);
+    score = q·k·scale -> softcap -> + slope[h]·(j - q_col) (the contract's order)."""
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, sq, d, dtype=torch.float64)
+    for bi in range(b):
+        for i in range(sq):
+            keys = [j for j in range(sk) if visible(bi, i, j)]
+            if not keys:
+                continue
+            keys_t = torch.tensor(keys)
+            for h in range(hq):
+                kh = h // (hq // hk)
+                s = (k[bi, kh, keys_t].double() @ q[bi, h, i].double()) * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                if slopes is not None:
+                    s = s + float(slopes[h]) * (keys_t.double() - q_col(bi, i))
+                out[bi, h, i] = torch.softmax(s, 0) @ v[bi, kh, keys_t].double()
+    return out
+
+
+def _prefill_rule(sq, sk, causal, window, mask=None, cu=None):
+    """The contract's visibility rule, written out per (row, query, key)."""
+    seq_of = None
+    if cu is not None:
+        seq_of = [next((n for n in range(len(cu) - 1) if cu[n] <= t < cu[n + 1]), -1) for t in range(sk)]
+
+    def visible(bi, i, j):
+        col = i + sk - sq
+        if causal and j > col:
+            return False
+        if window is not None and j <= col - window:
+            return False
+        if mask is not None and not mask[bi, j]:
+            return False
+        if seq_of is not None and (seq_of[i] < 0 or seq_of[i] != seq_of[j]):
+            return False
+        return True
+    return visible
+
+
+def _f64(*shapes, seed):
+    torch.manual_seed(seed)
+    return [torch.randn(*s, dtype=torch.float64) for s in shapes]
+
+
+# (b, hq, hk, sq, sk, window, left-pad lengths or None, alibi, softcap)
+WINDOW_ALIBI_CASES = {
+    "window1": (2, 4, 2, 7, 7, 1, [7, 4], False, None),
+    "window_eq_sk": (2, 4, 2, 9, 9, 9, [9, 5], False, None),
+    "window_gt_sk": (1, 2, 1, 6, 6, 100, None, False, None),
+    "window3_left_pad": (3, 2, 2, 10, 10, 3, [10, 6, 1], False, None),
+    "window4_bottom_right": (2, 4, 1, 3, 11, 4, [11, 7], False, None),
+    "alibi_gqa_window_softcap": (2, 6, 2, 8, 8, 5, [8, 3], True, 1.5),
+    "alibi_mqa_bottom_right": (2, 4, 1, 4, 9, None, [9, 6], True, None),
+    "alibi_softcap_no_mask": (1, 3, 3, 5, 5, None, None, True, 2.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WINDOW_ALIBI_CASES))
+def test_prefill_window_and_alibi_match_naive_float64(case):
+    b, hq, hk, sq, sk, window, lengths, alibi, cap = WINDOW_ALIBI_CASES[case]
+    q, k, v = _f64((b, hq, sq, 8), (b, hk, sk, 8), (b, hk, sk, 8), seed=sum(map(ord, case)))
+    q, k = q * 2, k * 2
+    mask = left_pad_mask(lengths, sk) if lengths else None
+    slopes = torch.rand(hq) * 0.7 + 0.05 if alibi else None
+    scale = 0.3
+    expected = _naive_biased(q, k, v, _prefill_rule(sq, sk, True, window, mask), scale,
+                             lambda bi, i: i + sk - sq, softcap=cap, slopes=slopes)
+    out = ops.attention_prefill(q, k, v, causal=True, attention_mask=mask, scale=scale, softcap=cap,
+                                window=window, alibi_slopes=slopes, backend="torch")
+    assert out.dtype == torch.float64 and not torch.isnan(out).any()
+    assert rel_err(out, expected) < 1e-12
+    if alibi:  # the bias changed the result
+        plain = ops.attention_prefill(q, k, v, causal=True, attention_mask=mask, scale=scale, softcap=cap,
+                                      window=window, backend="torch")
+        assert rel_err(plain, expected) > 1e-3
+    if window is not None and window < sk:  # so did the window
+        full = ops.attention_prefill(q, k, v, causal=True, attention_mask=mask, scale=scale, softcap=cap,
+                                     alibi_slopes=slopes, backend="torch")
+        assert rel_err(full, expected) > 1e-3
+
+
+def test_window_boundaries_exactly():
+    """window 1: every query sees only itself (out = its own v, pad rows 0); a window >= Sk is
+    bit-identical to no window."""
+    q, k, v = _f64((2, 2, 6, 4), (2, 2, 6, 4), (2, 2, 6, 4), seed=21)
+    mask = left_pad_mask([6, 2], 6)
+    one = ops.attention_prefill(q, k, v, attention_mask=mask, window=1, backend="torch")
+    assert torch.equal(one[0], v[0])
+    assert torch.equal(one[1, :, 4:], v[1, :, 4:]) and torch.all(one[1, :, :4] == 0)
+    full = ops.attention_prefill(q, k, v, attention_mask=mask, backend="torch")
+    for w in (6, 7, 1000):
+        assert torch.equal(ops.attention_prefill(q, k, v, attention_mask=mask, window=w, backend="torch"), full)
+
+
+def test_alibi_equals_bloom_slope_times_key_position():
+    """Under softmax, slope·(j - i) equals Bloom's slope·(key position), positions counted from each
+    row's first real token (left padding)."""
+    b, hq, s, d = 2, 4, 7, 8
+    q, k, v = _f64((b, hq, s, d), (b, hq, s, d), (b, hq, s, d), seed=22)
+    mask = left_pad_mask([7, 4], s)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    key_pos = (mask.cumsum(-1) - 1).clamp_min(0).double()  # [B, S]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d) + slopes.double()[None, :, None, None] * key_pos[:, None, None, :]
+    allowed = torch.tril(torch.ones(s, s, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    bloom = p @ v
+    out = ops.attention_prefill(q, k, v, attention_mask=mask, alibi_slopes=slopes, backend="torch")
+    assert rel_err(out[0], bloom[0]) < 1e-12 and rel_err(out[1, :, 3:], bloom[1, :, 3:]) < 1e-12
+
+
+@pytest.mark.parametrize("window,alibi,cap", [(1, False, None), (3, True, None), (None, True, 1.5), (50, True, None)])
+def test_decode_window_alibi_match_naive_and_prefill_last_row(window, alibi, cap):
+    b, hq, hk, smax, d = 3, 4, 2, 12, 8
+    q, kc, vc = _f64((b, hq, d), (b, hk, smax, d), (b, hk, smax, d), seed=23)
+    q, kc = q * 2, kc * 2
+    lens, starts = torch.tensor([12, 9, 4]), torch.tensor([0, 3, 2])
+    slopes = torch.rand(hq) * 0.5 + 0.1 if alibi else None
+
+    def visible(bi, i, j):
+        col = int(lens[bi]) - 1
+        return starts[bi] <= j <= col and (window is None or j > col - window)
+    expected = _naive_biased(q[:, :, None], kc, vc, visible, 0.4, lambda bi, i: int(lens[bi]) - 1,
+                             softcap=cap, slopes=slopes)[:, :, 0]
+    out = ops.attention_decode(q, kc, vc, lens, cache_starts=starts, scale=0.4, softcap=cap, window=window,
+                               alibi_slopes=slopes, backend="torch")
+    assert rel_err(out, expected) < 1e-12
+    # the same query as the last row of a left-padded prefill over the row's keys
+    for bi in range(b):
+        n = int(lens[bi])
+        row_mask = (torch.arange(n) >= starts[bi]).long()[None]
+        last = ops.attention_prefill(q[bi:bi + 1, :, None], kc[bi:bi + 1, :, :n], vc[bi:bi + 1, :, :n],
+                                     attention_mask=row_mask, scale=0.4, softcap=cap, window=window,
+                                     alibi_slopes=slopes, backend="torch")[:, :, 0]
+        assert rel_err(last, out[bi:bi + 1]) < 1e-12
+
+
+# cumulative boundaries over a 15-token row: one-token sequences, an empty sequence, 2 tail tokens
+PACKED_CU = [0, 1, 5, 5, 12, 13]
+
+
+@pytest.mark.parametrize("causal,window,alibi,cap", [(True, None, False, None), (False, None, False, None),
+                                                     (True, 3, True, 1.5), (True, 2, False, None)])
+def test_packed_matches_naive_and_separate_sequences(causal, window, alibi, cap):
+    t, hq, hk, d = 15, 6, 2, 8
+    q, k, v = _f64((1, hq, t, d), (1, hk, t, d), (1, hk, t, d), seed=24)
+    cu = torch.tensor(PACKED_CU, dtype=torch.int32)
+    slopes = torch.rand(hq) * 0.5 + 0.1 if alibi else None
+    kw = dict(causal=causal, scale=0.35, softcap=cap, window=window, alibi_slopes=slopes)
+    out = ops.attention_prefill(q, k, v, cu_seqlens=cu, backend="torch", **kw)
+    expected = _naive_biased(q, k, v, _prefill_rule(t, t, causal, window, cu=PACKED_CU), 0.35,
+                             lambda bi, i: i, softcap=cap, slopes=slopes)
+    assert rel_err(out, expected) < 1e-12
+    assert torch.all(out[:, :, PACKED_CU[-1]:] == 0)  # tokens after the last boundary
+    for lo, hi in zip(PACKED_CU[:-1], PACKED_CU[1:]):
+        if hi > lo:  # each sequence alone, unpacked
+            alone = ops.attention_prefill(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], backend="torch", **kw)
+            assert rel_err(out[:, :, lo:hi], alone) < 1e-12
+
+
+def test_packed_gradients_equal_separate_sequences():
+    t, h, d = 9, 2, 4
+    q, k, v = _f64((1, h, t, d), (1, h, t, d), (1, h, t, d), seed=25)
+    cu = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    grad = torch.randn(1, h, t, d, dtype=torch.float64)
+    packed = torch.autograd.grad(ops.attention_prefill(*leaves, cu_seqlens=cu, backend="torch"), leaves, grad)
+    for lo, hi in ((0, 4), (4, 5), (5, 9)):
+        part = [x[:, :, lo:hi].detach().clone().requires_grad_() for x in (q, k, v)]
+        alone = torch.autograd.grad(ops.attention_prefill(*part, backend="torch"), part, grad[:, :, lo:hi])
+        for g_packed, g_alone in zip(packed, alone):
+            assert rel_err(g_packed[:, :, lo:hi], g_alone) < 1e-12
+
+
+def _bad_calls():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    pre = lambda **kw: ops.attention_prefill(q, k, k, backend="torch", **kw)  # noqa: E731
+    return [
+        ("window", lambda: pre(window=0)),
+        ("window", lambda: pre(window=-3)),
+        ("window", lambda: pre(window=2.5)),
+        ("window", lambda: pre(window=True)),
+        ("causal", lambda: pre(window=3, causal=False)),
+        ("alibi_slopes", lambda: pre(alibi_slopes=torch.ones(2))),
+        ("alibi_slopes", lambda: pre(alibi_slopes=torch.ones(4, dtype=torch.long))),
+        ("ONE row", lambda: ops.attention_prefill(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                                                  k.expand(2, -1, -1, -1), cu_seqlens=cu, backend="torch")),
+        ("not both", lambda: pre(cu_seqlens=cu, attention_mask=torch.ones(1, 6))),
+        ("as many queries", lambda: ops.attention_prefill(q[:, :, :3], k, k, cu_seqlens=cu, backend="torch")),
+        ("start at 0", lambda: pre(cu_seqlens=torch.tensor([1, 6], dtype=torch.int32))),
+        ("never decrease", lambda: pre(cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=torch.int32))),
+        ("at most", lambda: pre(cu_seqlens=torch.tensor([0, 7], dtype=torch.int32))),
+        ("integer", lambda: pre(cu_seqlens=torch.tensor([0.0, 6.0]))),
+        ("window", lambda: ops.attention_decode(q[:, :, 0], k, k, torch.tensor([6]), window=0, backend="torch")),
+        ("alibi_slopes", lambda: ops.attention_decode(q[:, :, 0], k, k, torch.tensor([6]),
+                                                      alibi_slopes=torch.ones(3), backend="torch")),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_window_alibi_packed_arguments_are_one_line_errors(index):
+    match, call = _bad_calls()[index]
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)

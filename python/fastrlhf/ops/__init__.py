@@ -28,40 +28,59 @@ OPS = ("attention_prefill", "attention_decode", "kv_cache_append", "lora_linear"
        "paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
 
 
+def _set(**kwargs):
+    """The optional arguments that are set: passed on only then, so that a backend that does not
+    know an argument still serves the calls that do not use it."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                       attention_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                      softcap: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+                      softcap: Optional[float] = None, window: Optional[int] = None,
+                      alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
     """Attention of q [B, Hq, Sq, D] over k, v [B, Hkv, Sk, D] -> [B, Hq, Sq, D].
 
-    causal: query i sees keys j <= i + (Sk - Sq) (bottom-right aligned, as with a KV cache).
+    Query row i is key column i + (Sk - Sq) (bottom-right aligned, as with a KV cache).
+    causal: query i sees keys j <= i + (Sk - Sq).
     attention_mask: [B, Sk], nonzero = real token (HF convention; left or right padding).
     A query row with no visible key (e.g. a left-pad position) returns zeros, never NaN.
     scale defaults to 1/sqrt(D). Softmax is computed in fp32.
-    softcap (optional): scores -> softcap * tanh(scores / softcap) before masking (Gemma2's
-    attention logit softcapping). The triton kernels apply it; the cuda backend hands such
-    calls to the reference.
+    softcap (optional): scores -> softcap * tanh(scores / softcap) (Gemma2's attention logit
+    softcapping).
+    alibi_slopes (optional): fp32 [Hq]; scores += slope[h] * (key column - query column), after
+    the softcap, before the masks (ALiBi; equal under softmax to Bloom's slope * key position).
+    window (optional, causal only): query column p sees key columns p - window < j <= p (HF's
+    sliding window: at most `window` keys, itself included); a window >= Sk is no window.
+    cu_seqlens (optional): int32 [N + 1] boundaries of N sequences packed into the one row of
+    q/k/v (B = 1, Sq = Sk, no attention_mask; flash-attn's varlen convention): token t of sequence
+    n (cu_seqlens[n] <= t < cu_seqlens[n + 1]) sees only keys of sequence n (causally when
+    causal); tokens at or after cu_seqlens[-1] see nothing (output 0). Window and alibi apply
+    within each sequence (columns, i.e. positions relative to one another).
+    The order is: scores -> softcap -> + alibi -> masks -> softmax. The optional arguments are
+    passed to the backend only when set; docs/interfaces.md says which backend runs which.
     """
     _, fn = resolve("attention_prefill", q.device, backend)
-    if softcap is not None:
-        return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
-    return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)
+    return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
+              **_set(softcap=softcap, window=window, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens))
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_lens: torch.Tensor, *, cache_starts: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window: Optional[int] = None, alibi_slopes: Optional[torch.Tensor] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over caches [B, Hkv, Smax, D] -> [B, Hq, D].
 
     Sequence b attends cache positions cache_starts[b] <= j < cache_lens[b] (int tensors [B];
     starts default to 0; left-padded prompts start after their padding). GPU backends split
     the cache into fixed-size chunks so results do not depend on the batch composition.
-    softcap: as in attention_prefill.
+    The query is column cache_lens[b] - 1: window keeps columns j > cache_lens[b] - 1 - window,
+    alibi_slopes adds slope[h] * (j - (cache_lens[b] - 1)). softcap: as in attention_prefill.
     """
     _, fn = resolve("attention_decode", q.device, backend)
-    if softcap is not None:
-        return fn(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
-    return fn(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale)
+    return fn(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale,
+              **_set(softcap=softcap, window=window, alibi_slopes=alibi_slopes))
 
 
 def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import cuda_build
+from .attention_args import check_window
 from . import reference as _reference
 
 NAMESPACE = "fastrlhf_cuda"
@@ -181,16 +182,24 @@ _VEC = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}  # elements per 1
 
 
 # ---------------------------------------------------------------- ops
-def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
+def _extra(**kwargs):
+    """The optional attention arguments that are set (passed on only then)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None, window=None,
+                      alibi_slopes=None, cu_seqlens=None):
+    extra = _extra(softcap=softcap, window=window, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens)
     if _needs_grad(q, k, v):
         triton_ok = q.shape[-1] <= 256 and q.dtype in _FLOAT and k.dtype == v.dtype == q.dtype
         return _differentiable("attention_prefill", q.device, triton_ok)(
-            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, **extra)
     d = q.shape[-1]
     why = None
-    if softcap is not None:
-        return _fallback("attention_prefill", q.device, "has no softcap kernel")(
-            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap)
+    if extra:  # the csrc prefill kernels have none of the optional arguments
+        names = " / ".join(sorted(extra))
+        return _fallback("attention_prefill", q.device, f"has no {names} kernel")(
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, **extra)
     if q.dtype not in _HALF:
         why = f"has no {q.dtype} kernel (float16/bfloat16 only)"
     elif k.dtype != q.dtype or v.dtype != q.dtype:
@@ -204,22 +213,35 @@ def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, 
     return _ops().attention_prefill(q, k, v, bool(causal), attention_mask, scale)
 
 
-def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
+def _window_starts(cache_lens, cache_starts, window):
+    """A decode window as cache starts: the query (column len - 1) sees columns > len - 1 - window,
+    i.e. from max(start, len - window); the csrc kernel then runs windowed calls unchanged."""
+    lens = cache_lens.long()
+    first = lens - window
+    return first.clamp_min(0) if cache_starts is None else torch.maximum(cache_starts.to(lens.device).long(), first)
+
+
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None,
+                     window=None, alibi_slopes=None):
+    extra = _extra(softcap=softcap, window=window, alibi_slopes=alibi_slopes)
     if _needs_grad(q, k_cache, v_cache):
         return _differentiable("attention_decode", q.device)(
-            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, **extra)
     d = q.shape[-1]
     why = None
-    if softcap is not None:
-        return _fallback("attention_decode", q.device, "has no softcap kernel")(
-            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap)
+    if softcap is not None or alibi_slopes is not None:
+        names = " / ".join(sorted(set(extra) - {"window"}))
+        return _fallback("attention_decode", q.device, f"has no {names} kernel")(
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, **extra)
     if q.dtype not in _FLOAT or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         why = "needs q and the caches in one of float16/bfloat16/float32"
     elif d % _VEC[q.dtype] or d > 32 * _VEC[q.dtype]:
         why = f"has no kernel for head dim {d} in {q.dtype}"
     if why:
         return _fallback("attention_decode", q.device, why)(
-            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale)
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, **extra)
+    if window is not None:
+        cache_starts = _window_starts(cache_lens.to(q.device), cache_starts, check_window(window))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return _ops().attention_decode(q, k_cache, v_cache, cache_lens, cache_starts, scale)
 

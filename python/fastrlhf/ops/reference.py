@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from . import attention_args as args
 from .logprobs_reference import token_logprobs  # noqa: F401  (chunked; its own module)
 from .paged_reference import (  # noqa: F401  (the paged KV-cache ops; their own module)
     paged_attention_decode, paged_attention_prefill, paged_kv_append)
@@ -25,26 +26,23 @@ def _expand_kv(k: torch.Tensor, n_q_heads: int) -> torch.Tensor:
     return k.repeat_interleave(n_q_heads // n_kv, dim=1)
 
 
-def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
-    """softmax(q kᵀ·scale + mask) v over [B, H, S, D] tensors; fully masked rows give 0.
-    softcap: scores become softcap·tanh(scores / softcap) before the mask (Gemma2)."""
-    b, hq, sq, d = q.shape
-    sk = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kf = _expand_kv(k, hq).float()
-    vf = _expand_kv(v, hq).float()
-    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs (so float64 tests check the reference at full precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _attend(q, k, v, scale, softcap, bias, allowed):
+    """softmax(scores) v with scores = q kᵀ·scale -> softcap -> + bias -> masked by `allowed`
+    ([B, 1 or H, Sq, Sk] bool); rows that see no key give 0, never NaN."""
+    cdt = _compute_dtype(q)
+    hq = q.shape[1]
+    kf = _expand_kv(k, hq).to(cdt)
+    vf = _expand_kv(v, hq).to(cdt)
+    scores = torch.matmul(q.to(cdt), kf.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        # bottom-right alignment: the last query sees every key
-        qi = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
-        kj = torch.arange(sk, device=q.device)[None, :]
-        allowed = kj <= qi
-    allowed = allowed[None, None].expand(b, 1, sq, sk)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.to(torch.bool)[:, None, None, :]
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~allowed, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -54,16 +52,71 @@ def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, 
     return out.to(q.dtype)
 
 
-def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
-    """One query token per sequence over cache positions [cache_starts[b], cache_lens[b])."""
+def _alibi_bias(alibi_slopes, q_cols, k_cols, dtype):
+    """slope[h] * (key column - query column): [1 or B, H, Sq, Sk] for q_cols [1 or B, Sq]."""
+    dist = (k_cols[:, None, :] - q_cols[:, :, None]).to(dtype)  # [., Sq, Sk]
+    return alibi_slopes.to(dtype)[None, :, None, None] * dist[:, None]
+
+
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None, window=None,
+                      alibi_slopes=None, cu_seqlens=None):
+    """softmax(q kᵀ·scale + bias + mask) v over [B, H, S, D] tensors; fully masked rows give 0.
+
+    Order: scores -> softcap (softcap·tanh(scores / softcap), Gemma2) -> + alibi
+    (slope[h]·(key column - query column)) -> masks (causal bottom-right, padding, window, packing).
+    window: query column p sees key columns p - window < j <= p (causal only).
+    cu_seqlens: int [N + 1], sequences packed in the one row of q/k/v (B = 1, Sq = Sk); a token
+    sees only its own sequence's keys; tokens past cu_seqlens[-1] see nothing.
+    """
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    window = args.check_window(window)
+    args.check_causal_window(causal, window)
+    args.check_alibi(alibi_slopes, hq, q.device)
+    args.check_packed(q, k, attention_mask, cu_seqlens)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_cols = torch.arange(sq, device=q.device) + (sk - sq)  # bottom-right: the last query sees every key
+    k_cols = torch.arange(sk, device=q.device)
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = k_cols[None, :] <= q_cols[:, None]
+    if window is not None:
+        allowed = allowed & (k_cols[None, :] > q_cols[:, None] - window)
+    if cu_seqlens is not None:
+        start, end = args.packed_key_ranges(cu_seqlens, sk)
+        allowed = allowed & (k_cols[None, :] >= start[:, None]) & (k_cols[None, :] < end[:, None])
+    allowed = allowed[None, None].expand(b, 1, sq, sk)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(torch.bool)[:, None, None, :]
+    bias = None
+    if alibi_slopes is not None:
+        bias = _alibi_bias(alibi_slopes, q_cols[None], k_cols[None], _compute_dtype(q))
+    return _attend(q, k, v, scale, softcap, bias, allowed)
+
+
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None,
+                     window=None, alibi_slopes=None):
+    """One query token per sequence over cache positions [cache_starts[b], cache_lens[b]).
+
+    The query is column cache_lens[b] - 1: window keeps columns > cache_lens[b] - 1 - window, and
+    alibi adds slope[h]·(j - (cache_lens[b] - 1)).
+    """
     b, hq, d = q.shape
     smax = k_cache.shape[2]
+    window = args.check_window(window)
+    args.check_alibi(alibi_slopes, hq, q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     pos = torch.arange(smax, device=q.device)[None, :]
-    valid = pos < cache_lens.to(q.device).long()[:, None]
+    lens = cache_lens.to(q.device).long()[:, None]
+    valid = pos < lens
     if cache_starts is not None:
         valid = valid & (pos >= cache_starts.to(q.device).long()[:, None])
-    out = attention_prefill(q[:, :, None, :], k_cache, v_cache, causal=False,
-                            attention_mask=valid, scale=scale, softcap=softcap)
+    if window is not None:
+        valid = valid & (pos > lens - 1 - window)
+    bias = None
+    if alibi_slopes is not None:
+        bias = _alibi_bias(alibi_slopes, lens - 1, pos.expand(b, smax), _compute_dtype(q))
+    out = _attend(q[:, :, None, :], k_cache, v_cache, scale, softcap, bias, valid[:, None, None, :])
     return out[:, :, 0, :]
 
 

@@ -138,8 +138,27 @@ def _prefill_backward(ctx, grad_out, grad_lse):
 _prefill_op.register_autograd(_prefill_backward, setup_context=_prefill_setup)
 
 
-def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None):
+_warned: set = set()
+
+
+def _to_reference(op: str, names: str):
+    """Until the kernels take window / alibi_slopes / cu_seqlens, such calls run on the reference."""
+    if (op, names) not in _warned:
+        _warned.add((op, names))
+        import warnings
+        warnings.warn(f"fastrlhf.ops triton backend: {op} has no {names} kernel yet; using the torch reference",
+                      RuntimeWarning, stacklevel=3)
+    return getattr(_reference, op)
+
+
+def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None, window=None,
+                      alibi_slopes=None, cu_seqlens=None):
     """Differentiable in q, k, v (FlashAttention-2-style backward, kernels/attention_backward.py)."""
+    extra = {k_: v_ for k_, v_ in dict(window=window, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens).items()
+             if v_ is not None}
+    if extra:
+        return _to_reference("attention_prefill", " / ".join(sorted(extra)))(
+            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap, **extra)
     _prefill.check_inputs(q, k, v, attention_mask)
     _prefill.check_softcap(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -159,7 +178,12 @@ def _(q, k_cache, v_cache, cache_lens, cache_starts, scale, softcap=None):
     return q.new_empty(q.shape)
 
 
-def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None):
+def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None,
+                     window=None, alibi_slopes=None):
+    extra = {k_: v_ for k_, v_ in dict(window=window, alibi_slopes=alibi_slopes).items() if v_ is not None}
+    if extra:
+        return _to_reference("attention_decode", " / ".join(sorted(extra)))(
+            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap, **extra)
     if _needs_grad(q, k_cache, v_cache):  # no backward kernel: the reference is differentiable
         return _reference.attention_decode(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts,
                                            scale=scale, softcap=softcap)
