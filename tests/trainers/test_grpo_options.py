@@ -216,6 +216,19 @@ def test_kl_coef_zero_loads_and_runs_no_reference_model(tiny, tmp_path):
     assert "KL" not in tr.format_eval(ev, ev)
 
 
+def test_the_update_returns_the_rollout_logprobs_it_computed_and_leaves_the_experience_alone(tiny, tmp_path):
+    from fastrlhf.rlhf.experience import answer_logprobs
+    tr = grpo_trainer(tiny, tmp_path / "u")
+    assert tr.old_logprobs_from_update
+    exp = tr.rollouts.make(tr.prompts[:2], tr.kl_ctl.value, old_logprobs=False)
+    assert exp.old_logprobs is None
+    with torch.no_grad():  # the policy before its one optimizer step: what the update's forward sees
+        expected = answer_logprobs(tr.actor, exp.sequences, exp.attention_mask, exp.prompt_len)
+    result = tr.update(exp)
+    assert exp.old_logprobs is None and result.metrics["skipped_updates"] == 0
+    torch.testing.assert_close(result.old_logprobs, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("accumulate", [False, True], ids=["one_minibatch", "accumulated_minibatches"])
 def test_old_logprobs_from_the_update_forward_give_the_two_pass_result(tiny, tmp_path, accumulate):
     """One optimizer step per rollout: the fused path skips the rollout-time actor forward and

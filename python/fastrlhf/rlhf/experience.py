@@ -1,7 +1,8 @@
-"""Rollouts: what PPO and the critic-free algorithms learn from (`Experience`), the model passes
-that fill it, the advantages of each algorithm, and `ExperienceMaker`, which samples answers with
-the hybrid engine on the actor's own weights (keeping the engine's log-probs, to log how far they
-are from the trainer's) and turns them into an Experience.
+"""Rollouts: answers sampled to a batch of prompts (`Rollout`), what PPO and the critic-free
+algorithms learn from (`Experience`), the model passes that fill it, and `ExperienceMaker`, which
+samples answers with the hybrid engine on the actor's own weights (keeping the engine's
+log-probs, to log how far they are from the trainer's), scores them and turns them into an
+Experience (the advantages come from `algorithms.compute_advantages`).
 
 A batch is `sequences` [B, P + N] = left-padded prompts (P columns) then N generated columns.
 Token t of the answer (column P + t) is predicted by the logits at column P + t - 1, so answer
@@ -23,6 +24,16 @@ from . import rl_math as M
 from .algorithms import compute_advantages
 from .common import to_device
 from .logprobs import shifted_logprobs
+
+
+@dataclass
+class Rollout:
+    """Answers sampled to a PromptCollator batch."""
+    sequences: torch.Tensor        # [B, P + N] the left-padded prompts, then the generated columns
+    attention_mask: torch.Tensor   # [B, P + N] long: the prompt mask, then action_mask
+    action_mask: torch.Tensor      # [B, N] float: 1 on answer tokens up to and including EOS
+    prompt_len: int                # P
+    engine_logprobs: Optional[torch.Tensor] = None  # [B, N] the generation engine's log-probs, when asked
 
 
 @dataclass
@@ -81,19 +92,19 @@ def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch
     return values[torch.arange(values.shape[0], device=values.device), last].float()
 
 
-def rollout_stats(exp: "Experience", kl_estimator: str) -> Dict[str, float]:
+def rollout_stats(exp: "Experience", old_logprobs: Optional[torch.Tensor], kl_estimator: str) -> Dict[str, float]:
     """What a step logs about its rollouts once the actor's log-probs at rollout time are known
-    (after the update when its own forward gave them): the summed KL to the reference per answer,
-    and the rollout engine's mismatch to the trainer's log-probs."""
+    (`exp.old_logprobs`, or the update's when its own forward gave them; None: not known, nothing
+    to log): the summed KL to the reference per answer, and the rollout engine's mismatch to the
+    trainer's log-probs."""
     out = {}
-    if exp.old_logprobs is None:
+    if old_logprobs is None:
         return out
     mask = exp.action_mask
     if exp.ref_logprobs is not None:
-        out["kl"] = (M.kl_estimate(exp.old_logprobs, exp.ref_logprobs, kl_estimator) * mask).sum(-1).mean().item()
+        out["kl"] = (M.kl_estimate(old_logprobs, exp.ref_logprobs, kl_estimator) * mask).sum(-1).mean().item()
     if exp.rollout_logprobs is not None:
-        out.update({k: v.item() for k, v in M.logprob_mismatch(exp.old_logprobs, exp.rollout_logprobs,
-                                                                mask).items()})
+        out.update({k: v.item() for k, v in M.logprob_mismatch(old_logprobs, exp.rollout_logprobs, mask).items()})
     return out
 
 
@@ -134,33 +145,22 @@ class ExperienceMaker:
         self.rewards = RewardSet.from_config(cfg, has_model=models.reward is not None)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 generator: Optional[torch.Generator] = None, return_logprobs: bool = False):
-        """Sampled sequences [B, P + N] (and the engine's log-probs [B, N] of the sampled tokens
-        when asked)."""
+    def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
+                return_logprobs: bool = False) -> Rollout:
+        """Answers sampled (with `generator`, else the run's) to a PromptCollator batch, with the
+        engine's log-probs of the sampled tokens when asked."""
         cfg = self.cfg
-        out = self.engine.generate(input_ids, attention_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
+        input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        out = self.engine.generate(input_ids, prompt_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                    min_new_tokens=cfg.min_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                                    pad_token_id=self.tokenizer.pad_token_id, generator=generator or self.generator,
                                    return_logprobs=return_logprobs)
-        return (out.sequences, out.logprobs) if return_logprobs else out.sequences
-
-    def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None):
-        """(sequences, attention_mask, action_mask, prompt_len) of sampled answers to a
-        PromptCollator batch; the mask covers the answer up to and including its EOS."""
-        return self.sample(batch, generator)[:4]
-
-    def sample(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
-               return_logprobs: bool = False):
-        """`rollout`'s four, then the engine's log-probs [B, N] (None unless asked)."""
-        input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        out = self.generate(input_ids, prompt_mask, generator, return_logprobs)
-        sequences, engine_logp = out if return_logprobs else (out, None)
         prompt_len = input_ids.shape[1]
-        action_mask = M.answer_mask(sequences[:, prompt_len:], self.tokenizer.eos_token_id)
+        action_mask = M.answer_mask(out.sequences[:, prompt_len:], self.tokenizer.eos_token_id)
         attention_mask = torch.cat([prompt_mask.float(), action_mask], 1).long()
-        return sequences, attention_mask, action_mask, prompt_len, engine_logp
+        return Rollout(out.sequences, attention_mask, action_mask, prompt_len,
+                       out.logprobs if return_logprobs else None)
 
     def model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The step-2 reward model's scores [B]."""
@@ -173,16 +173,16 @@ class ExperienceMaker:
         enc = reward_tok(texts, return_tensors="pt", padding=True).to(self.device)
         return sequence_scores(self.models.reward, enc["input_ids"], enc["attention_mask"])
 
-    def score(self, batch: Dict[str, Any], sequences: torch.Tensor, attention_mask: torch.Tensor,
-              action_mask: torch.Tensor, prompt_len: int, group_size: int = 1):
+    def score(self, batch: Dict[str, Any], rollout: Rollout, group_size: int = 1):
         """Every reward source on a rollout -> (scores [B], sample_mask [B], per-source stats).
 
         A sample some source gave None scores its group's mean over the scored samples (0 when none
         is), so it moves no baseline; sample_mask marks it 0, to be left out of the loss."""
         model = None
         if self.models.reward is not None:
-            model = self.model_scores(sequences, attention_mask).tolist()
-        texts = self.answers_text(sequences, action_mask, prompt_len) if self.rewards.sources else []
+            model = self.model_scores(rollout.sequences, rollout.attention_mask).tolist()
+        texts = self.answers_text(rollout.sequences, rollout.action_mask, rollout.prompt_len) \
+            if self.rewards.sources else []
         columns = batch.get("columns") or {}
         result = self.rewards.compute(batch["prompt"], texts, columns, model) if self.rewards.sources else None
         total = result.total if result is not None else model
@@ -196,13 +196,13 @@ class ExperienceMaker:
         stats = result.stats() if result is not None else {"rewardless_samples": 0.0}
         return filled, valid, stats
 
-    def score_all_ranks(self, batch, sequences, attention_mask, action_mask, prompt_len: int):
+    def score_all_ranks(self, batch: Dict[str, Any], rollout: Rollout):
         """`score`, with a failure on any rank stopping every rank (none waits in a collective)."""
         from ..errors import RewardError
         from ..utils.distributed import all_ranks_true
         error = None
         try:
-            out = self.score(batch, sequences, attention_mask, action_mask, prompt_len, self.cfg.group_size)
+            out = self.score(batch, rollout, self.cfg.group_size)
         except RewardError as e:
             error = e
         if not all_ranks_true(error is None):
@@ -228,8 +228,10 @@ class ExperienceMaker:
             items = [it for it in items for _ in range(cfg.group_size)]
         batch = to_device(self.collate(items), self.device)
         clock = stopwatch(self.device)
-        sequences, attention_mask, action_mask, P, engine_logp = self.sample(batch, return_logprobs=True)
+        rollout = self.rollout(batch, return_logprobs=True)
         gen_time = clock()
+        sequences, attention_mask, action_mask, P = (rollout.sequences, rollout.attention_mask, rollout.action_mask,
+                                                     rollout.prompt_len)
         models.actor.eval()
         times, old_logp, ref_logp = {}, None, None
         if old_logprobs:
@@ -238,7 +240,7 @@ class ExperienceMaker:
         if models.ref is not None:
             ref_logp = answer_logprobs(models.ref, sequences, attention_mask, P)
             times["time_ref_forward"] = clock()
-        scores, sample_mask, reward_info = self.score_all_ranks(batch, sequences, attention_mask, action_mask, P)
+        scores, sample_mask, reward_info = self.score_all_ranks(batch, rollout)
         times["time_reward_forward"] = clock()
         answer_len = action_mask.sum(1).mean().item()
         action_mask = action_mask * sample_mask[:, None]  # samples without a reward are out of the loss
@@ -263,20 +265,20 @@ class ExperienceMaker:
             info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], sequences, action_mask, P)))
         return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                           old_logprobs=old_logp, ref_logprobs=ref_logp, advantages=adv, scores=raw_scores,
-                          prompt_len=P, old_values=values, returns=returns, rollout_logprobs=engine_logp, info=info,
-                          sample_mask=sample_mask)
+                          prompt_len=P, old_values=values, returns=returns, rollout_logprobs=rollout.engine_logprobs,
+                          info=info, sample_mask=sample_mask)
 
     @torch.no_grad()
     def eval_sums(self, batch: Dict[str, Any], generator: torch.Generator) -> List[float]:
         """[summed reward, summed KL to the reference (0 without one), summed ground truth, answers]
         of answers sampled (with `generator`) to a batch of held-out prompts. A sample without a
         reward counts as the batch's mean reward."""
-        sequences, attention_mask, action_mask, P = self.rollout(batch, generator)
+        r = self.rollout(batch, generator)
         kl = torch.zeros(1)
         if self.models.ref is not None:
-            logp = answer_logprobs(self.models.actor, sequences, attention_mask, P)
-            ref = answer_logprobs(self.models.ref, sequences, attention_mask, P)
-            kl = (M.kl_estimate(logp, ref, "k1") * action_mask).sum(1)
-        scores, _, _ = self.score(batch, sequences, attention_mask, action_mask, P, len(sequences))
-        gt = sum(self.ground_truth(batch["prompt"], sequences, action_mask, P)) if self.gt_score else 0.0
-        return [scores.double().sum().item(), kl.double().sum().item(), gt, float(len(sequences))]
+            logp = answer_logprobs(self.models.actor, r.sequences, r.attention_mask, r.prompt_len)
+            ref = answer_logprobs(self.models.ref, r.sequences, r.attention_mask, r.prompt_len)
+            kl = (M.kl_estimate(logp, ref, "k1") * r.action_mask).sum(1)
+        scores, _, _ = self.score(batch, r, len(r.sequences))
+        gt = sum(self.ground_truth(batch["prompt"], r.sequences, r.action_mask, r.prompt_len)) if self.gt_score else 0.0
+        return [scores.double().sum().item(), kl.double().sum().item(), gt, float(len(r.sequences))]

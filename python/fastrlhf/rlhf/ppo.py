@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +37,14 @@ def bundled_task_scorer(cfg) -> Optional[Any]:
         return None
     from ..data.default_task import ground_truth_score
     return ground_truth_score
+
+
+@dataclass
+class UpdateResult:
+    """What one update computed: its metrics (means over the applied mini-batches) and, when the
+    rollout left them to it, the rollout policy's log-probs [B, N] from its own forward."""
+    metrics: Dict[str, float]
+    old_logprobs: Optional[torch.Tensor] = None
 
 
 class PPOTrainer(Trainer):
@@ -114,15 +123,18 @@ class PPOTrainer(Trainer):
         t1 = time.perf_counter()
         finite = all_ranks_true(all(torch.isfinite(t).all() for t in (
             exp.advantages, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.returns) if t is not None))
-        metrics = dict(exp.info)
+        metrics, old_logprobs = dict(exp.info), exp.old_logprobs
         if finite:
-            metrics.update(self.update(exp))
+            result = self.update(exp)
+            metrics.update(result.metrics)
+            if old_logprobs is None:
+                old_logprobs = result.old_logprobs
         else:
             metrics["skipped_updates"] = float(self.updates_per_step)
         t2 = time.perf_counter()
         self.count_nonfinite(None if metrics["skipped_updates"] < self.updates_per_step else
                              "losses or gradients" if finite else "rollout rewards, values or log-probs")
-        metrics.update(rollout_stats(exp, self.cfg.kl_estimator))
+        metrics.update(rollout_stats(exp, old_logprobs, self.cfg.kl_estimator))
         if "kl" in metrics:  # the controller sees the all-rank KL, so every rank keeps the same coefficient
             self.kl_ctl.update(mean_over_ranks(metrics["kl"]), len(exp) * self.ctx.world_size)
         if self.ema is not None:
@@ -132,8 +144,9 @@ class PPOTrainer(Trainer):
                        nonfinite_steps=float(self.nonfinite_total))
         return {k: mean_over_ranks(v) for k, v in sorted(metrics.items())}
 
-    def update(self, exp: Experience) -> Dict[str, float]:
-        """`ppo_epochs` shuffled passes over the rollout batch in mini-batches of micro_batch_size."""
+    def update(self, exp: Experience) -> UpdateResult:
+        """`ppo_epochs` shuffled passes over the rollout batch in mini-batches of micro_batch_size.
+        `exp` is read, never written: what the update computed comes back in the result."""
         cfg = self.cfg
         sums: Dict[str, float] = {}
         count, skipped = 0, 0
@@ -142,17 +155,17 @@ class PPOTrainer(Trainer):
             self.critic.train()
         g = torch.Generator().manual_seed(cfg.seed * 31 + self.step)
         clock, t_actor, t_critic = stopwatch(self.ctx.device), 0.0, 0.0
-        from_update = exp.old_logprobs is None
-        if from_update:  # filled, mini-batch by mini-batch, by the update's own forward
+        old_logprobs = None
+        if exp.old_logprobs is None:  # filled, mini-batch by mini-batch, by the update's own forward
             old_logprobs = torch.zeros_like(exp.action_mask)
         for _ in range(cfg.ppo_epochs):
             for mb_idx in torch.randperm(len(exp), generator=g).split(cfg.micro_batch_size):
                 mb = exp.select(mb_idx.to(exp.sequences.device))
                 clock()
-                stats = self._actor_step(mb)
+                stats, mb_old_logprobs = self._actor_step(mb)
                 t_actor += clock()
-                if from_update:
-                    old_logprobs[mb_idx.to(exp.sequences.device)] = mb.old_logprobs
+                if old_logprobs is not None:
+                    old_logprobs[mb_idx.to(exp.sequences.device)] = mb_old_logprobs
                 if self.critic is not None and stats is not None:
                     critic_stats = self._critic_step(mb)
                     t_critic += clock()
@@ -163,11 +176,9 @@ class PPOTrainer(Trainer):
                 count += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
-        if from_update:
-            exp.old_logprobs = old_logprobs
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out.update(skipped_updates=float(skipped), time_actor_train=t_actor, time_critic_train=t_critic)
-        return out
+        return UpdateResult(out, old_logprobs)
 
     def _finite_or_skip(self, loss: torch.Tensor) -> bool:
         """Agreed over ranks (ZeRO collectives stay in step). A mini-batch with a non-finite loss is
@@ -181,17 +192,19 @@ class PPOTrainer(Trainer):
                 "--learning_rate, or drop --global_batch_size so that bad mini-batches can be skipped")
         return False
 
-    def _actor_step(self, mb: Experience) -> Optional[Dict[str, float]]:
+    def _actor_step(self, mb: Experience) -> Tuple[Optional[Dict[str, float]], torch.Tensor]:
+        """One actor mini-batch -> (its stats, None when skipped; the rollout policy's log-probs
+        of its answers: `mb.old_logprobs`, or this forward's when the rollout skipped them)."""
         cfg = self.cfg
         logp, entropy = answer_logprobs(self.actor, mb.sequences, mb.attention_mask, mb.prompt_len, with_entropy=True)
-        if mb.old_logprobs is None:  # one optimizer step per rollout: this forward is the rollout policy's
-            mb.old_logprobs = logp.detach()
+        # one optimizer step per rollout: this forward is the rollout policy's
+        old_logprobs = logp.detach() if mb.old_logprobs is None else mb.old_logprobs
         mask, agg = mb.action_mask, dict(mode=cfg.loss_agg, norm_len=self.rollouts.max_new_tokens)
         low, high = cfg.clip_range()
         is_weights = None
         if cfg.tis_cap is not None and mb.rollout_logprobs is not None:
-            is_weights = M.truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, cfg.tis_cap)
-        loss, st = M.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mask, low,
+            is_weights = M.truncated_is_weights(old_logprobs, mb.rollout_logprobs, cfg.tis_cap)
+        loss, st = M.clipped_policy_loss(logp, old_logprobs, mb.advantages, mask, low,
                                          clip_eps_high=high, dual_clip=cfg.dual_clip,
                                          importance_level=cfg.importance_level, loss_agg=cfg.loss_agg,
                                          norm_len=agg["norm_len"], is_weights=is_weights)
@@ -210,11 +223,11 @@ class PPOTrainer(Trainer):
             loss = loss + cfg.ptx_coef * ptx
             stats["ptx_loss"] = ptx.item()
         if not self._finite_or_skip(loss.detach()):
-            return None
+            return None, old_logprobs
         self.actor.backward(loss)
         if optimizer_step(self.actor) is False:  # NaN/inf gradients: the update was not applied
-            return None
-        return stats
+            return None, old_logprobs
+        return stats, old_logprobs
 
     def _critic_step(self, mb: Experience) -> Optional[Dict[str, float]]:
         cfg = self.cfg
