@@ -29,6 +29,13 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tens
              int64_t rotary_dim);
 void kv_cache_append_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& positions);
+// paged KV cache (paged_attention_decode.cu, paged_kv_append.cu); softcap <= 0 and window <= 0 mean none
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                  const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
+                                  int64_t window);
+void paged_kv_append_(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& slot_mapping);
 }  // namespace fastrlhf
 
 TORCH_LIBRARY(fastrlhf_cuda, m) {
@@ -44,6 +51,9 @@ TORCH_LIBRARY(fastrlhf_cuda, m) {
   m.def("layer_norm_residual(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor residual) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions, int rotary_dim) -> ()");
   m.def("kv_cache_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions) -> ()");
+  m.def("paged_attention_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, "
+        "Tensor? alibi_slopes, float scale, float softcap, int window) -> Tensor");
+  m.def("paged_kv_append_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
@@ -58,4 +68,6 @@ TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
   m.impl("layer_norm_residual", &fastrlhf::layer_norm_residual);
   m.impl("rotary_", &fastrlhf::rotary_);
   m.impl("kv_cache_append_", &fastrlhf::kv_cache_append_);
+  m.impl("paged_attention_decode", &fastrlhf::paged_attention_decode);
+  m.impl("paged_kv_append_", &fastrlhf::paged_kv_append_);
 }

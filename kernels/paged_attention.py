@@ -41,10 +41,12 @@ DECODE_TILE = 64  # decode: keys per inner step (fixed for the same reason)
 
 
 @triton.jit
-def _key_tile(BT, bt_row, offs_n, n_ok, num_blocks, BLOCK_SIZE: tl.constexpr):
+def _key_tile(BT, bt_row, offs_n, n_ok, num_blocks, max_blocks, BLOCK_SIZE: tl.constexpr):
     """(pool block, row in the block, present) of key positions offs_n, through the block table;
-    a block id outside the pool makes its keys absent."""
-    blk = tl.load(BT + bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    a block id outside the pool, or a position past the table's width, makes its key absent."""
+    col = offs_n // BLOCK_SIZE
+    n_ok = n_ok & (col < max_blocks)
+    blk = tl.load(BT + bt_row + col, mask=n_ok, other=0).to(tl.int64)
     ok = n_ok & (blk >= 0) & (blk < num_blocks)
     return blk, offs_n % BLOCK_SIZE, ok
 
@@ -64,7 +66,7 @@ def _scores(q, k, offs_n, q_pos, slopes, qk_scale_log2, softcap,
 @triton.jit
 def _paged_decode_partial_kernel(Q, K, V, BT, Lens, Slopes, MidO, MidM, MidL,
                                  sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0,
-                                 n_kv_heads, n_splits, num_blocks, window, qk_scale_log2, softcap,
+                                 n_kv_heads, n_splits, num_blocks, max_blocks, window, qk_scale_log2, softcap,
                                  GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
                                  HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -101,7 +103,7 @@ def _paged_decode_partial_kernel(Q, K, V, BT, Lens, Slopes, MidO, MidM, MidL,
     for start_n in range(start, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < hi) & (offs_n >= first)
-        blk, in_blk, n_ok = _key_tile(BT, bt_row, offs_n, n_ok, num_blocks, BLOCK_SIZE)
+        blk, in_blk, n_ok = _key_tile(BT, bt_row, offs_n, n_ok, num_blocks, max_blocks, BLOCK_SIZE)
         k = tl.load(K + (blk * sk0 + hkv * sk1 + in_blk * sk2)[None, :] + offs_d[:, None] * sk3,
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _scores(q, k, offs_n, q_pos_g, slopes, qk_scale_log2, softcap, IEEE, SOFTCAP, HAS_ALIBI)
@@ -145,7 +147,7 @@ def _paged_decode_reduce_kernel(MidO, MidM, MidL, Lens, O, n_heads, n_splits, wi
 @triton.jit
 def _paged_prefill_kernel(Q, K, V, O, BT, CuQ, Lens, Slopes,
                           sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, so0, so1, so2, sbt0,
-                          n_seqs, n_rows, n_kv_heads, num_blocks, window, qk_scale_log2, softcap,
+                          n_seqs, n_rows, n_kv_heads, num_blocks, max_blocks, window, qk_scale_log2, softcap,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           IEEE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                           HAS_ALIBI: tl.constexpr,
@@ -195,7 +197,8 @@ def _paged_prefill_kernel(Q, K, V, O, BT, CuQ, Lens, Slopes,
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                blk, in_blk, n_ok = _key_tile(BT, bt_row, offs_n, offs_n < hi, num_blocks, BLOCK_SIZE)
+                blk, in_blk, n_ok = _key_tile(BT, bt_row, offs_n, offs_n < hi, num_blocks, max_blocks,
+                                              BLOCK_SIZE)
                 k = tl.load(K + (blk * sk0 + hkv * sk1 + in_blk * sk2)[None, :] + offs_d[:, None] * sk3,
                             mask=n_ok[None, :] & d_ok[:, None], other=0.0)
                 s = _scores(q, k, offs_n, q_pos, slopes, qk_scale_log2, softcap, IEEE, SOFTCAP, HAS_ALIBI)
@@ -300,7 +303,7 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     group = meta["GROUP"]
     _decode_partial.launch(lambda _: (n_splits, b * hkv), q, k_pool, v_pool, table, lens, slopes,
                            mid_o, mid_m, mid_l, *q.stride(), *k_pool.stride(), *v_pool.stride(), table.stride(0),
-                           hkv, n_splits, num_blocks, window_arg, qk_scale_log2, cap,
+                           hkv, n_splits, num_blocks, table.shape[1], window_arg, qk_scale_log2, cap,
                            G_PAD=max(16, next_pow2(group)), SPLIT=SPLIT_SIZE, BLOCK_N=DECODE_TILE,
                            num_warps=4, num_stages=2, **meta)
     _decode_reduce.launch(lambda _: (b * hq,), mid_o, mid_m, mid_l, lens, out, hq, n_splits, window_arg,
@@ -330,7 +333,7 @@ def paged_attention_prefill(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     grid = lambda m: (max(1, triton.cdiv(bound * group, m["BLOCK_M"])), n_seqs + 1, hkv)  # noqa: E731
     _prefill.launch(grid, q, k_pool, v_pool, out, table, cu, lens, slopes,
                     *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(), table.stride(0),
-                    n_seqs, t, hkv, num_blocks, window_arg, qk_scale_log2, cap, **meta)
+                    n_seqs, t, hkv, num_blocks, table.shape[1], window_arg, qk_scale_log2, cap, **meta)
     return out
 
 

@@ -19,7 +19,7 @@ from paged_cases import alibi, paged_case
 pytestmark = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py
 
 DEV = "cuda"
-BACKENDS = ["triton"]
+BACKENDS = ["triton", "cuda"]  # paged_attention_prefill: triton only (the cuda backend lists it as a fallback)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_decode_matches_reference(backend, b, hq, hkv, max_len, d, bs, dtype, ki
     assert torch.equal(alone, out[1:2])  # independent of the batch composition
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("hq,hkv,d,bs,dtype,kind", [
     (32, 8, 128, 16, torch.bfloat16, "plain"), (16, 2, 80, 16, torch.bfloat16, "all"),
     (8, 8, 256, 32, torch.bfloat16, "softcap"), (32, 8, 128, 16, torch.float16, "window")])
@@ -139,3 +139,16 @@ def test_torch_compile_fullgraph_through_the_triton_paged_ops():
 
     compiled = torch.compile(f, fullgraph=True)
     assert torch.equal(compiled(case.q), f(case.q))
+
+
+def test_cuda_backend_routes_prefill_and_unaligned_pools_to_triton(monkeypatch):
+    from fastrlhf.ops import cuda_backend as cb, dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(cb, "_warned", set())
+    assert ops.resolve("paged_attention_prefill", torch.device(DEV))[0] == "triton"
+    case = paged_case([50, 3], hq=4, hkv=2, d=100, block_size=16, dtype=torch.bfloat16, seed=4, device=DEV)
+    with pytest.warns(RuntimeWarning, match="head dim 100"):
+        out = cb.paged_attention_decode(*case.tensors(), case.seq_lens)
+    q, kp, vp = as_fp32(case.q, case.k_pool, case.v_pool)
+    assert rel_err(out, ref.paged_attention_decode(q, kp, vp, case.block_tables, case.seq_lens)) < TOL[torch.bfloat16]

@@ -53,7 +53,9 @@ def test_every_op_is_registered_with_its_schema(cuda_ops):
     assert mutated["rotary_"] == ["q", "k"]
     assert mutated["kv_cache_append_"] == ["k_cache", "v_cache"]
     assert mutated["lora_fuse_out"] == ["out"]
-    assert all(not v for k, v in mutated.items() if k not in ("rotary_", "kv_cache_append_", "lora_fuse_out"))
+    assert mutated["paged_kv_append_"] == ["k_pool", "v_pool"]
+    writers = ("rotary_", "kv_cache_append_", "lora_fuse_out", "paged_kv_append_")
+    assert all(not v for k, v in mutated.items() if k not in writers)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -82,6 +84,11 @@ def test_fake_implementations_on_meta_tensors(cuda_ops, dtype):
     assert cuda_ops.rotary_(t(2, 4, 5, 64), t(2, 1, 5, 64), t(50, 32, dt=torch.float32),
                             t(50, 32, dt=torch.float32), t(2, 5, dt=torch.long), -1) is None
     assert cuda_ops.kv_cache_append_(kc, kc, t(3, 2, 1, 64), t(3, 2, 1, 64), t(3, dt=torch.long)) is None
+    pool, tables = t(40, 2, 16, 64), t(3, 7, dt=torch.int32)
+    out = cuda_ops.paged_attention_decode(q, pool, pool, tables, t(3, dt=torch.int32), t(8, dt=torch.float32),
+                                          0.125, 30.0, 64)
+    assert out.shape == (3, 8, 64) and out.dtype == dtype and out.device == META
+    assert cuda_ops.paged_kv_append_(pool, pool, t(5, 2, 64), t(5, 2, 64), t(5, dt=torch.int32)) is None
 
 
 def test_status_report_names_arch_and_cache(cuda_ops):

@@ -137,3 +137,20 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="outside the pool"):
         ops.paged_kv_append(kp, vp, torch.randn(1, 2, 32), torch.randn(1, 2, 32),
                             torch.tensor([kp.shape[0] * BS], dtype=torch.int32))
+
+
+def test_cuda_backend_hands_what_its_kernels_cannot_take_to_another_backend(monkeypatch):
+    """Before any CUDA op is touched (so also on CPU tensors): head dims its vector loads cannot
+    address, and calls that need gradients, run elsewhere (here the reference)."""
+    from fastrlhf.ops import cuda_backend as cb
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(cb, "_warned", set())
+    case = paged_case([9, 20], hq=4, hkv=2, d=20, block_size=BS, dtype=torch.float16, seed=7)
+    with pytest.warns(RuntimeWarning, match="head dim 20"):
+        out = cb.paged_attention_decode(*case.tensors(), case.seq_lens)
+    assert torch.equal(out, ref.paged_attention_decode(*case.tensors(), case.seq_lens))
+    q = case.q.float().requires_grad_()
+    pools = case.k_pool.float(), case.v_pool.float()
+    cb.paged_attention_decode(q, *pools, case.block_tables, case.seq_lens).sum().backward()
+    assert q.grad is not None and not q.grad.isnan().any()

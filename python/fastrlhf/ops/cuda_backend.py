@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import cuda_build
+from . import paged_reference as _paged_ref
 from .attention_args import check_window
 from . import reference as _reference
 
@@ -35,10 +36,11 @@ NAMESPACE = "fastrlhf_cuda"
 # is a function below with the reference's signature (tests/ops/test_backend_coverage.py);
 # its calls that no kernel covers are handed on one by one (`_fallback`; module docstring).
 FALLBACK_OPS: Tuple[str, ...] = ("token_logprobs",  # no CUDA kernel: auto picks triton
-                                 "paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
+                                 "paged_attention_prefill")  # likewise (kernels/paged_attention.py)
 # the torch.library ops that csrc/ops.cpp registers (the kernels behind the functions below)
 OP_NAMES = ("attention_decode", "attention_prefill", "lora_linear", "lora_fuse", "lora_fuse_out", "rms_norm",
-            "rms_norm_residual", "layer_norm", "layer_norm_residual", "rotary_", "kv_cache_append_")
+            "rms_norm_residual", "layer_norm", "layer_norm_residual", "rotary_", "kv_cache_append_",
+            "paged_attention_decode", "paged_kv_append_")
 PREFILL_HEAD_DIMS = (64, 80, 96, 128)  # instantiated in csrc/attention_prefill.cu
 _HALF = (torch.float16, torch.bfloat16)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,6 +124,14 @@ def _register_fakes() -> None:
     def _(k_cache, v_cache, k, v, positions):
         return None
 
+    @reg(f"{ns}::paged_attention_decode")
+    def _(q, k_pool, v_pool, block_tables, seq_lens, alibi_slopes, scale, softcap, window):
+        return q.new_empty(q.shape)
+
+    @reg(f"{ns}::paged_kv_append_")
+    def _(k_pool, v_pool, k, v, slot_mapping):
+        return None
+
 
 # ---------------------------------------------------------------- fallback for uncovered calls
 def _triton_module(device: torch.device):
@@ -173,7 +183,7 @@ def backward_of(op: str, device) -> str:
     mod = _triton_module(device)
     if mod is not None and hasattr(mod, "backward_of") and op not in getattr(mod, "FALLBACK_OPS", ()):
         return "triton backend: " + mod.backward_of(op, device)
-    if op in ("kv_cache_append", "lora_fuse", "lora_unfuse"):
+    if op in ("kv_cache_append", "lora_fuse", "lora_unfuse", "paged_kv_append"):
         return "none (writes in place)"
     return "torch reference (triton unavailable here)"
 
@@ -325,3 +335,47 @@ def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
             q, k, cos, sin, positions, rotary_dim=rotary_dim)
     _ops().rotary_(q, k, cos, sin, positions, -1 if rotary_dim is None else int(rotary_dim))
     return q, k
+
+
+# ---------------------------------------------------------------- paged KV cache (csrc/paged_*.cu)
+# paged_attention_prefill has no CUDA kernel (FALLBACK_OPS: auto runs triton's on a GPU).
+def _pool_vector_friendly(pool: torch.Tensor) -> Optional[str]:
+    """Why the csrc/ kernels' 16-byte loads cannot address `pool`, or None. Strides and the
+    storage offset only (no data_ptr), so this also runs on torch.compile's fake tensors; the
+    caching allocator aligns every storage to far more than 16 bytes."""
+    vec = _VEC.get(pool.dtype)
+    if vec is None:
+        return f"has no {pool.dtype} kernel"
+    if pool.shape[-1] % vec or pool.shape[-1] > 32 * vec:
+        return f"has no kernel for head dim {pool.shape[-1]} in {pool.dtype}"
+    if pool.stride(-1) != 1 or pool.storage_offset() % vec or \
+            any(st % vec for st, n in zip(pool.stride()[:-1], pool.shape[:-1]) if n > 1):
+        return "needs pools with a contiguous, 16-byte aligned last dim"
+    return None
+
+
+def paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, *, scale=None, softcap=None, window=None,
+                           alibi_slopes=None):
+    kw = dict(scale=scale, softcap=softcap, window=window, alibi_slopes=alibi_slopes)
+    if _needs_grad(q, k_pool, v_pool):
+        return _differentiable("paged_attention_decode", q.device)(q, k_pool, v_pool, block_tables, seq_lens, **kw)
+    _paged_ref.check_attention("paged_attention_decode", q, k_pool, v_pool, block_tables, seq_lens, softcap, window,
+                               alibi_slopes)
+    if seq_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"paged_attention_decode: seq_lens has {seq_lens.shape[0]} entries for {q.shape[0]} queries")
+    why = _pool_vector_friendly(k_pool) or _pool_vector_friendly(v_pool)
+    if why:
+        return _fallback("paged_attention_decode", q.device, why)(q, k_pool, v_pool, block_tables, seq_lens, **kw)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _ops().paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, alibi_slopes, scale,
+                                         0.0 if softcap is None else float(softcap),
+                                         0 if window is None else int(window))
+
+
+def paged_kv_append(k_pool, v_pool, k, v, slot_mapping):
+    _paged_ref.check_append(k_pool, v_pool, k, v, slot_mapping)
+    why = _pool_vector_friendly(k_pool) or _pool_vector_friendly(v_pool)
+    if why:
+        return _fallback("paged_kv_append", k_pool.device, why)(k_pool, v_pool, k, v, slot_mapping)
+    _ops().paged_kv_append_(k_pool, v_pool, k, v, slot_mapping)
+    return k_pool, v_pool

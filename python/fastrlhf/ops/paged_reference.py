@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .attention_args import check_alibi, check_window
+
 _INT_TYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 
@@ -51,17 +53,15 @@ def check_pools(k_pool: torch.Tensor, v_pool: torch.Tensor, op: str) -> Tuple[in
     return tuple(k_pool.shape)
 
 
-def check_options(op: str, n_q_heads: int, softcap, window, alibi_slopes) -> None:
+def check_options(op: str, q: torch.Tensor, softcap, window, alibi_slopes) -> None:
+    """softcap, window and alibi_slopes as in the dense attention ops (their shared checks)."""
     if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
         raise ValueError(f"{op}: softcap must be a positive finite number or None, got {softcap!r}")
-    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-        raise ValueError(f"{op}: window must be a positive int (keys seen per query, itself included) "
-                         f"or None, got {window!r}")
-    if alibi_slopes is not None:
-        if not torch.is_tensor(alibi_slopes) or not alibi_slopes.is_floating_point() \
-                or tuple(alibi_slopes.shape) != (n_q_heads,):
-            raise ValueError(f"{op}: alibi_slopes must be a float tensor [Hq] = [{n_q_heads}], got "
-                             f"{list(alibi_slopes.shape) if torch.is_tensor(alibi_slopes) else alibi_slopes!r}")
+    try:
+        check_window(window)
+        check_alibi(alibi_slopes, q.shape[1], q.device)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
 
 
 def check_attention(op: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -87,7 +87,7 @@ def check_attention(op: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         raise ValueError(f"{op}: block_tables must be [B, max_blocks], got {list(block_tables.shape)}")
     _check_int("block_tables", block_tables, op, (n_seqs, block_tables.shape[1]))
     _check_int("seq_lens", seq_lens, op, (n_seqs,))
-    check_options(op, hq, softcap, window, alibi_slopes)
+    check_options(op, q, softcap, window, alibi_slopes)
     if seq_lens.device.type == "cpu" and block_tables.device.type == "cpu" and n_seqs:
         lens = seq_lens.long()
         capacity = block_tables.shape[1] * block_size
