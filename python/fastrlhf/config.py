@@ -1,12 +1,13 @@
 """`TrainConfig`: the options every trainer shares (model, data, precision, ZeRO, batch sizes,
-schedule, LoRA, checkpoints, logging), their checks, and the DeepSpeed config built from them.
+schedule, LoRA, checkpoints, logging) and their checks.
 
 Each trainer's own config derives from it and lives beside the others in
 `fastrlhf.rlhf.configs` (`SFTConfig`, `RMConfig`, `PPOConfig`, `DPOConfig`). The files, flags and
-validation machinery are generic and live in `fastrlhf.options`:
+validation machinery are generic and live in `fastrlhf.options`; the DeepSpeed config built from
+these options, in `fastrlhf.rlhf.ds_engine` (`build_ds_config`). This module only reads the
+user's own DeepSpeed JSON (`read_deepspeed_config`) to check it before anything runs.
 
     cfg = config_from_dict(SFTConfig, {"data": {"max_prompt_len": 64}})
-    ds = build_ds_config(cfg, world_size)                                # DeepSpeed JSON as a dict
 """
 from __future__ import annotations
 
@@ -183,76 +184,3 @@ def read_deepspeed_config(path: str) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
-
-def batch_geometry(global_batch_size: Optional[int], micro_batch_size: int, world_size: int) -> Dict[str, int]:
-    """(global, micro, accumulation) with global = micro * accumulation * world, or ConfigError."""
-    if micro_batch_size < 1 or world_size < 1:
-        raise ConfigError(f"micro_batch_size ({micro_batch_size}) and world size ({world_size}) must be >= 1")
-    per_step = micro_batch_size * world_size
-    total = global_batch_size or per_step
-    if total % per_step != 0:
-        lo, hi = (total // per_step) * per_step, (total // per_step + 1) * per_step
-        raise ConfigError(
-            f"global_batch_size={total} is not a multiple of micro_batch_size ({micro_batch_size}) x world size "
-            f"({world_size}) = {per_step}; use e.g. --global_batch_size {hi}" + (f" or {lo}" if lo else "")
-            + " or change --micro_batch_size")
-    return {"train_batch_size": total, "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": total // per_step}
-
-
-def build_ds_config(cfg: Any, world_size: int) -> Dict[str, Any]:
-    """DeepSpeed config dict from a config with TrainConfig's fields (works for PPOConfig too).
-
-    With `cfg.deepspeed_config` set, that JSON is used instead; its "auto" values (batch sizes,
-    accumulation, clipping, precision) are filled in from `cfg`."""
-    geometry = batch_geometry(cfg.global_batch_size, cfg.micro_batch_size, world_size)
-    if getattr(cfg, "deepspeed_config", None):
-        return _fill_auto(read_deepspeed_config(cfg.deepspeed_config), cfg, geometry, world_size)
-    zero: Dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
-    if cfg.zero_stage == 3:
-        zero.update(stage3_param_persistence_threshold=1e4, stage3_prefetch_bucket_size=5e7,
-                    stage3_gather_16bit_weights_on_model_save=True)
-    if cfg.offload == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-        if cfg.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    ds = dict(geometry)
-    ds.update({
-        "zero_optimization": zero,
-        "gradient_clipping": float(cfg.gradient_clipping),
-        "bf16": {"enabled": cfg.dtype == "bf16"},
-        "fp16": {"enabled": cfg.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "steps_per_print": 10 ** 9,  # fastrlhf logs itself
-        "wall_clock_breakdown": False,
-        # a client optimizer (torch AdamW) is allowed with offload; DeepSpeedCPUAdam is preferred
-        "zero_force_ds_cpu_optimizer": False,
-    })
-    return ds
-
-
-def _fill_auto(user: Dict[str, Any], cfg: Any, geometry: Dict[str, int], world_size: int) -> Dict[str, Any]:
-    ds = json.loads(json.dumps(user))
-    for key, value in geometry.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = float(cfg.gradient_clipping)
-    for prec in ("bf16", "fp16"):
-        if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
-            ds[prec]["enabled"] = cfg.dtype == prec
-    mb, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    if ds["train_batch_size"] != mb * accum * world_size:
-        raise ConfigError(f"{cfg.deepspeed_config}: train_batch_size ({ds['train_batch_size']}) != "
-                          f"micro ({mb}) x accumulation ({accum}) x world size ({world_size})")
-    return ds
-
-
-def ds_precision(ds_config: Mapping[str, Any]) -> str:
-    """The training dtype a DeepSpeed config asks for: 'bf16', 'fp16' or 'fp32'."""
-    for prec in ("bf16", "fp16"):
-        if isinstance(ds_config.get(prec), Mapping) and ds_config[prec].get("enabled") is True:
-            return prec
-    return "fp32"

@@ -136,7 +136,7 @@ def test_bundled_ppo_profile_trains_all_its_max_steps(tmp_path):
     """max_steps caps num_epochs: the profile must hold enough passes over the prompts."""
     from fastrlhf.data import build_datasets
     from fastrlhf.models.loading import load_tokenizer
-    from fastrlhf.rlhf.common import total_train_steps
+    from fastrlhf.rlhf.batches import total_train_steps
     args, extra = _train_args(["--steps", "3", "--output_dir", str(tmp_path)])
     ppo = cli.build_step_configs(args, extra)[3]
     prompts, _ = build_datasets(ppo.data, load_tokenizer(None), 3)

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from fastrlhf.config import TrainConfig, batch_geometry, build_ds_config
+from fastrlhf.config import TrainConfig
 from fastrlhf.errors import ConfigError
 from fastrlhf.options import config_from_dict, load_config_file, parse_config, update_config
 from fastrlhf.rlhf.configs import RMConfig, SFTConfig
+from fastrlhf.rlhf.ds_engine import batch_geometry, build_ds_config
 
 
 def test_yaml_file_then_command_line_overrides(tmp_path):

@@ -362,7 +362,7 @@ def test_ppo_stops_when_a_step_leaves_the_actor_weights_non_finite(tmp_path, rew
                     data=DataSpec(max_samples=32), cpu_threads=1)
     trainer = PPOTrainer(cfg)
     victim = next(p for p in trainer.actor.module.parameters() if p.ndim == 2)
-    trainer.actor.fastrlhf_optimizer.register_step_post_hook(lambda *_: victim.data.fill_(float("nan")))
+    trainer.actor.optimizer.register_step_post_hook(lambda *_: victim.data.fill_(float("nan")))
     with pytest.raises(TrainingDiverged, match="the actor weights became NaN/inf at step 1"):
         trainer.run()
     assert not os.path.exists(tmp_path / "w" / "actor")
@@ -458,7 +458,7 @@ def test_lock_without_flock_judges_by_the_recorded_process(tmp_path, monkeypatch
     the lock (the message says what to delete); a dead one's lock is stale."""
     import socket
     from fastrlhf.errors import ConfigError
-    from fastrlhf.rlhf.run_guard import OutputDirLock
+    from fastrlhf.rlhf.run_setup import OutputDirLock
     monkeypatch.setattr(OutputDirLock, "_flock", staticmethod(lambda fd: None))
     lock_file = tmp_path / LOCK_FILE
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -483,7 +483,7 @@ def test_lock_without_flock_judges_by_the_recorded_process(tmp_path, monkeypatch
 def test_fingerprint_names_a_changed_model_or_data_file(tmp_path):
     from fastrlhf.data import DataSpec
     from fastrlhf.rlhf.configs import SFTConfig
-    from fastrlhf.rlhf.run_guard import fingerprint_diff, run_fingerprint
+    from fastrlhf.rlhf.fingerprint import fingerprint_diff, run_fingerprint
     from fastrlhf.utils.testing import make_tiny_model_dir
     model = make_tiny_model_dir(str(tmp_path / "m"), with_weights=True)
     data = tmp_path / "d.jsonl"
@@ -511,7 +511,7 @@ def test_the_fingerprint_leaves_out_exactly_the_options_defined_so():
 
     from fastrlhf.options import in_fingerprint, option_names
     from fastrlhf.rlhf.configs import DPOConfig, PPOConfig, RMConfig, SFTConfig
-    from fastrlhf.rlhf.run_guard import run_fingerprint
+    from fastrlhf.rlhf.fingerprint import run_fingerprint
     shared = {"output_dir", "resume", "overwrite_output_dir", "log_steps", "save_steps", "save_total_limit",
               "eval_steps", "eval_max_batches", "eval_batch_size", "tensorboard_dir", "cpu_threads", "max_steps",
               "num_epochs", "merge_lora_on_save", "max_nonfinite_steps", "gradient_checkpointing", "deepspeed_config"}

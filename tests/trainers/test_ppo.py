@@ -236,7 +236,7 @@ def test_shared_options_are_honoured_by_step3(tiny, tmp_path):
                 warmup_ratio=0.75, log_steps=2, eval_steps=3, eval_batch_size=3, eval_max_batches=1, eval_prompts=8)
     assert t.ctx.accumulation == 2
     t.train_step()
-    assert t.actor.global_steps == t.updates_per_step // 2  # two mini-batches per optimizer step
+    assert t.actor.engine.global_steps == t.updates_per_step // 2  # two mini-batches per optimizer step
     # warmup over 3 of the 4 x 1 optimizer steps: after the first, the rate is 2/3 of the peak
     assert t.actor.get_lr()[0] == pytest.approx(t.cfg.learning_rate * 2 / 3)
     prompts_scored = []

@@ -16,6 +16,7 @@ import functools
 import glob
 import json
 import os
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
@@ -84,8 +85,14 @@ def has_weights(path: str) -> bool:
     return bool(found)
 
 
+# transformers reads ZeRO-3 (partition at load, gather to resize embeddings) from a weak reference
+# to the last HfDeepSpeedConfig made: each model loaded partitioned keeps its own alive here, for
+# as long as the model lives (a weak-keyed map, rather than an attribute stuck on the model)
+_PARTITIONED_AT_LOAD: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
 def _zero3_loading_context(ds_config: Optional[Dict[str, Any]]):
-    """Keeps an HfDeepSpeedConfig alive during from_pretrained (returned so the caller holds it)."""
+    """The HfDeepSpeedConfig that makes from_pretrained partition the weights, for a ZeRO-3 ds_config."""
     if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
         return HfDeepSpeedConfig(ds_config)
@@ -122,7 +129,7 @@ def load_pretrained(auto_cls, path: str, *, dtype: torch.dtype, seed: int,
         _no_zero3_init()
     model = auto_cls.from_pretrained(path, **hf_dtype_kwargs(dtype))
     if hf_ds is not None:
-        object.__setattr__(model, "_fastrlhf_hf_ds_config", hf_ds)
+        _PARTITIONED_AT_LOAD[model] = hf_ds
     return model
 
 

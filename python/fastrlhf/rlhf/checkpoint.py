@@ -40,6 +40,7 @@ from ..errors import ConfigError, SaveError
 from ..models.lora import LoRALinear
 from ..utils.distributed import all_ranks_true, barrier, get_rank, get_world_size, is_rank0
 from ..utils.logging import json_safe, print_rank0
+from .ds_engine import TrainedEngine
 
 TRAINER_STATE = "trainer_state.json"
 DS_STATE_DIR = "ds_state"
@@ -52,16 +53,6 @@ _PEFT_PREFIX = "base_model.model."
 
 
 # ----------------------------------------------------------------------------- state dicts
-
-def gather_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
-    """The full module state dict on rank 0 (ZeRO-3 partitions gathered; collective), None elsewhere."""
-    if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
-        return sd if is_rank0() else None
-    if not is_rank0():
-        return None
-    return {k: v for k, v in engine.module.state_dict().items()}
-
 
 def lora_scalings(module: nn.Module) -> Dict[str, Tuple[float, int, float]]:
     """{module name: (scaling, r, alpha)} for fastrlhf LoRALinear and PEFT LoRA layers."""
@@ -115,8 +106,8 @@ def save_hf_model(engine_or_module, out_dir: str, *, tokenizer=None, merge_lora:
     raises SaveError naming the file; out_dir keeps what it held."""
     from ..models.loading import save_fastrlhf_lora
     from ..models.reward import RewardModel
-    if hasattr(engine_or_module, "zero_optimization_stage"):
-        module, sd = engine_or_module.module, gather_state_dict(engine_or_module)
+    if isinstance(engine_or_module, TrainedEngine):
+        module, sd = engine_or_module.module, engine_or_module.full_state_dict()
     else:
         module, sd = engine_or_module, (engine_or_module.state_dict() if is_rank0() else None)
     problem = None
@@ -380,13 +371,14 @@ def _rank_file(ckpt: str, rank: int) -> str:
     return os.path.join(ckpt, f"rank_state_{rank}.pt")
 
 
-def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any], trainer_state: Dict[str, Any],
+def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, TrainedEngine],
+                             trainer_state: Dict[str, Any],
                              rank_state: Optional[Dict[str, Any]] = None, *, tokenizer=None,
                              merge_lora: bool = True, save_total_limit: int = 0,
                              save_extra: Optional[Callable[[str], None]] = None) -> str:
     """Write output_dir/checkpoint-<step> atomically; collective (every rank calls it).
 
-    `engines` maps a role to a DeepSpeed engine; the first is saved as the HF model at the
+    `engines` maps a role to a `ds_engine.TrainedEngine`; the first is saved as the HF model at the
     checkpoint's root, the others under <role>/, and each one's optimizer/scheduler state under
     ds_state/<role>/. `trainer_state` (JSON, the same on every rank) goes to trainer_state.json,
     `rank_state` (anything torch.save takes, with this rank's RNG added) to rank_state_<rank>.pt,
@@ -402,7 +394,7 @@ def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any]
     barrier()
     for i, (role, engine) in enumerate(engines.items()):
         save_hf_model(engine, tmp if i == 0 else os.path.join(tmp, role), tokenizer=tokenizer, merge_lora=merge_lora)
-        engine.save_checkpoint(os.path.join(tmp, DS_STATE_DIR, role), tag=DS_TAG)
+        engine.save_state(os.path.join(tmp, DS_STATE_DIR, role), DS_TAG)
     torch.save({**(rank_state or {}), "rng": rng_state()}, _rank_file(tmp, get_rank()))
     if save_extra is not None:
         save_extra(tmp)
@@ -423,7 +415,7 @@ def save_training_checkpoint(output_dir: str, step: int, engines: Dict[str, Any]
     return final
 
 
-def load_training_checkpoint(ckpt: str, engines: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_training_checkpoint(ckpt: str, engines: Dict[str, TrainedEngine]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Restore each engine (model, optimizer, scheduler) and this rank's RNG from a checkpoint of
     save_training_checkpoint; returns (trainer_state, rank_state)."""
     state = read_trainer_state(ckpt)
@@ -440,9 +432,7 @@ def load_training_checkpoint(ckpt: str, engines: Dict[str, Any]) -> Tuple[Dict[s
         raise ConfigError(f"{ckpt} has no saved state for {missing} (it was saved by another kind of run); "
                           "start fresh with --resume no or use another --output_dir")
     for role, engine in engines.items():
-        path, _ = engine.load_checkpoint(os.path.join(ckpt, DS_STATE_DIR, role), tag=DS_TAG,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
+        if not engine.load_state(os.path.join(ckpt, DS_STATE_DIR, role), DS_TAG):
             raise RuntimeError(f"DeepSpeed could not load the {role} state from {ckpt}/{DS_STATE_DIR}/{role}")
     rank_state = torch.load(_rank_file(ckpt, get_rank()), weights_only=False)
     set_rng_state(rank_state.pop("rng"))

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
-from ..config import TrainConfig, batch_geometry
+from ..config import TrainConfig
 from ..errors import ConfigError, RewardSpecError
 from ..options import Range, above, at_least, fraction, option
 from ..utils.distributed import get_world_size
 from .algorithms import ALGORITHMS, AdvantageSettings, Algorithm, algo_help, names
+from .ds_engine import batch_geometry
 from .rl_math import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 

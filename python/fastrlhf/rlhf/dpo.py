@@ -1,6 +1,6 @@
 """DPO: the alternative to steps 2 + 3, straight from the preference pairs to a policy.
 
-It runs on the fixed-dataset spine (`common.run_supervised`), shares the answer log-prob code
+It runs on the fixed-dataset spine (`supervised.run_supervised`), shares the answer log-prob code
 (`experience.answer_logprobs` alignment) and the loss (`rl_math.dpo_loss`) with the rest of
 fastrlhf; only the batch loss is new here.
 
@@ -18,7 +18,8 @@ import torch
 from ..models.loading import disable_dropout, load_causal_lm
 from ..utils.positions import position_ids_from_mask
 from . import rl_math as M
-from .common import run_supervised, training_dtype
+from .run_setup import training_dtype
+from .supervised import run_supervised
 from .configs import DPOConfig
 from .logprobs import IGNORE_INDEX, shifted_logprobs
 

@@ -22,7 +22,7 @@ from ..utils.distributed import all_gather_cat
 from ..utils.positions import position_ids_from_mask
 from . import rl_math as M
 from .algorithms import compute_advantages
-from .common import to_device
+from .batches import to_device
 from .logprobs import shifted_logprobs
 
 

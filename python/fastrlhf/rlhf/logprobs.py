@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import ops
 from . import rl_math as M
+from .ds_engine import is_partitioned
 
 # HF model types whose CausalLM forward is logits = lm_head(base_model(...).last_hidden_state)
 PLAIN_HEAD_MODEL_TYPES = ("falcon", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi3",
@@ -50,7 +51,7 @@ def fused_parts(model: nn.Module) -> Tuple[Optional[Tuple[nn.Module, nn.Linear]]
                       "on the lm_head?)")
     if head.bias is not None:
         return None, "the lm_head has a bias"
-    if hasattr(head.weight, "ds_id"):
+    if is_partitioned(head.weight):
         return None, "the lm_head weight is ZeRO-3 partitioned"
     body = hf.base_model
     if body is hf:

@@ -8,7 +8,7 @@ loss aggregation, clip-higher, dual-clip, GSPO's sequence ratio, truncated impor
 plus the KL loss of GRPO, an entropy bonus and the SFT loss of PPO-ptx), a clipped value loss for
 the critic. With one optimizer step per rollout the rollout policy's log-probs are taken from the
 update's own forward, not a second pass. The models are built by `ppo_models`; the loop,
-checkpoints, resume and evaluation schedule are the shared `common.Trainer`'s.
+checkpoints, resume and evaluation schedule are the shared `trainer.Trainer`'s.
 """
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from ..errors import NonFiniteLossError
 from ..models.loading import load_tokenizer
 from ..utils.distributed import all_ranks_true, barrier, is_rank0, mean_over_ranks
 from . import rl_math as M
-from .common import (GlobalBatchSampler, Trainer, eval_sums, optimizer_step, setup_run, to_device,
-                     total_train_steps)
+from .batches import GlobalBatchSampler, eval_sums, to_device, total_train_steps
 from .configs import PPOConfig
 from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, rollout_stats, stopwatch
 from .ppo_models import build_ppo_models, check_lengths, reward_tokenizer_for
+from .run_setup import setup_run
 from .sft import sequence_nll
+from .trainer import Trainer
 
 
 def bundled_task_scorer(cfg) -> Optional[Any]:
@@ -225,7 +226,7 @@ class PPOTrainer(Trainer):
         if not self._finite_or_skip(loss.detach()):
             return None, old_logprobs
         self.actor.backward(loss)
-        if optimizer_step(self.actor) is False:  # NaN/inf gradients: the update was not applied
+        if self.actor.step() is False:  # NaN/inf gradients: the update was not applied
             return None, old_logprobs
         return stats, old_logprobs
 
@@ -236,7 +237,7 @@ class PPOTrainer(Trainer):
         if not self._finite_or_skip(loss.detach()):
             return None
         self.critic.backward(cfg.value_loss_coef * loss)
-        if optimizer_step(self.critic) is False:
+        if self.critic.step() is False:
             return None
         err = M.masked_mean((values.detach() - mb.returns) ** 2, mb.action_mask)
         return {"value_loss": loss.item(), "value_clipfrac": st["value_clipfrac"].item(), "value_error": err.item()}

@@ -10,21 +10,19 @@ prompt + answer within every model's positions) run before any weights load.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from ..config import build_ds_config
 from ..errors import ConfigError
 from ..models.loading import (apply_lora_from_config, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
                               load_tokenizer, max_positions)
 from ..models.paths import resolve_model_path
 from ..models.reward import RewardModel
-from .common import RunContext, frozen_engine, initialize_engine, training_dtype
+from .ds_engine import TrainedEngine, ds_config_for, frozen_engine, gathered_parameters, initialize_engine
+from .run_setup import RunContext, training_dtype
 
 
 class EMA:
@@ -33,12 +31,12 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float, zero3: bool):
         self.decay, self.zero3 = decay, zero3
-        with _gathered(module, zero3):
+        with gathered_parameters(module, zero3):
             self.shadow = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        with _gathered(module, self.zero3):
+        with gathered_parameters(module, self.zero3):
             for n, p in module.named_parameters():
                 self.shadow[n].mul_(self.decay).add_(p.detach().float().cpu(), alpha=1 - self.decay)
 
@@ -49,19 +47,12 @@ class EMA:
         self.shadow = {k: v.clone() for k, v in state.items()}
 
 
-def _gathered(module: nn.Module, zero3: bool):
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
 @dataclass
 class PPOModels:
-    actor: Any                     # DeepSpeed engine
+    actor: TrainedEngine
     ref: Any                       # frozen: a module, or a ZeRO-3 inference engine; None with kl_coef 0
     reward: Any                    # frozen RewardModel (or engine); None when rewards come from functions/servers only
-    critic: Optional[Any] = None   # DeepSpeed engine over a RewardModel (algorithms that need a critic)
+    critic: Optional[TrainedEngine] = None  # over a RewardModel (algorithms that need a critic)
     ema: Optional[EMA] = None
     reward_tokenizer: Any = None   # set when answers are re-encoded for the reward model
 
@@ -122,12 +113,6 @@ def check_inference_tp(cfg, given: Dict[str, nn.Module], world_size: int) -> Non
         raise ConfigError(f"--inference_tp_size: {e}") from None
 
 
-def _ds_config(cfg, ctx: RunContext, zero_stage: int, offload: str) -> Dict[str, Any]:
-    if cfg.deepspeed_config:  # the user's JSON serves every trained model
-        return ctx.ds_config
-    return build_ds_config(dataclasses.replace(cfg, zero_stage=zero_stage, offload=offload), ctx.world_size)
-
-
 def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
                      given: Optional[Dict[str, nn.Module]] = None, reward_tokenizer=None) -> PPOModels:
     """Load (or take from `given`: "actor", "ref", "reward", "critic") and wrap step 3's models.
@@ -142,7 +127,7 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
         enable_gradient_checkpointing(actor)
     disable_dropout(actor)
     actor = initialize_engine(actor, cfg, ctx.ds_config, optimizer_steps)
-    frozen_ds = _ds_config(cfg, ctx, 3, "none") if cfg.frozen_zero_stage == 3 else {}
+    frozen_ds = ds_config_for(cfg, ctx.ds_config, ctx.world_size, 3, "none") if cfg.frozen_zero_stage == 3 else {}
     ref = None
     if cfg.kl_coef > 0:  # with kl_coef 0 (adaptive or not: it stays 0) nothing reads the reference
         ref = given.get("ref") or load_causal_lm(cfg.ref_model or cfg.model_name_or_path, tokenizer=tokenizer,
@@ -154,7 +139,7 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
                        reward=None if reward is None else frozen_engine(reward, frozen_ds, ctx.device),
                        reward_tokenizer=reward_tokenizer)
     if cfg.algorithm.needs_critic:
-        critic_ds = _ds_config(cfg, ctx, cfg.critic_zero_stage, cfg.critic_offload)
+        critic_ds = ds_config_for(cfg, ctx.ds_config, ctx.world_size, cfg.critic_zero_stage, cfg.critic_offload)
         # no reward model: the critic starts from the actor's backbone with a fresh value head
         critic_init = cfg.critic_model or cfg.reward_model or cfg.model_name_or_path
         critic = given.get("critic") or RewardModel.from_pretrained(critic_init, **kw, ds_config=critic_ds)
@@ -162,5 +147,5 @@ def build_ppo_models(cfg, ctx: RunContext, tokenizer, optimizer_steps: int,
         models.critic = initialize_engine(critic, cfg, critic_ds, optimizer_steps, lr=cfg.critic_learning_rate,
                                           warmup=cfg.critic_warmup_steps)
     if cfg.ema_decay > 0:
-        models.ema = EMA(actor.module, cfg.ema_decay, actor.zero_optimization_stage() == 3)
+        models.ema = EMA(actor.module, cfg.ema_decay, actor.zero3)
     return models

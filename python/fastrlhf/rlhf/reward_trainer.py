@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..models.reward import RewardModel, last_token_index
-from .common import run_supervised
+from .supervised import run_supervised
 from .configs import RMConfig
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..models.loading import load_causal_lm
-from .common import run_supervised
+from .supervised import run_supervised
 from .configs import SFTConfig
 from .logprobs import IGNORE_INDEX, shifted_logprobs
 

@@ -1,5 +1,9 @@
-"""What keeps one run from spoiling another in the same output dir.
+"""Run setup and the guard that keeps one run from spoiling another in the same output dir.
 
+- `setup_run(cfg) -> RunContext`: validate, join the process group, CPU threads, seeds, the
+  DeepSpeed config (`ds_engine.build_ds_config`), the output dir (locked, checked, its config
+  saved), the metrics logger, and which checkpoint to resume (`check_resume`), before anything
+  loads.
 - `OutputDirLock`: `<output_dir>/.fastrlhf.lock`, an exclusive `flock` held by rank 0 while a run
   is alive. The kernel drops a flock when its process dies, however it dies, so a lock file whose
   flock can be taken is stale (its run was killed): it is reported and taken over. The file records
@@ -8,28 +12,37 @@
 - `check_output_kind`: a run refuses an output dir that holds another kind of model (a reward
   model, a PPO output, ...) unless `overwrite_output_dir` is set. `RUN_FILE` records the kind
   and state of the run that last wrote the dir.
-- `run_fingerprint` / `fingerprint_diff`: what defines a run (trainer, model and data identity,
-  the options that change the math) is stored in every checkpoint; `--resume auto` refuses a
-  checkpoint whose fingerprint differs, naming what differs.
+- `check_resume`: `--resume auto` refuses a checkpoint whose fingerprint (`fingerprint.py`)
+  differs, naming what differs.
 """
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import datetime
 import errno
-import hashlib
 import json
 import os
+import random
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
 
 from ..errors import ConfigError
-from ..options import in_fingerprint
+from ..options import save_config
+from ..utils.distributed import all_ranks_true, barrier, get_rank, get_world_size, init_distributed, is_rank0
+from ..utils.logging import MetricsLogger, print_rank0, quiet_libraries
+from . import checkpoint as ckpt_lib
+from .ds_engine import build_ds_config, ds_precision, full_numel, zero_stage
+from .fingerprint import fingerprint_diff, run_fingerprint
 
 LOCK_FILE = ".fastrlhf.lock"
 RUN_FILE = "fastrlhf_run.json"
+
 
 # ----------------------------------------------------------------------------- the lock
 
@@ -216,120 +229,119 @@ def write_run_file(output_dir: str, kind: str, status: str, **extra: Any) -> Non
     os.replace(tmp, os.path.join(output_dir, RUN_FILE))
 
 
-# ----------------------------------------------------------------------------- fingerprint
+# ----------------------------------------------------------------------------- the run
 
-MODEL_FIELDS = ("model_name_or_path", "tokenizer", "reward_model", "critic_model", "ref_model")
-_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".pt")
-_NOT_MODEL_FILES = {RUN_FILE, "eval_before_after.json", "trainer_state.json", "latest"}
-_WHOLE_FILE_LIMIT = 8 << 20   # files up to this size are hashed whole; larger ones by size + head + tail
-_EDGE = 1 << 20
-
-
-def _file_digest(path: str) -> str:
-    size = os.path.getsize(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= _WHOLE_FILE_LIMIT:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            h.update(f.read(_EDGE))
-            f.seek(size - _EDGE)
-            h.update(f.read(_EDGE))
-    return f"{size}:{h.hexdigest()[:16]}"
+@dataclass
+class RunContext:
+    cfg: Any
+    device: torch.device
+    rank: int
+    world_size: int
+    ds_config: Dict[str, Any]
+    micro_batch_size: int
+    accumulation: int
+    global_batch_size: int
+    metrics: MetricsLogger
+    kind: str = ""  # sft | rm | ppo | dpo (trainer_kind)
+    lock: Optional[OutputDirLock] = None  # rank 0's lock on output_dir
+    fingerprint: Optional[Dict[str, Any]] = None  # what defines this run (run_fingerprint)
+    resume_from: Optional[str] = None  # the checkpoint cfg.resume picked (verified, same fingerprint)
+    resume_checked: bool = False
 
 
-def _dir_digest(path: str, model_files_only: bool) -> str:
-    h = hashlib.sha256()
-    n = 0
-    for root, dirs, files in os.walk(path):
-        if model_files_only:  # a model dir may also hold checkpoints, logs, other roles' subdirs
-            dirs[:] = []
-        dirs.sort()
-        for name in sorted(files):
-            if model_files_only and (not name.endswith(_MODEL_FILE_SUFFIXES) or name in _NOT_MODEL_FILES):
-                continue
-            full = os.path.join(root, name)
-            h.update(f"{os.path.relpath(full, path)}={_file_digest(full)};".encode())
-            n += 1
-    return f"{n} files:{h.hexdigest()[:16]}"
-
-
-def content_digest(path: Optional[str], model: bool = False) -> Optional[str]:
-    """A local file's or dir's content digest; None for hub names / unset."""
-    if not path:
+def check_resume(cfg, fingerprint: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint cfg.resume picks (verified by checkpoint.find_resume_checkpoint). With 'auto'
+    one saved by a different run (another fingerprint) is refused, naming what differs; a dir
+    named explicitly is taken with a warning. Runs before anything is loaded."""
+    path = ckpt_lib.find_resume_checkpoint(cfg.output_dir, cfg.resume)
+    if path is None:
         return None
-    if os.path.isfile(path):
-        return _file_digest(path)
-    if os.path.isdir(path):
-        return _dir_digest(path, model_files_only=model)
-    return None
+    state = ckpt_lib.read_trainer_state(path)
+    if "fingerprint" not in state:
+        print_rank0(f"warning: {path} was saved by an older fastrlhf without a run fingerprint: whether it "
+                    "belongs to this run cannot be checked")
+    diffs = fingerprint_diff(state.get("fingerprint"), fingerprint)
+    if diffs and cfg.resume == "auto":
+        raise ConfigError(f"{path} was saved by a different run ({'; '.join(diffs)}): to continue it, rerun "
+                          "with that run's options; to start over in this dir, pass --resume no (its "
+                          "checkpoints are replaced); or use another --output_dir")
+    if diffs:
+        print_rank0(f"warning: resuming {path} as asked, although it was saved by a different run "
+                    f"({'; '.join(diffs)})")
+    return path
 
 
-def _flatten(obj: Any, prefix: str = "") -> Dict[str, Any]:
-    """{dotted key: value} of the options that are part of a run's identity: every option but
-    those defined with `fingerprint=False` (where and how often to save, log, evaluate; how long
-    to run, since a run may be extended), nested dataclasses included."""
-    out: Dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        if not in_fingerprint(f):
-            continue
-        value = getattr(obj, f.name)
-        key = prefix + f.name
-        if dataclasses.is_dataclass(value):
-            out.update(_flatten(value, key + "."))
-        else:
-            out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+def _lock_output_dir(cfg, kind: str) -> Optional[OutputDirLock]:
+    """Rank 0 locks output_dir and checks what it holds; every rank raises if that failed."""
+    lock, error = None, None
+    if is_rank0():
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            lock = OutputDirLock(cfg.output_dir).acquire(kind)
+            check_output_kind(cfg.output_dir, kind, getattr(cfg, "overwrite_output_dir", False))
+        except ConfigError as e:
+            if lock is not None:
+                lock.release()
+            error = e
+        except OSError as e:  # not a dir, not writable, ...
+            error = ConfigError(f"cannot write to output_dir {cfg.output_dir} ({e.strerror or e}): "
+                                "pick a writable directory with --output_dir")
+    if not all_ranks_true(error is None):
+        raise error or ConfigError(f"rank 0 could not start a run in {cfg.output_dir} (see its message)")
+    if lock is not None and lock.stale_note:
+        print_rank0(f"warning: {lock.stale_note}")
+    return lock
 
 
-def run_fingerprint(cfg, kind: str) -> Dict[str, Any]:
-    """{key: value} of everything that defines the run (JSON-able): the trainer, the options that
-    change the math, and the content of local models, data files and the DeepSpeed config."""
-    fp: Dict[str, Any] = {"trainer": kind}
-    fp.update(_flatten(cfg))
-    for name in MODEL_FIELDS:
-        if getattr(cfg, name, None):
-            fp[f"{name} (content)"] = content_digest(getattr(cfg, name), model=True)
-    data = getattr(cfg, "data", None)
-    if data is not None:
-        if data.paths:
-            fp["data files (content)"] = [content_digest(p) for p in data.paths]
-        else:
-            from ..data.default_task import default_data_path
-            fp["data files (content)"] = [content_digest(default_data_path())]
-    if getattr(cfg, "deepspeed_config", None):
-        fp["deepspeed_config (content)"] = content_digest(cfg.deepspeed_config)
-    return json.loads(json.dumps(fp, default=str))  # the form it has after a trip through trainer_state.json
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
-def _short(value: Any, width: int = 80) -> str:
-    """A value for a one-line message; long ones keep their start and end (file names)."""
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= width else text[:width // 3] + "..." + text[-(width - width // 3 - 3):]
+def setup_run(cfg, check_tokenizers: bool = True) -> RunContext:
+    """Validate cfg, join the process group, seed, build the DeepSpeed config, create the output dir.
+    `check_tokenizers`: the tokenizer will be loaded from cfg's paths (none was passed in)."""
+    cfg.validate()
+    cfg.check_inputs(tokenizers=check_tokenizers)  # paths, kinds, output dir, precision: before anything is written
+    quiet_libraries()
+    device = init_distributed()
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    world = get_world_size()
+    ds_config = build_ds_config(cfg, world)
+    seed_everything(cfg.seed)
+    kind = trainer_kind(cfg)
+    lock = _lock_output_dir(cfg, kind)
+    try:
+        fingerprint = run_fingerprint(cfg, kind)
+        resume_from = check_resume(cfg, fingerprint)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if is_rank0():
+        save_config(cfg, os.path.join(cfg.output_dir, "training_config.yaml"))
+    barrier()
+    tb_dir = cfg.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard")
+    return RunContext(cfg=cfg, device=device, rank=get_rank(), world_size=world, ds_config=ds_config,
+                      micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
+                      accumulation=ds_config["gradient_accumulation_steps"],
+                      global_batch_size=ds_config["train_batch_size"], metrics=MetricsLogger(tb_dir),
+                      kind=kind, lock=lock, fingerprint=fingerprint, resume_from=resume_from, resume_checked=True)
 
 
-def fingerprint_diff(saved: Optional[Dict[str, Any]], current: Dict[str, Any], limit: int = 3) -> List[str]:
-    """What differs between two fingerprints, one short phrase per key (at most `limit`, then a count)."""
-    if saved is None:
-        return []
-    diffs = []
-    for key in sorted(set(saved) | set(current), key=lambda k: (k != "trainer", k)):
-        if key.endswith("(content)") and key[:-len(" (content)")] in MODEL_FIELDS + ("deepspeed_config",):
-            base = key[:-len(" (content)")]
-            if saved.get(base) != current.get(base):
-                continue  # the path itself differs: reported once, under its own key
-            if saved.get(key) != current.get(key):
-                diffs.append(f"the content of {base} {current.get(base)} changed")
-            continue
-        if key == "data files (content)" and saved.get("data.paths") == current.get("data.paths"):
-            if saved.get(key) != current.get(key):
-                diffs.append("the content of the data files changed")
-            continue
-        if key == "data files (content)":
-            continue
-        if saved.get(key, "<unset>") != current.get(key, "<unset>"):
-            diffs.append(f"{key} {_short(saved.get(key, '<unset>'))} -> {_short(current.get(key, '<unset>'))}")
-    if len(diffs) > limit:
-        diffs = diffs[:limit] + [f"{len(diffs) - limit} more"]
-    return diffs
+def training_dtype(ctx: RunContext) -> str:
+    return ds_precision(ctx.ds_config)
+
+
+def describe_run(ctx: RunContext, model: nn.Module, n_train: int, n_eval: int, total_steps: int,
+                 unit: str = "examples") -> None:
+    n_params = sum(full_numel(p) for p in model.parameters())
+    n_train_params = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    print_rank0(f"{n_params / 1e6:.2f}M parameters ({n_train_params / 1e6:.2f}M trainable), "
+                f"{n_train} train / {n_eval} eval {unit}, {total_steps} steps of {ctx.global_batch_size} "
+                f"(micro {ctx.micro_batch_size} x accumulation {ctx.accumulation} x {ctx.world_size} processes), "
+                f"ZeRO-{zero_stage(ctx.ds_config)}, {training_dtype(ctx)}")
