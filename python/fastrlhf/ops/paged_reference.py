@@ -135,43 +135,88 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pool [N, Hkv, bs, D] at block ids [B, nb] -> [B, nb, Hkv, bs, D] in `dtype`. Whole blocks
+    are gathered as rows (index_select: a memcpy per block; advanced indexing is several times
+    slower on the CPU); ids outside the pool are clamped (their rows are masked by the caller)."""
+    n = pool.shape[0]
+    rows = pool.reshape(n, -1).index_select(0, blocks.reshape(-1).clamp(0, n - 1))
+    return rows.view(*blocks.shape, *pool.shape[1:]).to(dtype)
+
+
 def _gather(pool: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """pool [N, Hkv, bs, D] at block ids [..., nb] -> [..., Hkv, nb * bs, D] in `dtype`."""
-    g = pool[blocks.clamp(0, pool.shape[0] - 1)]            # [..., nb, Hkv, bs, D]
-    g = g.movedim(-4, -3)                                     # [..., Hkv, nb, bs, D]
-    return g.reshape(*g.shape[:-3], -1, g.shape[-1]).to(dtype)
+    """The blocks as keys [Hkv, B, nb * bs, D], the layout of _attend's batched products."""
+    g = _gather_blocks(pool, blocks, dtype).permute(2, 0, 1, 3, 4)  # [Hkv, B, nb, bs, D]
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+def _decode_blocks(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, lens: torch.Tensor, scale: float,
+                   softcap, window, alibi_slopes) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D] at position lens[b] - 1, over its gathered blocks
+    kb, vb [B, nb, Hkv, bs, D] as they come (no transpose: decode reads every key once, so a
+    copy into another layout would cost as much as the attention): scores per block
+    [B, nb, Hkv, G, bs], softmax over (blocks, rows), P·V per block summed over blocks."""
+    b, hq, d = q.shape
+    _, nb, hkv, bs, _ = kb.shape
+    group = hq // hkv
+    kp = torch.arange(nb * bs, device=q.device).view(1, nb, 1, 1, bs)
+    qp = (lens - 1).view(b, 1, 1, 1, 1)
+    visible = kp <= qp  # also hides every row at or past the sequence's length
+    if window is not None:
+        visible = visible & (kp > qp - window)
+    # rows it does not see (NaN, anything) must not reach the output: see _attend
+    vb = vb.masked_fill_(~visible.view(b, nb, 1, bs, 1), 0)  # in place: our own gathered copy
+    if torch.is_grad_enabled() and (q.requires_grad or kb.requires_grad):
+        kb = kb.masked_fill(~visible.view(b, nb, 1, bs, 1), 0)
+    scores = torch.matmul(q.view(b, 1, hkv, group, d), kb.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.to(scores).view(1, 1, hkv, group, 1) * (kp - qp).to(scores)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    top = scores.amax(dim=(1, 4), keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(scores - top)
+    denom = p.sum(dim=(1, 4), keepdim=True)[:, 0]              # [B, Hkv, G, 1]
+    out = torch.matmul(p, vb).sum(1) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out.reshape(b, hq, d)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, lens: torch.Tensor,
             scale: float, softcap, window, alibi_slopes) -> torch.Tensor:
     """q [B, Hq, M, D] at positions q_pos [B, M] (< 0: a row that sees nothing) over keys and
-    values [B, Hkv, L, D] at positions 0..L-1, of which the first lens[b] exist -> [B, Hq, M, D]."""
+    values [Hkv, B, L, D] (from _gather) at positions 0..L-1, of which the first lens[b] exist
+    -> [B, Hq, M, D]. Computed per KV head with its query group stacked: [Hkv, B, G, M, L]."""
     b, hq, m, d = q.shape
-    hkv, length = k.shape[1], k.shape[2]
-    k_pos = torch.arange(length, device=q.device)
-    qp = q_pos[:, None, :, None]                              # [B, 1, M, 1]
-    kp = k_pos[None, None, None, :]                           # [1, 1, 1, L]
-    exists = kp < lens[:, None, None, None]                   # [B, 1, 1, L]
-    visible = exists & (kp <= qp) & (qp >= 0)
+    hkv, length = k.shape[0], k.shape[2]
+    group = hq // hkv
+    qp = q_pos[None, :, None, :, None]                        # [1, B, 1, M, 1]
+    kp = torch.arange(length, device=q.device)                # broadcasts as [..., L]
+    exists = kp < lens[:, None]                               # [B, L]
+    visible = exists[None, :, None, None, :] & (kp <= qp) & (qp >= 0)
     if window is not None:
         visible = visible & (kp > qp - window)
-    # unused pool rows (NaN, anything) must not reach the products: zero them first
-    k = torch.where(exists[:, :, 0, :, None], k, 0)
-    v = torch.where(exists[:, :, 0, :, None], v, 0)
-    qg = q.reshape(b, hkv, hq // hkv, m, d)                   # GQA: query heads grouped per KV head
-    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).reshape(b, hq, m, length) * scale
+    # Pool rows past a sequence's end (NaN, anything) must not reach the output: their scores
+    # are masked below, and their values zeroed here (0 * NaN would be NaN). The keys need the
+    # same only when gradients flow (a masked score's zero gradient times a NaN key is NaN).
+    v = v.masked_fill_(~exists[None, :, :, None], 0)  # in place: v is our own gathered copy
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        k = k.masked_fill(~exists[None, :, :, None], 0)
+    qg = q.reshape(b, hkv, group * m, d).transpose(0, 1)      # [Hkv, B, G*M, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(hkv, b, group, m, length) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if alibi_slopes is not None:
-        scores = scores + alibi_slopes.to(scores)[None, :, None, None] * (kp - qp).to(scores)
+        slopes = alibi_slopes.to(scores).view(hkv, 1, group, 1, 1)
+        scores = scores + slopes * (kp - qp).to(scores)
     scores = scores.masked_fill(~visible, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p = torch.exp(scores - top)
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.matmul(p.reshape(b, hkv, hq // hkv, m, length), v[:, :, None])
-    return out.reshape(b, hq, m, d)
+    out = torch.matmul(p.view(hkv, b, group * m, length), v)  # [Hkv, B, G*M, D]
+    return out.transpose(0, 1).reshape(b, hq, m, d)
 
 
 def _blocks_for(length: int, block_size: int) -> int:
@@ -208,10 +253,8 @@ def paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, *, scale=N
     if n_blocks == 0:
         return torch.zeros_like(q)
     blocks = block_tables.to(q.device).long()[:, :n_blocks]
-    k, v = _gather(k_pool, blocks, dtype), _gather(v_pool, blocks, dtype)
-    out = _attend(q.to(dtype)[:, :, None], k, v, (lens - 1)[:, None], lens, scale, softcap, window,
-                  alibi_slopes)
-    return out[:, :, 0].to(q.dtype)
+    kb, vb = _gather_blocks(k_pool, blocks, dtype), _gather_blocks(v_pool, blocks, dtype)
+    return _decode_blocks(q.to(dtype), kb, vb, lens, scale, softcap, window, alibi_slopes).to(q.dtype)
 
 
 def paged_attention_prefill(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, *, max_q_len=None,
@@ -231,8 +274,8 @@ def paged_attention_prefill(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens
         m = cu[b + 1] - cu[b]
         if m == 0:
             continue
-        blocks = block_tables[b, :_blocks_for(length, block_size)].to(q.device).long()
-        k, v = _gather(k_pool, blocks, dtype)[None], _gather(v_pool, blocks, dtype)[None]
+        blocks = block_tables[b:b + 1, :_blocks_for(length, block_size)].to(q.device).long()
+        k, v = _gather(k_pool, blocks, dtype), _gather(v_pool, blocks, dtype)
         q_b = q[cu[b]:cu[b + 1]].to(dtype).transpose(0, 1)[None]          # [1, Hq, m, D]
         q_pos = torch.arange(length - m, length, device=q.device)[None]
         lens_b = torch.tensor([length], device=q.device)
