@@ -37,6 +37,8 @@ class ArchSpec:
     qkv_layout: str = "split"          # "split": [q | k | v]; "grouped": [Hkv, group + 2, D]
     q_norm: Optional[str] = None       # per-head norm over head_dim on q / k, before rotary (Qwen3)
     k_norm: Optional[str] = None
+    qk_norm_per_head: bool = True      # False: q_norm / k_norm span all heads' features (OLMoE)
+    clip_qkv: Optional[float] = None   # q, k, v clamped to [-clip, clip] after the q/k norms (OLMoE)
     attn_out_norm: Optional[str] = None  # sandwich norms (Gemma2): on the attention output before
     mlp_out_norm: Optional[str] = None   # the residual add, and on the MLP output likewise
     o: str = "o_proj"
@@ -58,7 +60,36 @@ class ArchSpec:
     parallel_residual: bool = False    # x + attn(ln1(x)) + mlp(ln2(x)) (ln2 = ln1 when post_norm is None)
     pre_norm: bool = True              # False: OPT-350m style post-norm residual blocks
     max_positions: int = 2048
+    moe: Optional["MoESpec"] = None    # a mixture-of-experts MLP (in the layers it names)
     extra: Dict[str, object] = field(default_factory=dict)
+
+
+# Routers the engine's MoE block implements (hybrid_engine/moe.py):
+# "softmax_topk": softmax over all experts' logits (fp32), the k largest probabilities, optionally
+# renormalised to sum to 1 (`norm_topk_prob`).
+MOE_ROUTERS = ("softmax_topk",)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP: paths relative to one decoder layer. The experts module holds
+    transformers 5's fused 3-D parameters `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]; the
+    router module a `weight` [E, H]."""
+    router: str                        # e.g. "mlp.gate"
+    experts: str                       # e.g. "mlp.experts"
+    n_experts: int
+    top_k: int
+    intermediate: int                  # I, each expert's intermediate width
+    norm_topk_prob: bool = False       # renormalise the top-k probabilities to sum to 1
+    router_kind: str = "softmax_topk"  # one of MOE_ROUTERS
+    # the routing weights are rounded to the model dtype before weighting the experts (Qwen, OLMoE)
+    # or kept in fp32 (Mixtral)
+    weights_in_model_dtype: bool = True
+    shared_expert: Optional[str] = None       # a gated MLP on every token: <path>.gate_proj/up_proj/down_proj
+    shared_intermediate: int = 0
+    shared_expert_gate: Optional[str] = None  # Linear(H, 1): shared output times sigmoid(gate(x)) (Qwen2-MoE)
+    # A layer without a module at `experts` (Qwen-MoE's mlp_only_layers / decoder_sparse_step) runs
+    # the dense MLP at the spec's gate/up/down paths.
 
 
 class UnsupportedArchitecture(ValueError):
@@ -293,6 +324,71 @@ def _falcon(c) -> ArchSpec:
         max_positions=getattr(c, "max_position_embeddings", 2048))
 
 
+# ---------------------------------------------------------------------------------- mixtures of experts
+
+def _experts(c) -> int:
+    return getattr(c, "num_experts", None) or c.num_local_experts
+
+
+def _with_moe(spec: ArchSpec, family: str, moe: MoESpec, **more) -> ArchSpec:
+    return ArchSpec(**{**spec.__dict__, "family": family, "moe": moe, **more})
+
+
+def _mixtral(c) -> ArchSpec:
+    """Mistral attention; every layer a MoE (softmax top-k, always renormalised, fp32 weights)."""
+    return _with_moe(_llama(c), "mixtral", MoESpec(
+        router="mlp.gate", experts="mlp.experts", n_experts=_experts(c), top_k=c.num_experts_per_tok,
+        intermediate=c.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False))
+
+
+def _qwen_moe(c, base: Callable, family: str) -> ArchSpec:
+    """Qwen2-MoE / Qwen3-MoE: softmax top-k (renormalised when norm_topk_prob), dense MLP layers
+    where the config says (mlp_only_layers, decoder_sparse_step: those layers have no experts
+    module), and (Qwen2-MoE) a shared expert scaled by sigmoid(shared_expert_gate)."""
+    e = _experts(c)
+    shared = int(getattr(c, "shared_expert_intermediate_size", 0) or 0)
+    return _with_moe(base(c), family, MoESpec(
+        router="mlp.gate", experts="mlp.experts", n_experts=e, top_k=c.num_experts_per_tok,
+        intermediate=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob),
+        shared_expert="mlp.shared_expert" if shared else None, shared_intermediate=shared,
+        shared_expert_gate="mlp.shared_expert_gate" if shared else None))
+
+
+def _olmoe(c) -> ArchSpec:
+    """Llama-shaped attention with RMSNorms over all q (k) heads' features together, an optional
+    clamp of q/k/v, and a MoE in every layer."""
+    return _with_moe(_llama(c), "olmoe", MoESpec(
+        router="mlp.gate", experts="mlp.experts", n_experts=_experts(c), top_k=c.num_experts_per_tok,
+        intermediate=c.intermediate_size, norm_topk_prob=bool(c.norm_topk_prob)),
+        q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm_per_head=False,
+        clip_qkv=None if c.clip_qkv is None else float(c.clip_qkv))
+
+
+# MoE families transformers ships whose routers (or attention) the engine does not implement:
+# model_type -> why. spec_for names the reason and the supported routers.
+MOE_REFUSED: Dict[str, str] = {
+    "phimoe": "PhiMoE routes with sparsemixer (masked, jittered top-2 gates)",
+    "granitemoe": "GraniteMoE routes with softmax over the top-k logits and needs Granite's embedding/"
+                  "residual/logit multipliers",
+    "granitemoeshared": "GraniteMoE-Shared routes with softmax over the top-k logits and needs Granite's "
+                        "embedding/residual/logit multipliers",
+    "ernie4_5_moe": "ERNIE-4.5-MoE selects experts by softmax plus a score-correction bias",
+    "glm4_moe": "GLM-4-MoE routes with sigmoid scores, grouped top-k and a score-correction bias",
+    "deepseek_v2": "DeepSeek-V2 routes with grouped top-k (and uses multi-head latent attention)",
+    "deepseek_v3": "DeepSeek-V3 routes with sigmoid scores, grouped top-k and a score-correction bias "
+                   "(and uses multi-head latent attention)",
+    "dbrx": "DBRX normalises the top-k weights by a p-norm and fuses its attention differently",
+    "jetmoe": "JetMoE routes attention heads too (mixture of attention heads)",
+    "hunyuan_v1_moe": "HunYuan-MoE routes with a per-layer top-k",
+    "gpt_oss": "gpt-oss routes with softmax over the top-k logits into biased, clamped experts and uses "
+               "attention sinks",
+    "qwen3_next": "Qwen3-Next mixes linear-attention (gated DeltaNet) layers in",
+    "llama4": "Llama 4 routes with a sigmoid over the top-1 logit and uses chunked attention",
+    "jamba": "Jamba mixes Mamba layers in",
+    "minimax": "MiniMax mixes lightning-attention layers in",
+}
+
+
 # model_type -> spec builder. Mistral and Qwen2 are Llama-shaped (GQA; Qwen2 has q/k/v biases,
 # which the generic decoder picks up from the modules themselves).
 SPEC_BUILDERS: Dict[str, Callable] = {
@@ -309,7 +405,29 @@ SPEC_BUILDERS: Dict[str, Callable] = {
     "gpt_neox": _gpt_neox,
     "gpt2": _gpt2,
     "falcon": _falcon,
+    "mixtral": _mixtral,
+    "qwen2_moe": lambda c: _qwen_moe(c, _llama, "qwen2_moe"),
+    "qwen3_moe": lambda c: _qwen_moe(c, _qwen3, "qwen3_moe"),
+    "olmoe": _olmoe,
 }
+
+
+def moe_families() -> Tuple[str, ...]:
+    return ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+
+
+def check_moe(spec: ArchSpec) -> ArchSpec:
+    """UnsupportedArchitecture for a MoE spec whose router the engine does not implement."""
+    moe = spec.moe
+    if moe is not None and spec.act != "silu":
+        raise UnsupportedArchitecture(f"{spec.family}: experts with activation {spec.act!r} are not implemented "
+                                      "by the engine's fused MoE (silu only); use EngineConfig(fallback='hf')")
+    if moe is not None and moe.router_kind not in MOE_ROUTERS:
+        raise UnsupportedArchitecture(
+            f"{spec.family}: the MoE router {moe.router_kind!r} is not implemented by the engine; supported "
+            f"routers: {', '.join(MOE_ROUTERS)} (families {', '.join(moe_families())}). Use "
+            "EngineConfig(fallback='hf')")
+    return spec
 
 
 def supported_model_types() -> Tuple[str, ...]:
@@ -320,9 +438,15 @@ def spec_for(config) -> ArchSpec:
     """The ArchSpec of an HF config, or a clear error naming the supported types and the fallback."""
     mt = getattr(config, "model_type", None)
     builder = SPEC_BUILDERS.get(mt)
+    if builder is None and mt in MOE_REFUSED:
+        raise UnsupportedArchitecture(
+            f"HybridEngine does not support the mixture-of-experts model_type={mt!r}: {MOE_REFUSED[mt]}. "
+            f"Supported MoE routers: {', '.join(MOE_ROUTERS)} (softmax over all experts, top-k, optionally "
+            f"renormalised), in the families {', '.join(moe_families())}. Pass EngineConfig(fallback='hf') "
+            "to run plain HF generate through the same interface.")
     if builder is None:
         raise UnsupportedArchitecture(
             f"HybridEngine has no architecture spec for model_type={mt!r}; supported: "
             f"{', '.join(supported_model_types())}. Pass EngineConfig(fallback='hf') to run plain "
             "HF generate through the same interface.")
-    return builder(config)
+    return check_moe(builder(config))

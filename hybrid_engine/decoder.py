@@ -20,6 +20,7 @@ from fastrlhf import ops
 from .arch_spec import ArchSpec
 from .attention import DecodeAttention, LeanDecodeAttention, PrefillAttention, softcap_
 from .kv_cache import KVCache
+from .moe import MoEWeights, build_moe_weights, moe_forward
 from .weights import Linear, Norm, concat_linears, resolve_linear, resolve_norm
 
 
@@ -54,11 +55,12 @@ class LayerWeights:
     up: Optional[Linear]
     gate: Optional[Linear]
     gate_up: Optional[Linear]       # [gate | up]: native (Phi-3), or a concatenated copy when fuse_projections
-    down: Linear
+    down: Optional[Linear]          # None in a mixture-of-experts layer
     q_norm: Optional[Norm] = None   # per-head norms over head_dim (Qwen3)
     k_norm: Optional[Norm] = None
     attn_out_norm: Optional[Norm] = None  # sandwich norms on the block outputs (Gemma2)
     mlp_out_norm: Optional[Norm] = None
+    moe: Optional[MoEWeights] = None  # the layer's MLP is a mixture of experts (moe.py)
 
 
 @dataclass
@@ -93,21 +95,25 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
         q, k, v = lin(spec.q), lin(spec.k), lin(spec.v)
         if fuse_projections:  # one matmul instead of three, at the cost of a weight copy
             qkv, q, k, v = concat_linears([q, k, v]), None, None, None
-    gate = up = gate_up = None
-    if spec.gate_up is not None:
+    gate = up = gate_up = down = moe = None
+    if spec.moe is not None and get_path(layer, spec.moe.experts) is not None:
+        moe = build_moe_weights(layer, spec.moe, lambda m: resolve_linear(m, backend=backend))
+    elif spec.gate_up is not None:
         gate_up = lin(spec.gate_up)
     else:
         gate = lin(spec.gate) if spec.gate else None
         up = lin(spec.up)
         if gate is not None and fuse_projections:
             gate_up, gate, up = concat_linears([gate, up]), None, None
+    if moe is None:
+        down = lin(spec.down)
     norm = lambda p: None if p is None else resolve_norm(_require(layer, p, "norm"), off)  # noqa: E731
     return LayerWeights(
         in_norm=resolve_norm(_require(layer, spec.input_norm, "input norm"), off),
         post_norm=None if post is None else resolve_norm(post, off),
         qkv=qkv, q=q, k=k, v=v, o=lin(spec.o), up=up, gate=gate, gate_up=gate_up,
-        down=lin(spec.down), q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm),
-        attn_out_norm=norm(spec.attn_out_norm), mlp_out_norm=norm(spec.mlp_out_norm))
+        down=down, q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm),
+        attn_out_norm=norm(spec.attn_out_norm), mlp_out_norm=norm(spec.mlp_out_norm), moe=moe)
 
 
 def lm_head_module(model: nn.Module, spec: ArchSpec) -> nn.Module:
@@ -175,6 +181,7 @@ class Decoder:
                                  for op in ("attention_decode", "kv_cache_append", "rotary"))
         self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
         self._act = ACT2FN[spec.act]
+        self.ops_moe = r("fused_moe") if spec.moe is not None else None
         self.qk_norm = spec.q_norm is not None
         if self.qk_norm != (spec.k_norm is not None):
             raise ValueError("ArchSpec: q_norm and k_norm go together")
@@ -218,11 +225,20 @@ class Decoder:
                 out = out.view(b, s, hq + 2 * hkv, d)
                 q, k, v = out.split([hq, hkv, hkv], dim=2)
                 qk = out[:, :, :hq + hkv]
-        if self.qk_norm:  # per-head norm over head_dim
+        if self.qk_norm and self.spec.qk_norm_per_head:  # per-head norm over head_dim
             q, k, qk = self._norm(q, lw.q_norm), self._norm(k, lw.k_norm), None
+        elif self.qk_norm:  # one norm over all heads' features (OLMoE)
+            q = self._norm(q.reshape(b, s, -1), lw.q_norm).view(b, s, hq, d)
+            k = self._norm(k.reshape(b, s, -1), lw.k_norm).view(b, s, hkv, d)
+            qk = None
+        if self.spec.clip_qkv is not None:
+            c = self.spec.clip_qkv
+            q, k, v, qk = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c), None
         return q, k, v, qk
 
     def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        if lw.moe is not None:
+            return moe_forward(self.spec.moe, lw.moe, h, self._act, self.ops_moe)
         if lw.gate_up is not None:
             g, u = lw.gate_up(h).chunk(2, dim=-1)
             return lw.down(self._act(g) * u)

@@ -99,13 +99,34 @@ TINY_CONFIGS = {
     "falcon_new": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
                        new_decoder_architecture=True, vocab_size=VOCAB, max_position_embeddings=128,
                        bias=True),
+    # mixtures of experts (transformers 5's fused 3-D expert parameters): top-2 of 5, renormalised,
+    # fp32 routing weights
+    "mixtral": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=40, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, vocab_size=VOCAB,
+                    max_position_embeddings=128),
+    # a shared expert behind a sigmoid gate, q/k/v biases, top-3 of 6 not renormalised, and a dense
+    # MLP layer (mlp_only_layers) among the MoE layers
+    "qwen2_moe": dict(hidden_size=48, num_hidden_layers=3, intermediate_size=56, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False,
+                      vocab_size=VOCAB, max_position_embeddings=128),
+    # per-head q/k norms, head_dim != hidden / heads, top-4 of 8 renormalised
+    "qwen3_moe": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=56, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=4,
+                      moe_intermediate_size=24, norm_topk_prob=True, vocab_size=VOCAB,
+                      max_position_embeddings=128, tie_word_embeddings=False),
+    # q/k RMSNorms over all heads' features, q/k/v clamped, top-2 of 8 not renormalised
+    "olmoe": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=24, num_attention_heads=4,
+                  num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                  clip_qkv=1.0, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=1,
+                  bos_token_id=None, eos_token_id=2),
 }
 FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt",
              "stablelm_parallel": "stablelm"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
 RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3", "gemma", "gemma2", "stablelm", "stablelm_parallel",
-                "starcoder2"}
+                "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 # families loaded with eager attention: transformers 4.5x defaults Gemma2 to sdpa, which silently
 # drops attn_logit_softcapping (HF's own Gemma2 docs ask for eager)
 EAGER = {"gemma2"}

@@ -19,13 +19,14 @@ from .paged_reference import paged_slot_mapping  # noqa: F401  (a helper of the 
 __all__ = [
     "attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
     "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs", "paged_kv_append",
-    "paged_attention_decode", "paged_attention_prefill", "paged_slot_mapping", "set_backend", "get_backend",
+    "paged_attention_decode", "paged_attention_prefill", "paged_slot_mapping", "fused_moe", "set_backend",
+    "get_backend",
     "resolve", "backend_status", "BACKENDS", "OPS",
 ]
 
 OPS = ("attention_prefill", "attention_decode", "kv_cache_append", "lora_linear", "lora_fuse",
        "lora_unfuse", "rms_norm", "layer_norm", "rotary", "token_logprobs",
-       "paged_kv_append", "paged_attention_decode", "paged_attention_prefill")
+       "paged_kv_append", "paged_attention_decode", "paged_attention_prefill", "fused_moe")
 
 
 def _set(**kwargs):
@@ -207,3 +208,17 @@ def paged_attention_prefill(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     _, fn = resolve("paged_attention_prefill", q.device, backend)
     return fn(q, k_pool, v_pool, block_tables, cu_q_lens, seq_lens, max_q_len=max_q_len, scale=scale,
               softcap=softcap, window=window, alibi_slopes=alibi_slopes)
+
+
+def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              w_gate_up: torch.Tensor, w_down: torch.Tensor, *, activation: str = "silu",
+              backend: Optional[str] = None) -> torch.Tensor:
+    """A mixture-of-experts MLP on routed tokens: hidden [T, H], topk_ids [T, k] (int, each in
+    [0, E); the caller's router chose them), topk_weights [T, k] (any float dtype, used in fp32),
+    w_gate_up [E, 2I, H] ([gate | up] rows per expert, transformers 5's fused layout), w_down
+    [E, H, I] -> [T, H] = sum_j topk_weights[t, j] * down_e(act(gate_e(x)) * up_e(x)),
+    e = topk_ids[t, j]. activation: "silu". Differentiable (the triton backend runs calls that
+    need gradients on the reference); the cuda backend has no kernel and lists it in FALLBACK_OPS.
+    """
+    _, fn = resolve("fused_moe", hidden.device, backend)
+    return fn(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation=activation)

@@ -36,7 +36,8 @@ NAMESPACE = "fastrlhf_cuda"
 # is a function below with the reference's signature (tests/ops/test_backend_coverage.py);
 # its calls that no kernel covers are handed on one by one (`_fallback`; module docstring).
 FALLBACK_OPS: Tuple[str, ...] = ("token_logprobs",  # no CUDA kernel: auto picks triton
-                                 "paged_attention_prefill")  # likewise (kernels/paged_attention.py)
+                                 "paged_attention_prefill",  # likewise (kernels/paged_attention.py)
+                                 "fused_moe")  # likewise (kernels/fused_moe.py)
 # the torch.library ops that csrc/ops.cpp registers (the kernels behind the functions below)
 OP_NAMES = ("attention_decode", "attention_prefill", "lora_linear", "lora_fuse", "lora_fuse_out", "rms_norm",
             "rms_norm_residual", "layer_norm", "layer_norm_residual", "rotary_", "kv_cache_append_",

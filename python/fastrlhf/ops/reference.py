@@ -189,3 +189,51 @@ def rotary(q, k, cos, sin, positions, *, rotary_dim=None):
         t[..., :half] = r1.to(t.dtype)
         t[..., half:rd] = r2.to(t.dtype)
     return q, k
+
+
+MOE_ACTIVATIONS = ("silu",)
+
+
+def check_fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation) -> None:
+    """Clear errors for fused_moe arguments that do not fit together (shapes, dtypes; no sync)."""
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"fused_moe: activation {activation!r} is not supported; supported: {MOE_ACTIVATIONS}")
+    if hidden.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError(f"fused_moe: expected hidden [T, H], w_gate_up [E, 2I, H], w_down [E, H, I]; got "
+                         f"{tuple(hidden.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
+    t, h = hidden.shape
+    e, two_i, h2 = w_gate_up.shape
+    if two_i % 2 or h2 != h or tuple(w_down.shape) != (e, h, two_i // 2):
+        raise ValueError(f"fused_moe: w_gate_up {tuple(w_gate_up.shape)} and w_down {tuple(w_down.shape)} do "
+                         f"not fit hidden width {h} (expected [E, 2I, {h}] and [E, {h}, I])")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [T={t}, k]")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fused_moe: topk_ids must be int32/int64, got {topk_ids.dtype}")
+    if w_gate_up.dtype != hidden.dtype or w_down.dtype != hidden.dtype:
+        raise ValueError(f"fused_moe: hidden ({hidden.dtype}) and expert weights ({w_gate_up.dtype}, "
+                         f"{w_down.dtype}) must share a dtype")
+
+
+def fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, *, activation="silu"):
+    """Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(hidden[t]) with expert_e(x) =
+    (act(x·G_eᵀ) ⊙ x·U_eᵀ)·D_eᵀ, G_e/U_e the first/second half of w_gate_up[e] ([E, 2I, H]) and
+    D_e = w_down[e] ([E, H, I]). Products in fp32 (fp64 for fp64 inputs); the activation product is rounded to the input
+    dtype once (as a kernel stores it between its two matmuls); the output once. Differentiable."""
+    check_fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    t, k = topk_ids.shape
+    half = w_gate_up.shape[1] // 2
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    flat = topk_ids.reshape(-1).long()
+    token = torch.arange(t, device=hidden.device).repeat_interleave(k)
+    weight = topk_weights.reshape(-1).to(acc)
+    out = torch.zeros(t, hidden.shape[1], dtype=acc, device=hidden.device)
+    for e in flat.unique().tolist():
+        rows = (flat == e).nonzero()[:, 0]
+        x = hidden[token[rows]].to(acc)
+        gate_up = x @ w_gate_up[e].to(acc).t()
+        act = torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
+        y = act.to(hidden.dtype).to(acc) @ w_down[e].to(acc).t()
+        out = out.index_add(0, token[rows], y * weight[rows, None])
+    return out.to(hidden.dtype)

@@ -22,6 +22,7 @@ from torch import Tensor
 from fastrlhf.kernels import attention_backward as _attn_bwd
 from fastrlhf.kernels import attention_decode as _decode
 from fastrlhf.kernels import attention_prefill as _prefill
+from fastrlhf.kernels import fused_moe as _moe
 from fastrlhf.kernels import kv_cache as _kv
 from fastrlhf.kernels import lora as _lora
 from fastrlhf.kernels import norms as _norms
@@ -49,6 +50,7 @@ BACKWARD = {
     "token_logprobs": "triton kernel and GEMMs, recomputing the logits chunk by chunk (kernels/token_logprobs.py)",
     "attention_decode": "torch reference (calls that need gradients run on it)",
     "rotary": "torch reference (calls that need gradients run on it)",
+    "fused_moe": "torch reference (calls that need gradients run on it)",
     "kv_cache_append": "none (writes caches in place)",
     "lora_fuse": "none (writes weights in place)",
     "lora_unfuse": "none (writes weights in place)",
@@ -538,3 +540,23 @@ def paged_kv_append(k_pool, v_pool, k, v, slot_mapping):
     _paged_ref.check_append(k_pool, v_pool, k, v, slot_mapping)
     _paged_append_op(k_pool, v_pool, k, v, slot_mapping)
     return k_pool, v_pool
+
+
+# ---------------------------------------------------------------- mixture of experts
+@_op("fused_moe")
+def _fused_moe_op(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor,
+                  w_down: Tensor, activation: str) -> Tensor:
+    return _moe.fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+
+
+@_fused_moe_op.register_fake
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation):
+    return hidden.new_empty(hidden.shape)
+
+
+def fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, *, activation="silu"):
+    """Sorted-by-expert grouped matmuls (kernels/fused_moe.py); gradients via the reference."""
+    _reference.check_fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    if _needs_grad(hidden, topk_weights, w_gate_up, w_down):
+        return _reference.fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation=activation)
+    return _fused_moe_op(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
