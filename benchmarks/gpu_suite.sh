@@ -168,6 +168,11 @@ if [ -f benchmarks/token_logprobs.py ]; then
   run_stage bench_token_logprobs 90 "$PY" benchmarks/token_logprobs.py --device cuda --dtype bfloat16 \
     --out "$OUT/token_logprobs.jsonl"
 fi
+if [ -f benchmarks/fused_moe.py ]; then
+  # the fused MoE kernel at published layer shapes vs the grouped-GEMM roofline (target at 64 tokens:
+  # >= 60%), torch grouped_mm and the reference, bf16
+  run_stage bench_fused_moe 90 "$PY" benchmarks/fused_moe.py --device cuda --out "$OUT/fused_moe.jsonl"
+fi
 if [ -f benchmarks/inject_training.py ]; then
   # one training step of an injected ~0.5B Llama (triton attention + norms, forward and backward)
   # against the same model on HF sdpa, bf16

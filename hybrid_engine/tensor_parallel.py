@@ -46,12 +46,22 @@ LM_HEAD_MODES = ("vocab_parallel", "replicated")
 
 # ---------------------------------------------------------------------------------- checks
 
-def valid_tp_sizes(n_heads: int, n_kv_heads: int, world_size: Optional[int] = None) -> List[int]:
-    """The tp sizes a model with these head counts supports (dividing world_size when given)."""
+def valid_tp_sizes(n_heads: int, n_kv_heads: int, world_size: Optional[int] = None,
+                   divides: Sequence[int] = ()) -> List[int]:
+    """The tp sizes a model with these head counts supports (dividing world_size when given, and
+    every width in `divides`: the experts' intermediate widths of a mixture of experts)."""
     limit = world_size if world_size is not None else n_heads
     return [n for n in range(1, limit + 1)
             if (world_size is None or world_size % n == 0) and n_heads % n == 0
-            and (n_kv_heads % n == 0 or n % n_kv_heads == 0)]
+            and (n_kv_heads % n == 0 or n % n_kv_heads == 0) and all(w % n == 0 for w in divides)]
+
+
+def _moe_widths(spec: ArchSpec) -> Tuple[int, ...]:
+    """The widths tensor parallelism splits evenly in a MoE: each expert's intermediate features
+    (every rank runs every expert on its slice), and the shared expert's."""
+    if spec.moe is None:
+        return ()
+    return tuple(w for w in (spec.moe.intermediate, spec.moe.shared_intermediate) if w)
 
 
 def check_tp_size(config_or_spec, tp_size: int, world_size: Optional[int] = None) -> None:
@@ -69,8 +79,18 @@ def check_tp_size(config_or_spec, tp_size: int, world_size: Optional[int] = None
         return
     spec = config_or_spec if isinstance(config_or_spec, ArchSpec) else spec_for(config_or_spec)
     h, hkv = spec.n_heads, spec.n_kv_heads
-    valid = valid_tp_sizes(h, hkv, world_size)
+    widths = _moe_widths(spec)
+    valid = valid_tp_sizes(h, hkv, world_size, widths)
     where = f" and the world size {world_size}" if world_size is not None else ""
+    if spec.q_norm is not None and not spec.qk_norm_per_head:
+        raise ValueError(f"tp_size={tp_size}: {spec.family}'s q/k norms span all attention heads, which "
+                         "tensor parallelism splits (a cross-rank reduction inside the norm is not "
+                         "implemented); valid choices for this model: [1]")
+    for what, w in zip(("experts' intermediate", "shared expert's intermediate"), widths):
+        if w % tp_size:
+            raise ValueError(f"tp_size={tp_size} does not divide the {what} width {w} ({spec.family}: every "
+                             f"rank runs every expert on an equal slice of it); valid choices for this "
+                             f"model{where}: {valid}")
     if h % tp_size:
         raise ValueError(f"tp_size={tp_size} does not divide the model's {h} attention heads "
                          f"({spec.family}); valid choices for this model{where}: {valid}")
@@ -298,7 +318,10 @@ class ShardReader:
     def take(self, p: torch.Tensor, dim: int, sel: Selection) -> torch.Tensor:
         key = (id(p), dim, sel)
         if key not in self._cache:
-            if _partitioned(p):
+            if _partitioned(p) and len(_shape(p)) == 3:
+                t = self._take_partitioned_3d(p, dim, sel)
+                self.gathered_bytes += t.numel() * t.element_size()
+            elif _partitioned(p):
                 t = self._take_partitioned(p, dim, sel)
                 self.gathered_bytes += t.numel() * t.element_size()
             else:
@@ -306,14 +329,31 @@ class ShardReader:
             self._cache[key] = t
         return self._cache[key]
 
-    def _take_partitioned(self, p: torch.Tensor, dim: int, sel: Selection) -> torch.Tensor:
+    def _take_partitioned_3d(self, p: torch.Tensor, dim: int, sel: Selection) -> torch.Tensor:
+        """A fused experts parameter [E, A, B]: the same flat-index selection as a 2-D parameter
+        [E, A * B] (dim 1: ranges scaled by B) or [E * A, B] (dim 2)."""
+        e, a, b = _shape(p)
+        if dim == 0:
+            shape, dim2, sel2 = (e, a * b), 0, sel
+        elif dim == 1:
+            shape, dim2 = (e, a * b), 1
+            sel2 = tuple(tuple((x * b, y * b) for x, y in r) for r in sel)
+        else:
+            shape, dim2, sel2 = (e * a, b), 1, sel
+        flat = self._take_partitioned(p, dim2, sel2, shape=shape)
+        width = sum(y - x for x, y in sel[self.tp_rank])
+        return flat.reshape((width, a, b) if dim == 0 else (e, width, b) if dim == 1 else (e, a, width))
+
+    def _take_partitioned(self, p: torch.Tensor, dim: int, sel: Selection,
+                          shape: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
         if getattr(p.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme:
             # partitions on NVMe: gather this parameter alone, slice, release it at once
             import deepspeed
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                return _slice(p.data, dim, sel[self.tp_rank]).to(self.device, copy=True)
-        shape = _shape(p)
+                return _slice(p.data.reshape(shape or p.data.shape), dim, sel[self.tp_rank]).to(
+                    self.device, copy=True)
+        shape = shape or _shape(p)
         if len(shape) > 2 or (dim == 1 and len(shape) != 2):
             raise ValueError(f"tensor parallelism slices 1-D or 2-D parameters, got shape {shape}")
         group = getattr(p, "ds_process_group", None) or dist.group.WORLD
@@ -440,8 +480,11 @@ def build_tp_layer(layer: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
         q, k, v = col(spec.q, plan.q), col(spec.k, plan.kv), col(spec.v, plan.kv)
         if fuse_projections:
             qkv, q, k, v = concat_linears([q, k, v]), None, None, None
-    gate = up = gate_up = None
-    if spec.gate_up is not None:
+    gate = up = gate_up = down = moe = None
+    if spec.moe is not None and get_path(layer, spec.moe.experts) is not None:
+        from .moe import build_moe_shard
+        moe = build_moe_shard(layer, spec.moe, plan, reader, group, backend)
+    elif spec.gate_up is not None:
         inter = _out_features(mod(spec.gate_up)) // 2
         gate_up = col(spec.gate_up, plan.fused_features(inter))
     else:
@@ -450,14 +493,16 @@ def build_tp_layer(layer: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
         gate = col(spec.gate, plan.features(inter)) if spec.gate else None
         if gate is not None and fuse_projections:
             gate_up, gate, up = concat_linears([gate, up]), None, None
+    if moe is None:
+        down = row(spec.down, plan.features(inter))
     off = spec.norm_offset
     norm = lambda p: None if p is None else shard_norm(_require(layer, p, "norm"), reader, off)  # noqa: E731
     post = get_path(layer, spec.post_norm) if spec.post_norm else None
     return LayerWeights(
         in_norm=norm(spec.input_norm), post_norm=None if post is None else shard_norm(post, reader, off),
         qkv=qkv, q=q, k=k, v=v, o=row(spec.o, plan.q), up=up, gate=gate, gate_up=gate_up,
-        down=row(spec.down, plan.features(inter)), q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm),
-        attn_out_norm=norm(spec.attn_out_norm), mlp_out_norm=norm(spec.mlp_out_norm))
+        down=down, q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm),
+        attn_out_norm=norm(spec.attn_out_norm), mlp_out_norm=norm(spec.mlp_out_norm), moe=moe)
 
 
 def build_tp_model(model: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: ShardReader,

@@ -129,7 +129,8 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Tuple[t
     n_slots = flat.numel()
     dev = flat.device
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    # not bincount: on CUDA it reads the maximum back to the host, which CUDA graphs forbid
+    counts = torch.zeros(n_experts, dtype=torch.long, device=dev).index_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded

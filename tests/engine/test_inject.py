@@ -12,7 +12,8 @@ from fastrlhf.hybrid_engine.injection import FastLayerNorm, FastRMSNorm
 from fastrlhf.models.lora import apply_lora, lora_modules
 from conftest import TinyModels, left_padded_batch
 
-FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "opt", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "opt", "gpt2", "gpt_neox",
+            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # attention injection needs transformers' attention-mask interface (4.54); OPT and GPT-2 attention
 # in 4.x cannot take a 2-D padding mask, so there inject must refuse clearly instead
 TRANSFORMERS = Version(Version(transformers.__version__).base_version)  # 5.0.0rc1 counts as 5.0
