@@ -24,7 +24,7 @@ from fastrlhf import ops
 ATTN_NAME = "fastrlhf"
 # RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "OlmoRMSNorm",
-                    "Phi3RMSNorm")
+                    "Phi3RMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm")
 # ... and those scaling by (1 + weight), computed in fp32 (Gemma, Gemma2)
 RMS_NORM_PLUS_ONE_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm")
 

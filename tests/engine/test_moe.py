@@ -51,10 +51,28 @@ def test_peft_lora_on_experts_is_fused_and_the_base_is_untouched(tmp_path):
     assert all(torch.equal(p, base[n]) for n, p in peft.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe"])
-def test_triton_fused_moe_inside_generation_equals_torch(name, tmp_path, monkeypatch):
+def test_fastrlhf_lora_on_attention_shared_expert_and_dense_layers(tmp_path):
+    """fastrlhf LoRA wraps nn.Linear modules: attention, the shared expert (and its gate) and the
+    dense MLP layer of a MoE model; the engine fuses them into side buffers as for dense models."""
+    from fastrlhf.models.lora import apply_lora, lora_modules
+    model = build_tiny("qwen2_moe", tmp_path)
+    replaced = apply_lora(model, r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj",
+                                                                 "down_proj", "shared_expert_gate"])
+    assert any("shared_expert." in n for n in replaced) and any("layers.1.mlp.gate_proj" in n for n in replaced)
+    g = torch.Generator().manual_seed(1)
+    for mod in lora_modules(model):
+        mod.lora_b.data.copy_(torch.randn(mod.lora_b.shape, generator=g) * 0.3)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, mask = left_padded_batch([6, 3, 8], pad_id=0, seed=14)
+    ours = HybridEngine(model, None, EngineConfig(backend="torch")).generate(ids, mask, **GREEDY).sequences
+    assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, **GREEDY))
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+def test_triton_fused_moe_inside_generation_equals_torch(tmp_path, monkeypatch):
+    """Qwen2-MoE: routed experts, the shared expert and a dense layer, prefill and decode."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = build_tiny(name, tmp_path)
+    model = build_tiny("qwen2_moe", tmp_path)
     ids, mask = left_padded_batch([4, 7], pad_id=0, seed=13)
     kw = dict(GREEDY, max_new_tokens=3, min_new_tokens=3, return_logprobs=True)
     outs = {b: HybridEngine(model, None, EngineConfig(backend=b)).generate(ids, mask, **kw)

@@ -3,10 +3,9 @@ intermediate dimension split over the group, and ZeRO-3 gathering (all / per lay
 tensor-parallel slice reads of 3-D expert parameters), against 1 process without either.
 
 One launch of 2 ranks (one tensor-parallel group), each rank with its own prompts:
-- no ZeRO: Qwen2-MoE (shared expert behind its sigmoid gate, a dense layer among MoE layers) and
-  Mixtral (fp32 routing weights) with tp_size=2 give the tokens of tp_size=1 and log-probs within
-  1e-5; Qwen3-MoE with PEFT LoRA on the experts (target_parameters) and attention, tp_size=2 vs 1,
-  with the base parameters bit-identical after;
+- no ZeRO: Qwen2-MoE (shared expert behind its sigmoid gate, a dense layer among MoE layers) with
+  tp_size=2 gives the tokens of tp_size=1 and log-probs within 1e-5; so does Qwen3-MoE with PEFT
+  LoRA on the experts (target_parameters) and attention, with the base parameters bit-identical after;
 - ZeRO-3 over both ranks, Qwen2-MoE: zero3_gather "all" and "layer", tp_size 1 and 2, the tokens of
   the unpartitioned model; parameters released after, partitions and optimizer untouched.
 """
@@ -22,7 +21,7 @@ from conftest import build_tiny, left_padded_batch
 WORLD = 2
 LENGTHS = [[5, 9, 3], [7, 2]]
 GREEDY = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0, return_logprobs=True)
-FAMILIES = ["qwen2_moe", "mixtral", "qwen3_moe"]
+FAMILIES = ["qwen2_moe", "qwen3_moe"]
 
 
 def _load(path):
