@@ -8,6 +8,8 @@
   over many runs after warm-up. On CUDA each run is bracketed by its own CUDA events, and
   with `cold_l2=True` a buffer larger than the L2 cache is overwritten before every run
   (outside the timed region), so memory-bound kernels are measured reading from HBM.
+- `bench_interleaved({name: fn}, device, rounds=...)`: medians of several functions timed in
+  alternation (for ratios against a baseline measured in the same run).
 - `copy_bandwidth(device)`: GB/s of a device-to-device copy (bytes read + written), the
   practical ceiling that memory-bound kernels are reported against (% of copy).
 - `device_info(device)`: {"device", "date" (ISO UTC), "commit", "torch", "transformers",
@@ -89,6 +91,24 @@ def bench(fn: Callable[[], object], device, *, reps: int = 50, warmup: int = 5,
     times.sort()
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "reps": len(times)}
+
+
+def bench_interleaved(fns: Dict[str, Callable[[], object]], device, *, rounds: int = 10, reps: int = 3,
+                      cold_l2: bool = False, max_seconds: float = 10.0) -> Dict[str, float]:
+    """Median ms of each of `fns`, timed interleaved: `rounds` rounds, each running every function
+    `reps` times in turn (a, a, a, b, b, b, a, ...), so drift and neighbours' load hit them alike.
+    Ratios between them are then measured in the same run. Stops early after max_seconds."""
+    device = torch.device(device)
+    for fn in fns.values():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn, device, reps=reps, warmup=0, cold_l2=cold_l2)["median_ms"])
+        if time.perf_counter() - t0 > max_seconds and len(times[name]) >= 2:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device, nbytes: Optional[int] = None, reps: int = 20) -> float:

@@ -104,7 +104,8 @@ run_stage gpu_tests_cuda 150 "$PY" -m pytest -m gpu tests/gpu/test_cuda_ops.py -
 # the triton backward tests (bf16, large shapes) have their own stage: their autotuning is long
 BWD_TESTS="tests/gpu/test_triton_gpu.py::test_attention_backward_large tests/gpu/test_triton_gpu.py::test_norm_backward_large tests/gpu/test_triton_gpu.py::test_torch_compile_sees_through_the_backward_ops"
 run_stage gpu_tests_other 210 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfE \
-  --ignore=tests/gpu/test_cuda_ops.py --ignore=tests/gpu/test_paged_gpu.py $(for t in $BWD_TESTS; do printf -- "--deselect %s " "$t"; done) \
+  --ignore=tests/gpu/test_cuda_ops.py --ignore=tests/gpu/test_paged_gpu.py --ignore=tests/gpu/test_attention_rules_gpu.py \
+  $(for t in $BWD_TESTS; do printf -- "--deselect %s " "$t"; done) \
   --junitxml="$OUT/gpu_tests_other.xml" --durations=10
 # shellcheck disable=SC2086  # BWD_TESTS is a list of test ids
 run_stage gpu_tests_backward 120 "$PY" -m pytest -m gpu $BWD_TESTS -q -p no:cacheprovider -rfE \
@@ -113,6 +114,11 @@ run_stage gpu_tests_backward 120 "$PY" -m pytest -m gpu $BWD_TESTS -q -p no:cach
 # the paged KV-cache ops (triton and cuda backends): their own stage, their autotuning is long too
 run_stage gpu_tests_paged 150 "$PY" -m pytest -m gpu tests/gpu/test_paged_gpu.py -q -p no:cacheprovider -rfE \
   --junitxml="$OUT/gpu_tests_paged.xml" --durations=10
+
+# sliding window, ALiBi and packed sequences in the dense attention kernels (new constexpr variants:
+# each autotunes on first use, hence their own stage)
+run_stage gpu_tests_attention_rules 150 "$PY" -m pytest -m gpu tests/gpu/test_attention_rules_gpu.py -q \
+  -p no:cacheprovider -rfE --junitxml="$OUT/gpu_tests_attention_rules.xml" --durations=10
 
 # ---- benchmarks: kernels first (they write the backend preference table), then end to end
 mkdir -p "$OUT/tables"
@@ -127,6 +133,13 @@ fi
 # and paged extend/prefill, each against the dense kernel on the same keys; adds the paged ops to the table
 if [ -f benchmarks/kernels.py ]; then
   run_stage bench_paged 120 "$PY" benchmarks/kernels.py --only paged_decode,paged_extend \
+    --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
+fi
+# windowed prefill/decode against the same kernels without the window (target: the time falls with
+# the work, vs_full close to ideal_vs_full), ALiBi's overhead, and packed prefill forward/backward
+# against the same sequences padded (vs_padded), interleaved
+if [ -f benchmarks/kernels.py ]; then
+  run_stage bench_attention_rules 120 "$PY" benchmarks/kernels.py --only window,packed \
     --results "$OUT/kernels.jsonl" --table-dir "$OUT/tables"
 fi
 # The two prefill kernels (WMMA default, mma.sync opt-in) against SDPA, in the same run.
@@ -187,7 +200,7 @@ print("| stage | status | s |\n| --- | --- | --- |")
 with open(os.path.join(out, "stages.tsv")) as f:
     for line in list(f)[1:]:
         print("| " + " | ".join(line.rstrip("\n").split("\t")) + " |")
-for group in ("cuda", "other", "backward", "paged"):
+for group in ("cuda", "other", "backward", "paged", "attention_rules"):
     xml = os.path.join(out, f"gpu_tests_{group}.xml")
     if os.path.exists(xml):
         s = ET.parse(xml).getroot()
@@ -198,7 +211,7 @@ kj = os.path.join(out, "kernels.jsonl")
 if os.path.exists(kj):
     rows = [json.loads(l) for l in open(kj) if l.strip()]
     cols = ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy", "overhead_pct", "vs_sdpa_flash",
-            "vs_dense", "pct_of_same_copy"]
+            "vs_dense", "pct_of_same_copy", "vs_full", "ideal_vs_full", "vs_padded"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for r in rows:

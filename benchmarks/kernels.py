@@ -24,6 +24,11 @@ Measured in one run, on one device:
   the triton rows; rms_norm/layer_norm backward (plain and residual form) in GB/s of bytes moved.
   Only the torch reference and the triton kernels have backwards (the cuda backend hands
   gradient calls to triton), so those are the rows.
+- sliding window (`--only window`): windowed prefill and decode against the same kernel without
+  a window, interleaved (`vs_full`, and `ideal_vs_full`, the ratio of the work), and the ALiBi
+  bias's overhead;
+- packed sequences (`--only packed`): packed prefill forward and backward (cu_seqlens, one row)
+  against the same sequences right-padded to the longest, interleaved (`vs_padded`).
 Rows are appended to benchmarks/results/kernels.jsonl (with device, date, commit), a
 markdown table is printed, and on CUDA the backend preference table
 <device slug>.json (fastest first, per op) that `auto` dispatch loads is written into the
@@ -40,7 +45,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from common import append_jsonl, bench, copy_bandwidth, device_info, markdown_table
+from common import append_jsonl, bench, bench_interleaved, copy_bandwidth, device_info, markdown_table
 from fastrlhf import ops
 from fastrlhf.ops import dispatch
 
@@ -71,6 +76,7 @@ class Runner:
         self.rows: List[dict] = []
         self.info = device_info(device)
         self.reps = 5 if quick else 30
+        self.per_round = 1 if quick else 3  # repetitions per function per round of interleaved timing
         self.copy_gbps = copy_bandwidth(device, nbytes=(16 << 20) if quick else None)
         print(f"# {self.info['device']}  {self.info['date']}  copy bandwidth {self.copy_gbps:.1f} GB/s",
               flush=True)
@@ -279,6 +285,105 @@ def bench_paged_extend(r: Runner, dtype):
             r.record("paged_attention_prefill", shape, be, ms, flops=flops, vs_dense=dense_ms / ms)
 
 
+def _visible_pairs(sq: int, sk: int, window=None) -> int:
+    """(query, key) pairs a causal (bottom-right) attention computes, with an optional window."""
+    cols = torch.arange(sq) + (sk - sq)
+    seen = cols + 1 if window is None else torch.clamp(cols + 1, max=window)
+    return int(seen.sum())
+
+
+def bench_window(r: Runner, dtype):
+    """Sliding-window prefill and decode against the same kernel without a window (interleaved,
+    same inputs): `vs_full` is the full call's time over the windowed one, `ideal_vs_full` the
+    ratio of the work (key tiles outside the window are skipped); and ALiBi's overhead."""
+    pre = [(1, 4, 2, 100, 64, 40)] if r.quick else [(2, 32, 8, 8192, 128, 4096), (2, 32, 8, 8192, 128, 1024)]
+    for be in [b for b in ("torch", "triton") if b in backends_for("attention_prefill", r.device)]:
+        fn = ops.resolve("attention_prefill", r.device, be)[1]
+        for b, hq, hkv, s, d, w in pre:
+            if be == "torch" and not r.quick:
+                continue  # the reference materialises B·H·S² scores
+            q, k, v = (_rand(b, h, s, d, dtype=dtype, device=r.device) for h in (hq, hkv, hkv))
+            slopes = torch.rand(hq, device=r.device)
+            ms = bench_interleaved({"full": lambda: fn(q, k, v), "window": lambda: fn(q, k, v, window=w),
+                                    "alibi": lambda: fn(q, k, v, alibi_slopes=slopes)}, r.device, rounds=r.reps // 3,
+                                   reps=r.per_round)
+            shape = f"B{b} H{hq}/{hkv} S{s} D{d} W{w}"
+            full, win = _visible_pairs(s, s), _visible_pairs(s, s, w)
+            r.record("attention_prefill(window)", shape, be, ms["window"], flops=4 * b * hq * d * win,
+                     vs_full=ms["full"] / ms["window"], ideal_vs_full=full / win)
+            r.record("attention_prefill(alibi)", shape, be, ms["alibi"], flops=4 * b * hq * d * full,
+                     overhead_pct=100.0 * (ms["alibi"] / ms["full"] - 1))
+    dec = [(2, 4, 2, 100, 64, 30)] if r.quick else [(32, 32, 8, 16384, 128, 4096), (64, 32, 8, 8192, 128, 1024)]
+    for b, hq, hkv, ctx, d, w in dec:
+        q = _rand(b, hq, d, dtype=dtype, device=r.device)
+        kc, vc = (_rand(b, hkv, ctx, d, dtype=dtype, device=r.device) for _ in range(2))
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=r.device)
+        slopes = torch.rand(hq, device=r.device)
+        win_bytes = 2 * b * hkv * w * d * kc.element_size()
+        for be in backends_for("attention_decode", r.device):
+            fn = ops.resolve("attention_decode", r.device, be)[1]
+            ms = bench_interleaved({"full": lambda: fn(q, kc, vc, lens), "window": lambda: fn(q, kc, vc, lens, window=w),
+                                    "alibi": lambda: fn(q, kc, vc, lens, window=w, alibi_slopes=slopes)},
+                                   r.device, rounds=r.reps // 3, reps=r.per_round, cold_l2=True)
+            shape = f"B{b} H{hq}/{hkv} ctx{ctx} D{d} W{w}"
+            r.record("attention_decode(window)", shape, be, ms["window"], nbytes=win_bytes,
+                     vs_full=ms["full"] / ms["window"], ideal_vs_full=ctx / w)
+            # the cuda backend has no alibi kernel: its alibi calls run on triton (the row says so)
+            impl = be if be != "cuda" else "cuda->triton"
+            r.record("attention_decode(window+alibi)", shape, impl, ms["alibi"], nbytes=win_bytes,
+                     overhead_pct=100.0 * (ms["alibi"] / ms["window"] - 1))
+
+
+def _packed_batch(lengths, hq, hkv, d, dtype, device):
+    """The same sequences packed into one row (cu_seqlens) and right-padded into a batch (mask)."""
+    total, longest = sum(lengths), max(lengths)
+    packed = [_rand(1, h, total, d, dtype=dtype, device=device) for h in (hq, hkv, hkv)]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    padded = [torch.zeros(len(lengths), t.shape[1], longest, d, dtype=dtype, device=device) for t in packed]
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
+    for i, (lo, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        for dst, src in zip(padded, packed):
+            dst[i, :, :n] = src[0, :, lo:lo + n]
+        mask[i, :n] = 1
+    return packed, cu, padded, mask
+
+
+def bench_packed(r: Runner, dtype):
+    """Packed prefill (cu_seqlens, one row) against the same sequences right-padded to the longest,
+    forward and backward, interleaved: `vs_padded` is the padded call's time over the packed one.
+    FLOPs are the useful ones (each sequence's causal pairs)."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [([5, 37, 1, 20], 4, 2, 64)] if r.quick else [
+        (torch.randint(64, 2049, (16,), generator=gen).tolist(), 32, 8, 128),
+        (torch.randint(16, 513, (64,), generator=gen).tolist(), 32, 8, 128)]
+    for lengths, hq, hkv, d in cases:
+        (q, k, v), cu, (qp, kp, vp), mask = _packed_batch(lengths, hq, hkv, d, dtype, r.device)
+        flops = 4 * hq * d * sum(n * (n + 1) // 2 for n in lengths)
+        shape = f"N{len(lengths)} T{sum(lengths)} max{max(lengths)} H{hq}/{hkv} D{d}"
+        for be in ("torch", "triton"):
+            ok, _ = dispatch.backend_status(be, r.device)
+            if not ok or (be == "torch" and not r.quick):
+                continue
+            fn = ops.resolve("attention_prefill", r.device, be)[1]
+            ms = bench_interleaved({"packed": lambda: fn(q, k, v, cu_seqlens=cu),
+                                    "padded": lambda: fn(qp, kp, vp, attention_mask=mask)}, r.device,
+                                   rounds=r.reps // 3, reps=r.per_round)
+            r.record("attention_prefill(packed)", shape, be, ms["packed"], flops=flops,
+                     vs_padded=ms["padded"] / ms["packed"])
+            r.record("attention_prefill(padded)", shape, be, ms["padded"], flops=flops)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            leaves_p = [t.clone().requires_grad_() for t in (qp, kp, vp)]
+            out, out_p = fn(*leaves, cu_seqlens=cu), fn(*leaves_p, attention_mask=mask)
+            g, g_p = torch.randn_like(out), torch.randn_like(out_p)
+            ms = bench_interleaved({
+                "packed": lambda: torch.autograd.grad(out, leaves, g, retain_graph=True),
+                "padded": lambda: torch.autograd.grad(out_p, leaves_p, g_p, retain_graph=True)},
+                r.device, rounds=r.reps // 3, reps=r.per_round)
+            r.record("attention_prefill_backward(packed)", shape, be, ms["packed"], flops=2.5 * flops,
+                     vs_padded=ms["padded"] / ms["packed"])
+            r.record("attention_prefill_backward(padded)", shape, be, ms["padded"], flops=2.5 * flops)
+
+
 def _timed_backward(r: Runner, outs, leaves, grads) -> float:
     """Median ms of the backward alone, from a forward recorded once."""
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -384,7 +489,8 @@ def main(argv=None):
     ap.add_argument("--table-dir", default=None,
                     help=f"where to write the backend preference table (default on CUDA: {TABLES}; "
                          "on CPU no table unless given)")
-    ap.add_argument("--only", default="prefill,decode,lora,norms,prefill_bwd,norms_bwd,paged_decode,paged_extend",
+    ap.add_argument("--only", default="prefill,decode,lora,norms,prefill_bwd,norms_bwd,paged_decode,paged_extend,"
+                    "window,packed",
                     help="comma list of benchmark groups")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -399,7 +505,7 @@ def main(argv=None):
     groups = {"prefill": bench_prefill, "decode": bench_decode, "lora": bench_lora,
               "norms": bench_norms_rotary_append, "prefill_bwd": bench_prefill_backward,
               "norms_bwd": bench_norms_backward, "paged_decode": bench_paged_decode,
-              "paged_extend": bench_paged_extend}
+              "paged_extend": bench_paged_extend, "window": bench_window, "packed": bench_packed}
     written = 0
     for name in args.only.split(","):
         groups[name.strip()](r, dtype)
@@ -413,7 +519,8 @@ def main(argv=None):
             write_table(table_dir, r, args.quick)
     print()
     print(markdown_table(r.rows, ["op", "shape", "impl", "median_ms", "tflops", "gbps", "pct_of_copy",
-                                  "overhead_pct", "vs_sdpa_flash", "vs_dense", "pct_of_same_copy"]))
+                                  "overhead_pct", "vs_sdpa_flash", "vs_dense", "pct_of_same_copy", "vs_full",
+                                  "ideal_vs_full", "vs_padded"]))
     print(f"\nappended {len(r.rows)} rows to {args.results}")
     if table_dir and preference_table(r.rows):
         print(f"wrote backend preference table {write_table(table_dir, r, args.quick)}")

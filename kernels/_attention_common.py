@@ -86,3 +86,46 @@ def merge_softmax_states(acc, m, l, acc_part, m_part, l_part):
     l_new = l * alpha + l_part * beta
     acc_new = acc * alpha + acc_part * beta
     return acc_new, m_new, l_new
+
+
+# ---------------------------------------------------------------- which keys a query sees
+# A query at column `col` (prefill: query index + Sk - Sq; packed rows: the token index) may see
+# key columns in [lo, hi): causal hi = col + 1; a sliding window lo = col - window + 1; packed
+# sequences [seq_lo, seq_hi), its own sequence's tokens. Both bounds are non-decreasing in the
+# query index, so the keys of a block of queries lie in [lo(first), hi(last)) and the keys in
+# [lo(last), hi(first)) are seen by every query of the block (no per-element masking needed).
+@triton.jit
+def key_bounds(q_idx, offset, seq_k, window, SeqLo, SeqHi,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr):
+    """[lo, hi) of the key columns the query with index q_idx (a scalar) may see."""
+    col = q_idx + offset
+    lo = q_idx * 0
+    hi = lo + seq_k
+    if CAUSAL:
+        hi = tl.minimum(hi, col + 1)
+    if WINDOW:
+        lo = tl.maximum(lo, col - window + 1)
+    if PACKED:
+        lo = tl.maximum(lo, tl.load(SeqLo + q_idx))
+        hi = tl.minimum(hi, tl.load(SeqHi + q_idx))
+    return lo, hi
+
+
+@triton.jit
+def apply_key_rules(allowed, keys, cols, seq_lo, seq_hi, window,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr):
+    """allowed & the causal / window / packing rules for key columns `keys` and query columns
+    `cols` (with their sequences' [seq_lo, seq_hi)); operands broadcast in either orientation."""
+    if CAUSAL:
+        allowed = allowed & (keys <= cols)
+    if WINDOW:
+        allowed = allowed & (keys > cols - window)
+    if PACKED:
+        allowed = allowed & (keys >= seq_lo) & (keys < seq_hi)
+    return allowed
+
+
+@triton.jit
+def alibi_log2(keys, cols, slope_log2):
+    """ALiBi bias slope * (key column - query column) in log2 units (slope_log2 = slope * log2 e)."""
+    return slope_log2 * (keys - cols).to(tl.float32)

@@ -15,7 +15,9 @@ Two kernels, no atomics, so gradients are bit-reproducible:
   dq = Σ ds·k over the visible key tiles.
 Masks are the forward's: causal aligned bottom-right, an arbitrary [B, Sk] key mask (tiles
 before a left-padded sequence's first key, and key blocks with no visible key, are skipped),
-rows with no visible key get exactly zero gradient.
+a sliding window and packed sequences (tiles outside them skipped in both kernels); an ALiBi
+bias is added to the recomputed scores (after the softcap, whose derivative is taken on the
+capped score without the bias); rows with no visible key get exactly zero gradient.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import LOG2E, scores_log2, tile_dot
+from ._attention_common import LOG2E, alibi_log2, apply_key_rules, key_bounds, scores_log2, tile_dot
 from ._launch import Kernel, new_empty, next_pow2
-from .attention_prefill import key_mask_args
+from .attention_prefill import key_mask_args, rule_args
 
 
 @triton.jit
@@ -61,12 +63,13 @@ def _score_grad(p, dp, delta, s, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart,
+def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart, SeqLo, SeqHi, Slopes,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  sdob, sdoh, sdos, sdod, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smk,
-                 n_kv_heads, seq_q, seq_k, qk_scale_log2, scale, softcap,
+                 n_kv_heads, seq_q, seq_k, qk_scale_log2, scale, softcap, window,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+                 WINDOW: tl.constexpr, ALIBI: tl.constexpr, PACKED: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -85,16 +88,26 @@ def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart,
 
     offset = seq_k - seq_q  # bottom-right alignment: query i sees keys j <= i + offset
     key_ok = n_ok
-    # packed rows r = query position * GROUP + head in group; [lo, hi) covers every row that
-    # can see a key of this block
-    lo = 0
-    hi = seq_q * GROUP
+    # The queries that can see a key of this block form one range [first_q, end_q) (the key
+    # bounds of a query are non-decreasing in it; see _attention_common.key_bounds); in packed
+    # rows (offset 0) a key's own sequence is exactly the queries that may see it.
+    key_first = pid_n * BLOCK_N
+    key_last = tl.minimum(key_first + BLOCK_N - 1, seq_k - 1)
+    first_q = key_first * 0
+    end_q = first_q + seq_q
     if CAUSAL:
-        first_q = tl.maximum(pid_n * BLOCK_N - offset, 0)
+        first_q = tl.maximum(key_first - offset, 0)
         if HAS_MASK:
             # under left padding the rows before the first real key see nothing
             first_q = tl.maximum(first_q, tl.load(KeyStart + b) - offset)
-        lo = tl.minimum((first_q * GROUP // BLOCK_M) * BLOCK_M, hi)
+    if WINDOW:
+        end_q = tl.minimum(end_q, key_last - offset + window)
+    if PACKED:
+        first_q = tl.maximum(first_q, tl.load(SeqLo + key_first))
+        end_q = tl.minimum(end_q, tl.load(SeqHi + key_last))
+    # packed rows r = query position * GROUP + head in group
+    hi = tl.maximum(end_q, 0) * GROUP
+    lo = tl.minimum((first_q * GROUP // BLOCK_M) * BLOCK_M, hi)
     if HAS_MASK:
         km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
         key_ok = key_ok & (km != 0)
@@ -114,11 +127,20 @@ def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart,
                     mask=qd_ok, other=0.0)
         lse = tl.load(LSE + row_base + g * seq_q + s_q, mask=row_ok, other=float("inf"))
         s_t = scores_log2(tile_dot(k, tl.trans(q), IEEE), qk_scale_log2, softcap, SOFTCAP)  # [N, M]
-        allowed = key_ok[:, None] & row_ok[None, :]
-        if CAUSAL:
-            allowed = allowed & (offs_n[:, None] <= s_q[None, :] + offset)
+        cols = s_q + offset
+        seq_lo = cols
+        seq_hi = cols
+        if PACKED:
+            seq_lo = tl.load(SeqLo + s_q, mask=row_ok, other=0)
+            seq_hi = tl.load(SeqHi + s_q, mask=row_ok, other=0)
+        biased = s_t
+        if ALIBI:
+            slope = tl.load(Slopes + hkv * GROUP + g) * LOG2E
+            biased = s_t + alibi_log2(offs_n[:, None], cols[None, :], slope[None, :])
+        allowed = apply_key_rules(key_ok[:, None] & row_ok[None, :], offs_n[:, None], cols[None, :],
+                                  seq_lo[None, :], seq_hi[None, :], window, CAUSAL, WINDOW, PACKED)
         # masked before the exp2: a hidden key's score may be far above the row's logsumexp
-        p_t = tl.math.exp2(tl.where(allowed, s_t - lse[None, :], float("-inf")))
+        p_t = tl.math.exp2(tl.where(allowed, biased - lse[None, :], float("-inf")))
         do = tl.load(do_base + g[:, None] * sdoh + s_q[:, None] * sdos + offs_d[None, :] * sdod,
                      mask=qd_ok, other=0.0)
         dv += tile_dot(p_t.to(do.dtype), do, IEEE)
@@ -135,12 +157,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Mask, KeyStart,
+def _dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Mask, KeyStart, SeqLo, SeqHi, Slopes,
                sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                sdob, sdoh, sdos, sdod, sdqb, sdqh, sdqs, sdqd, smb, smk,
-               n_kv_heads, seq_q, seq_k, qk_scale_log2, scale, softcap,
+               n_kv_heads, seq_q, seq_k, qk_scale_log2, scale, softcap, window,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+               WINDOW: tl.constexpr, ALIBI: tl.constexpr, PACKED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -165,13 +188,24 @@ def _dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Mask, KeyStart,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     offset = seq_k - seq_q
-    lo = 0
-    hi = seq_k
-    if CAUSAL:
-        last_q = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_q - 1)
-        hi = tl.maximum(tl.minimum(seq_k, last_q + offset + 1), 0)
+    cols = s_q + offset
+    seq_lo = cols
+    seq_hi = cols
+    if PACKED:
+        seq_lo = tl.load(SeqLo + s_q, mask=row_ok, other=0)
+        seq_hi = tl.load(SeqHi + s_q, mask=row_ok, other=0)
+    slope = lse
+    if ALIBI:
+        slope = tl.load(Slopes + h) * LOG2E
+    # the keys of this block of queries: [lo of its first query, hi of its last) (key_bounds)
+    first_q = (pid_m * BLOCK_M) // GROUP
+    last_q = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_q - 1)
+    lo, _ = key_bounds(first_q, offset, seq_k, window, SeqLo, SeqHi, CAUSAL, WINDOW, PACKED)
+    _, hi = key_bounds(last_q, offset, seq_k, window, SeqLo, SeqHi, CAUSAL, WINDOW, PACKED)
+    hi = tl.maximum(hi, 0)
+    lo = tl.minimum((tl.maximum(lo, 0) // BLOCK_N) * BLOCK_N, hi)
     if HAS_MASK:
-        lo = tl.minimum((tl.load(KeyStart + b) // BLOCK_N) * BLOCK_N, hi)
+        lo = tl.maximum(lo, tl.minimum((tl.load(KeyStart + b) // BLOCK_N) * BLOCK_N, hi))
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
     for start_n in range(lo, hi, BLOCK_N):
@@ -180,13 +214,15 @@ def _dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Mask, KeyStart,
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
         s = scores_log2(tile_dot(q, tl.trans(k), IEEE), qk_scale_log2, softcap, SOFTCAP)  # [M, N]
-        allowed = n_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= s_q[:, None] + offset)
+        biased = s
+        if ALIBI:
+            biased = s + alibi_log2(offs_n[None, :], cols[:, None], slope[:, None])
+        allowed = apply_key_rules(n_ok[None, :] & row_ok[:, None], offs_n[None, :], cols[:, None],
+                                  seq_lo[:, None], seq_hi[:, None], window, CAUSAL, WINDOW, PACKED)
         if HAS_MASK:
             km = tl.load(Mask + b * smb + offs_n * smk, mask=n_ok, other=0)
             allowed = allowed & (km != 0)[None, :]
-        p = tl.math.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))
+        p = tl.math.exp2(tl.where(allowed, biased - lse[:, None], float("-inf")))
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
         dp = tile_dot(do, tl.trans(v), IEEE)
         ds = _score_grad(p, dp, delta[:, None], s, softcap, SOFTCAP)
@@ -201,7 +237,7 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in pairs]
 
 
-_KEY = ["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK", "SOFTCAP"]
+_KEY = ["GROUP", "HEAD_DIM", "CAUSAL", "HAS_MASK", "SOFTCAP", "WINDOW", "ALIBI", "PACKED"]
 # Few candidates: every config is a compile on first use per key. dk/dv hold two [BLOCK_N, D]
 # fp32 accumulators; dq one [BLOCK_M, D]. Head dim 256 needs the smaller tiles.
 _delta = Kernel(_delta_kernel)
@@ -222,9 +258,11 @@ _dq_wide = Kernel(_dq_kernel, configs=_configs([(64, 32, 4, 1), (32, 32, 4, 1)])
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, *, causal: bool = True,
                        attention_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                       softcap: Optional[float] = None):
+                       softcap: Optional[float] = None, window: Optional[int] = None,
+                       alibi_slopes: Optional[torch.Tensor] = None, seq_bounds: Optional[torch.Tensor] = None):
     """(dq, dk, dv) of `attention_prefill` given dL/dout, the forward's output and its lse
-    (`attention_prefill(..., return_lse=True)`). dk, dv are per KV head (GQA groups summed)."""
+    (`attention_prefill(..., return_lse=True)`), called with the forward's arguments. dk, dv are
+    per KV head (GQA groups summed); the alibi slopes get no gradient (constants)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if grad_out.shape != q.shape or out.shape != q.shape:
@@ -247,17 +285,19 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                   *out.stride(), *grad_out.stride(), HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d,
                   num_warps=4)
     mask_arg, key_start, smb, smk = key_mask_args(attention_mask, q)
+    rule_ptrs, window_arg, flags = rule_args(q, window, alibi_slopes, seq_bounds)
     common = dict(GROUP=group, HEAD_DIM=d, CAUSAL=bool(causal), HAS_MASK=attention_mask is not None,
-                  IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None, BLOCK_D=block_d)
-    scalars = (hkv, sq, sk, scale * LOG2E.value, scale, float(softcap) if softcap is not None else 0.0)
+                  IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None, BLOCK_D=block_d, **flags)
+    scalars = (hkv, sq, sk, scale * LOG2E.value, scale, float(softcap) if softcap is not None else 0.0,
+               window_arg)
     wide = block_d > 128 or (block_d > 64 and q.dtype == torch.float32)
     dkdv, dq_kernel = (_dkdv_wide, _dq_wide) if wide else (_dkdv, _dq)
     dkdv.launch(lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv),
-                 q, k, v, grad_out, lse, delta, dk, dv, mask_arg, key_start,
+                 q, k, v, grad_out, lse, delta, dk, dv, mask_arg, key_start, *rule_ptrs,
                  *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
                  smb, smk, *scalars, **common)
     dq_kernel.launch(lambda meta: (triton.cdiv(sq * group, meta["BLOCK_M"]), b * hkv),
-               q, k, v, grad_out, lse, delta, dq, mask_arg, key_start,
+               q, k, v, grad_out, lse, delta, dq, mask_arg, key_start, *rule_ptrs,
                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
                smb, smk, *scalars, **common)
     return dq, dk, dv

@@ -16,7 +16,7 @@ def test_quick_benchmark_records_rows_and_writes_preference_table(tmp_path):
     results = tmp_path / "kernels.jsonl"
     tables = tmp_path / "tables"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--only", "norms,lora,paged_decode,paged_extend",
+    run = subprocess.run([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--only", "norms,lora,paged_decode,paged_extend,window,packed",
                           "--results", str(results), "--table-dir", str(tables)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
@@ -34,6 +34,11 @@ def test_quick_benchmark_records_rows_and_writes_preference_table(tmp_path):
     for r in lines:
         assert r["device"] and r["date"] and r["median_ms"] > 0
         assert "gbps" not in r or r["pct_of_copy"] == 100 * r["gbps"] / r["copy_gbps"]
+    for op in ("attention_prefill(window)", "attention_prefill(alibi)", "attention_decode(window)",
+               "attention_prefill(packed)", "attention_prefill(padded)", "attention_prefill_backward(packed)"):
+        assert (op, "torch") in impls and (op, "triton") in impls, op
+    assert all(r["vs_full"] > 0 and r["ideal_vs_full"] > 1 for r in lines if r["op"].endswith("(window)"))
+    assert all(r["vs_padded"] > 0 for r in lines if r["op"].endswith("(packed)"))
     lora = [r for r in lines if r["op"] == "lora_linear" and r["impl"] == "triton"]
     assert all("overhead_pct" in r for r in lora)
     (table_file,) = list(tables.iterdir())

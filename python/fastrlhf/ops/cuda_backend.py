@@ -6,9 +6,10 @@ implementations, so torch.compile and CUDA-graph capture see through them, and e
 one function per op with the reference's signature.
 
 Calls the kernels do not cover (float32 prefill, head dims that are not compiled, mixed
-dtypes) go to the triton backend when it is available, else to the torch reference, with a
-one-time warning naming the reason: asking for the cuda backend never makes a call fail
-that the reference would accept.
+dtypes; attention with softcap, alibi_slopes, a prefill window or packed cu_seqlens) go to
+the triton backend when it is available, else to the torch reference, with a one-time
+warning naming the reason: asking for the cuda backend never makes a call fail that the
+reference would accept. A decode window runs in the csrc kernel as raised cache starts.
 
 The csrc/ kernels are forward-only (their ops have no autograd formula, so a gradient would
 silently stop at them). A call that needs gradients (grad mode on and an input that requires

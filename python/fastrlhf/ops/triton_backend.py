@@ -31,6 +31,7 @@ from fastrlhf.kernels import rotary as _rotary
 from fastrlhf.kernels import token_logprobs as _tlp
 from fastrlhf.kernels._launch import interpreting, new_empty
 
+from fastrlhf.ops import attention_args as _args
 from fastrlhf.ops import paged_reference as _paged_ref
 from fastrlhf.ops import reference as _reference
 
@@ -87,23 +88,27 @@ def _op(name: str, mutates=()):
 
 
 # ---------------------------------------------------------------- attention
-# softcap (Gemma2 attention logit softcapping) is None for plain attention; the kernels then
-# compile exactly the uncapped code path (a constexpr branch).
+# softcap (Gemma2 attention logit softcapping), window (sliding window), alibi_slopes (ALiBi) and
+# seq_bounds (packed sequences: each token's [start, end) of its sequence, int32 [2, T], derived
+# from cu_seqlens by the wrapper) are None for plain attention; the kernels then compile exactly
+# the plain code path (constexpr branches).
 # The op returns (out, lse): lse, the per-row logsumexp the backward recomputes from, is written
 # only when `need_lse` (a call that will be differentiated) and is otherwise an empty tensor.
 @_op("attention_prefill")
 def _prefill_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], causal: bool,
-                scale: float, softcap: Optional[float] = None, need_lse: bool = False) -> Tuple[Tensor, Tensor]:
+                scale: float, softcap: Optional[float] = None, need_lse: bool = False,
+                window: Optional[int] = None, alibi_slopes: Optional[Tensor] = None,
+                seq_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    kw = dict(causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap, window=window,
+              alibi_slopes=alibi_slopes, seq_bounds=seq_bounds)
     if need_lse:
-        return _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
-                                          softcap=softcap, return_lse=True)
-    out = _prefill.attention_prefill(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale,
-                                     softcap=softcap)
-    return out, q.new_empty(0, dtype=torch.float32)
+        return _prefill.attention_prefill(q, k, v, return_lse=True, **kw)
+    return _prefill.attention_prefill(q, k, v, **kw), q.new_empty(0, dtype=torch.float32)
 
 
 @_prefill_op.register_fake
-def _(q, k, v, attention_mask, causal, scale, softcap=None, need_lse=False):
+def _(q, k, v, attention_mask, causal, scale, softcap=None, need_lse=False, window=None, alibi_slopes=None,
+      seq_bounds=None):
     lse_shape = q.shape[:3] if need_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -111,90 +116,97 @@ def _(q, k, v, attention_mask, causal, scale, softcap=None, need_lse=False):
 @_op("attention_prefill_backward")
 def _prefill_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     attention_mask: Optional[Tensor], causal: bool, scale: float,
-                    softcap: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    softcap: Optional[float] = None, window: Optional[int] = None,
+                    alibi_slopes: Optional[Tensor] = None,
+                    seq_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     return _attn_bwd.attention_backward(grad_out, q, k, v, out, lse, causal=causal,
-                                        attention_mask=attention_mask, scale=scale, softcap=softcap)
+                                        attention_mask=attention_mask, scale=scale, softcap=softcap,
+                                        window=window, alibi_slopes=alibi_slopes, seq_bounds=seq_bounds)
 
 
 @_prefill_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, attention_mask, causal, scale, softcap=None):
+def _(grad_out, q, k, v, out, lse, attention_mask, causal, scale, softcap=None, window=None, alibi_slopes=None,
+      seq_bounds=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _prefill_setup(ctx, inputs, output):
-    q, k, v, attention_mask, causal, scale, softcap, _ = inputs
-    ctx.save_for_backward(q, k, v, attention_mask, *output)
-    ctx.causal, ctx.scale, ctx.softcap = causal, scale, softcap
+    q, k, v, attention_mask, causal, scale, softcap, _, window, alibi_slopes, seq_bounds = inputs
+    ctx.save_for_backward(q, k, v, attention_mask, alibi_slopes, seq_bounds, *output)
+    ctx.causal, ctx.scale, ctx.softcap, ctx.window = causal, scale, softcap, window
 
 
 def _prefill_backward(ctx, grad_out, grad_lse):
     # grad_lse is ignored: lse is an internal output kept only for this backward
-    q, k, v, attention_mask, out, lse = ctx.saved_tensors
+    q, k, v, attention_mask, alibi_slopes, seq_bounds, out, lse = ctx.saved_tensors
     if lse.numel() != q.shape[0] * q.shape[1] * q.shape[2]:
         raise RuntimeError("attention_prefill (triton): backward of a call made without gradients enabled "
                            "(no logsumexp was saved); run the forward with torch.enable_grad()")
-    dq, dk, dv = _prefill_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.causal, ctx.scale, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _prefill_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.causal, ctx.scale, ctx.softcap,
+                                 ctx.window, alibi_slopes, seq_bounds)
+    return (dq, dk, dv) + (None,) * 8
 
 
 _prefill_op.register_autograd(_prefill_backward, setup_context=_prefill_setup)
 
 
-_warned: set = set()
-
-
-def _to_reference(op: str, names: str):
-    """Until the kernels take window / alibi_slopes / cu_seqlens, such calls run on the reference."""
-    if (op, names) not in _warned:
-        _warned.add((op, names))
-        import warnings
-        warnings.warn(f"fastrlhf.ops triton backend: {op} has no {names} kernel yet; using the torch reference",
-                      RuntimeWarning, stacklevel=3)
-    return getattr(_reference, op)
+def _attention_rules(q, window, alibi_slopes, key_span: int):
+    """Checked window / alibi_slopes in the form the kernels take: a window that hides no key
+    (>= key_span) is dropped (the plain kernel computes the same), slopes are fp32 constants."""
+    window = _args.check_window(window)
+    _args.check_alibi(alibi_slopes, q.shape[1], q.device)
+    if alibi_slopes is not None:
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes are constants (the triton kernels compute no gradient for them); "
+                             "pass alibi_slopes.detach()")
+        alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    if window is not None and window >= key_span:
+        window = None
+    return window, alibi_slopes
 
 
 def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, softcap=None, window=None,
                       alibi_slopes=None, cu_seqlens=None):
     """Differentiable in q, k, v (FlashAttention-2-style backward, kernels/attention_backward.py)."""
-    extra = {k_: v_ for k_, v_ in dict(window=window, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens).items()
-             if v_ is not None}
-    if extra:
-        return _to_reference("attention_prefill", " / ".join(sorted(extra)))(
-            q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, softcap=softcap, **extra)
     _prefill.check_inputs(q, k, v, attention_mask)
     _prefill.check_softcap(softcap)
+    _args.check_causal_window(causal, _args.check_window(window))
+    _args.check_packed(q, k, attention_mask, cu_seqlens)
+    window, alibi_slopes = _attention_rules(q, window, alibi_slopes, k.shape[2])
+    seq_bounds = None
+    if cu_seqlens is not None:
+        seq_bounds = torch.stack(_args.packed_key_ranges(cu_seqlens, q.shape[2]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _prefill_op(q, k, v, attention_mask, bool(causal), scale,
-                       None if softcap is None else float(softcap), _needs_grad(q, k, v))[0]
+                       None if softcap is None else float(softcap), _needs_grad(q, k, v),
+                       window, alibi_slopes, seq_bounds)[0]
 
 
 @_op("attention_decode")
 def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
-               cache_starts: Optional[Tensor], scale: float, softcap: Optional[float] = None) -> Tensor:
+               cache_starts: Optional[Tensor], scale: float, softcap: Optional[float] = None,
+               window: Optional[int] = None, alibi_slopes: Optional[Tensor] = None) -> Tensor:
     return _decode.attention_decode(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale,
-                                    softcap=softcap)
+                                    softcap=softcap, window=window, alibi_slopes=alibi_slopes)
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_lens, cache_starts, scale, softcap=None):
+def _(q, k_cache, v_cache, cache_lens, cache_starts, scale, softcap=None, window=None, alibi_slopes=None):
     return q.new_empty(q.shape)
 
 
 def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scale=None, softcap=None,
                      window=None, alibi_slopes=None):
-    extra = {k_: v_ for k_, v_ in dict(window=window, alibi_slopes=alibi_slopes).items() if v_ is not None}
-    if extra:
-        return _to_reference("attention_decode", " / ".join(sorted(extra)))(
-            q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, softcap=softcap, **extra)
     if _needs_grad(q, k_cache, v_cache):  # no backward kernel: the reference is differentiable
         return _reference.attention_decode(q, k_cache, v_cache, cache_lens, cache_starts=cache_starts,
-                                           scale=scale, softcap=softcap)
+                                           scale=scale, softcap=softcap, window=window, alibi_slopes=alibi_slopes)
     if q.dim() != 3:
         raise ValueError(f"attention_decode expects q [B, Hq, D], got {tuple(q.shape)}")
     _prefill.check_softcap(softcap)
+    window, alibi_slopes = _attention_rules(q, window, alibi_slopes, k_cache.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _decode_op(q, k_cache, v_cache, cache_lens, cache_starts, scale,
-                      None if softcap is None else float(softcap))
+                      None if softcap is None else float(softcap), window, alibi_slopes)
 
 
 @_op("kv_cache_append", mutates=("k_cache", "v_cache"))
