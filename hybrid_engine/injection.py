@@ -1,9 +1,11 @@
 """`fastrlhf.inject(model)`: an unmodified HF model runs its training forward on fastrlhf.ops.
 
 Attention goes through the transformers attention interface: we register an attention
-function "fastrlhf" (calling ops.attention_prefill, which handles GQA, left/right padding and
-the bottom-right causal alignment of a KV cache) and a matching mask function that hands it
-the 2-D padding mask instead of a materialised 4-D mask. RMSNorm / LayerNorm modules are
+function "fastrlhf" (calling ops.attention_prefill, which handles GQA, left/right padding,
+the bottom-right causal alignment of a KV cache, sliding windows and softcapping) and a matching
+mask function that hands it the 2-D padding mask instead of a materialised 4-D mask. Packed
+batches (HF's padding-free convention: no mask, position_ids restarting inside a row) run as
+packed attention (ops' cu_seqlens). RMSNorm / LayerNorm modules are
 replaced by thin modules calling ops.rms_norm / ops.layer_norm that keep the SAME weight
 Parameters (so optimizers, ZeRO partitioning and state-dict keys are unchanged). LoRA layers
 (PEFT or fastrlhf) are untouched: they sit on the linear layers, which this does not replace.
@@ -14,6 +16,7 @@ the arguments the engine implements, and through HF's own `generate` otherwise.
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -32,24 +35,78 @@ RMS_NORM_PLUS_ONE_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm")
 def fastrlhf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
                        dropout: float = 0.0, **kwargs):
-    """HF attention-interface function: q [B, Hq, S, D], k/v [B, Hkv, Sk, D] -> ([B, S, Hq, D], None)."""
+    """HF attention-interface function: q [B, Hq, S, D], k/v [B, Hkv, Sk, D] -> ([B, S, Hq, D], None).
+
+    Passes on what the model gives the interface: `sliding_window` (Mistral, Qwen2, Gemma2/3, ...)
+    as the ops' `window`, `softcap` (Gemma2). Sequences packed into rows (HF's padding-free
+    convention: no attention mask, position_ids restarting inside a row, e.g.
+    DataCollatorWithFlattening; or its `cu_seq_lens_q` kwargs) run as packed attention
+    (`cu_seqlens`): no token attends across a boundary, as in HF's own attention.
+    """
     if dropout and module.training:
         raise NotImplementedError(
             f"fastrlhf attention has no dropout, but {type(module).__name__} asks for p={dropout}; "
             "set the model's attention_dropout to 0.0 (or do not inject)")
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:
-        raise NotImplementedError(f"sliding-window attention (window {window} < {key.shape[2]} keys) "
-                                  "is not supported by fastrlhf ops; do not inject this model")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("fastrlhf attention expects a 2-D padding mask; the model built a "
                          f"{attention_mask.dim()}-D one (was the fastrlhf mask function replaced?)")
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     if causal is None:
         causal = True
-    out = ops.attention_prefill(query, key, value, causal=bool(causal), attention_mask=attention_mask,
-                                scale=scaling, softcap=kwargs.get("softcap"))  # Gemma2 passes softcap
-    return out.transpose(1, 2).contiguous(), None
+    rules = dict(scale=scaling, softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"))
+    cu_seqlens = packed_boundaries(query, key, attention_mask, kwargs)
+    if cu_seqlens is None:
+        out = ops.attention_prefill(query, key, value, causal=bool(causal), attention_mask=attention_mask, **rules)
+        return out.transpose(1, 2).contiguous(), None
+    b, hq, s, d = query.shape
+    # the rows of the batch end to end as one packed row (a row's end is a boundary too)
+    one_row = [t.transpose(0, 1).reshape(1, t.shape[1], b * s, d) for t in (query, key, value)]
+    out = ops.attention_prefill(*one_row, causal=bool(causal), cu_seqlens=cu_seqlens, **rules)
+    return out.reshape(hq, b, s, d).permute(1, 2, 0, 3).contiguous(), None
+
+
+def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """cu_seqlens (int32, over the batch's rows end to end) when the interface call carries packed
+    sequences, else None. As in transformers: only without a padding mask and without a KV cache
+    (queries = keys); from `cu_seq_lens_q` (one row) when the data collator passed it, else from
+    `position_ids`, where a sequence starts wherever a position is not its predecessor + 1 (HF's
+    `find_packed_sequence_indices` rule)."""
+    if attention_mask is not None or key.shape[2] != query.shape[2] or query.shape[2] < 2:
+        return None
+    b, s = query.shape[0], query.shape[2]
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and b == 1:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and not torch.equal(cu_k, cu):
+            raise ValueError("fastrlhf attention: cu_seq_lens_k differs from cu_seq_lens_q; packed attention here "
+                             "is self-attention over one packed row (pass equal boundaries)")
+        return cu.to(device=query.device, dtype=torch.int32)
+    positions = kwargs.get("position_ids")
+    if positions is None or positions.shape[-1] != s:
+        return None
+    return _boundaries_from_positions(positions, b, query.device)
+
+
+# The same position_ids tensor reaches every layer of one forward: its boundaries are computed once.
+_boundary_cache: Dict[str, Any] = {"ref": None, "version": None, "cu": None}
+
+
+def _boundaries_from_positions(position_ids: torch.Tensor, batch: int, device) -> Optional[torch.Tensor]:
+    cache = _boundary_cache
+    ref = cache["ref"]
+    key = (position_ids._version, batch, str(device))
+    if ref is not None and ref() is position_ids and cache["version"] == key:
+        return cache["cu"]
+    positions = position_ids.to(device).expand(batch, position_ids.shape[-1])
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    cu = None
+    if bool(starts[:, 1:].any()):  # restarts inside a row: packed (one device sync per forward)
+        first = starts.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+        cu = torch.cat([first, first.new_tensor([positions.numel()])])
+    cache.update(ref=weakref.ref(position_ids), version=key, cu=cu)
+    return cu
 
 
 def _register() -> None:

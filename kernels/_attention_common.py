@@ -112,6 +112,19 @@ def key_bounds(q_idx, offset, seq_k, window, SeqLo, SeqHi,
 
 
 @triton.jit
+def query_columns(s_q, row_ok, offset, SeqLo, SeqHi, PACKED: tl.constexpr):
+    """Key column of each query row (s_q + offset), and the [lo, hi) of its packed sequence
+    (read only when PACKED; the column itself otherwise, unused)."""
+    cols = s_q + offset
+    seq_lo = cols
+    seq_hi = cols
+    if PACKED:
+        seq_lo = tl.load(SeqLo + s_q, mask=row_ok, other=0)
+        seq_hi = tl.load(SeqHi + s_q, mask=row_ok, other=0)
+    return cols, seq_lo, seq_hi
+
+
+@triton.jit
 def apply_key_rules(allowed, keys, cols, seq_lo, seq_hi, window,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PACKED: tl.constexpr):
     """allowed & the causal / window / packing rules for key columns `keys` and query columns

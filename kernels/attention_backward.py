@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import LOG2E, alibi_log2, apply_key_rules, key_bounds, scores_log2, tile_dot
+from ._attention_common import (LOG2E, alibi_log2, apply_key_rules, key_bounds, query_columns, scores_log2,
+                                tile_dot)
 from ._launch import Kernel, new_empty, next_pow2
 from .attention_prefill import key_mask_args, rule_args
 
@@ -127,12 +128,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Mask, KeyStart, SeqLo, SeqHi, 
                     mask=qd_ok, other=0.0)
         lse = tl.load(LSE + row_base + g * seq_q + s_q, mask=row_ok, other=float("inf"))
         s_t = scores_log2(tile_dot(k, tl.trans(q), IEEE), qk_scale_log2, softcap, SOFTCAP)  # [N, M]
-        cols = s_q + offset
-        seq_lo = cols
-        seq_hi = cols
-        if PACKED:
-            seq_lo = tl.load(SeqLo + s_q, mask=row_ok, other=0)
-            seq_hi = tl.load(SeqHi + s_q, mask=row_ok, other=0)
+        cols, seq_lo, seq_hi = query_columns(s_q, row_ok, offset, SeqLo, SeqHi, PACKED)
         biased = s_t
         if ALIBI:
             slope = tl.load(Slopes + hkv * GROUP + g) * LOG2E
@@ -188,12 +184,7 @@ def _dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Mask, KeyStart, SeqLo, SeqHi, Slopes
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     offset = seq_k - seq_q
-    cols = s_q + offset
-    seq_lo = cols
-    seq_hi = cols
-    if PACKED:
-        seq_lo = tl.load(SeqLo + s_q, mask=row_ok, other=0)
-        seq_hi = tl.load(SeqHi + s_q, mask=row_ok, other=0)
+    cols, seq_lo, seq_hi = query_columns(s_q, row_ok, offset, SeqLo, SeqHi, PACKED)
     slope = lse
     if ALIBI:
         slope = tl.load(Slopes + h) * LOG2E

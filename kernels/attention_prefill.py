@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._attention_common import (LOG2E, alibi_log2, apply_key_rules, key_bounds, online_softmax_step,
-                                scores_log2, tile_dot)
+                                query_columns, scores_log2, tile_dot)
 from ._launch import Kernel, new_empty, next_pow2
 
 
@@ -56,12 +56,7 @@ def _prefill_kernel(Q, K, V, O, Mask, KeyStart, LSE, SeqLo, SeqHi, Slopes,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     offset = seq_k - seq_q  # bottom-right alignment: query i is key column i + offset
-    cols = s_q + offset
-    seq_lo = cols  # per-row packed sequence bounds (read only when PACKED)
-    seq_hi = cols
-    if PACKED:
-        seq_lo = tl.load(SeqLo + s_q, mask=row_ok, other=0)
-        seq_hi = tl.load(SeqHi + s_q, mask=row_ok, other=0)
+    cols, seq_lo, seq_hi = query_columns(s_q, row_ok, offset, SeqLo, SeqHi, PACKED)
     slope = l_i
     if ALIBI:
         slope = tl.load(Slopes + hkv * GROUP + g) * LOG2E

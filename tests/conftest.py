@@ -194,6 +194,14 @@ def left_padded_batch(lengths, vocab: int = VOCAB, pad_id: int = 0, seed: int = 
     return ids, mask
 
 
+def no_dropout(model) -> None:
+    """Zero every dropout probability of an HF model's config (TinyModels' `prepare` for tests
+    that compare training forwards)."""
+    for key in ("attn_pdrop", "attention_dropout", "resid_pdrop", "embd_pdrop", "dropout"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny models of every family, built on first use and shared by the module's tests."""

@@ -391,6 +391,9 @@ def cmd_ops(args: argparse.Namespace, extra: List[str]) -> int:
         except ImportError:
             continue
         print(f"  {name} leaves to the next backend: {', '.join(fallbacks) or 'no op'}")
+        handed_on = getattr(importlib.import_module(f"fastrlhf.ops.{name}_backend"), "ARGUMENTS_HANDED_ON", {})
+        for op, arguments in handed_on.items():
+            print(f"  {name} hands {op} calls with {' / '.join(arguments)} to triton (else the reference)")
     print("backward (calls that need gradients):")
     for name in ("triton", "cuda"):
         try:

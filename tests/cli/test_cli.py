@@ -92,6 +92,7 @@ def test_ops_command_reports_backends(capsys):
     assert cli.main(["ops"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "available" in out
+    assert "cuda hands attention_prefill calls with softcap / window / alibi_slopes / cu_seqlens to triton" in out
 
 
 def test_train_steps_1_2_on_the_bundled_default_end_to_end(tmp_path, capsys):

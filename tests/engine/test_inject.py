@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 import fastrlhf
 from fastrlhf.hybrid_engine.injection import FastLayerNorm, FastRMSNorm
 from fastrlhf.models.lora import apply_lora, lora_modules
-from conftest import TinyModels, left_padded_batch
+from conftest import TinyModels, left_padded_batch, no_dropout
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "opt", "gpt2", "gpt_neox",
             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -35,10 +35,6 @@ def _inject(model, name):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    def no_dropout(m):
-        for key in ("attn_pdrop", "attention_dropout", "resid_pdrop", "embd_pdrop", "dropout"):
-            if hasattr(m.config, key):
-                setattr(m.config, key, 0.0)
     return TinyModels(tmp_path_factory, no_dropout)  # built on first use (qwen3 needs 4.51)
 
 

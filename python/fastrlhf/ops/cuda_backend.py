@@ -39,6 +39,10 @@ NAMESPACE = "fastrlhf_cuda"
 FALLBACK_OPS: Tuple[str, ...] = ("token_logprobs",  # no CUDA kernel: auto picks triton
                                  "paged_attention_prefill",  # likewise (kernels/paged_attention.py)
                                  "fused_moe")  # likewise (kernels/fused_moe.py)
+# arguments of implemented ops that the csrc kernels lack: calls using them are handed on
+# (`_fallback`), listed by `fastrlhf ops`. A decode `window` runs in csrc (as raised cache starts).
+ARGUMENTS_HANDED_ON = {"attention_prefill": ("softcap", "window", "alibi_slopes", "cu_seqlens"),
+                       "attention_decode": ("softcap", "alibi_slopes")}
 # the torch.library ops that csrc/ops.cpp registers (the kernels behind the functions below)
 OP_NAMES = ("attention_decode", "attention_prefill", "lora_linear", "lora_fuse", "lora_fuse_out", "rms_norm",
             "rms_norm_residual", "layer_norm", "layer_norm_residual", "rotary_", "kv_cache_append_",
@@ -208,9 +212,9 @@ def attention_prefill(q, k, v, *, causal=True, attention_mask=None, scale=None, 
             q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, **extra)
     d = q.shape[-1]
     why = None
-    if extra:  # the csrc prefill kernels have none of the optional arguments
-        names = " / ".join(sorted(extra))
-        return _fallback("attention_prefill", q.device, f"has no {names} kernel")(
+    handed_on = [a for a in ARGUMENTS_HANDED_ON["attention_prefill"] if a in extra]
+    if handed_on:
+        return _fallback("attention_prefill", q.device, f"has no {' / '.join(handed_on)} kernel")(
             q, k, v, causal=causal, attention_mask=attention_mask, scale=scale, **extra)
     if q.dtype not in _HALF:
         why = f"has no {q.dtype} kernel (float16/bfloat16 only)"
@@ -241,9 +245,9 @@ def attention_decode(q, k_cache, v_cache, cache_lens, *, cache_starts=None, scal
             q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, **extra)
     d = q.shape[-1]
     why = None
-    if softcap is not None or alibi_slopes is not None:
-        names = " / ".join(sorted(set(extra) - {"window"}))
-        return _fallback("attention_decode", q.device, f"has no {names} kernel")(
+    handed_on = [a for a in ARGUMENTS_HANDED_ON["attention_decode"] if a in extra]
+    if handed_on:
+        return _fallback("attention_decode", q.device, f"has no {' / '.join(handed_on)} kernel")(
             q, k_cache, v_cache, cache_lens, cache_starts=cache_starts, scale=scale, **extra)
     if q.dtype not in _FLOAT or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         why = "needs q and the caches in one of float16/bfloat16/float32"
