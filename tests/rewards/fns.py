@@ -63,3 +63,31 @@ def raises_after_first_batch(prompts, completions, **_):
     if _calls[0] > 1:
         raise ValueError(f"no score for {completions[0]!r}")
     return [0.5] * len(completions)
+
+
+def forks_and_returns(prompts, completions, **_):
+    """Forks a child that returns into the caller (as a careless multiprocessing setup can) and lives on."""
+    import os
+    if os.fork() == 0:
+        return [-1.0] * len(completions)  # the child: a wrong answer, if it were ever read
+    return [float(len(c)) for c in completions]
+
+
+def slow_and_marked(prompts, completions, **_):
+    """Writes a line to $REWARD_MARKER when called, then takes a while: a test signals while it runs."""
+    import os
+    marker = os.environ.get("REWARD_MARKER")
+    if marker:
+        with open(marker, "a") as f:
+            f.write("call\n")
+    time.sleep(float(os.environ.get("REWARD_SLEEP", "1.0")))
+    return [float(len(c) % 3) for c in completions]
+
+
+def huge(prompts, completions, **_):
+    """Finite, within float32, and far too large for the value loss."""
+    return [1e30 * (1 + len(c) % 2) for c in completions]
+
+
+def beyond_float32(prompts, completions, **_):
+    return [1e39] + [0.0] * (len(completions) - 1)

@@ -63,7 +63,7 @@ def test_bad_return_values_are_clear_errors_naming_the_function(name, message):
 
 def test_a_hanging_function_times_out_instead_of_freezing_the_run():
     name, w = worker("hangs", timeout=1.0)
-    w._wait_ready()
+    w.wait_ready()
     t0 = time.monotonic()
     with pytest.raises(RewardTimeoutError, match="hangs did not return within --reward_timeout 1s"):
         RewardSet([(name, w)]).compute(["p"], ["a"], {})
@@ -79,9 +79,11 @@ def test_a_hanging_function_times_out_instead_of_freezing_the_run():
     ("fastrlhf.rewards", "is not 'package.module:function'"),
 ])
 def test_bad_reward_fn_specs_fail_when_the_config_is_validated(spec, message, tmp_path):
+    """The form and a missing file when the config is built; a missing module or function in the
+    worker's check (`check_reward_functions`, before any model loads)."""
     from fastrlhf.rlhf.configs import PPOConfig
     with pytest.raises(ConfigError, match=message):
-        PPOConfig(reward_fn=[spec], output_dir=str(tmp_path)).validate()
+        PPOConfig(reward_fn=[spec], output_dir=str(tmp_path)).check_reward_functions()
     with pytest.raises(ConfigError, match="needs a reward"):
         PPOConfig(output_dir=str(tmp_path)).validate()
     with pytest.raises(ConfigError, match="2 values for 1 reward sources"):
@@ -151,7 +153,7 @@ def test_http_source_sends_columns_in_chunks_with_bounded_concurrency(server):
 
 @pytest.mark.parametrize("mode, message", [
     ("down", "cannot connect"),
-    ("slow", "no answer within 0.3s"),
+    ("slow", "no complete answer within 0.3s"),
     ("malformed", "the reply is not JSON"),
 ])
 def test_http_failures_retry_then_name_the_url(server, mode, message):

@@ -4,19 +4,24 @@ Protocol: one POST per chunk of completions, JSON body
     {"prompts": [...], "completions": [...], "<column>": [...], ...}
 answered with {"rewards": [float | null, ...]} (one per completion, in order). A batch is sent in
 chunks of `request_size` completions (0 = all in one request), at most `concurrency` requests in
-flight. Each request gets `timeout` seconds; a refused connection, a timeout, an HTTP 5xx/429 or a
-reply that is not that JSON is retried `retries` times with exponential backoff (0.5 s, 1 s,
-2 s, ...), then a RewardError names the URL and the last problem. Other 4xx errors are not retried.
-Standard library only (urllib), so the client needs nothing installed.
+flight. Each request gets `timeout` seconds from connecting to the last byte of the answer (a
+deadline per request: a server that trickles its answer a byte at a time is cut off there, its
+connection shut down); a refused connection, a timeout, an HTTP 5xx/429 or a reply that is not
+that JSON is retried `retries` times with exponential backoff (0.5 s, 1 s, 2 s, ...), then a
+RewardError names the URL and the last problem. Other 4xx errors are not retried. Standard
+library only (urllib, proxies as urllib finds them), so the client needs nothing installed.
 """
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..errors import RewardError, RewardSpecError
 
@@ -40,6 +45,61 @@ def _jsonable(value):
     return value
 
 
+class _Deadline:
+    """Shuts down the connections of one request when its time is up, so that a read blocked on a
+    trickling server returns at the deadline (urllib's timeout bounds each socket read, not the whole)."""
+
+    def __init__(self, seconds: float):
+        self.connections: list = []
+        self.expired = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for conn in self.connections:
+                sock = getattr(conn, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def connection_class(self, base):
+        deadline = self
+
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                with deadline._lock:
+                    deadline.connections.append(self)
+                    if deadline.expired:
+                        self.sock.shutdown(socket.SHUT_RDWR)
+        return Connection
+
+    def opener(self):
+        deadline = self
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(deadline.connection_class(http.client.HTTPConnection), req)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(deadline.connection_class(http.client.HTTPSConnection), req,
+                                    context=self._context)
+        return urllib.request.build_opener(HTTP, HTTPS)
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
 class HTTPReward:
     """Calls one reward server; `__call__(prompts, completions, **columns) -> list`."""
 
@@ -53,20 +113,26 @@ class HTTPReward:
     def _post_once(self, body: bytes, n: int) -> list:
         req = urllib.request.Request(self.url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "Accept": "application/json"})
+        deadline = _Deadline(self.timeout)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with deadline, deadline.opener().open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
+                if deadline.expired:  # the read ended because the connection was shut down
+                    raise TimeoutError
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode("utf-8", "replace")
             if e.code >= 500 or e.code == 429:
                 raise _Retryable(f"HTTP {e.code} {e.reason}: {detail}") from None
             raise RewardError(f"reward server {self.url} refused the request: HTTP {e.code} {e.reason}: {detail}; "
                               "it must accept a JSON POST of {\"prompts\", \"completions\", ...columns}") from None
-        except urllib.error.URLError as e:
-            raise _Retryable(f"cannot connect ({e.reason})") from None
-        except (TimeoutError, OSError) as e:    # socket.timeout is TimeoutError; resets are OSError
-            what = "no answer within" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}; timeout"
-            raise _Retryable(f"{what} {self.timeout:g}s") from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
+            # socket.timeout is TimeoutError; resets are OSError; a shut-down connection can be any of them
+            if deadline.expired or isinstance(e, TimeoutError) or \
+                    isinstance(getattr(e, "reason", None), TimeoutError):
+                raise _Retryable(f"no complete answer within {self.timeout:g}s") from None
+            if isinstance(e, urllib.error.URLError):
+                raise _Retryable(f"cannot connect ({e.reason})") from None
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
         try:
             reply = json.loads(raw)
         except ValueError:

@@ -4,8 +4,8 @@ A run's reward is `sum_i w_i * r_i` over its sources, in this order: the step-2 
 (`--reward_model`, its scores computed by the trainer from the tokens), then each `--reward_fn`,
 then each `--reward_url`; `--reward_weights` gives one weight per source (default all 1). A
 sample that any source answers with None gets no reward: it is left out of the loss and counted.
-Every source's answer is checked: a list of one finite number (or None) per completion, else a
-RewardError naming the source.
+Every source's answer is checked: a list of one finite number within float32 (or None) per
+completion, else a RewardError naming the source.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ..errors import RewardError
 from .spec import absolute_spec, spec_name
 
 MODEL_SOURCE = "reward_model"
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _short(x: Any, limit: int = 80) -> str:
@@ -50,6 +51,10 @@ def check_rewards(name: str, values: Any, n: int, prompts: Sequence[str] = ()) -
             raise RewardError(f"{what} {name} returned {f} as reward {i} (prompt "
                               f"{_short(prompts[i]) if i < len(prompts) else '?'}); return a finite number, or None "
                               "to leave the sample out of the loss")
+        if abs(f) > FLOAT32_MAX:  # finite here, inf in the trainer's float32 tensors
+            raise RewardError(f"{what} {name} returned {f:g} as reward {i} (prompt "
+                              f"{_short(prompts[i]) if i < len(prompts) else '?'}), beyond float32 (|r| <= "
+                              f"{FLOAT32_MAX:.3g}), where the trainer computes; scale the rewards down")
         out.append(f)
     return out
 

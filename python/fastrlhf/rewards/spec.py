@@ -1,7 +1,8 @@
 """`--reward_fn SPEC`: `package.module:function` or `path/to/file.py:function`, resolved to the
-callable. Resolution is checked in the main process when the config is validated (a missing
-module, file or function is a RewardSpecError before any model loads) and done again inside each
-worker process that calls the function."""
+callable. The user's module is imported only inside worker processes (`worker.py`): the config
+checks the spec's form and that a named file exists (`check_spec`), then, before any model loads,
+a worker imports it (`worker.check_reward_functions`: a missing module or function is a
+RewardSpecError, an import that hangs or ends the process a RewardError)."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,13 @@ def split_spec(spec: str) -> Tuple[str, str]:
     if target.endswith(".py"):
         return os.path.abspath(os.path.expanduser(target)), name
     return target, name
+
+
+def check_spec(spec: str) -> None:
+    """The spec's form, and that a file it names exists; imports nothing (RewardSpecError)."""
+    target, _ = split_spec(spec)
+    if target.endswith(".py") and not os.path.isfile(target):
+        raise RewardSpecError(f"--reward_fn {spec!r}: the file {target} does not exist")
 
 
 def absolute_spec(spec: str) -> str:

@@ -9,7 +9,7 @@ pretrained models instead). How the PPO profile was tuned: benchmarks/results/pp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..config import TrainConfig
 from ..errors import ConfigError, RewardSpecError
@@ -78,10 +78,14 @@ class PPOConfig(TrainConfig):
                                     "-> {rewards}", factory=list)
     reward_weights: Optional[List[float]] = option(None, "one weight per reward source, in the order reward model, "
                                                     "--reward_fn's, --reward_url's; each >= 0; unset = all 1")
-    reward_timeout: float = option(60.0, "seconds a reward function or server may take per batch (request)")
-    reward_retries: int = option(3, "retries of a failed reward-server request (exponential backoff from 0.5 s)")
-    reward_concurrency: int = option(4, "reward-server requests in flight at once, per URL")
-    reward_request_size: int = option(0, "completions per reward-server request (0 = the whole batch in one)")
+    # how rewards are fetched, not what they are: left out of the run's fingerprint
+    reward_timeout: float = option(60.0, "seconds a reward function or server may take per batch (request)",
+                                   fingerprint=False)
+    reward_retries: int = option(3, "retries of a failed reward-server request (exponential backoff from 0.5 s)",
+                                 fingerprint=False)
+    reward_concurrency: int = option(4, "reward-server requests in flight at once, per URL", fingerprint=False)
+    reward_request_size: int = option(0, "completions per reward-server request (0 = the whole batch in one)",
+                                      fingerprint=False)
     critic_model: Optional[str] = option(None, "critic init; unset = the reward model, or the actor when there is "
                                           "none (PPO only)")
     ref_model: Optional[str] = option(None, "frozen reference policy; unset = the actor's initial weights")
@@ -217,16 +221,17 @@ class PPOConfig(TrainConfig):
         return low, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
     def validate_rewards(self) -> None:
-        """At least one reward source; every --reward_fn names a callable (imported here, before any
-        model loads); URLs are http(s); one weight per source (the numbers are checked by RANGES)."""
+        """At least one reward source; every --reward_fn has the form of a spec (its module is imported
+        by `check_reward_functions`, in a worker); URLs are http(s); one weight per source, not all 0
+        (the numbers are checked by RANGES)."""
         from ..rewards.http import check_url
-        from ..rewards.spec import load_reward_fn
+        from ..rewards.spec import check_spec
         if not (self.reward_model or self.reward_fn or self.reward_url):
             raise ConfigError("step 3 needs a reward: pass --reward_model DIR (the step-2 model), --reward_fn SPEC "
                               "(e.g. fastrlhf.rewards:math_answer_match) or --reward_url URL")
         try:
             for spec in self.reward_fn:
-                load_reward_fn(spec)
+                check_spec(spec)
             for url in self.reward_url:
                 check_url(url)
         except RewardSpecError as e:
@@ -235,6 +240,25 @@ class PPOConfig(TrainConfig):
         if self.reward_weights is not None and len(self.reward_weights) != n:
             raise ConfigError(f"--reward_weights has {len(self.reward_weights)} values for {n} reward sources (in "
                               "order: the reward model, each --reward_fn, each --reward_url); give one per source")
+        if self.reward_weights is not None and not any(self.reward_weights):
+            raise ConfigError(f"--reward_weights are all 0 ({' '.join(f'{w:g}' for w in self.reward_weights)}): the "
+                              "reward would be 0 for every answer and nothing would be learned; give at least one "
+                              "source a weight > 0")
+
+    def check_inputs(self, produced: Sequence[str] = (), tokenizers: bool = False) -> None:
+        super().check_inputs(produced, tokenizers)
+        self.check_reward_functions()
+
+    def check_reward_functions(self) -> None:
+        """Every --reward_fn imported in a worker process, each within --reward_timeout (its module is
+        user code: never imported into the trainer), before any model loads."""
+        from ..rewards.worker import check_reward_functions
+        if not self.reward_fn:
+            return
+        try:
+            check_reward_functions(self.reward_fn, self.reward_timeout)
+        except RewardSpecError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def answers_per_step(self) -> int:

@@ -257,7 +257,8 @@ class ExperienceMaker:
         n_tokens = action_mask.sum().item()
         scored = raw_scores[sample_mask > 0]
         info = {"reward_mean": scored.mean().item() if len(scored) else float("nan"),
-                "reward_std": scored.std().item() if len(scored) > 1 else 0.0, **reward_info,
+                "reward_std": scored.std().item() if len(scored) > 1 else 0.0,
+                "reward_abs_max": scored.abs().max().item() if len(scored) else 0.0, **reward_info,
                 "kl_coef": kl_coef, "answer_len": answer_len,
                 "gen_time": gen_time, "forward_time": sum(times.values()),
                 "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}

@@ -31,6 +31,8 @@ from .run_setup import setup_run
 from .sft import sequence_nll
 from .trainer import Trainer
 
+HUGE_REWARD = 1e4  # a divergence after rewards this large names their scale first
+
 
 def bundled_task_scorer(cfg) -> Optional[Any]:
     """The exact scorer of the bundled task, when that is the data being trained on."""
@@ -94,9 +96,16 @@ class PPOTrainer(Trainer):
 
     step_noun = "PPO steps"
     diverged_error = NonFiniteLossError
+    _reward_abs_max: Optional[float] = None  # the last step's largest |reward| (before clipping)
 
     def divergence_hint(self) -> str:
-        return "lower --learning_rate, raise --kl_coef, set --reward_clip, or use fp32/bf16 instead of fp16"
+        hint = "lower --learning_rate, raise --kl_coef, set --reward_clip, or use fp32/bf16 instead of fp16"
+        scale = self._reward_abs_max
+        if scale is None or scale < HUGE_REWARD:
+            return hint
+        clip = f"--reward_clip {self.cfg.reward_clip:g}" if self.cfg.reward_clip else "--reward_clip 0 (off)"
+        return (f"the rewards reached |reward| {scale:.3g} ({clip}): scale the reward sources down or set "
+                f"--reward_clip (e.g. 5); else {hint}")
 
     def has_eval_data(self) -> bool:
         return len(self.eval_prompt_items[:self.cfg.eval_prompts]) > 0
@@ -125,6 +134,7 @@ class PPOTrainer(Trainer):
         finite = all_ranks_true(all(torch.isfinite(t).all() for t in (
             exp.advantages, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.returns) if t is not None))
         metrics, old_logprobs = dict(exp.info), exp.old_logprobs
+        self._reward_abs_max = metrics.get("reward_abs_max")  # named when the run diverges (divergence_hint)
         if finite:
             result = self.update(exp)
             metrics.update(result.metrics)
