@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -126,6 +127,8 @@ class TrainConfig:
         `produced`: dirs an earlier step of the same pipeline will write (not checked yet);
         `tokenizers`: also check the tokenizer paths (the command line always loads them)."""
         made = {os.path.abspath(p) for p in produced}
+        check_output_not_an_input(self.output_dir, self.model_inputs() + [
+            (flag, path, "tokenizer") for flag, path in self.tokenizer_inputs()])
         for flag, path, kind in self.model_inputs():
             if not (path and os.path.abspath(path) in made):
                 check_model_path(path, kind, option=flag)
@@ -144,6 +147,29 @@ class TrainConfig:
             if not torch.cuda.is_available():
                 raise ConfigError("fp16 training needs a CUDA GPU (DeepSpeed has no fp16 on the CPU) and none is "
                                   "visible here; use --dtype fp32 or bf16")
+
+
+# what a run writes (or deletes) inside its output_dir: an input model there would be overwritten
+_RUN_WRITES_INSIDE = re.compile(r"(checkpoint-\d+.*|actor|critic|actor_ema)$")
+
+
+def check_output_not_an_input(output_dir: str, inputs: Sequence[Tuple[str, Optional[str], str]]) -> None:
+    """The output dir must not be one of the run's input models (it would be overwritten while, or
+    after, it is read), nor hold one where the run writes (checkpoint-<N>/, actor/, ...)."""
+    out = os.path.realpath(output_dir)
+    for flag, path, _ in inputs:
+        if not path or not os.path.isdir(path):
+            continue
+        real = os.path.realpath(path)
+        if real == out:
+            raise ConfigError(f"--output_dir {output_dir} is the input model of {flag} {path}: the run would "
+                              f"overwrite it; write to another --output_dir")
+        inside = os.path.relpath(real, out).split(os.sep)[0]
+        if not real.startswith(out + os.sep) or not _RUN_WRITES_INSIDE.match(inside):
+            continue
+        raise ConfigError(f"{flag} {path} lies inside --output_dir {output_dir}, where this run writes "
+                          f"({inside}/ may be replaced or deleted): copy the model elsewhere, or write to "
+                          "another --output_dir")
 
 
 def check_output_dir(path: str) -> None:

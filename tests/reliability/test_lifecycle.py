@@ -115,6 +115,9 @@ LAUNCHER = textwrap.dedent("""
         job = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            if job.get("own_group"):  # a job of its own, as a shell starts one: signals go to its group
+                os.setpgid(0, 0)
+            os.environ.update(job.get("env", {}))
             fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -516,7 +519,8 @@ def test_the_fingerprint_leaves_out_exactly_the_options_defined_so():
               "eval_steps", "eval_max_batches", "eval_batch_size", "tensorboard_dir", "cpu_threads", "max_steps",
               "num_epochs", "merge_lora_on_save", "max_nonfinite_steps", "gradient_checkpointing", "deepspeed_config"}
     for cls, own in ((SFTConfig, set()), (RMConfig, set()), (DPOConfig, set()),
-                     (PPOConfig, {"eval_prompts", "generation_fallback"})):
+                     (PPOConfig, {"eval_prompts", "generation_fallback", "reward_timeout", "reward_retries",
+                                  "reward_concurrency", "reward_request_size"})):
         left_out = {f.name for f in dataclasses.fields(cls) if not in_fingerprint(f)}
         assert left_out == shared | own, cls.__name__
         cfg = cls(reward_fn=["fastrlhf.rewards:arithmetic_reward"]) if cls is PPOConfig else cls()

@@ -18,7 +18,9 @@ was read back and found whole), so resume never picks up a half-written one. Bef
 `find_resume_checkpoint` verifies a checkpoint (trainer_state.json parses, every file it needs is
 there and not truncated) and falls back to the newest valid one, naming the damaged ones. An HF
 model is written to a staging dir, checked, then moved into place over the previous model's
-files (stale weight or adapter files of an earlier save are removed, never left to be loaded). All ranks call the save functions
+files: the files an earlier fastrlhf save wrote there (its `fastrlhf_saved_files.json`) and this one
+does not write again are removed, never left to be loaded; nothing else in the dir is ever
+deleted. All ranks call the save functions
 (ZeRO-3 gathering and DeepSpeed saves are collective); only rank 0 writes the HF files.
 """
 from __future__ import annotations
@@ -29,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -41,6 +42,7 @@ from ..models.lora import LoRALinear
 from ..utils.distributed import all_ranks_true, barrier, get_rank, get_world_size, is_rank0
 from ..utils.logging import json_safe, print_rank0
 from .ds_engine import TrainedEngine
+from .model_files import hf_model_problem, json_problem, move_into_place, torch_file_problem
 
 TRAINER_STATE = "trainer_state.json"
 DS_STATE_DIR = "ds_state"
@@ -137,105 +139,10 @@ def save_hf_model(engine_or_module, out_dir: str, *, tokenizer=None, merge_lora:
                 f.write(text)
         problem = hf_model_problem(stage)
         if problem is None:
-            _move_into_place(stage, out_dir)
+            move_into_place(stage, out_dir)
     if not all_ranks_true(problem is None):
         raise SaveError(f"the model saved to {out_dir} did not read back whole ({problem or 'see rank 0'}); "
                            "nothing was replaced: check the disk (space, quota) and save again")
-
-
-# files of a saved model: an earlier save's copies that the new save does not write are removed,
-# so that e.g. a stale LoRA adapter or value head is never loaded on top of new weights
-_MODEL_FILE_NAMES = {"config.json", "generation_config.json", "adapter_config.json", "fastrlhf_lora.json",
-                     "reward_model.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
-                     "chat_template.jinja", "chat_template.json"}
-
-
-def _is_model_file(name: str) -> bool:
-    return name in _MODEL_FILE_NAMES or name.endswith((".safetensors", ".bin", ".index.json"))
-
-
-def _move_into_place(stage: str, out_dir: str) -> None:
-    new = set(os.listdir(stage))
-    for name in os.listdir(out_dir):
-        path = os.path.join(out_dir, name)
-        if name not in new and _is_model_file(name) and os.path.isfile(path):
-            os.remove(path)
-    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: a dir without it is no model
-        dest = os.path.join(out_dir, name)
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            shutil.rmtree(dest)
-        os.replace(os.path.join(stage, name), dest)
-    os.rmdir(stage)
-
-
-def _safetensors_problem(path: str) -> Optional[str]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{path} is truncated ({size} bytes)"
-        n = int.from_bytes(head, "little")
-        if 8 + n > size:
-            return f"{path} is truncated (its header alone needs {8 + n} bytes, the file has {size})"
-        try:
-            header = json.loads(f.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            return f"{path} has an unreadable header"
-    if 8 + n + end != size:
-        return f"{path} is truncated ({size} bytes of {8 + n + end})"
-    return None
-
-
-def _torch_file_problem(path: str) -> Optional[str]:
-    """A torch.save file (a zip archive): its directory is readable and every member lies inside."""
-    try:
-        size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if info.header_offset + info.compress_size > size:
-                    return f"{path} is truncated"
-    except (OSError, zipfile.BadZipFile) as e:
-        return f"{path} is damaged or truncated ({e})"
-    return None
-
-
-def _json_problem(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            json.load(f)
-    except ValueError as e:
-        return f"{path} is not valid JSON ({e})"
-    except OSError as e:
-        return f"{path} cannot be read ({e.strerror})"
-    return None
-
-
-def hf_model_problem(path: str) -> Optional[str]:
-    """Why the HF model dir `path` is not whole (naming the file), or None: config.json parses, and
-    there are weights (or a LoRA adapter), none of them truncated."""
-    if not os.path.isfile(os.path.join(path, "config.json")) and \
-            not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return f"{path} has no config.json"
-    weights = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name.endswith(".json"):
-            problem = _json_problem(full)
-        elif name.endswith(".safetensors"):
-            problem = _safetensors_problem(full)
-            weights.append(name)
-        elif name.endswith(".bin"):
-            problem = _torch_file_problem(full)
-            weights.append(name)
-        else:
-            continue
-        if problem:
-            return problem
-    if not weights:
-        return f"{path} holds no weights file (*.safetensors / *.bin)"
-    return None
 
 
 def _peft_adapter_only(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -252,12 +159,23 @@ def _save_module(module: nn.Module, out_dir: str, sd: Dict[str, torch.Tensor]) -
 
 # ----------------------------------------------------------------------------- resumable state
 
+def _another_programs_checkpoint(ckpt: str) -> bool:
+    """A checkpoint-<N>/ whose trainer_state.json is whole but not fastrlhf's (e.g. the HF Trainer's,
+    which has `global_step` and no `step`): never resumed from, never deleted."""
+    try:
+        with open(os.path.join(ckpt, TRAINER_STATE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False  # a damaged one of ours: find_resume_checkpoint names it
+    return not isinstance(state, dict) or ("step" not in state and "format" not in state)
+
+
 def checkpoint_dirs(output_dir: str) -> List[str]:
-    """Complete checkpoints (trainer_state.json present, no .partial suffix), oldest first."""
+    """fastrlhf's complete checkpoints (trainer_state.json present, no .partial suffix), oldest first."""
     found = []
     for d in glob.glob(os.path.join(output_dir, "checkpoint-*")):
         m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
-        if m and os.path.isfile(os.path.join(d, TRAINER_STATE)):
+        if m and os.path.isfile(os.path.join(d, TRAINER_STATE)) and not _another_programs_checkpoint(d):
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
 
@@ -274,7 +192,7 @@ def _refuse_legacy(path: str) -> None:
 def read_trainer_state(ckpt: str) -> Dict[str, Any]:
     """trainer_state.json of a checkpoint; a ConfigError naming the file when it cannot be used."""
     path = os.path.join(ckpt, TRAINER_STATE)
-    problem = _json_problem(path)
+    problem = json_problem(path)
     if problem:
         raise ConfigError(f"checkpoint {ckpt} is damaged: {problem}; resume from another checkpoint "
                           "(--resume DIR), or start fresh with --resume no")
@@ -307,12 +225,12 @@ def checkpoint_problem(ckpt: str) -> Optional[str]:
         if not files:
             return f"{os.path.join(ds_root, role, DS_TAG)} holds no DeepSpeed state"
         for f in sorted(files):
-            problem = _torch_file_problem(f)
+            problem = torch_file_problem(f)
             if problem:
                 return problem
     for rank in range(int(state.get("world_size", 1))):
         f = _rank_file(ckpt, rank)
-        problem = _torch_file_problem(f) if os.path.isfile(f) else f"{f} is missing"
+        problem = torch_file_problem(f) if os.path.isfile(f) else f"{f} is missing"
         if problem:
             return problem
     return None

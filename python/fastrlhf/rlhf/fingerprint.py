@@ -2,8 +2,10 @@
 continues only the run that made a checkpoint and names what differs otherwise.
 
 The fingerprint holds the trainer kind, every option but those defined with
-`option(..., fingerprint=False)` (where and how often to save, log, evaluate; how long to run),
-and the content of the local models, data files and DeepSpeed config the run reads.
+`option(..., fingerprint=False)` (where and how often to save, log, evaluate; how long to run;
+how rewards are fetched), the content of the local models, data files and DeepSpeed config the
+run reads, and the code of its reward functions (the file that defines each, as the worker that
+imported it found it; environments and tools are to join when they exist).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from ..options import in_fingerprint
 MODEL_FIELDS = ("model_name_or_path", "tokenizer", "reward_model", "critic_model", "ref_model")
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".pt")
 # files a run writes beside a model (run_setup.RUN_FILE, checkpoint.TRAINER_STATE, ...): not the model
-_NOT_MODEL_FILES = {"fastrlhf_run.json", "eval_before_after.json", "trainer_state.json", "latest"}
+_NOT_MODEL_FILES = {"fastrlhf_run.json", "eval_before_after.json", "trainer_state.json", "latest",
+                    "fastrlhf_saved_files.json"}
 _WHOLE_FILE_LIMIT = 8 << 20   # files up to this size are hashed whole; larger ones by size + head + tail
 _EDGE = 1 << 20
 
@@ -98,6 +101,10 @@ def run_fingerprint(cfg, kind: str) -> Dict[str, Any]:
             fp["data files (content)"] = [content_digest(default_data_path())]
     if getattr(cfg, "deepspeed_config", None):
         fp["deepspeed_config (content)"] = content_digest(cfg.deepspeed_config)
+    if getattr(cfg, "reward_fn", None):  # the code that makes the rewards (read from the file a worker found)
+        from ..rewards.worker import reward_source_files
+        fp["reward_fn (code)"] = [content_digest(path) for path in reward_source_files(cfg.reward_fn,
+                                                                                       cfg.reward_timeout)]
     return json.loads(json.dumps(fp, default=str))  # the form it has after a trip through trainer_state.json
 
 
@@ -125,6 +132,14 @@ def fingerprint_diff(saved: Optional[Dict[str, Any]], current: Dict[str, Any], l
                 diffs.append("the content of the data files changed")
             continue
         if key == "data files (content)":
+            continue
+        if key == "reward_fn (code)" and saved.get("reward_fn") == current.get("reward_fn"):
+            changed = [spec for spec, a, b in zip(current.get("reward_fn") or [], saved.get(key) or [],
+                                                  current.get(key) or []) if a != b]
+            if changed or saved.get(key) != current.get(key):
+                diffs.append(f"the code of the reward function {', '.join(changed) or '(one of them)'} changed")
+            continue
+        if key == "reward_fn (code)":
             continue
         if saved.get(key, "<unset>") != current.get(key, "<unset>"):
             diffs.append(f"{key} {_short(saved.get(key, '<unset>'))} -> {_short(current.get(key, '<unset>'))}")

@@ -9,9 +9,10 @@
   flock can be taken is stale (its run was killed): it is reported and taken over. The file records
   pid, host, start time and command, which is what the messages show. On a filesystem without
   flock, a lock of another live pid on this host, or of any pid on another host, is refused.
-- `check_output_kind`: a run refuses an output dir that holds another kind of model (a reward
-  model, a PPO output, ...) unless `overwrite_output_dir` is set. `RUN_FILE` records the kind
-  and state of the run that last wrote the dir.
+- `check_output_owner`: a non-empty output dir that fastrlhf did not write is refused unless
+  `overwrite_output_dir` is set; `check_output_kind`: so is one that holds another kind of model (a
+  reward model, a PPO output, ...). `RUN_FILE` records the kind and state of the run that last
+  wrote the dir (written when a run starts in a dir that has none).
 - `check_resume`: `--resume auto` refuses a checkpoint whose fingerprint (`fingerprint.py`)
   differs, naming what differs.
 """
@@ -39,9 +40,11 @@ from ..utils.logging import MetricsLogger, print_rank0, quiet_libraries
 from . import checkpoint as ckpt_lib
 from .ds_engine import build_ds_config, ds_precision, full_numel, zero_stage
 from .fingerprint import fingerprint_diff, run_fingerprint
+from .model_files import MODEL_MANIFEST
 
 LOCK_FILE = ".fastrlhf.lock"
 RUN_FILE = "fastrlhf_run.json"
+STARTED = "started"  # RUN_FILE's status until the run's first save
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -199,9 +202,9 @@ def read_run_file(output_dir: str) -> Dict[str, Any]:
 def output_kind(output_dir: str) -> Optional[str]:
     """The kind of model the dir holds: a trainer kind, 'model' (a causal LM of unknown origin) or None."""
     from ..models.reward import RewardModel
-    recorded = read_run_file(output_dir).get("trainer")
-    if recorded:
-        return recorded
+    info = read_run_file(output_dir)
+    if info.get("trainer") and info.get("status") != STARTED:  # a run that saved nothing wrote no model
+        return info["trainer"]
     if RewardModel.is_reward_model_dir(output_dir):
         return "rm"
     if os.path.isfile(os.path.join(output_dir, "actor", "config.json")):
@@ -209,6 +212,27 @@ def output_kind(output_dir: str) -> Optional[str]:
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return "model"
     return None
+
+
+def written_by_fastrlhf(output_dir: str) -> bool:
+    """Whether a fastrlhf run or save wrote the dir (its run file, a save's file list, or checkpoints)."""
+    return (os.path.isfile(os.path.join(output_dir, RUN_FILE)) or bool(ckpt_lib.checkpoint_dirs(output_dir))
+            or os.path.isfile(os.path.join(output_dir, MODEL_MANIFEST)))
+
+
+def check_output_owner(output_dir: str, overwrite: bool) -> None:
+    """As the HF Trainer does: a non-empty dir that fastrlhf did not write is the user's (their files, a
+    model downloaded or trained elsewhere) and is refused unless overwrite_output_dir is set. Even
+    then a save deletes nothing of theirs (model_files.MODEL_MANIFEST)."""
+    entries = sorted(e for e in os.listdir(output_dir) if e != LOCK_FILE)
+    if not entries or overwrite or written_by_fastrlhf(output_dir):
+        return
+    shown = [e + "/" if os.path.isdir(os.path.join(output_dir, e)) else e for e in entries]
+    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+    raise ConfigError(f"output_dir {output_dir} is not empty and was not written by fastrlhf (it holds "
+                      f"{', '.join(shown[:8])}{more}): use a new or empty --output_dir, or pass "
+                      "--overwrite_output_dir true to write into it (files of the names a run writes are "
+                      "replaced; nothing else is deleted)")
 
 
 def check_output_kind(output_dir: str, kind: str, overwrite: bool) -> None:
@@ -249,6 +273,22 @@ class RunContext:
     resume_checked: bool = False
 
 
+RUN_NAMES = {"sft": "an SFT run", "rm": "a reward-model run", "ppo": "a PPO/GRPO run", "dpo": "a DPO run"}
+
+
+def _refuse_another_kind(cfg, path: str, saved: Optional[str], kind: str) -> None:
+    """A checkpoint of another kind of run (an SFT checkpoint given to `fastrlhf rm`) cannot be continued."""
+    if not saved or saved == kind:
+        return
+    this = RUN_NAMES.get(kind, f"a {kind} run").split(" ", 1)[1]
+    fix = (f"continue it with `fastrlhf {saved} ... --resume {path}`, or drop --resume to start this run fresh"
+           if cfg.resume != "auto" else
+           f"pass --resume no to start this run over in {cfg.output_dir} (its checkpoints are replaced), or use "
+           "another --output_dir")
+    raise ConfigError(f"{path} is a checkpoint of {RUN_NAMES.get(saved, f'a {saved} run')} (fastrlhf {saved}), "
+                      f"not of this {this}: {fix}")
+
+
 def check_resume(cfg, fingerprint: Dict[str, Any]) -> Optional[str]:
     """The checkpoint cfg.resume picks (verified by checkpoint.find_resume_checkpoint). With 'auto'
     one saved by a different run (another fingerprint) is refused, naming what differs; a dir
@@ -260,11 +300,13 @@ def check_resume(cfg, fingerprint: Dict[str, Any]) -> Optional[str]:
     if "fingerprint" not in state:
         print_rank0(f"warning: {path} was saved by an older fastrlhf without a run fingerprint: whether it "
                     "belongs to this run cannot be checked")
+    _refuse_another_kind(cfg, path, (state.get("fingerprint") or {}).get("trainer"), fingerprint["trainer"])
     diffs = fingerprint_diff(state.get("fingerprint"), fingerprint)
     if diffs and cfg.resume == "auto":
         raise ConfigError(f"{path} was saved by a different run ({'; '.join(diffs)}): to continue it, rerun "
-                          "with that run's options; to start over in this dir, pass --resume no (its "
-                          "checkpoints are replaced); or use another --output_dir")
+                          f"with that run's options, or pass --resume {path} to continue it with these (the "
+                          "checkpoints are kept); to start over in this dir, pass --resume no (its checkpoints "
+                          "are replaced); or use another --output_dir")
     if diffs:
         print_rank0(f"warning: resuming {path} as asked, although it was saved by a different run "
                     f"({'; '.join(diffs)})")
@@ -278,7 +320,11 @@ def _lock_output_dir(cfg, kind: str) -> Optional[OutputDirLock]:
         try:
             os.makedirs(cfg.output_dir, exist_ok=True)
             lock = OutputDirLock(cfg.output_dir).acquire(kind)
-            check_output_kind(cfg.output_dir, kind, getattr(cfg, "overwrite_output_dir", False))
+            overwrite = getattr(cfg, "overwrite_output_dir", False)
+            check_output_owner(cfg.output_dir, overwrite)
+            check_output_kind(cfg.output_dir, kind, overwrite)
+            if not read_run_file(cfg.output_dir):  # the dir is fastrlhf's from now on
+                write_run_file(cfg.output_dir, kind, STARTED)
         except ConfigError as e:
             if lock is not None:
                 lock.release()
