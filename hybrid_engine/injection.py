@@ -45,8 +45,8 @@ def fastrlhf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     """
     if dropout and module.training:
         raise NotImplementedError(
-            f"fastrlhf attention has no dropout, but {type(module).__name__} asks for p={dropout}; "
-            "set the model's attention_dropout to 0.0 (or do not inject)")
+            f"fastrlhf attention has no dropout, but {type(module).__name__} asks for p={dropout}; set the "
+            f"model's {_dropout_setting(module, dropout)} to 0.0 (or call model.eval(), or do not inject)")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("fastrlhf attention expects a 2-D padding mask; the model built a "
                          f"{attention_mask.dim()}-D one (was the fastrlhf mask function replaced?)")
@@ -107,6 +107,24 @@ def _boundaries_from_positions(position_ids: torch.Tensor, batch: int, device) -
         cu = torch.cat([first, first.new_tensor([positions.numel()])])
     cache.update(ref=weakref.ref(position_ids), version=key, cu=cu)
     return cu
+
+
+def _dropout_setting(module: nn.Module, p: float) -> str:
+    """The config field the model's attention dropout comes from, as the model names it (GPT-2:
+    attn_pdrop, Llama: attention_dropout, ...), with its value."""
+    config = getattr(module, "config", None)
+    names = [k for k, v in vars(config).items() if "drop" in k and "att" in k and v == p] if config is not None else []
+    return f"{names[0]} (now {p:g})" if names else f"attention dropout setting (now {p:g})"
+
+
+def _refuse_empty_inputs(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of an injected model: HF's own error for an empty batch is a reshape deep inside."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[0] * ids.shape[1] == 0:
+        raise ValueError(f"empty inputs (shape ({ids.shape[0]}, {ids.shape[1]})): pass at least one sequence of "
+                         "at least one token")
 
 
 def _register() -> None:
@@ -195,9 +213,14 @@ def inject(model: nn.Module, *, attention: bool = True, norms: bool = True, gene
     """Make `model` (HF, PEFT-wrapped, fastrlhf-LoRA, or a DeepSpeed engine) use fastrlhf ops in
     its forward; with generate=True, also route `model.generate` through the hybrid engine
     (configured by `engine_config`, an EngineConfig). Returns the same object. Idempotent."""
+    from transformers import PreTrainedModel
+
     from .engine import unwrap_model
 
     hf = unwrap_model(model)
+    if not isinstance(hf, PreTrainedModel):
+        raise TypeError(f"inject() takes a transformers model (a PreTrainedModel, plain, PEFT-wrapped or in a "
+                        f"DeepSpeed engine); got a {type(hf).__name__}")
     if generate:
         from .arch_spec import spec_for
         spec_for(hf.config)  # an unsupported family fails here, naming the supported ones
@@ -211,6 +234,9 @@ def inject(model: nn.Module, *, attention: bool = True, norms: bool = True, gene
         if hf.config._attn_implementation != ATTN_NAME:
             raise RuntimeError(f"transformers refused attn_implementation={ATTN_NAME!r} for "
                                f"{type(hf).__name__}")
+    if not getattr(hf, "_fastrlhf_refuses_empty", False):
+        hf.register_forward_pre_hook(_refuse_empty_inputs, with_kwargs=True)
+        hf._fastrlhf_refuses_empty = True
     if norms:
         for parent in list(hf.modules()):
             for child_name, child in list(parent.named_children()):
@@ -301,7 +327,13 @@ class EngineGenerate:
                 return None, f"the argument {k!r}"
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             return None, "inputs other than a [batch, length] tensor of token ids"
+        if ids.numel() == 0:
+            raise ValueError(f"model.generate: empty inputs (shape ({ids.shape[0]}, {ids.shape[1]})): pass at "
+                             "least one prompt of at least one token")
         s, defaults = self._settings(kwargs)
+        if s.get("do_sample") and not (s.get("temperature") is None or s["temperature"] > 0):
+            raise ValueError(f"`temperature` (={s['temperature']}) has to be a strictly positive float when "
+                             "sampling, as in HF's generate; for greedy decoding set do_sample=False")
         for k, v in s.items():
             if k not in ENGINE_ARGS and k not in NO_EFFECT_FIELDS and not _same(v, defaults.get(k)):
                 return None, f"generation_config.{k}={v!r}"
@@ -336,7 +368,8 @@ class EngineGenerate:
             return None, f"prompt + new tokens ({p + max_new}) beyond the sliding window ({window})"
         do_sample = bool(s.get("do_sample"))
         return dict(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_new), min_new_tokens=max(0, min_new),
-                    do_sample=do_sample, temperature=float(s.get("temperature") or 1.0) if do_sample else 1.0,
+                    do_sample=do_sample, temperature=float(s["temperature"]) if do_sample and s.get("temperature")
+                    is not None else 1.0,
                     top_k=int(s.get("top_k") or 0) if do_sample else 0,
                     top_p=float(s.get("top_p") or 1.0) if do_sample else 1.0,
                     eos_token_id=eos_ids, pad_token_id=int(pad),
