@@ -22,7 +22,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from .errors import ConfigError
 
@@ -171,7 +171,9 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
-            return str(value)
+            text = str(value)
+            # a path from a config file (or --key=~/x, which no shell expands): ~ is the home dir, never ./~
+            return os.path.expanduser(text) if text.startswith("~") else text
     except (TypeError, ValueError):
         name = getattr(base, "__name__", str(base))
         raise ConfigError(f"{key}={value!r} is not a valid {name}") from None
@@ -239,10 +241,17 @@ def config_to_dict(obj: Any) -> Dict[str, Any]:
 
 
 def merge_dicts(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    """`over` on top of `base`, section by section. A section (mapping) in `over` where `base` holds
+    a value that is not one is refused: the flag for one key must not hide the bad value of its
+    section (`data: 5` in a file, `--data.max_prompt_len 64` on the command line)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = merge_dicts(out[k], v)
+        elif isinstance(v, Mapping) and out.get(k) is not None and v:
+            first = next(iter(v))
+            raise ConfigError(f"config key {k!r} is {out[k]!r}, but it is a section of options ({k}.{first} is "
+                              f"given too): write it as a mapping of its keys, e.g. {k}: {{{first}: ...}}")
         else:
             out[k] = v
     return out
@@ -262,6 +271,54 @@ def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class _JSONObject(dict):
+    """A JSON object as parsed, remembering the first key it was given twice."""
+    duplicate: Optional[str] = None
+
+
+def _json_object(pairs) -> "_JSONObject":
+    out = _JSONObject()
+    for key, value in pairs:
+        if key in out and out.duplicate is None:
+            out.duplicate = key
+        out[key] = value
+    return out
+
+
+def _json_duplicate(obj: Any, prefix: str = "") -> Optional[Tuple[str, str]]:
+    """(dotted key, '') of the first key given twice in a parsed JSON document, or None."""
+    if isinstance(obj, _JSONObject) and obj.duplicate is not None:
+        return prefix + obj.duplicate, ""
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in children:
+        found = _json_duplicate(value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+def _yaml_duplicate(node: Any, prefix: str = "") -> Optional[Tuple[str, str]]:
+    """(dotted key, ' (lines a and b)') of the first key given twice in a YAML node tree, or None
+    (PyYAML itself keeps the last value silently)."""
+    import yaml
+    if isinstance(node, yaml.MappingNode):
+        seen: Dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            if key in seen:
+                return prefix + str(key), f" (lines {seen[key]} and {key_node.start_mark.line + 1})"
+            seen[key] = key_node.start_mark.line + 1
+            found = _yaml_duplicate(value_node, f"{prefix}{key}.")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value_node in enumerate(node.value):
+            found = _yaml_duplicate(value_node, f"{prefix}{i}.")
+            if found:
+                return found
+    return None
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
     """Read a YAML (.yaml/.yml) or JSON file into a dict."""
     if not os.path.isfile(path):
@@ -273,12 +330,16 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config file {path} ({type(e).__name__}: {e})") from None
     try:
         if path.endswith(".json"):
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_object)
+            duplicate = _json_duplicate(data)
         else:
             import yaml
+            duplicate = _yaml_duplicate(yaml.compose(text, Loader=yaml.SafeLoader))
             data = yaml.safe_load(text)
     except Exception as e:  # parser errors carry the line number
         raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    if duplicate:  # both parsers keep the last value without a word
+        raise ConfigError(f"config file {path}: the key {duplicate[0]!r} is given twice{duplicate[1]}; keep one")
     if data is None:
         return {}
     if not isinstance(data, dict):
