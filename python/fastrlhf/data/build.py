@@ -164,7 +164,20 @@ def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: li
         train = train[: spec.max_samples]
         evals = evals[: max(1, math.ceil(spec.max_samples * spec.eval_fraction))] if evals else evals
     _report(spec, step, reports, (n_train, n_eval), (len(train), len(evals)))
+    _warn_eval_duplicates(step, train, evals, paths)
     return train, evals
+
+
+def _warn_eval_duplicates(step: int, train: list, evals: list, paths: list) -> None:
+    """Eval rows that are also training rows (a dataset that repeats rows) make the eval numbers
+    measure memorisation: say how many (rank 0)."""
+    from fastrlhf.utils.distributed import is_rank0
+    seen = {(s.prompt, s.chosen, s.rejected) for s in train}
+    n = sum((s.prompt, s.chosen, s.rejected) in seen for s in evals)
+    if n and is_rank0():
+        logger.warning(f"warning: data, step {step} ({STEP_NAMES[step]}): {n} of the {len(evals)} eval rows are "
+                       f"also in the training rows ({', '.join(map(str, paths))} repeats rows): the eval numbers "
+                       "partly measure memorisation; deduplicate the data")
 
 
 def _report(spec: DataSpec, step: int, reports: list, before_cap: tuple, used: tuple) -> None:
