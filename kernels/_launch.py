@@ -224,14 +224,31 @@ class _CompileRecorder:
 _compile_only: Optional[_CompileRecorder] = None
 
 
+class CompileUnavailable(RuntimeError):
+    """GPU compiles are impossible in this process (tests/conftest.py reports it as a skip)."""
+
+
+def compile_unavailable() -> Optional[str]:
+    """Why kernels cannot be compiled for a GPU in this process, or None."""
+    if isinstance(tl.cdiv, JITFunction):
+        return None
+    return ("TRITON_INTERPRET=1 was set when triton was imported, so triton.language's and fastrlhf's kernels exist "
+            "only as interpreted functions and cannot be compiled for a GPU; run the compile checks without "
+            "TRITON_INTERPRET in the environment (the interpreter tests set it per test)")
+
+
 @contextlib.contextmanager
 def compile_only(arch: int = 90, all_configs: bool = False):
     """Within this block, kernel launches compile for CUDA sm_<arch> instead of running.
 
     Yields a recorder whose `.compiled` lists what was built; outputs are left unwritten.
+    Raises CompileUnavailable when this process cannot compile (`compile_unavailable`).
     """
     from triton.backends.compiler import GPUTarget
 
+    why = compile_unavailable()
+    if why:
+        raise CompileUnavailable(why)
     global _compile_only
     prev, _compile_only = _compile_only, _CompileRecorder(GPUTarget("cuda", arch, 32), all_configs)
     try:

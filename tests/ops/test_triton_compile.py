@@ -79,6 +79,9 @@ def test_gpu_compile_still_works_after_interpreted_launches(monkeypatch, tmp_pat
     from triton.runtime import JITFunction
 
     from fastrlhf.kernels import _attention_common, attention_decode
+    from fastrlhf.kernels._launch import CompileUnavailable, compile_unavailable
+    if compile_unavailable():  # nothing was jitted for the GPU in this process
+        raise CompileUnavailable(compile_unavailable())
 
     x = torch.randn(3, 40)
     with monkeypatch.context() as m:
@@ -99,3 +102,20 @@ def test_gpu_compile_still_works_after_interpreted_launches(monkeypatch, tmp_pat
                             torch.randn(1, 1, 9, 16).bfloat16(), torch.tensor([9]))
     assert {r[0] for r in rec.compiled} == {"_norm_kernel", "_prefill_kernel", "_decode_partial_kernel",
                                           "_decode_reduce_kernel"}
+
+
+def test_compile_checks_skip_naming_the_reason_when_triton_was_imported_interpreting(tmp_path):
+    """TRITON_INTERPRET=1 for a whole run (as for CPU runs of the Triton tests): the compile checks
+    cannot compile and say why as a skip; the interpreter tests of the same file still run."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          f"{here}/test_token_logprobs.py::test_triton_kernels_compile_for_sm90_bf16",
+                          f"{here}/test_token_logprobs.py::test_dispatch_routes_token_logprobs"],
+                         env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 passed, 1 skipped" in out.stdout, out.stdout[-3000:]
+    assert "TRITON_INTERPRET=1 was set when triton was imported" in out.stdout, out.stdout[-3000:]
