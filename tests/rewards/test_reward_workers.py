@@ -60,7 +60,7 @@ def test_a_function_that_forks_cannot_answer_for_a_later_batch():
 
 
 def test_a_reply_to_another_request_is_refused(monkeypatch):
-    from fastrlhf.rewards import worker as worker_mod
+    from fastrlhf import workers as worker_mod
     w = FunctionWorker(f"{FNS}:none_for_empty", "none_for_empty", 10.0)
     w.wait_ready()
     real_read = worker_mod._read
