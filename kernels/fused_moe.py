@@ -34,17 +34,21 @@ ACTIVATIONS = ("silu",)
 
 
 @triton.jit
+def _block_rows(BlockExpert, Slots, n_slots, BLOCK_M: tl.constexpr):
+    """(expert, slots, valid) of this program's block of rows; expert < 0 past the last expert."""
+    pid_m = tl.program_id(0)
+    slot = tl.load(Slots + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # the buffer spans every block
+    return tl.load(BlockExpert + pid_m), slot, slot < n_slots
+
+
+@triton.jit
 def _gate_up_kernel(X, W, Inter, Slots, BlockExpert, n_slots, top_k, H, I,
                     sxt, sxh, swe, swn, swh, sis, sii,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    expert = tl.load(BlockExpert + pid_m)
+    expert, slot, row_ok = _block_rows(BlockExpert, Slots, n_slots, BLOCK_M)
     if expert < 0:  # past the last expert's rows
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(Slots + offs_m)
-    row_ok = slot < n_slots
     tok = (slot // top_k).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
@@ -75,13 +79,9 @@ def _down_kernel(Inter, W, Out, Slots, BlockExpert, RouteW, n_slots, H, I,
                  sis, sii, swe, swh, swi, sos, soh,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    expert = tl.load(BlockExpert + pid_m)
+    expert, slot, row_ok = _block_rows(BlockExpert, Slots, n_slots, BLOCK_M)
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(Slots + offs_m)
-    row_ok = slot < n_slots
     slot64 = slot.to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H

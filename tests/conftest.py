@@ -250,3 +250,59 @@ def tiny_ppo_setup(root, n_prompts: int):
                                                           add_generation_prompt=True, tokenize=True,
                                                           return_dict=False)} for r in rows]
     return tok, items
+
+
+def torchrun(script, nproc: int, *args, timeout: int = 900):
+    """Run `script` (a test module's `__main__` worker) under torchrun with `nproc` CPU processes,
+    one intra-op thread each, tests/ on the path and the caller's launcher variables removed.
+    Returns the CompletedProcess; assert on its returncode with its output."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1",
+               PYTHONPATH=os.path.dirname(os.path.abspath(__file__)) + os.pathsep + env.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(port), str(script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_generation(got, want, what, lp_tol=1e-5):
+    """Two generations as {"seq": token lists, "lp": log-prob lists}: the same tokens, log-probs
+    within lp_tol."""
+    assert got["seq"] == want["seq"], what
+    lp, ref_lp = torch.tensor(got["lp"]), torch.tensor(want["lp"])
+    assert lp.shape == ref_lp.shape, what
+    assert (lp - ref_lp).abs().max().item() <= lp_tol, what
+
+
+def training_logprobs(model, sequences, prompt_mask):
+    """fp32 log-probs of the generated tokens of `sequences` [B, P + N] (P = prompt_mask's width,
+    the prompts left-padded) under the model's training forward, for comparison with a
+    generation's `logprobs` [B, N]."""
+    p = prompt_mask.shape[1]
+    full = torch.cat([prompt_mask, torch.ones_like(sequences[:, p:])], 1)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=full,
+                       position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
+    return torch.log_softmax(logits[:, p - 1:-1].float(), -1).gather(-1, sequences[:, p:, None])[..., 0]
+
+
+def peft_lora_on_experts(model, target_modules, seed: int = 0):
+    """PEFT LoRA on `target_modules` and on the fused 3-D expert parameters of a transformers-5 MoE
+    (target_parameters), every B made non-zero (seeded) so that the adapters change the outputs."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(target_modules),
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    torch.manual_seed(seed + 5)
+    peft = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return peft

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
-from conftest import build_tiny, left_padded_batch
+from conftest import build_tiny, left_padded_batch, training_logprobs
 
 
 def _greedy_pair(model, config, lengths=(5, 9, 3), new=10, device="cpu"):
@@ -81,12 +81,7 @@ def test_gpu_bf16_logprobs_close_to_training_forward(tmp_path):
     out = HybridEngine(model, None, EngineConfig()).generate(
         ids, mask, max_new_tokens=24, min_new_tokens=24, generator=1, pad_token_id=0,
         return_logprobs=True)
-    full = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
-    with torch.no_grad():
-        logits = model(input_ids=out.sequences, attention_mask=full,
-                       position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
-    p = ids.shape[1]
-    ref = torch.log_softmax(logits[:, p - 1:-1].float(), -1).gather(-1, out.sequences[:, p:, None])[..., 0]
+    ref = training_logprobs(model, out.sequences, mask)
     diff = (ref - out.logprobs).abs().max().item()
     print(f"bf16 max |logprob(generation) - logprob(training forward)| = {diff:.3e}")
     assert diff < 0.1

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine, UnsupportedArchitecture
 from fastrlhf.hybrid_engine.arch_spec import check_moe, spec_for
 from fastrlhf.hybrid_engine.tensor_parallel import check_tp_size, valid_tp_sizes
-from conftest import build_tiny, left_padded_batch, tiny_config
+from conftest import build_tiny, left_padded_batch, peft_lora_on_experts, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
@@ -32,17 +32,10 @@ def test_specs_read_each_family_routing():
 
 
 def test_peft_lora_on_experts_is_fused_and_the_base_is_untouched(tmp_path):
-    from peft import LoraConfig, get_peft_model
     model = build_tiny("qwen2_moe", tmp_path)
     ids, mask = left_padded_batch([5, 9, 3], pad_id=0, seed=12)
     plain = HybridEngine(model, None, EngineConfig(backend="torch")).generate(ids, mask, **GREEDY).sequences
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "shared_expert_gate"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    peft = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    for n, p in peft.named_parameters():
-        if "lora_B" in n:
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft = peft_lora_on_experts(model, ["q_proj", "shared_expert_gate"])
     base = {n: p.detach().clone() for n, p in peft.named_parameters()}
     ours = HybridEngine(peft, None, EngineConfig(backend="torch")).generate(ids, mask, **GREEDY).sequences
     ref = peft.generate(input_ids=ids, attention_mask=mask, **GREEDY)

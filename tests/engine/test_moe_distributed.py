@@ -11,12 +11,11 @@ One launch of 2 ranks (one tensor-parallel group), each rank with its own prompt
 """
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
-from conftest import build_tiny, left_padded_batch
+from conftest import assert_same_generation, build_tiny, left_padded_batch, peft_lora_on_experts, torchrun
 
 WORLD = 2
 LENGTHS = [[5, 9, 3], [7, 2]]
@@ -27,20 +26,6 @@ FAMILIES = ["qwen2_moe", "qwen3_moe"]
 def _load(path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _peft_experts(model):
-    """PEFT LoRA on q/v and on the experts' fused 3-D parameters, B made non-zero."""
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(5)
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    peft = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    for n, p in peft.named_parameters():
-        if "lora_B" in n:
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return peft
 
 
 def _out(o):
@@ -61,7 +46,7 @@ def _worker(root: str) -> None:
     for fam in FAMILIES:
         model = _load(os.path.join(root, fam))
         if fam == "qwen3_moe":
-            model = _peft_experts(model)
+            model = peft_lora_on_experts(model, ["q_proj", "v_proj"])
         base = {n: p.detach().clone() for n, p in model.named_parameters()}
         for tp in (1, 2):
             engine = HybridEngine(model, None, EngineConfig(backend="torch", tp_size=tp))
@@ -90,32 +75,13 @@ def _worker(root: str) -> None:
         json.dump(res, f)
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_moe_tensor_parallel_and_zero3_match_one_process(tmp_path):
     for fam in FAMILIES:
         build_tiny(fam, tmp_path / fam)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep
-               + env.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                           "--master_port", str(_free_port()), __file__, str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = torchrun(__file__, WORLD, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
-
-    def same(got, want, what, lp_tol=1e-5):
-        assert got["seq"] == want["seq"], what
-        lp, ref_lp = torch.tensor(got["lp"]), torch.tensor(want["lp"])
-        assert lp.shape == ref_lp.shape and (lp - ref_lp).abs().max().item() <= lp_tol, what
-
+    same = assert_same_generation
     for r, res in enumerate(results):
         for fam in FAMILIES:
             same(res[f"{fam}/2"], res[f"{fam}/1"], f"{fam} tp=2 rank {r}")

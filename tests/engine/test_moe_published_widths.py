@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
-from conftest import left_padded_batch
+from conftest import left_padded_batch, training_logprobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 SMALL = dict(num_hidden_layers=1, vocab_size=512, max_position_embeddings=256)
@@ -35,11 +35,6 @@ def test_generation_logprobs_equal_the_training_forward_at_published_widths(fami
     new = 6
     out = HybridEngine(model, None, EngineConfig(backend="torch")).generate(
         ids, mask, max_new_tokens=new, generator=5, eos_token_id=[], pad_token_id=0, return_logprobs=True)
-    full = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=out.sequences, attention_mask=full,
-                       position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
-    p = ids.shape[1]
-    ref = torch.log_softmax(logits[:, p - 1:-1].float(), -1).gather(-1, out.sequences[:, p:, None])[..., 0]
+    ref = training_logprobs(model, out.sequences, mask)
     diff = (ref - out.logprobs).abs().max().item()
     assert diff < 1e-4, f"{family}: max |log-prob(generation) - log-prob(training forward)| = {diff:.2e}"

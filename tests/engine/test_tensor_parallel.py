@@ -16,13 +16,12 @@ The single-process tests check the bad-input errors.
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import build_tiny, left_padded_batch, tiny_ppo_setup
+from conftest import assert_same_generation, build_tiny, left_padded_batch, tiny_ppo_setup, torchrun
 
 FIVE = ["llama", "qwen2", "opt", "gpt_neox", "mistral"]  # mistral: 1 KV head, replicated on both ranks
 # beyond conftest's tiny models: Falcon's grouped [Hkv, g + 2, D] qkv with 1 KV head (replicated
@@ -141,13 +140,6 @@ def _ppo_step(root: str, tp: int):
 
 # ------------------------------------------------------------------------------------------- tests
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ppo_data(root):
     _, items = tiny_ppo_setup(root, 16)
     (root / "ppo_prompts.json").write_text(json.dumps(items))
@@ -166,22 +158,10 @@ def test_tensor_parallel_generation_matches_one_process(tmp_path):
         (_build_extra if fam in EXTRA else build_tiny)(fam, tmp_path / fam)
     _ppo_data(tmp_path)
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep
-               + env.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                           "--master_port", str(_free_port()), __file__, str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = torchrun(__file__, WORLD, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
-
-    def same(got, want, what, lp_tol=1e-5):
-        assert got["seq"] == want["seq"], what
-        lp, ref_lp = torch.tensor(got["lp"]), torch.tensor(want["lp"])
-        assert lp.shape == ref_lp.shape, what
-        assert (lp - ref_lp).abs().max().item() <= lp_tol, what
+    same = assert_same_generation
 
     # the sampled case must exercise early stopping: in some group, one rank's rows all stop before
     # the other's, so the union runs longer than that rank alone would
