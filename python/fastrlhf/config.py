@@ -50,6 +50,13 @@ class TrainConfig:
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps (caps num_epochs)", fingerprint=False)
     gradient_clipping: float = option(1.0, "max gradient norm (0 = no clipping)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory", fingerprint=False)
+    packing: bool = option(False, "train without padding: the sequences of a micro-batch packed into rows with "
+                           "positions restarting per sequence (same losses as padded; eval stays padded)",
+                           fingerprint=False)
+    max_tokens_per_micro_batch: Optional[int] = option(None, "with --packing: run each micro-batch as passes of "
+                                                       "packed rows of at most this many tokens (a sequence, or a "
+                                                       "preference pair, is never split); unset = one row per "
+                                                       "micro-batch", fingerprint=False)
     lora_rank: int = option(0, "LoRA rank (0 = no LoRA, full fine-tuning)")
     lora_alpha: float = option(16.0, "LoRA alpha (scaling = alpha / rank)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
@@ -90,6 +97,7 @@ class TrainConfig:
         "save_steps": at_least(0, "0 = only at the end"), "save_total_limit": at_least(0, "0 = keep all"),
         "eval_steps": at_least(0, "0 = only before and after training"), "eval_max_batches": at_least(1),
         "log_steps": at_least(1), "cpu_threads": at_least(1), "max_nonfinite_steps": at_least(1),
+        "max_tokens_per_micro_batch": at_least(1),
     }
     # the kind of model model_name_or_path must be (models.paths.check_model_path)
     MODEL_KIND: ClassVar[str] = "policy"
@@ -99,6 +107,8 @@ class TrainConfig:
         validate_config(self)
         if len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas takes two numbers (beta1 beta2), got {self.adam_betas}")
+        if self.max_tokens_per_micro_batch is not None and not self.packing:
+            raise ConfigError("--max_tokens_per_micro_batch sets the size of packed rows: add --packing (or drop it)")
         if self.offload != "none" and self.zero_stage == 0:
             raise ConfigError("offload=cpu needs ZeRO: set --zero_stage 1, 2 or 3 (or --offload none)")
         if self.only_optimize_lora and self.lora_rank == 0 and not (

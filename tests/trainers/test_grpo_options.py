@@ -262,9 +262,9 @@ def test_mismatch_entropy_and_options_reach_the_loss(tiny, tmp_path, monkeypatch
         seen["loss"] = (a, k)
         return real_loss(*a, **k)
 
-    def spy_agg(x, mask, mode="token_mean", norm_len=None):
+    def spy_agg(x, mask, mode="token_mean", norm_len=None, totals=None):
         seen.setdefault("agg", []).append((mode, norm_len))
-        return real_agg(x, mask, mode, norm_len)
+        return real_agg(x, mask, mode, norm_len, totals)
     monkeypatch.setattr(M, "clipped_policy_loss", spy_loss)
     monkeypatch.setattr(M, "aggregate_loss", spy_agg)
     tr = grpo_trainer(tiny, tmp_path / "opts", clip_eps_low=0.1, clip_eps_high=0.3, dual_clip=3.0,

@@ -163,3 +163,47 @@ def test_logprobs_entropy_and_running_moments():
     rm.update(t(5.0, 7.0))
     assert rm.mean == pytest.approx(4.0)
     assert rm.std == pytest.approx(math.sqrt(5.0))  # population variance of 1, 3, 5, 7
+
+
+# --------------------------------------------------------------------------- passes, DAPO
+
+def test_passes_with_the_minibatch_totals_add_up_to_the_minibatch_loss_by_hand():
+    # three answers: [1, 2, 3], [4], [5, 6]; token sums 6, 4, 11; 6 tokens, 3 answers
+    per_token = t([1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0])
+    mask = t([1, 1, 1], [1, 0, 0], [1, 1, 0])
+    totals = M.BatchTotals.of(mask)
+    assert (totals.tokens, totals.answers) == (6.0, 3.0)
+    whole = {  # token_mean 21/6; seq_mean_token_mean (2 + 4 + 5.5)/3; token sums (6 + 4 + 11)/3;
+        # Dr.GRPO with a budget of 3: (2 + 4/3 + 11/3)/3
+        "token_mean": 21 / 6, "seq_mean_token_mean": 11.5 / 3, "seq_mean_token_sum": 7.0,
+        "seq_mean_token_sum_norm": 7.0 / 3}
+    for mode, expected in whole.items():
+        assert M.aggregate_loss(per_token, mask, mode, norm_len=3).item() == pytest.approx(expected)
+        # pass 1 = answers 1 and 3, pass 2 = answer 2, each divided by the mini-batch's totals
+        first = M.aggregate_loss(per_token[[0, 2]], mask[[0, 2]], mode, norm_len=3, totals=totals)
+        second = M.aggregate_loss(per_token[[1]], mask[[1]], mode, norm_len=3, totals=totals)
+        assert (first + second).item() == pytest.approx(expected), mode
+    # token_mean shares: pass 1 holds 17 of the 21
+    assert M.aggregate_loss(per_token[[0, 2]], mask[[0, 2]], totals=totals).item() == pytest.approx(17 / 6)
+    assert M.mean_over(per_token[[1]], mask[[1]], totals).item() == pytest.approx(4 / 6)
+
+
+def test_groups_with_signal_by_hand():
+    # groups of 3: all equal -> no signal; one differs -> signal; the differing one unrewarded -> no
+    # signal; a single rewarded answer -> no signal
+    rewards = t(1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 5.0, 2.0, 9.0, 9.0)
+    valid = t(1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0)
+    assert M.groups_with_signal(rewards, valid, 3).tolist() == [False, True, False, False]
+
+
+def test_overlong_penalty_and_truncation_by_hand():
+    # budget 10, buffer 4: no penalty up to 6 tokens, then -(len - 6) / 4 * factor
+    lengths = torch.tensor([3, 6, 7, 9, 10])
+    torch.testing.assert_close(M.overlong_penalty(lengths, 10, 4, 1.0), torch.tensor([0.0, 0.0, -0.25, -0.75, -1.0]))
+    torch.testing.assert_close(M.overlong_penalty(lengths, 10, 4, 0.5), torch.tensor([0.0, 0.0, -0.125, -0.375, -0.5]))
+    # EOS = 2; 4 columns: an answer ending in EOS at the limit is complete, one without EOS is cut
+    ids = torch.tensor([[5, 6, 7, 2], [5, 6, 7, 8], [5, 2, 0, 0]])
+    mask = M.answer_mask(ids, 2)
+    assert M.truncated_answers(mask, ids, 2, 4).tolist() == [False, True, False]
+    # no EOS token at all: every answer runs to the limit
+    assert M.truncated_answers(M.answer_mask(ids, None), ids, None, 4).tolist() == [True, True, True]

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ..utils.packing import PackedRows
 from ..utils.positions import position_ids_from_mask
 from .loading import load_fastrlhf_lora, load_pretrained, resize_for_tokenizer, torch_dtype
 from .paths import REWARD_HEAD_FILE, check_model_path, resolve_model_path
@@ -59,9 +60,20 @@ class RewardModel(nn.Module):
         self.v_head = v_head.to(dtype=next(backbone.parameters()).dtype)
         self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                packed: bool = False) -> torch.Tensor:
+        """Per-token values [B, S]. packed=True runs the backbone on the real tokens only, packed
+        into one row with restarting positions (`utils.packing`); padding then gets 0."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if packed:
+            if not self._takes_position_ids:
+                raise ValueError(f"{type(self.backbone).__name__} takes no position_ids, so it cannot run "
+                                 "packed sequences; drop --packing")
+            rows = PackedRows.of(attention_mask)
+            hidden = self.backbone(input_ids=rows.pack(input_ids), position_ids=rows.position_ids,
+                                   use_cache=False)[0]
+            return rows.unpack(self.v_head(hidden).squeeze(-1).float())
         kwargs: Dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self._takes_position_ids:
             # positions count real tokens only, so a left-padded row scores like its right-padded twin

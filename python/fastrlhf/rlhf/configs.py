@@ -127,6 +127,21 @@ class PPOConfig(TrainConfig):
                                              "(Liu et al. 2025); unset = true")
     tis_cap: Optional[float] = option(None, "truncated importance sampling: weight each token's loss by min(pi_trainer"
                                        " / pi_rollout_engine, C) (Yao et al. 2025: C = 2); unset = off")
+    old_logprobs: str = option("trainer", "the rollout policy's log-probs (the PPO ratio's denominator): 'trainer' (a "
+                               "trainer forward, or the update's own when the policy does not move before it has "
+                               "seen every answer) or 'engine' (the generation engine's, saving that forward; sound "
+                               "while logprob_mismatch_* stays small)", choices=("trainer", "engine"))
+    dynamic_sampling: bool = option(False, "DAPO dynamic sampling (Yu et al. 2025): drop groups whose rewards are all "
+                                    "equal and sample more prompts until the step has rollout_batch_size groups")
+    max_sampling_rounds: Optional[int] = option(None, "dynamic sampling: at most this many rollout batches per step, "
+                                                "then train on what was kept; unset = 10 (veRL's DAPO recipe)")
+    mask_truncated: bool = option(False, "answers cut at --max_new_tokens (no EOS) leave the loss (DAPO's overlong "
+                                  "filtering)")
+    overlong_buffer_len: Optional[int] = option(None, "DAPO soft overlong penalty: answers in the last L tokens of "
+                                                "--max_new_tokens lose up to --overlong_penalty_factor reward, "
+                                                "linearly (DAPO: 4096 of 20480); unset = off")
+    overlong_penalty_factor: Optional[float] = option(None, "the soft overlong penalty at the length limit; unset = "
+                                                      "1.0 (DAPO)")
     entropy_coef: float = option(0.0, "entropy bonus: subtract this x the policy's entropy from the actor loss")
     value_clip: float = option(0.2, "value clip around the rollout values (0 = off)")
     value_loss_coef: float = option(1.0, "critic loss weight")
@@ -169,7 +184,9 @@ class PPOConfig(TrainConfig):
         "ema_decay": fraction(hint="0 = off"), "eval_prompts": at_least(0), "inference_tp_size": at_least(1),
         "reward_weights": at_least(0, "a penalty is a source that returns negative rewards"),
         "reward_timeout": above(0), "reward_retries": at_least(0), "reward_concurrency": at_least(1),
-        "reward_request_size": at_least(0, "0 = the whole batch in one request")}
+        "reward_request_size": at_least(0, "0 = the whole batch in one request"),
+        "max_sampling_rounds": at_least(1, "a step samples at least one batch"), "overlong_buffer_len": at_least(1),
+        "overlong_penalty_factor": above(0)}
 
     def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
         return super().model_inputs() + [
@@ -186,6 +203,7 @@ class PPOConfig(TrainConfig):
         if self.algorithm.grouped and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
         self._validate_policy_loss()
+        self._validate_dapo()
         answer_cap = self.max_new_tokens or self.data.max_answer_len
         if self.min_new_tokens > answer_cap:
             raise ConfigError(f"min_new_tokens ({self.min_new_tokens}) exceeds the answer length cap ({answer_cap}: "
@@ -214,6 +232,36 @@ class PPOConfig(TrainConfig):
         if self.ref_model and self.kl_coef == 0:
             raise ConfigError("ref_model is only read for the KL penalty and kl_coef is 0: drop --ref_model or set "
                               "--kl_coef > 0")
+
+    def _validate_dapo(self) -> None:
+        """Dynamic sampling, the overlong options and engine log-probs: what each needs, and where
+        engine log-probs would be wrong rather than cheaper."""
+        if self.dynamic_sampling and not self.algorithm.grouped:
+            grouped = ", ".join(names(lambda a: a.grouped))
+            raise ConfigError(f"--dynamic_sampling drops groups of answers to one prompt whose rewards are all equal; "
+                              f"--algo {self.algo} does not group answers (use {grouped})")
+        if self.max_sampling_rounds is not None and not self.dynamic_sampling:
+            raise ConfigError("--max_sampling_rounds caps dynamic sampling: add --dynamic_sampling (or drop it)")
+        if self.overlong_penalty_factor is not None and self.overlong_buffer_len is None:
+            raise ConfigError("--overlong_penalty_factor scales the soft overlong penalty: set --overlong_buffer_len too")
+        shaping = [f for f, on in (("--mask_truncated", self.mask_truncated),
+                                   ("--overlong_buffer_len", self.overlong_buffer_len is not None)) if on]
+        if shaping and self.max_new_tokens is None:
+            raise ConfigError(f"{' and '.join(shaping)} act on answers near the length limit, and this run sets none: "
+                              f"set --max_new_tokens (unset, the data's max_answer_len, {self.data.max_answer_len}, "
+                              "caps answers)")
+        if self.overlong_buffer_len is not None and self.overlong_buffer_len >= self.max_new_tokens:
+            raise ConfigError(f"--overlong_buffer_len {self.overlong_buffer_len} must be below --max_new_tokens "
+                              f"{self.max_new_tokens} (it is the last part of that budget)")
+        if self.old_logprobs == "engine":
+            if self.tis_cap is not None:
+                raise ConfigError("--tis_cap weighs tokens by pi_trainer / pi_engine at rollout time, which needs the "
+                                  "trainer's log-probs; with --old_logprobs engine the PPO ratio already is pi / "
+                                  "pi_engine (that correction is built in): drop one of them")
+            if self.importance_level == "sequence":
+                raise ConfigError("--old_logprobs engine with --importance_level sequence: GSPO clips the sequence "
+                                  "ratio at ~3e-4, the size of an engine/trainer numerical mismatch, so rounding alone "
+                                  "would clip answers; use --old_logprobs trainer")
 
     def clip_range(self):
         """(eps_low, eps_high) of the policy ratio clip."""

@@ -18,6 +18,8 @@ import torch
 from ..models.loading import disable_dropout, load_causal_lm
 from ..utils.positions import position_ids_from_mask
 from . import rl_math as M
+from .packing import check_models
+from .reward_trainer import pairs_in
 from .run_setup import training_dtype
 from .supervised import run_supervised
 from .configs import DPOConfig
@@ -38,24 +40,24 @@ def answer_mask_after_common_prefix(input_ids: torch.Tensor, attention_mask: tor
     return mask[:, 1:].float()
 
 
-def sequence_logprob_sums(model, input_ids, attention_mask, answer_mask) -> torch.Tensor:
+def sequence_logprob_sums(model, input_ids, attention_mask, answer_mask, packed: bool = False) -> torch.Tensor:
     """Sum over answer tokens of log p(token | prefix) -> [rows] (only answer tokens are scored)."""
     labels = input_ids.clone()
     labels[:, 1:] = labels[:, 1:].masked_fill(answer_mask == 0, IGNORE_INDEX)
     logp = shifted_logprobs(model, input_ids, attention_mask, labels=labels,
-                            position_ids=position_ids_from_mask(attention_mask))
+                            position_ids=position_ids_from_mask(attention_mask), packed=packed)
     return (logp * answer_mask).sum(-1)
 
 
-def dpo_batch_loss(engine, ref_model, batch: Dict[str, torch.Tensor], beta: float, label_smoothing: float
-                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def dpo_batch_loss(engine, ref_model, batch: Dict[str, torch.Tensor], beta: float, label_smoothing: float,
+                   packed: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """DPO loss of a PairCollator batch (B chosen rows, then their B rejected twins)."""
     ids, att = batch["input_ids"], batch["attention_mask"]
     amask = answer_mask_after_common_prefix(ids, att)
     half = ids.shape[0] // 2
-    policy = sequence_logprob_sums(engine, ids, att, amask)
+    policy = sequence_logprob_sums(engine, ids, att, amask, packed)
     with torch.no_grad():
-        ref = sequence_logprob_sums(ref_model, ids, att, amask)
+        ref = sequence_logprob_sums(ref_model, ids, att, amask, packed)
     return M.dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta, label_smoothing)
 
 
@@ -82,11 +84,13 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, datasets: Optional[
         ref = load_causal_lm(cfg.ref_model or cfg.model_name_or_path, tokenizer=tok, dtype=training_dtype(ctx),
                              seed=cfg.seed)
         reference["model"] = ref.to(ctx.device).eval().requires_grad_(False)
+        if cfg.packing:
+            check_models({"reference": reference["model"]}, ctx)
 
     return run_supervised(
-        cfg, step=2, label="DPO", load_model=load_causal_lm, default_collate=PairCollator,
-        loss_fn=lambda engine, batch: dpo_batch_loss(engine, reference["model"], batch, cfg.beta,
-                                                     cfg.label_smoothing)[0],
+        cfg, step=2, label="DPO", load_model=load_causal_lm, default_collate=PairCollator, denominator=pairs_in,
+        loss_fn=lambda engine, batch, packed=False: dpo_batch_loss(engine, reference["model"], batch, cfg.beta,
+                                                                   cfg.label_smoothing, packed)[0],
         evaluate_fn=lambda trainer: evaluate_dpo(trainer, reference["model"], cfg),
         fmt=lambda m: (f"loss {m['loss']:.4f}, reward accuracy {m['reward_accuracy']:.3f}, "
                        f"reward margin {m['reward_margin']:.4f}"),

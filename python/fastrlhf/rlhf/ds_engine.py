@@ -270,8 +270,18 @@ class TrainedEngine:
     def zero3(self) -> bool:
         return self.engine.zero_optimization_stage() == 3
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor, last_pass: bool = True) -> None:
+        """`engine.backward(loss)`. last_pass=False: more passes of the same micro-batch follow
+        (packed rows under a token budget), so this one is kept off the accumulation boundary
+        (no gradient reduction yet; the micro-batch's last pass and `step` do as usual)."""
+        if last_pass:
+            self.engine.backward(loss)
+            return
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            self.engine.backward(loss)
+        finally:
+            self.engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own counting
 
     def step(self, skip: bool = False) -> Optional[bool]:
         """`engine.step()`. Off an accumulation boundary: None. On one: whether the update was

@@ -24,6 +24,7 @@ from . import rl_math as M
 from .algorithms import compute_advantages
 from .batches import to_device
 from .logprobs import shifted_logprobs
+from .packing import plan_passes
 
 
 @dataclass
@@ -34,6 +35,24 @@ class Rollout:
     action_mask: torch.Tensor      # [B, N] float: 1 on answer tokens up to and including EOS
     prompt_len: int                # P
     engine_logprobs: Optional[torch.Tensor] = None  # [B, N] the generation engine's log-probs, when asked
+
+
+@dataclass
+class ScoredRollout:
+    """A Rollout with its rewards, before any model pass: what dynamic sampling keeps or drops."""
+    batch: Dict[str, Any]          # the PromptCollator batch it answers (prompts repeated group_size times)
+    rollout: Rollout
+    scores: torch.Tensor           # [B] all reward sources summed; a rewardless sample: its group's mean
+    sample_mask: torch.Tensor      # [B] 1 = every source rewarded the sample
+    result: Any                    # the sources' RewardResult; None when the reward model is the only one
+    truncated: torch.Tensor        # [B] bool: cut at max_new_tokens without an EOS
+    penalty: Optional[torch.Tensor] = None  # [B] the soft overlong penalty, added to the scores
+    times: Dict[str, float] = field(default_factory=dict)  # gen_time, time_reward_forward
+
+
+def reward_stats(result) -> Dict[str, float]:
+    """Per-source reward metrics of a RewardResult (None: the reward model alone, nothing to add)."""
+    return result.stats() if result is not None else {"rewardless_samples": 0.0}
 
 
 @dataclass
@@ -68,38 +87,45 @@ class Experience:
 
 
 def answer_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    with_entropy: bool = False):
+                    with_entropy: bool = False, packed: bool = False):
     """Log-probs [B, N] of the answer tokens under `model` (and their entropies when asked), from
-    the fused op on the answer columns only (`logprobs.shifted_logprobs`)."""
+    the fused op on the answer columns only (`logprobs.shifted_logprobs`); packed=True runs the
+    real tokens packed into one row (0 after each answer's end)."""
     return shifted_logprobs(model, sequences, attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                            start=prompt_len - 1, with_entropy=with_entropy)
+                            start=prompt_len - 1, with_entropy=with_entropy, packed=packed)
 
 
 def answer_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                  prompt_len: int) -> torch.Tensor:
+                  prompt_len: int, packed: bool = False) -> torch.Tensor:
     """Critic values [B, N]: the value of the state each answer token is chosen in (the
     column before it), the same alignment as the log-probs."""
-    values = critic(input_ids=sequences, attention_mask=attention_mask)
+    values = critic(sequences, attention_mask, **({"packed": True} if packed else {}))
     return values[:, prompt_len - 1:-1].float()
 
 
-def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    packed: bool = False) -> torch.Tensor:
     """Reward-model score [B] at the last real token of each sequence. Picked here from the
     per-token values, because a rollout is padded on both sides (left prompt padding, right
     after-EOS padding)."""
-    values = reward_model(input_ids=sequences, attention_mask=attention_mask)
+    values = reward_model(sequences, attention_mask, **({"packed": True} if packed else {}))
     last = M.last_index(attention_mask)
     return values[torch.arange(values.shape[0], device=values.device), last].float()
 
 
-def rollout_stats(exp: "Experience", old_logprobs: Optional[torch.Tensor], kl_estimator: str) -> Dict[str, float]:
-    """What a step logs about its rollouts once the actor's log-probs at rollout time are known
+def rollout_stats(exp: "Experience", old_logprobs: Optional[torch.Tensor], kl_estimator: str,
+                  rows: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """What a step logs about its rollouts once the trainer's log-probs at rollout time are known
     (`exp.old_logprobs`, or the update's when its own forward gave them; None: not known, nothing
     to log): the summed KL to the reference per answer, and the rollout engine's mismatch to the
-    trainer's log-probs."""
+    trainer's log-probs. `rows` [B] bool: only these rows' log-probs are known (the update's
+    forwards before its first optimizer step, with --old_logprobs engine)."""
     out = {}
-    if old_logprobs is None:
+    if old_logprobs is None or (rows is not None and not bool(rows.any())):
         return out
+    if rows is not None:
+        index = rows.nonzero().squeeze(1)
+        exp, old_logprobs = exp.select(index), old_logprobs[index]
     mask = exp.action_mask
     if exp.ref_logprobs is not None:
         out["kl"] = (M.kl_estimate(old_logprobs, exp.ref_logprobs, kl_estimator) * mask).sum(-1).mean().item()
@@ -165,16 +191,18 @@ class ExperienceMaker:
     def model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The step-2 reward model's scores [B]."""
         reward_tok = self.models.reward_tokenizer
-        if reward_tok is None:
-            return sequence_scores(self.models.reward, sequences, attention_mask)
-        texts = [self.tokenizer.decode(s[m.bool()], skip_special_tokens=True)
-                 for s, m in zip(sequences, attention_mask)]
-        reward_tok.padding_side = "right"
-        enc = reward_tok(texts, return_tensors="pt", padding=True).to(self.device)
-        return sequence_scores(self.models.reward, enc["input_ids"], enc["attention_mask"])
+        if reward_tok is not None:
+            texts = [self.tokenizer.decode(s[m.bool()], skip_special_tokens=True)
+                     for s, m in zip(sequences, attention_mask)]
+            reward_tok.padding_side = "right"
+            enc = reward_tok(texts, return_tensors="pt", padding=True).to(self.device)
+            sequences, attention_mask = enc["input_ids"], enc["attention_mask"]
+        return self.forward_in_passes(lambda model, seqs, mask, _, **kw: sequence_scores(model, seqs, mask, **kw),
+                                      self.models.reward, sequences, attention_mask, 0)
 
     def score(self, batch: Dict[str, Any], rollout: Rollout, group_size: int = 1):
-        """Every reward source on a rollout -> (scores [B], sample_mask [B], per-source stats).
+        """Every reward source on a rollout -> (scores [B], sample_mask [B], the sources' RewardResult
+        or None when the reward model is the only source; `reward_stats` turns it into metrics).
 
         A sample some source gave None scores its group's mean over the scored samples (0 when none
         is), so it moves no baseline; sample_mask marks it 0, to be left out of the loss."""
@@ -193,8 +221,7 @@ class ExperienceMaker:
             v, f = valid.view(-1, g), filled.view(-1, g)
             mean = (f * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
             filled = torch.where(v > 0, f, mean).view(-1)
-        stats = result.stats() if result is not None else {"rewardless_samples": 0.0}
-        return filled, valid, stats
+        return filled, valid, result
 
     def score_all_ranks(self, batch: Dict[str, Any], rollout: Rollout):
         """`score`, with a failure on any rank stopping every rank (none waits in a collective)."""
@@ -219,55 +246,103 @@ class ExperienceMaker:
         return [self.gt_score(p, a) for p, a in zip(prompts, answers)]
 
     @torch.no_grad()
-    def make(self, items: List[Dict[str, Any]], kl_coef: float, old_logprobs: bool = True) -> Experience:
-        """An Experience from prompt items (each sampled group_size times, the samples adjacent).
-        old_logprobs=False skips the actor's forward: the update's own forward gives them (valid
-        when the policy is unchanged until every mini-batch has been through it)."""
-        cfg, models = self.cfg, self.models
+    def sample(self, items: List[Dict[str, Any]]) -> "ScoredRollout":
+        """Answers to prompt items (each sampled group_size times, the samples adjacent), scored by
+        every reward source; no model pass yet (dynamic sampling filters what comes out of here)."""
+        cfg = self.cfg
         if cfg.group_size > 1:
             items = [it for it in items for _ in range(cfg.group_size)]
         batch = to_device(self.collate(items), self.device)
         clock = stopwatch(self.device)
         rollout = self.rollout(batch, return_logprobs=True)
         gen_time = clock()
+        scores, sample_mask, result = self.score_all_ranks(batch, rollout)
+        answers = rollout.sequences[:, rollout.prompt_len:]
+        truncated = M.truncated_answers(rollout.action_mask, answers, self.tokenizer.eos_token_id,
+                                        self.max_new_tokens)
+        penalty = None
+        if cfg.overlong_buffer_len is not None:
+            penalty = M.overlong_penalty(rollout.action_mask.sum(-1), self.max_new_tokens, cfg.overlong_buffer_len,
+                                         cfg.overlong_penalty_factor or 1.0)
+        return ScoredRollout(batch, rollout, scores, sample_mask, result, truncated, penalty,
+                             {"gen_time": gen_time, "time_reward_forward": clock()})
+
+    @torch.no_grad()
+    def make(self, items: List[Dict[str, Any]], kl_coef: float, old_logprobs: bool = True) -> Experience:
+        """`experience(sample(items), ...)`: an Experience from prompt items."""
+        return self.experience(self.sample(items), kl_coef, old_logprobs)
+
+    @torch.no_grad()
+    def experience(self, scored: "ScoredRollout", kl_coef: float, old_logprobs: bool = True) -> Experience:
+        """The model passes on scored answers (actor, reference, critic) and the advantages.
+        old_logprobs=False skips the actor's forward: the update's own forward gives them (valid
+        when the policy is unchanged until every mini-batch has been through it); with
+        --old_logprobs engine the engine's log-probs stand in for it."""
+        cfg, models, batch, rollout = self.cfg, self.models, scored.batch, scored.rollout
         sequences, attention_mask, action_mask, P = (rollout.sequences, rollout.attention_mask, rollout.action_mask,
                                                      rollout.prompt_len)
+        clock = stopwatch(self.device)
         models.actor.eval()
-        times, old_logp, ref_logp = {}, None, None
-        if old_logprobs:
-            old_logp = answer_logprobs(models.actor, sequences, attention_mask, P)
+        times, old_logp, ref_logp = dict(scored.times), None, None
+        if cfg.old_logprobs == "engine":
+            old_logp = rollout.engine_logprobs
+        elif old_logprobs:
+            old_logp = self.forward_in_passes(answer_logprobs, models.actor, sequences, attention_mask, P)
             times["time_actor_forward"] = clock()
         if models.ref is not None:
-            ref_logp = answer_logprobs(models.ref, sequences, attention_mask, P)
+            ref_logp = self.forward_in_passes(answer_logprobs, models.ref, sequences, attention_mask, P)
             times["time_ref_forward"] = clock()
-        scores, sample_mask, reward_info = self.score_all_ranks(batch, rollout)
-        times["time_reward_forward"] = clock()
+        scores, sample_mask = scored.scores, scored.sample_mask
         answer_len = action_mask.sum(1).mean().item()
         action_mask = action_mask * sample_mask[:, None]  # samples without a reward are out of the loss
+        if cfg.mask_truncated:  # cut answers leave the loss; their rewards still count in their group
+            action_mask = action_mask * (~scored.truncated)[:, None].float()
         values = None
         if models.critic is not None:
-            values = answer_values(models.critic, sequences, attention_mask, P)
+            values = self.forward_in_passes(answer_values, models.critic, sequences, attention_mask, P)
             times["time_critic_forward"] = clock()
         raw_scores = scores.clone()
+        if scored.penalty is not None:
+            scores = scores + scored.penalty
         if cfg.normalize_reward:
             self.reward_stats.update(all_gather_cat(scores[sample_mask > 0]))
             scores = self.reward_stats.normalize(scores)
         adv, returns, stats = compute_advantages(cfg.advantage_settings(), scores, action_mask, old_logp,
                                                  ref_logp, values, kl_coef)
         n_tokens = action_mask.sum().item()
-        scored = raw_scores[sample_mask > 0]
-        info = {"reward_mean": scored.mean().item() if len(scored) else float("nan"),
-                "reward_std": scored.std().item() if len(scored) > 1 else 0.0,
-                "reward_abs_max": scored.abs().max().item() if len(scored) else 0.0, **reward_info,
-                "kl_coef": kl_coef, "answer_len": answer_len,
-                "gen_time": gen_time, "forward_time": sum(times.values()),
-                "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}
+        scored_rows = raw_scores[sample_mask > 0]
+        gen_time = times.pop("gen_time")
+        info = {"reward_mean": scored_rows.mean().item() if len(scored_rows) else float("nan"),
+                "reward_std": scored_rows.std().item() if len(scored_rows) > 1 else 0.0,
+                "reward_abs_max": scored_rows.abs().max().item() if len(scored_rows) else 0.0,
+                **reward_stats(scored.result), "kl_coef": kl_coef, "answer_len": answer_len,
+                "truncated": float(scored.truncated.sum()), "gen_time": gen_time,
+                "forward_time": sum(times.values()), "gen_tokens_per_s": n_tokens / max(gen_time, 1e-9), **times}
+        if scored.penalty is not None:
+            info["overlong_penalty"] = scored.penalty.mean().item()
         if self.gt_score is not None:
             info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], sequences, action_mask, P)))
         return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                           old_logprobs=old_logp, ref_logprobs=ref_logp, advantages=adv, scores=raw_scores,
                           prompt_len=P, old_values=values, returns=returns, rollout_logprobs=rollout.engine_logprobs,
                           info=info, sample_mask=sample_mask)
+
+    def forward_in_passes(self, fn: Callable, model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                          prompt_len: int) -> torch.Tensor:
+        """fn(model, sequences, attention_mask, prompt_len) -> [B, N]; with --packing, run as passes of
+        packed rows under the token budget (`packing.plan_passes`), the results put back in row order."""
+        if not self.cfg.packing:
+            return fn(model, sequences, attention_mask, prompt_len)
+        passes = plan_passes(attention_mask.sum(1).tolist(), self.cfg.max_tokens_per_micro_batch)
+        if len(passes) == 1:
+            return fn(model, sequences, attention_mask, prompt_len, packed=True)
+        out = None
+        for rows in passes:
+            idx = torch.tensor(rows, device=sequences.device)
+            part = fn(model, sequences[idx], attention_mask[idx], prompt_len, packed=True)
+            out = part.new_zeros(len(sequences), *part.shape[1:]) if out is None else out
+            out[idx] = part
+        return out
 
     @torch.no_grad()
     def eval_sums(self, batch: Dict[str, Any], generator: torch.Generator) -> List[float]:

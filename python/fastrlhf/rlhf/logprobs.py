@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..utils.packing import PackedRows
 from . import rl_math as M
 from .ds_engine import is_partitioned
 
@@ -68,24 +69,29 @@ def _log_once(reason: str) -> None:
 
 def shifted_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                     start: int = 0, with_entropy: bool = False, fused: Optional[bool] = None
-                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                     start: int = 0, with_entropy: bool = False, fused: Optional[bool] = None,
+                     packed: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """log p(labels[:, c + 1] | tokens <= c) for columns c = start .. S-2: [B, S - 1 - start], fp32.
 
     labels default to input_ids; label -100 gives 0 (and entropy 0). With with_entropy, also the
     entropy of each of those next-token distributions. fused=None picks the fused op whenever the
     model allows it (`fused_parts`); False forces the full HF forward (for comparisons).
+    packed=True runs the model on the real tokens only, packed into one row (`utils.packing`; the
+    positions are those of `position_ids_from_mask`): the same numbers wherever a real token
+    predicts a real token, 0 where the padded forward would have scored padding.
     """
     labels = input_ids if labels is None else labels
-    targets = labels[:, start + 1:]
     parts, why = fused_parts(model) if fused is not False else (None, "")
+    if parts is None and why:
+        _log_once(why)
+    if packed:
+        return _packed_logprobs(model, parts, input_ids, attention_mask, labels, start, with_entropy)
+    targets = labels[:, start + 1:]
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     keep = targets != IGNORE_INDEX
     if parts is None:
-        if why:
-            _log_once(why)
         out = model(**kwargs)
         logits = (out.logits if hasattr(out, "logits") else out[0])[:, start:-1]
         logp = M.logprobs_from_logits(logits, targets.clamp(min=0)) * keep
@@ -107,4 +113,30 @@ def shifted_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
             full = t.new_zeros(flat_keep.shape[0])
             t = full.masked_scatter(flat_keep, t)
         shaped.append(t.view(targets.shape))
+    return tuple(shaped) if with_entropy else shaped[0]
+
+
+def _packed_logprobs(model, parts, input_ids, attention_mask, labels, start: int, with_entropy: bool):
+    """shifted_logprobs on the packed row: only the scored tokens (a labelled real token after a
+    real token) are read out of the model's output, then put back in the [B, S - 1 - start] layout."""
+    rows = PackedRows.of(attention_mask)
+    real = attention_mask.bool()
+    keep = (labels[:, 1:] != IGNORE_INDEX) & real[:, 1:] & real[:, :-1]
+    keep[:, :start] = False
+    source = rows.slots()[:, :-1][keep]        # where each scored token's context ends, in the row
+    targets = labels[:, 1:][keep]
+    kwargs = dict(input_ids=rows.pack(input_ids), position_ids=rows.position_ids, use_cache=False)
+    if parts is None:
+        out = model(**kwargs)
+        logits = (out.logits if hasattr(out, "logits") else out[0])[0, source]
+        values = [M.logprobs_from_logits(logits, targets)]
+        if with_entropy:
+            values.append(M.entropy_from_logits(logits))
+    else:
+        body, head = parts
+        out = body(**kwargs)
+        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0, source]
+        res = ops.token_logprobs(hidden, head.weight, targets, return_entropy=with_entropy)
+        values = list(res) if with_entropy else [res]
+    shaped = [v.new_zeros(keep.shape).masked_scatter(keep, v)[:, start:] for v in values]
     return tuple(shaped) if with_entropy else shaped[0]

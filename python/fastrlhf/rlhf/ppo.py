@@ -12,6 +12,7 @@ checkpoints, resume and evaluation schedule are the shared `trainer.Trainer`'s.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -25,10 +26,13 @@ from ..utils.distributed import all_ranks_true, barrier, is_rank0, mean_over_ran
 from . import rl_math as M
 from .batches import GlobalBatchSampler, eval_sums, to_device, total_train_steps
 from .configs import PPOConfig
-from .experience import Experience, ExperienceMaker, answer_logprobs, answer_values, rollout_stats, stopwatch
+from .dynamic_sampling import sample_informative_groups
+from .experience import Experience, ExperienceMaker, rollout_stats, stopwatch
 from .ppo_models import build_ppo_models, check_lengths, reward_tokenizer_for
 from .run_setup import setup_run
-from .sft import sequence_nll
+from .packing import check_budget, check_models, plan_passes, select_rows
+from .sft import labelled_tokens
+from .update_losses import actor_loss, critic_loss, ptx_loss
 from .trainer import Trainer
 
 HUGE_REWARD = 1e4  # a divergence after rewards this large names their scale first
@@ -44,10 +48,12 @@ def bundled_task_scorer(cfg) -> Optional[Any]:
 
 @dataclass
 class UpdateResult:
-    """What one update computed: its metrics (means over the applied mini-batches) and, when the
-    rollout left them to it, the rollout policy's log-probs [B, N] from its own forward."""
+    """What one update computed: its metrics (means over the applied mini-batches) and the rollout
+    policy's log-probs [B, N] from its own forwards before its first optimizer step, in the rows
+    marked by `fresh_rows` [B] (all of them with one optimizer step per rollout)."""
     metrics: Dict[str, float]
     old_logprobs: Optional[torch.Tensor] = None
+    fresh_rows: Optional[torch.Tensor] = None
 
 
 class PPOTrainer(Trainer):
@@ -74,7 +80,11 @@ class PPOTrainer(Trainer):
             eval_prompts = [eval_p[i] for i in range(len(eval_p))] if eval_prompts is None else eval_prompts
         self.prompts, self.eval_prompt_items = prompts, eval_prompts
         max_new_tokens = cfg.max_new_tokens or cfg.data.max_answer_len
-        check_lengths(cfg, models, max(len(p["prompt_input_ids"]) for p in prompts + eval_prompts), max_new_tokens)
+        longest_prompt = max(len(p["prompt_input_ids"]) for p in prompts + eval_prompts)
+        check_lengths(cfg, models, longest_prompt, max_new_tokens)
+        if cfg.packing:
+            check_budget(cfg.max_tokens_per_micro_batch, longest_prompt + max_new_tokens,
+                         f"the longest prompt + answer ({longest_prompt} + --max_new_tokens {max_new_tokens})")
         self.sampler = GlobalBatchSampler(len(prompts), cfg.rollout_batch_size, 1, ctx.world_size, ctx.rank, cfg.seed,
                                           what="the prompt set", fix="lower --rollout_batch_size or add prompts")
         self.total_steps = total_train_steps(cfg, self.sampler.steps_per_epoch)
@@ -83,6 +93,9 @@ class PPOTrainer(Trainer):
         self.models = build_ppo_models(cfg, ctx, tokenizer, max(1, optimizer_steps), models, reward_tokenizer)
         self.actor, self.critic, self.ref, self.ema = (self.models.actor, self.models.critic, self.models.ref,
                                                        self.models.ema)
+        if cfg.packing:
+            check_models({"actor": self.actor, "critic": self.critic, "reference model": self.ref,
+                          "reward model": self.models.reward}, ctx)
         self.rollouts = ExperienceMaker(cfg, self.models, tokenizer, ctx.device, ctx.rank, max_new_tokens,
                                         bundled_task_scorer(cfg))
         self.kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
@@ -128,24 +141,32 @@ class PPOTrainer(Trainer):
     def train_step(self) -> Dict[str, float]:
         """Rollouts on the next prompts, then the update. Returns the step's metrics (mean over ranks)."""
         t0 = time.perf_counter()
-        items = [self.prompts[i] for i in self.sampler.next_step()[0]]
-        exp = self.rollouts.make(items, self.kl_ctl.value, old_logprobs=not self.old_logprobs_from_update)
+        next_items = lambda: [self.prompts[i] for i in self.sampler.next_step()[0]]  # noqa: E731
+        sampling: Dict[str, float] = {}
+        if self.cfg.dynamic_sampling:
+            scored, sampling = sample_informative_groups(self.rollouts, next_items, self.cfg)
+        else:
+            scored = self.rollouts.sample(next_items())
+        exp = self.rollouts.experience(scored, self.kl_ctl.value, old_logprobs=not self.old_logprobs_from_update)
         t1 = time.perf_counter()
         finite = all_ranks_true(all(torch.isfinite(t).all() for t in (
             exp.advantages, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.returns) if t is not None))
-        metrics, old_logprobs = dict(exp.info), exp.old_logprobs
+        metrics, trainer_logprobs, rows = {**exp.info, **sampling}, exp.old_logprobs, None
         self._reward_abs_max = metrics.get("reward_abs_max")  # named when the run diverges (divergence_hint)
         if finite:
             result = self.update(exp)
             metrics.update(result.metrics)
-            if old_logprobs is None:
-                old_logprobs = result.old_logprobs
+            if self.cfg.old_logprobs == "engine":  # the trainer's own numbers, where the update saw them first
+                trainer_logprobs, rows = result.old_logprobs, result.fresh_rows
+            elif trainer_logprobs is None:
+                trainer_logprobs = result.old_logprobs
         else:
             metrics["skipped_updates"] = float(self.updates_per_step)
         t2 = time.perf_counter()
         self.count_nonfinite(None if metrics["skipped_updates"] < self.updates_per_step else
                              "losses or gradients" if finite else "rollout rewards, values or log-probs")
-        metrics.update(rollout_stats(exp, old_logprobs, self.cfg.kl_estimator))
+        if finite or self.cfg.old_logprobs != "engine":
+            metrics.update(rollout_stats(exp, trainer_logprobs, self.cfg.kl_estimator, rows))
         if "kl" in metrics:  # the controller sees the all-rank KL, so every rank keeps the same coefficient
             self.kl_ctl.update(mean_over_ranks(metrics["kl"]), len(exp) * self.ctx.world_size)
         if self.ema is not None:
@@ -166,17 +187,19 @@ class PPOTrainer(Trainer):
             self.critic.train()
         g = torch.Generator().manual_seed(cfg.seed * 31 + self.step)
         clock, t_actor, t_critic = stopwatch(self.ctx.device), 0.0, 0.0
-        old_logprobs = None
-        if exp.old_logprobs is None:  # filled, mini-batch by mini-batch, by the update's own forward
-            old_logprobs = torch.zeros_like(exp.action_mask)
+        # the update's own forwards before its first optimizer step are the rollout policy's
+        fresh, fresh_rows = torch.zeros_like(exp.action_mask), torch.zeros(len(exp), dtype=torch.bool)
+        n_mb = 0
         for _ in range(cfg.ppo_epochs):
             for mb_idx in torch.randperm(len(exp), generator=g).split(cfg.micro_batch_size):
-                mb = exp.select(mb_idx.to(exp.sequences.device))
+                mb_idx = mb_idx.to(exp.sequences.device)
+                mb = exp.select(mb_idx)
                 clock()
-                stats, mb_old_logprobs = self._actor_step(mb)
+                stats, mb_logprobs = self._actor_step(mb)
                 t_actor += clock()
-                if old_logprobs is not None:
-                    old_logprobs[mb_idx.to(exp.sequences.device)] = mb_old_logprobs
+                if n_mb < self.ctx.accumulation:
+                    fresh[mb_idx], fresh_rows[mb_idx.cpu()] = mb_logprobs, True
+                n_mb += 1
                 if self.critic is not None and stats is not None:
                     critic_stats = self._critic_step(mb)
                     t_critic += clock()
@@ -189,7 +212,7 @@ class PPOTrainer(Trainer):
                     sums[k] = sums.get(k, 0.0) + v
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out.update(skipped_updates=float(skipped), time_actor_train=t_actor, time_critic_train=t_critic)
-        return UpdateResult(out, old_logprobs)
+        return UpdateResult(out, fresh, fresh_rows)
 
     def _finite_or_skip(self, loss: torch.Tensor) -> bool:
         """Agreed over ranks (ZeRO collectives stay in step). A mini-batch with a non-finite loss is
@@ -203,61 +226,68 @@ class PPOTrainer(Trainer):
                 "--learning_rate, or drop --global_batch_size so that bad mini-batches can be skipped")
         return False
 
+    def _passes(self, mb: Experience) -> List[Optional[torch.Tensor]]:
+        """The mini-batch's rows per pass: [None] (all in one, padded or packed), or packed rows
+        under --max_tokens_per_micro_batch (the same number of passes on every rank)."""
+        if not self.cfg.packing or self.cfg.max_tokens_per_micro_batch is None:
+            return [None]
+        rows = plan_passes(mb.attention_mask.sum(1).tolist(), self.cfg.max_tokens_per_micro_batch)
+        return [None] if len(rows) == 1 else [torch.tensor(r, device=mb.sequences.device) for r in rows]
+
+    def _train_passes(self, engine, passes) -> Optional[Dict[str, float]]:
+        """Backward each pass (a closure giving its loss and additive stats), then one optimizer
+        step -> the summed stats, None when the step was skipped (a NaN/inf loss: every pass is
+        still run, so that collectives stay in step, and the step is refused) or not applied."""
+        stats: Dict[str, float] = {}
+        bad = False
+        for i, run in enumerate(passes):
+            loss, st = run()
+            if not self._finite_or_skip(loss.detach()):
+                if len(passes) == 1:
+                    return None
+                bad = True
+            engine.backward(loss, last_pass=i == len(passes) - 1)
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v
+        if engine.step(skip=bad) is False or bad:  # False: NaN/inf gradients, the update was not applied
+            return None
+        return stats
+
     def _actor_step(self, mb: Experience) -> Tuple[Optional[Dict[str, float]], torch.Tensor]:
-        """One actor mini-batch -> (its stats, None when skipped; the rollout policy's log-probs
-        of its answers: `mb.old_logprobs`, or this forward's when the rollout skipped them)."""
-        cfg = self.cfg
-        logp, entropy = answer_logprobs(self.actor, mb.sequences, mb.attention_mask, mb.prompt_len, with_entropy=True)
-        # one optimizer step per rollout: this forward is the rollout policy's
-        old_logprobs = logp.detach() if mb.old_logprobs is None else mb.old_logprobs
-        mask, agg = mb.action_mask, dict(mode=cfg.loss_agg, norm_len=self.rollouts.max_new_tokens)
-        low, high = cfg.clip_range()
-        is_weights = None
-        if cfg.tis_cap is not None and mb.rollout_logprobs is not None:
-            is_weights = M.truncated_is_weights(old_logprobs, mb.rollout_logprobs, cfg.tis_cap)
-        loss, st = M.clipped_policy_loss(logp, old_logprobs, mb.advantages, mask, low,
-                                         clip_eps_high=high, dual_clip=cfg.dual_clip,
-                                         importance_level=cfg.importance_level, loss_agg=cfg.loss_agg,
-                                         norm_len=agg["norm_len"], is_weights=is_weights)
-        stats = {"policy_loss": loss.item(), **{k: v.item() for k, v in st.items()},
-                 "entropy": M.masked_mean(entropy.detach(), mask).item()}
-        if is_weights is not None:
-            stats["tis_weight"] = M.masked_mean(is_weights, mask).item()
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * M.aggregate_loss(entropy, mask, **agg)
-        if not cfg.advantage_settings().kl_in_reward and self.kl_ctl.value > 0:
-            kl_loss = M.aggregate_loss(M.kl_estimate(logp, mb.ref_logprobs, "k3"), mask, **agg)
-            loss = loss + self.kl_ctl.value * kl_loss
-            stats["kl_loss"] = kl_loss.item()
+        """One actor mini-batch (its passes, then PPO-ptx's) -> (its stats, None when skipped; the
+        actor's log-probs of its answers from this forward, before this mini-batch's step)."""
+        cfg, rows_of = self.cfg, self._passes(mb)
+        totals = None if rows_of == [None] else M.BatchTotals.of(mb.action_mask)
+        logprobs = torch.zeros_like(mb.action_mask)
+
+        def actor_pass(rows):
+            part = mb if rows is None else mb.select(rows)
+            loss, st, logp = actor_loss(cfg, self.actor, part, self.kl_ctl.value, self.rollouts.max_new_tokens,
+                                        totals, packed=cfg.packing)
+            logprobs[slice(None) if rows is None else rows] = logp
+            return loss, st
+        passes = [functools.partial(actor_pass, rows) for rows in rows_of]
         if cfg.ptx_coef > 0 and self.ptx_data is not None:
-            ptx = self._ptx_loss()
-            loss = loss + cfg.ptx_coef * ptx
-            stats["ptx_loss"] = ptx.item()
-        if not self._finite_or_skip(loss.detach()):
-            return None, old_logprobs
-        self.actor.backward(loss)
-        if self.actor.step() is False:  # NaN/inf gradients: the update was not applied
-            return None, old_logprobs
-        return stats, old_logprobs
+            passes += self._ptx_passes()
+        return self._train_passes(self.actor, passes), logprobs
 
     def _critic_step(self, mb: Experience) -> Optional[Dict[str, float]]:
-        cfg = self.cfg
-        values = answer_values(self.critic, mb.sequences, mb.attention_mask, mb.prompt_len)
-        loss, st = M.clipped_value_loss(values, mb.old_values, mb.returns, mb.action_mask, cfg.value_clip)
-        if not self._finite_or_skip(loss.detach()):
-            return None
-        self.critic.backward(cfg.value_loss_coef * loss)
-        if self.critic.step() is False:
-            return None
-        err = M.masked_mean((values.detach() - mb.returns) ** 2, mb.action_mask)
-        return {"value_loss": loss.item(), "value_clipfrac": st["value_clipfrac"].item(), "value_error": err.item()}
+        rows_of = self._passes(mb)
+        totals = None if rows_of == [None] else M.BatchTotals.of(mb.action_mask)
+        return self._train_passes(self.critic, [
+            functools.partial(critic_loss, self.cfg, self.critic, mb if rows is None else mb.select(rows), totals,
+                              self.cfg.packing) for rows in rows_of])
 
-    def _ptx_loss(self) -> torch.Tensor:
+    def _ptx_passes(self):
+        """PPO-ptx: the next SFT batch's loss (from the fused log-probs), as passes like the actor's."""
         from ..data.collators import SFTCollator
         idx = self.ptx_sampler.next_step()[0]
         batch = to_device(SFTCollator(self.tokenizer.pad_token_id)([self.ptx_data[i] for i in idx]), self.ctx.device)
-        total, count = sequence_nll(self.actor, batch)  # SFT's loss, from the fused log-probs
-        return total / count.clamp(min=1)
+        labelled = labelled_tokens(batch)
+        budget = self.cfg.max_tokens_per_micro_batch if self.cfg.packing else None
+        rows_of = [None] if budget is None else plan_passes(batch["attention_mask"].sum(1).tolist(), budget)
+        return [functools.partial(ptx_loss, self.cfg, self.actor, batch if rows is None else select_rows(batch, rows),
+                                  labelled, self.cfg.packing) for rows in rows_of]
 
     # ------------------------------------------------------------------ evaluation
 

@@ -19,10 +19,11 @@ from .supervised import run_supervised
 from .configs import RMConfig
 
 
-def pair_scores(engine, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen (first half) and rejected (second half) rows of a PairCollator batch."""
+def pair_scores(engine, batch: Dict[str, torch.Tensor], packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen (first half) and rejected (second half) rows of a PairCollator batch
+    (packed=True: the real tokens packed into one row)."""
     # call through the engine (ZeRO-3 hooks run in its forward); RewardModel.forward gives per-token values
-    values = engine(batch["input_ids"], batch["attention_mask"])
+    values = engine(batch["input_ids"], batch["attention_mask"], **({"packed": True} if packed else {}))
     scores = values.gather(1, last_token_index(batch["attention_mask"]).unsqueeze(1)).squeeze(1)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
@@ -32,9 +33,14 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
 
 
-def rm_loss(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    chosen, rejected = pair_scores(engine, batch)
+def rm_loss(engine, batch: Dict[str, torch.Tensor], packed: bool = False) -> torch.Tensor:
+    chosen, rejected = pair_scores(engine, batch, packed)
     return pairwise_loss(chosen, rejected)
+
+
+def pairs_in(batch: Dict[str, torch.Tensor]) -> float:
+    """The denominator of a pair batch's mean loss: its pairs."""
+    return batch["input_ids"].shape[0] / 2
 
 
 def evaluate_pairs(trainer) -> Dict[str, float]:
@@ -60,5 +66,5 @@ def train_reward_model(cfg: RMConfig, *, model: Optional[RewardModel] = None, to
     from ..data import PairCollator
     return run_supervised(
         cfg, step=2, label="step 2 RM", load_model=RewardModel.from_pretrained, default_collate=PairCollator,
-        loss_fn=rm_loss, evaluate_fn=evaluate_pairs, fmt=_fmt,
+        loss_fn=rm_loss, evaluate_fn=evaluate_pairs, fmt=_fmt, denominator=pairs_in,
         model=model, tokenizer=tokenizer, datasets=datasets, collate=collate)

@@ -7,6 +7,7 @@ so padding never moves a number. Everything is computed in the input dtype; call
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -217,6 +218,37 @@ def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
     return out.reshape(-1)
 
 
+def groups_with_signal(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[G] bool for rewards [G * n] laid out prompt-major: True where the group's rewarded answers
+    (valid = 1) do not all score the same. A group of equal rewards (or with fewer than two
+    rewarded answers) has zero group-relative advantage everywhere, so no learning signal: DAPO's
+    dynamic sampling (Yu et al. 2025) drops it and samples more prompts."""
+    r, v = rewards.reshape(-1, group_size), valid.reshape(-1, group_size) > 0
+    inf = torch.full_like(r, float("inf"))
+    high = torch.where(v, r, -inf).max(1).values
+    low = torch.where(v, r, inf).min(1).values
+    return (v.sum(1) >= 2) & (high > low)
+
+
+def truncated_answers(action_mask: torch.Tensor, answer_ids: torch.Tensor, eos_token_id: Optional[int],
+                      max_new_tokens: int) -> torch.Tensor:
+    """[B] bool: answers cut at the length limit, i.e. max_new_tokens tokens without an EOS among them."""
+    full = action_mask.sum(-1) >= max_new_tokens
+    if eos_token_id is None:
+        return full
+    return full & ~(answer_ids == eos_token_id).any(-1)
+
+
+def overlong_penalty(answer_len: torch.Tensor, max_new_tokens: int, buffer_len: int,
+                     factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per answer: 0 up to
+    max_new_tokens - buffer_len tokens, then falling linearly to -factor at the limit
+    (-factor * (len - (max_new_tokens - buffer_len)) / buffer_len); answer_len counts the tokens
+    under the answer mask (EOS included)."""
+    over = (answer_len.to(torch.float32) - (max_new_tokens - buffer_len)).clamp(min=0.0)
+    return -factor * over.clamp(max=float(buffer_len)) / buffer_len
+
+
 class RunningMoments:
     """Running mean/std over all scores seen (Chan et al. parallel update), for reward
     normalisation; picklable state for resume."""
@@ -252,8 +284,29 @@ class RunningMoments:
 
 # --------------------------------------------------------------------------- losses
 
+@dataclass(frozen=True)
+class BatchTotals:
+    """The denominators of a mini-batch's means: its answer tokens and its answers with at least
+    one token. A mini-batch run in several passes (packed rows under a token budget) divides
+    each pass's sums by the whole mini-batch's totals, so the passes' losses and gradients add up
+    to the mini-batch's exactly."""
+    tokens: float
+    answers: float
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "BatchTotals":
+        return cls(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
+
+
+def mean_over(x: torch.Tensor, mask: torch.Tensor, totals: Optional[BatchTotals]) -> torch.Tensor:
+    """masked_mean(x, mask), or, with `totals`, this part's share of the mini-batch's mean."""
+    if totals is None:
+        return masked_mean(x, mask)
+    return masked_sum(x, mask.to(x.dtype)) / max(totals.tokens, 1.0)
+
+
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
-                   norm_len: Optional[float] = None) -> torch.Tensor:
+                   norm_len: Optional[float] = None, totals: Optional[BatchTotals] = None) -> torch.Tensor:
     """One number from per-token losses [B, N]:
 
     token_mean:              sum over every answer token / number of tokens (DAPO, Yu et al.
@@ -264,10 +317,11 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     seq_mean_token_sum_norm: each answer's token sum / norm_len (a constant: the generation
                              budget), then the mean over answers (Dr.GRPO, Liu et al. 2025: no
                              per-answer length normalisation).
-    Answers with no token under the mask are left out of the means over answers."""
+    Answers with no token under the mask are left out of the means over answers. With `totals`
+    the means divide by the mini-batch's totals instead of this batch's (see BatchTotals)."""
     mask = mask.to(per_token.dtype)
     if mode == "token_mean":
-        return masked_mean(per_token, mask)
+        return mean_over(per_token, mask, totals)
     seq = masked_sum(per_token, mask, -1)
     n_tokens = mask.sum(-1)
     if mode == "seq_mean_token_mean":
@@ -278,6 +332,8 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
         seq = seq / norm_len
     elif mode != "seq_mean_token_sum":
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
+    if totals is not None:
+        return masked_sum(seq, (n_tokens > 0).to(per_token.dtype)) / max(totals.answers, 1.0)
     return masked_mean(seq, (n_tokens > 0).to(per_token.dtype))
 
 
@@ -303,8 +359,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, *,
                         clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
                         importance_level: str = "token", loss_agg: str = "token_mean",
-                        norm_len: Optional[float] = None, is_weights: Optional[torch.Tensor] = None
-                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                        norm_len: Optional[float] = None, is_weights: Optional[torch.Tensor] = None,
+                        totals: Optional[BatchTotals] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """PPO surrogate: per token max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old,
     aggregated by `loss_agg` (default: the mean over tokens).
 
@@ -316,7 +372,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     rollout engine's policy (truncated_is_weights).
 
     Also returns the clip fraction (tokens where the clipped branch won), the dual-clip fraction
-    when on, and the approximate KL between old and new policy per token (k3, >= 0)."""
+    when on, and the approximate KL between old and new policy per token (k3, >= 0). With
+    `totals` the loss and the stats are this part's shares of a mini-batch's (they add up)."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, mask, importance_level))
     loss_unclipped = -advantages * ratio
@@ -327,14 +384,14 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         cap = -advantages * dual_clip
         capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(capped, cap, per_token)
-        stats["policy_dualclip_frac"] = masked_mean(capped.float(), mask).detach()
+        stats["policy_dualclip_frac"] = mean_over(capped.float(), mask, totals).detach()
     if is_weights is not None:
         per_token = per_token * is_weights
-    loss = aggregate_loss(per_token, mask, loss_agg, norm_len)
+    loss = aggregate_loss(per_token, mask, loss_agg, norm_len, totals=totals)
     with torch.no_grad():
         log_ratio = logprobs - old_logprobs
-        stats["policy_clipfrac"] = masked_mean((loss_clipped > loss_unclipped).float(), mask)
-        stats["approx_kl"] = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+        stats["policy_clipfrac"] = mean_over((loss_clipped > loss_unclipped).float(), mask, totals)
+        stats["approx_kl"] = mean_over(torch.expm1(-log_ratio) + log_ratio, mask, totals)
     return loss, stats
 
 
@@ -358,18 +415,19 @@ def logprob_mismatch(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Ten
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, clip: Optional[float]
+                       mask: torch.Tensor, clip: Optional[float], totals: Optional[BatchTotals] = None
                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped = old +
-    clamp(V - old, -clip, clip). clip None/<=0 gives the plain squared error."""
+    clamp(V - old, -clip, clip). clip None/<=0 gives the plain squared error. With `totals`, this
+    part's shares of a mini-batch's loss and clip fraction."""
     err = (values - returns) ** 2
     if clip is not None and clip > 0:
         v_clipped = old_values + (values - old_values).clamp(-clip, clip)
         err_clipped = (v_clipped - returns) ** 2
-        loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-        clipfrac = masked_mean((err_clipped > err).float(), mask)
+        loss = 0.5 * mean_over(torch.maximum(err, err_clipped), mask, totals)
+        clipfrac = mean_over((err_clipped > err).float(), mask, totals)
     else:
-        loss = 0.5 * masked_mean(err, mask)
+        loss = 0.5 * mean_over(err, mask, totals)
         clipfrac = torch.zeros((), device=values.device)
     return loss, {"value_clipfrac": clipfrac.detach()}
 

@@ -18,16 +18,23 @@ from .configs import SFTConfig
 from .logprobs import IGNORE_INDEX, shifted_logprobs
 
 
-def sequence_nll(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def sequence_nll(model, batch: Dict[str, torch.Tensor], packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over the labelled positions and their count, from the fused log-probs
-    (`logprobs.shifted_logprobs`: only labelled tokens are scored, no [tokens, vocab] logits)."""
-    logp = shifted_logprobs(model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    (`logprobs.shifted_logprobs`: only labelled tokens are scored, no [tokens, vocab] logits);
+    packed=True runs the batch's real tokens packed into one row."""
+    logp = shifted_logprobs(model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                            packed=packed)
     return -logp.sum(), (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def sft_loss(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    total, count = sequence_nll(engine, batch)
+def sft_loss(engine, batch: Dict[str, torch.Tensor], packed: bool = False) -> torch.Tensor:
+    total, count = sequence_nll(engine, batch, packed)
     return total / count.clamp(min=1)
+
+
+def labelled_tokens(batch: Dict[str, torch.Tensor]) -> int:
+    """The denominator of a batch's SFT loss: its labelled next-token targets."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def evaluate_perplexity(trainer) -> Dict[str, float]:
@@ -50,6 +57,6 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, datasets: Optional[
     from ..data import SFTCollator
     return run_supervised(
         cfg, step=1, label="step 1 SFT", load_model=load_causal_lm, default_collate=SFTCollator,
-        loss_fn=sft_loss, evaluate_fn=evaluate_perplexity,
+        loss_fn=sft_loss, evaluate_fn=evaluate_perplexity, denominator=labelled_tokens,
         fmt=lambda m: f"loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}",
         model=model, tokenizer=tokenizer, datasets=datasets, collate=collate)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from ..utils.distributed import all_ranks_true, all_reduce_sum
 from .batches import GlobalBatchSampler, eval_sums, to_device, total_train_steps
 from .ds_engine import initialize_engine
+from .packing import check_budget, check_models, longest_item, plan_passes, select_rows
 from .run_setup import RunContext, describe_run, setup_run, training_dtype
 from .trainer import Trainer
 
@@ -26,15 +27,20 @@ class SupervisedTrainer(Trainer):
     the rank's micro-batches of one global batch; the data position is the resumable state.
 
     `loss_fn(engine, batch)` is the micro-batch loss (the engine scales it for accumulation);
-    `evaluate_fn(trainer)` returns the eval metrics; `fmt(metrics)` renders them on one line."""
+    `evaluate_fn(trainer)` returns the eval metrics; `fmt(metrics)` renders them on one line.
+    With --packing, `loss_fn(engine, part, packed=True)` is the mean loss of a pass's rows, weighed
+    by its share of the micro-batch's `denominator(batch)` (labelled tokens, pairs); `pairs`: the
+    batch is B chosen rows then their B rejected twins, kept in one pass."""
 
     def __init__(self, cfg, ctx: RunContext, *, engine, tokenizer, sampler: GlobalBatchSampler, train_dataset,
                  eval_dataset, collate, loss_fn: LossFn, evaluate_fn: Callable[["SupervisedTrainer"], Dict[str, float]],
-                 fmt: Callable[[Dict[str, float]], str], label: str):
+                 fmt: Callable[[Dict[str, float]], str], label: str,
+                 denominator: Optional[Callable[[Dict[str, Any]], float]] = None, pairs: bool = False):
         super().__init__(cfg, ctx, tokenizer)
         self.engine, self.sampler, self.collate = engine, sampler, collate
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.loss_fn, self.evaluate_fn, self.fmt, self.label = loss_fn, evaluate_fn, fmt, label
+        self.denominator, self.pairs = denominator, pairs
         self.total_steps = total_train_steps(cfg, self.sampler.steps_per_epoch)
         self.eval_batch_size = cfg.eval_batch_size or ctx.micro_batch_size
         self.engine.train()
@@ -49,19 +55,35 @@ class SupervisedTrainer(Trainer):
         micro_batches = self.sampler.next_step()
         for n, idx in enumerate(micro_batches):
             batch = to_device(self.collate([self.train_dataset[i] for i in idx]), self.engine.device)
-            loss = self.loss_fn(self.engine, batch)
-            value = loss.detach().float().item()
-            bad_loss = bad_loss or not math.isfinite(value)
-            self.engine.backward(loss)
+            passes = self.passes(batch)
+            for k, (part, weight) in enumerate(passes):
+                loss = self.loss_fn(self.engine, part, packed=True) * weight if self.cfg.packing else \
+                    self.loss_fn(self.engine, part)
+                value = loss.detach().float().item()
+                bad_loss = bad_loss or not math.isfinite(value)
+                self.engine.backward(loss, last_pass=k == len(passes) - 1)
+                total += value
             if n == len(micro_batches) - 1:  # the step is skipped on every rank, or on none
                 bad_loss = not all_ranks_true(not bad_loss)
             applied = self.engine.step(skip=bad_loss) is not False and applied
-            total += value
         self.count_nonfinite("loss" if bad_loss else None if applied else "gradients")
         summed = all_reduce_sum(torch.tensor([total, len(micro_batches)], dtype=torch.float64))
         return {"loss": float(summed[0] / summed[1]), "lr": self.engine.get_lr()[0],
                 "samples_per_s": self.ctx.global_batch_size / max(1e-9, time.perf_counter() - t0),
                 "nonfinite_steps": float(self.nonfinite_total)}
+
+    def passes(self, batch: Dict[str, Any]) -> List[Tuple[Dict[str, Any], float]]:
+        """(rows, weight) per pass: the whole micro-batch, or packed rows under the token budget,
+        each weighed by its share of the micro-batch's loss denominator."""
+        budget = self.cfg.max_tokens_per_micro_batch if self.cfg.packing else None
+        if budget is None:
+            return [(batch, 1.0)]
+        rows_of = plan_passes(batch["attention_mask"].sum(1).tolist(), budget, self.pairs)
+        if len(rows_of) == 1:
+            return [(batch, 1.0)]
+        total = max(self.denominator(batch), 1.0)
+        parts = [select_rows(batch, rows) for rows in rows_of]
+        return [(part, self.denominator(part) / total) for part in parts]
 
     def has_eval_data(self) -> bool:
         return len(self.eval_dataset) > 0
@@ -88,13 +110,15 @@ class SupervisedTrainer(Trainer):
 
 def run_supervised(cfg, *, step: int, label: str, load_model: Callable, default_collate: Callable,
                    loss_fn: LossFn, evaluate_fn: Callable, fmt: Callable[[Dict[str, float]], str],
+                   denominator: Callable[[Dict[str, Any]], float],
                    prepare_model: Optional[Callable[[nn.Module, RunContext, Any], None]] = None,
                    model=None, tokenizer=None, datasets=None, collate=None) -> Dict[str, Any]:
     """The driver of the fixed-dataset trainers: load what was not passed in, build the engine,
     then `SupervisedTrainer.run()`. `step` picks the data split (1: SFT items, 2: preference pairs);
     `load_model(path, tokenizer=, dtype=, seed=, ds_config=)` builds the model and
     `prepare_model(model, ctx, tokenizer)` may adjust it (or load companions such as DPO's frozen
-    reference) before the engine is built."""
+    reference) before the engine is built. `denominator(batch)` is what loss_fn divides by (the
+    weight of a packed pass)."""
     from ..models.loading import apply_lora_from_config, enable_gradient_checkpointing, load_tokenizer
 
     ctx = setup_run(cfg, check_tokenizers=tokenizer is None)
@@ -103,6 +127,10 @@ def run_supervised(cfg, *, step: int, label: str, load_model: Callable, default_
         from ..data import build_datasets
         datasets = build_datasets(cfg.data, tokenizer, step)
     train_ds, eval_ds = datasets
+    if cfg.packing:
+        check_budget(cfg.max_tokens_per_micro_batch, longest_item(train_ds, step == 2),
+                     "the longest pair (chosen + rejected) of the training data" if step == 2 else
+                     "the longest sequence of the training data")
     if collate is None:
         collate = default_collate(tokenizer.pad_token_id)
     if model is None:
@@ -116,9 +144,11 @@ def run_supervised(cfg, *, step: int, label: str, load_model: Callable, default_
     sampler = GlobalBatchSampler(len(train_ds), ctx.micro_batch_size, ctx.accumulation, ctx.world_size, ctx.rank,
                                  cfg.seed)
     engine = initialize_engine(model, cfg, ctx.ds_config, total_train_steps(cfg, sampler.steps_per_epoch))
+    if cfg.packing:
+        check_models({"model": engine}, ctx)
     trainer = SupervisedTrainer(cfg, ctx, engine=engine, tokenizer=tokenizer, sampler=sampler, train_dataset=train_ds,
                                 eval_dataset=eval_ds, collate=collate, loss_fn=loss_fn, evaluate_fn=evaluate_fn,
-                                fmt=fmt, label=label)
+                                fmt=fmt, label=label, denominator=denominator, pairs=step == 2)
     describe_run(ctx, engine.module, len(train_ds), len(eval_ds), trainer.total_steps)
     result = trainer.run()
     result.update(losses=trainer.losses, engine=engine)

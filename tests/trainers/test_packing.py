@@ -1,0 +1,296 @@
+"""Training without padding (--packing, --max_tokens_per_micro_batch): the packed layout and the
+pass planner by hand, packed attention that never reaches across sequences (every tiny family, and
+the probe that refuses one that does), then each trainer's loss and gradients packed (one row, and
+several passes under a token budget) against padded, within fp32 tolerance, and whole runs."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fastrlhf.errors import ConfigError
+from fastrlhf.rlhf import rl_math as M
+from fastrlhf.rlhf.packing import check_packed_attention, plan_passes, select_rows
+from fastrlhf.utils.packing import PackedRows
+from conftest import TINY_CONFIGS, tiny_config
+
+
+# --------------------------------------------------------------------------- layout and plan by hand
+
+def test_packed_rows_by_hand():
+    # row 0 left-padded (2 pads), row 1 right-padded, row 2 padded both sides, row 3 one token
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 1]])
+    ids = torch.arange(20).view(4, 5)
+    rows = PackedRows.of(mask)
+    assert rows.pack(ids).tolist() == [[2, 3, 4, 5, 6, 11, 12, 13, 19]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 0]]
+    assert rows.cu_seqlens.tolist() == [0, 3, 5, 8, 9]
+    assert rows.slots()[2].tolist() == [-1, 5, 6, 7, -1]
+    back = rows.unpack(rows.pack(ids) * 10, fill=-1)
+    torch.testing.assert_close(back, torch.where(mask.bool(), ids * 10, torch.full_like(ids, -1)))
+
+
+def test_passes_fit_the_budget_first_fit_decreasing_and_keep_pairs_together():
+    # lengths 5 3 9 2 7, budget 10: 9 | 7+3 | 5+2
+    assert plan_passes([5, 3, 9, 2, 7], 10) == [[2], [1, 4], [0, 3]]
+    assert plan_passes([5, 3, 9, 2, 7], None) == [[0, 1, 2, 3, 4]]
+    # pairs (0, 3) = 7, (1, 4) = 10, (2, 5) = 10 tokens; budget 17: pair 1 opens pass A, pair 2 does
+    # not fit beside it (B), pair 0 does (A); a pass lists its chosen rows, then their twins
+    assert plan_passes([5, 3, 9, 2, 7, 1], 17, pairs=True) == [[0, 1, 3, 4], [2, 5]]
+    with pytest.raises(ConfigError, match=r"--max_tokens_per_micro_batch 10 is smaller than the longest "
+                                          r"sequence \(11 tokens\).*at least 11"):
+        plan_passes([5, 3, 11], 10)
+    with pytest.raises(ConfigError, match=r"longest pair \(chosen \+ rejected\) \(12 tokens\)"):
+        plan_passes([5, 3, 7, 2], 11, pairs=True)
+    batch = {"input_ids": torch.arange(8).view(4, 2), "prompt": list("abcd"), "n": 3}
+    part = select_rows(batch, [3, 1])
+    assert part["input_ids"].tolist() == [[6, 7], [2, 3]] and part["prompt"] == ["d", "b"] and part["n"] == 3
+
+
+# --------------------------------------------------------------------------- attention never crosses
+
+def _hf(name):
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(name)
+    if name == "gemma2":
+        cfg._attn_implementation = "eager"  # sdpa drops gemma2's softcapping
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("name", [n for n in TINY_CONFIGS if not n.startswith("opt")])
+def test_a_packed_forward_never_attends_across_sequences(name, one_thread):
+    """Each family's own attention (transformers' sdpa/eager with restarting position_ids): the
+    logits of a packed sequence are those of the sequence alone, and do not move when the other
+    sequences of the row change; the probe the trainers run agrees."""
+    model = _hf(name)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(4, 90, (n,), generator=g) for n in (6, 1, 9, 4)]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in seqs])
+        packed = model(input_ids=torch.cat(seqs)[None], position_ids=pos, use_cache=False).logits[0]
+        seqs[0] = torch.randint(4, 90, (6,), generator=g)  # change the first sequence only
+        changed = model(input_ids=torch.cat(seqs)[None], position_ids=pos, use_cache=False).logits[0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(changed[6:], packed[6:], atol=1e-6, rtol=0)
+    assert (changed[:6] - packed[:6]).abs().max() > 1e-3  # the change itself is seen
+    check_packed_attention(model, "actor", torch.device("cpu"))
+
+
+def test_a_family_whose_attention_crosses_sequences_is_refused_by_name(one_thread):
+    """OPT in transformers 5.x builds its mask without position_ids: a packed row would attend
+    across sequences, so --packing refuses it, naming the family (a critic over its backbone too)."""
+    from transformers import AutoModel
+    from fastrlhf.models.reward import RewardModel
+    model = _hf("opt")
+    with pytest.raises(ConfigError, match=r"--packing: the actor \(opt\) cannot run packed sequences.*reaches "
+                                          r"across packed sequences.*Drop --packing"):
+        check_packed_attention(model, "actor", torch.device("cpu"))
+    critic = RewardModel(AutoModel.from_config(tiny_config("opt"))).eval()
+    with pytest.raises(ConfigError, match=r"the critic \(opt\)"):
+        check_packed_attention(critic, "critic", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- losses and gradients
+
+@pytest.fixture(scope="module")
+def models():
+    from fastrlhf.models.loading import load_causal_lm
+    from fastrlhf.models.reward import RewardModel
+    torch.set_num_threads(1)
+    policy = load_causal_lm(None, seed=1).train()
+    # weights that are not an init's: the log-probs then differ from token to token
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return {"policy": policy, "rm": RewardModel.from_pretrained(None, seed=2).train(),
+            "ref": load_causal_lm(None, seed=3).eval()}
+
+
+def grads_of(model, loss_fn):
+    """(the summed loss, {name: grad}) of loss_fn() -> a list of pass losses, each backwarded."""
+    model.zero_grad()
+    total = 0.0
+    for loss in loss_fn():
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b):
+    assert a[0] == pytest.approx(b[0], rel=1e-5, abs=1e-6)
+    assert a[1].keys() == b[1].keys()
+    for n in a[1]:
+        torch.testing.assert_close(b[1][n], a[1][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def ragged(lengths, left=False, seed=0, vocab=400):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[i, cols] = torch.randint(4, vocab, (n,), generator=g)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def in_passes(batch, budget, pairs, weight, loss):
+    """A micro-batch's loss as the trainers run it under a token budget: one loss per pass."""
+    rows_of = plan_passes(batch["attention_mask"].sum(1).tolist(), budget, pairs)
+    assert len(rows_of) > 1
+    parts = [select_rows(batch, rows) for rows in rows_of]
+    return [loss(part) * (weight(part) / weight(batch)) for part in parts]
+
+
+def test_sft_rm_and_dpo_losses_and_gradients_packed_equal_padded(models):
+    from fastrlhf.rlhf.dpo import dpo_batch_loss
+    from fastrlhf.rlhf.reward_trainer import pairs_in, rm_loss
+    from fastrlhf.rlhf.sft import labelled_tokens, sft_loss
+    ids, mask = ragged([7, 3, 12, 5, 9])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a two-token "prompt"
+    sft = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    policy, rm = models["policy"], models["rm"]
+    padded = grads_of(policy, lambda: [sft_loss(policy, sft)])
+    assert_same(padded, grads_of(policy, lambda: [sft_loss(policy, sft, packed=True)]))
+    assert_same(padded, grads_of(policy, lambda: in_passes(sft, 14, False, labelled_tokens,
+                                                          lambda b: sft_loss(policy, b, packed=True))))
+    # pairs: 3 chosen rows then their rejected twins (a shared prompt of 3 tokens)
+    ids, mask = ragged([8, 4, 6, 5, 9, 3], seed=1)
+    ids[3:, :3] = ids[:3, :3]
+    pairs = {"input_ids": ids, "attention_mask": mask}
+    padded = grads_of(rm, lambda: [rm_loss(rm, pairs)])
+    assert_same(padded, grads_of(rm, lambda: [rm_loss(rm, pairs, packed=True)]))
+    assert_same(padded, grads_of(rm, lambda: in_passes(pairs, 14, True, pairs_in,
+                                                      lambda b: rm_loss(rm, b, packed=True))))
+    dpo = lambda b, packed: dpo_batch_loss(policy, models["ref"], b, 0.1, 0.1, packed)[0]  # noqa: E731
+    padded = grads_of(policy, lambda: [dpo(pairs, False)])
+    assert_same(padded, grads_of(policy, lambda: [dpo(pairs, True)]))
+    assert_same(padded, grads_of(policy, lambda: in_passes(pairs, 14, True, pairs_in, lambda b: dpo(b, True))))
+
+
+def rollout_batch(policy, prompt_lens, answer_lens, n_cols=6, seed=0):
+    """An Experience of answers after left-padded prompts (EOS 2 ends the shorter answers),
+    with advantages, old/reference/engine log-probs and critic targets that make every loss
+    term, clip and cap act."""
+    from fastrlhf.rlhf.experience import Experience, answer_logprobs
+    g = torch.Generator().manual_seed(seed)
+    prompts, pmask = ragged(prompt_lens, left=True, seed=seed)
+    answers = torch.randint(4, 400, (len(answer_lens), n_cols), generator=g)
+    amask = torch.zeros(len(answer_lens), n_cols)
+    for i, n in enumerate(answer_lens):
+        amask[i, :n] = 1
+        if n < n_cols:
+            answers[i, n - 1], answers[i, n:] = 2, 0
+    seqs = torch.cat([prompts, answers], 1)
+    att = torch.cat([pmask, amask.long()], 1)
+    with torch.no_grad():
+        logp = answer_logprobs(policy, seqs, att, prompts.shape[1])
+    noise = lambda s: torch.randn(amask.shape, generator=g) * s  # noqa: E731
+    return Experience(sequences=seqs, attention_mask=att, action_mask=amask, old_logprobs=(logp + noise(0.3)) * amask,
+                      ref_logprobs=(logp + noise(0.2)) * amask, advantages=noise(1.0) * amask,
+                      scores=torch.zeros(len(answer_lens)), prompt_len=prompts.shape[1],
+                      old_values=noise(0.5) * amask, returns=noise(1.0) * amask,
+                      rollout_logprobs=(logp + noise(0.1)) * amask)
+
+
+@pytest.mark.parametrize("loss_agg", M.LOSS_AGGREGATIONS)
+def test_step3_actor_critic_and_ptx_losses_and_gradients_packed_equal_padded(models, loss_agg):
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.rlhf.update_losses import actor_loss, critic_loss, ptx_loss
+    cfg = PPOConfig(algo="grpo", group_size=2, loss_agg=loss_agg, entropy_coef=0.01, dual_clip=3.0, tis_cap=1.5,
+                    clip_eps_high=0.28, ptx_coef=0.5, value_clip=0.2)
+    policy, critic = models["policy"], models["rm"]
+    exp = rollout_batch(policy, [5, 9, 3, 7, 6], [6, 2, 4, 1, 6])
+    budget = 14  # passes of 1-2 answers each
+    rows_of = [torch.tensor(r) for r in plan_passes(exp.attention_mask.sum(1).tolist(), budget)]
+    assert len(rows_of) >= 3
+    totals = M.BatchTotals.of(exp.action_mask)
+
+    def actor(packed, split):
+        if not split:
+            return [actor_loss(cfg, policy, exp, 0.1, 6, packed=packed)]
+        return [actor_loss(cfg, policy, exp.select(r), 0.1, 6, totals, packed=True) for r in rows_of]
+
+    def loss_and_stats(outs):
+        stats = {}
+        for _, st, _ in outs:
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v
+        return stats
+
+    padded = grads_of(policy, lambda: [o[0] for o in actor(False, False)])
+    padded_stats = loss_and_stats(actor(False, False))
+    assert padded_stats["policy_clipfrac"] > 0 and padded_stats["tis_weight"] < 1.5  # the clips act
+    for packed, split in ((True, False), (True, True)):
+        assert_same(padded, grads_of(policy, lambda: [o[0] for o in actor(packed, split)]))
+        stats = loss_and_stats(actor(packed, split))
+        assert stats.keys() == padded_stats.keys()
+        for k in stats:
+            assert stats[k] == pytest.approx(padded_stats[k], rel=1e-5, abs=1e-6), k
+    # the critic: one row, then passes
+    padded = grads_of(critic, lambda: [critic_loss(cfg, critic, exp)[0]])
+    assert_same(padded, grads_of(critic, lambda: [critic_loss(cfg, critic, exp, packed=True)[0]]))
+    assert_same(padded, grads_of(critic, lambda: [critic_loss(cfg, critic, exp.select(r), totals, True)[0]
+                                                  for r in rows_of]))
+    if loss_agg == "token_mean":  # PPO-ptx's SFT loss does not depend on the aggregation
+        ids, mask = ragged([7, 3, 12, 5])
+        sft = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        n = int((sft["labels"][:, 1:] != -100).sum())
+        padded = grads_of(policy, lambda: [ptx_loss(cfg, policy, sft, n)[0]])
+        parts = [select_rows(sft, r) for r in plan_passes(mask.sum(1).tolist(), 13)]
+        assert_same(padded, grads_of(policy, lambda: [ptx_loss(cfg, policy, p, n, True)[0] for p in parts]))
+
+
+# --------------------------------------------------------------------------- whole runs
+
+@pytest.mark.parametrize("kind, zero_stage", [("sft", 2), ("rm", 0), ("dpo", 0)])
+def test_packed_runs_under_a_token_budget_log_the_padded_losses(tmp_path, kind, zero_stage):
+    """Two micro-batches per optimizer step, each run as packed passes of at most 20 tokens (ZeRO-2
+    reduces once per micro-batch, at its last pass): every step's loss is the padded run's."""
+    from fastrlhf.models.loading import load_tokenizer
+    from fastrlhf.rlhf.configs import DPOConfig, RMConfig, SFTConfig
+    from fastrlhf.rlhf.dpo import train_dpo
+    from fastrlhf.rlhf.reward_trainer import train_reward_model
+    from fastrlhf.rlhf.sft import train_sft
+    from fastrlhf.utils.testing import (ToyPairCollator, ToyPairDataset, ToySFTCollator, ToySFTDataset,
+                                        make_tiny_model_dir, tiny_train_kwargs)
+    cls, train, data, collate = {
+        "sft": (SFTConfig, train_sft, ToySFTDataset, ToySFTCollator),
+        "rm": (RMConfig, train_reward_model, ToyPairDataset, ToyPairCollator),
+        "dpo": (DPOConfig, train_dpo, ToyPairDataset, ToyPairCollator)}[kind]
+    model_dir = make_tiny_model_dir(str(tmp_path / "model"))
+    tok = load_tokenizer(model_dir)
+    losses = {}
+    for name, over in (("padded", {}), ("packed", dict(packing=True, max_tokens_per_micro_batch=20))):
+        kw = tiny_train_kwargs(model_dir, str(tmp_path / name), max_steps=3, zero_stage=zero_stage,
+                               eval_max_batches=1, **over)
+        res = train(cls(**kw), tokenizer=tok, datasets=(data(24, 0), data(8, 1)), collate=collate(tok.pad_token_id))
+        losses[name] = res["losses"]
+    assert sorted(losses["packed"]) == [1, 2, 3]
+    for step, loss in losses["padded"].items():
+        assert losses["packed"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
+def test_a_packed_grpo_step_under_a_token_budget_matches_the_padded_one(tmp_path):
+    from conftest import tiny_ppo_setup
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.rlhf.ppo import PPOTrainer
+    torch.set_num_threads(1)
+    _, items = tiny_ppo_setup(tmp_path, 12)
+    runs = {}
+    for name, over in (("padded", {}), ("packed", dict(packing=True, max_tokens_per_micro_batch=40))):
+        cfg = PPOConfig(model_name_or_path=str(tmp_path / "sft"), reward_model=str(tmp_path / "rm"),
+                        output_dir=str(tmp_path / name), algo="grpo", group_size=2, rollout_batch_size=4,
+                        micro_batch_size=4, max_steps=2, max_new_tokens=6, eval_prompts=2, learning_rate=1e-3,
+                        seed=7, entropy_coef=0.01, **over)
+        t = PPOTrainer(cfg, prompts=items[:10], eval_prompts=items[10:])
+        runs[name] = [t.train_step() for _ in range(2)]
+    for a, b in zip(runs["padded"], runs["packed"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if "time" not in k and not k.endswith("_per_s"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
