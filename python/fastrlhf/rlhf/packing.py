@@ -10,8 +10,8 @@ denominators are the whole micro-batch's), so the passes' gradients add up to th
 micro-batch's and the losses, per-sequence reductions and optimizer steps are those of the
 padded run.
 
-The model's own attention takes the packed row: transformers (>= 4.54 for sdpa/eager, any version
-with flash-attention 2) masks across the restarting positions. `check_packed_attention` runs a
+The model's own attention takes the packed row: transformers (5.24 checked: sdpa, eager and
+flash-attention 2) masks by the restarting positions when there is no attention mask and no cache. `check_packed_attention` runs a
 probe on every model before training and refuses a family whose attention would let one
 sequence see another (e.g. OPT in transformers 5.24, whose mask ignores position_ids).
 """
