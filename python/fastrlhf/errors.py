@@ -33,6 +33,12 @@ class RewardTimeoutError(RewardError):
     """A reward function or server did not answer within --reward_timeout."""
 
 
+class AgentError(RuntimeError):
+    """An environment or tool worker failed at run time (raised, hung, answered something
+    malformed); the run stops before the update. Bad tool calls of the model are not errors: they
+    are answered to the model."""
+
+
 class TrainingDiverged(RuntimeError):
     """The run stopped because its numbers went NaN/inf; the message names the step, the quantity
     and what to change. Nothing non-finite was saved."""
@@ -47,4 +53,4 @@ class SaveError(RuntimeError):
 
 
 # what the CLI reports as bad input (exit status 2)
-USER_INPUT_ERRORS = (ConfigError, DataError, RewardError)
+USER_INPUT_ERRORS = (ConfigError, DataError, RewardError, AgentError)

@@ -159,8 +159,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over [B, N] answers -> (advantages, returns).
 
-    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}; the value
-    after the last real token is 0 (the episode ends), masked positions come back as 0.
+    delta_t = r_t + gamma * V_{t'} - V_t, A_t = delta_t + gamma * lam * A_{t'}, where t' is the
+    next position under the mask: masked positions are skipped, not terminal, so in a multi-turn
+    trajectory the last generated token of a turn bootstraps from the value of the next turn's
+    first generated token (environment tokens between them take no time step and get no
+    advantage). After the last masked-in token the value is 0 (the episode ends); masked
+    positions come back as 0.
     """
     mask = mask.to(rewards.dtype)
     rewards, values = rewards * mask, values * mask
@@ -169,24 +173,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     next_adv = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(n)):
+        m = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        adv[:, t] = next_adv
-        next_value = values[:, t]
+        here = delta + gamma * lam * next_adv
+        adv[:, t] = torch.where(m, here, torch.zeros_like(here))
+        next_adv = torch.where(m, here, next_adv)
+        next_value = torch.where(m, values[:, t], next_value)
     returns = (adv + values) * mask
     return adv, returns
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} over [B, N] answers (0 after the last real token): the
-    critic-free token advantage of REINFORCE++ (Hu 2025)."""
+    """G_t = r_t + gamma * G_{t'} over [B, N] answers, t' the next masked-in position (masked
+    positions are skipped, as in `gae`; 0 after the last one): the critic-free token advantage of
+    REINFORCE++ (Hu 2025)."""
     mask = mask.to(rewards.dtype)
     rewards = rewards * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        out[:, t] = running
+        m = mask[:, t] > 0
+        running = torch.where(m, rewards[:, t] + gamma * running, running)
+        out[:, t] = torch.where(m, running, torch.zeros_like(running))
     return out
 
 

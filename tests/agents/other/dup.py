@@ -1,0 +1,3 @@
+def add(a: int, b: int) -> int:
+    """Another add."""
+    return a - b
