@@ -71,8 +71,8 @@ def _paged_decode_partial_kernel(Q, K, V, BT, Lens, Slopes, MidO, MidM, MidL,
                                  BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
                                  HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # axis 0: B * Hkv may pass the 65535 limit of the other axes
+    pid_s = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)
     hkv = pid_bh % n_kv_heads
     length = tl.load(Lens + b).to(tl.int32)
@@ -301,7 +301,7 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     table = _table(block_tables, q.device)
     slopes, (window_arg, qk_scale_log2, cap), meta = _score_args(q, k_pool, scale, softcap, window, alibi_slopes)
     group = meta["GROUP"]
-    _decode_partial.launch(lambda _: (n_splits, b * hkv), q, k_pool, v_pool, table, lens, slopes,
+    _decode_partial.launch(lambda _: (b * hkv, n_splits), q, k_pool, v_pool, table, lens, slopes,
                            mid_o, mid_m, mid_l, *q.stride(), *k_pool.stride(), *v_pool.stride(), table.stride(0),
                            hkv, n_splits, num_blocks, table.shape[1], window_arg, qk_scale_log2, cap,
                            G_PAD=max(16, next_pow2(group)), SPLIT=SPLIT_SIZE, BLOCK_N=DECODE_TILE,
@@ -321,6 +321,9 @@ def paged_attention_prefill(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     t, hq, d = q.shape
     num_blocks, hkv, _, _ = k_pool.shape
     n_seqs = seq_lens.shape[0]
+    if n_seqs >= 65535:  # grid axis 1 (sequences + the padding row) has a 65535 limit
+        raise ValueError(f"paged_attention_prefill: {n_seqs} sequences in one call; the triton kernel takes "
+                         "at most 65534, split the call")
     out = new_empty(q.shape, q.dtype, q.device)
     if q.numel() == 0:
         return out
