@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import LOG2E, merge_softmax_states, online_softmax_step, scores_log2, tile_dot
+from ._attention_common import (LOG2E, alibi_log2, apply_key_rules, merge_softmax_states, online_softmax_step,
+                                scores_log2, tile_dot)
 from ._launch import Kernel, new_empty, next_pow2
 
 SPLIT_SIZE = 256  # decode: key positions per split-K chunk (fixed: see module docstring)
@@ -52,13 +53,12 @@ def _key_tile(BT, bt_row, offs_n, n_ok, num_blocks, max_blocks, BLOCK_SIZE: tl.c
 
 
 @triton.jit
-def _scores(q, k, offs_n, q_pos, slopes, qk_scale_log2, softcap,
+def _scores(q, k, offs_n, q_pos, slopes_log2, qk_scale_log2, softcap,
             IEEE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Scores of a tile in log2 units: scale, softcap, then ALiBi slope * (key pos - query pos)."""
     s = scores_log2(tile_dot(q, k, IEEE), qk_scale_log2, softcap, SOFTCAP)
     if HAS_ALIBI:
-        dist = (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
-        s += (slopes[:, None] * dist) * LOG2E
+        s += alibi_log2(offs_n[None, :], q_pos[:, None], slopes_log2[:, None])
     return s
 
 
@@ -93,7 +93,7 @@ def _paged_decode_partial_kernel(Q, K, V, BT, Lens, Slopes, MidO, MidM, MidL,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     slopes = tl.zeros([G_PAD], tl.float32)
     if HAS_ALIBI:
-        slopes = tl.load(Slopes + heads, mask=g_ok, other=0.0)
+        slopes = tl.load(Slopes + heads, mask=g_ok, other=0.0) * LOG2E
     q_pos_g = tl.full([G_PAD], 0, tl.int32) + q_pos
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -185,7 +185,7 @@ def _paged_prefill_kernel(Q, K, V, O, BT, CuQ, Lens, Slopes,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             slopes = tl.zeros([BLOCK_M], tl.float32)
             if HAS_ALIBI:
-                slopes = tl.load(Slopes + heads, mask=row_ok, other=0.0)
+                slopes = tl.load(Slopes + heads, mask=row_ok, other=0.0) * LOG2E
             last_pos = length - m_b + tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, m_b - 1)
             hi = last_pos + 1  # bottom-right causal: no key after the tile's last query
             lo = 0
@@ -202,9 +202,8 @@ def _paged_prefill_kernel(Q, K, V, O, BT, CuQ, Lens, Slopes,
                 k = tl.load(K + (blk * sk0 + hkv * sk1 + in_blk * sk2)[None, :] + offs_d[:, None] * sk3,
                             mask=n_ok[None, :] & d_ok[:, None], other=0.0)
                 s = _scores(q, k, offs_n, q_pos, slopes, qk_scale_log2, softcap, IEEE, SOFTCAP, HAS_ALIBI)
-                seen = n_ok[None, :] & row_ok[:, None] & (offs_n[None, :] <= q_pos[:, None])
-                if HAS_WINDOW:
-                    seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
+                seen = apply_key_rules(n_ok[None, :] & row_ok[:, None], offs_n[None, :], q_pos[:, None], 0, 0,
+                                       window, True, HAS_WINDOW, False)
                 s = tl.where(seen, s, float("-inf"))
                 p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s)
                 v = tl.load(V + (blk * sv0 + hkv * sv1 + in_blk * sv2)[:, None] + offs_d[None, :] * sv3,
