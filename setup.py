@@ -1,7 +1,8 @@
 """fastrlhf: one import namespace assembled from three source folders.
 
-python/fastrlhf -> fastrlhf, kernels/ -> fastrlhf.kernels,
-hybrid_engine/ -> fastrlhf.hybrid_engine, csrc/ -> fastrlhf.csrc (CUDA sources as data).
+`package_dir` maps python/fastrlhf -> fastrlhf, kernels/ -> fastrlhf.kernels, hybrid_engine/ ->
+fastrlhf.hybrid_engine (and csrc/ -> fastrlhf.csrc, CUDA sources as data), so each folder is that
+package in an editable install and in a wheel alike; the bundled tasks' files are package data.
 FASTRLHF_BUILD_OPS=1 builds the CUDA extension ahead of time.
 """
 import os
@@ -47,7 +48,8 @@ setup(
     package_dir=_package_dir(),
     package_data={"fastrlhf.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"],
                   "fastrlhf.ops.tables": ["*.json"],  # backend preference tables per GPU model
-                  "fastrlhf": ["data/default/*", "data/default/**/*", "data/arithmetic/*"]},
+                  # the bundled tasks' data, tokenizers and model configs (fastrlhf.tasks)
+                  "fastrlhf": ["tasks/default/*", "tasks/default/**/*", "tasks/arithmetic/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common import append_jsonl, git_commit, machine_load, versions
-from fastrlhf.data.default_task import default_model_dir
+from fastrlhf.tasks.default_task import default_model_dir
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -19,7 +19,7 @@ import time
 
 def build(root: str) -> None:
     """Save the actor, the reward model and 400 tokenized prompts of the bundled task under root."""
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     from fastrlhf.models.loading import load_causal_lm, load_tokenizer
     from fastrlhf.models.reward import RewardModel
     tok = load_tokenizer(None, padding_side="left")

@@ -234,7 +234,7 @@ def tiny_ppo_setup(root, n_prompts: int):
     Returns (tokenizer, items)."""
     import json
 
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     from fastrlhf.models.loading import load_causal_lm, load_tokenizer
     from fastrlhf.models.reward import RewardModel
 

@@ -12,30 +12,27 @@
 
 Every option of a step's config is a `--key value` flag (nested: `--data.max_prompt_len 64`);
 precedence is defaults < bundled-task profile (only when no model is given) < --config file <
-command line. Multi-process: `deepspeed --num_gpus N $(which fastrlhf) train ...` or
+command line. This module parses and dispatches; what a command's values become (configs, the
+steps of `train`, a bundled task's settings and evaluation) is `fastrlhf.rlhf.pipeline`'s. Multi-process: `deepspeed --num_gpus N $(which fastrlhf) train ...` or
 `torchrun --nproc_per_node N -m fastrlhf.cli train ...`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import os
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from .config import TrainConfig
-from .data.spec import PIPELINE_SPLIT_RATIOS
-from .errors import USER_INPUT_ERRORS, ConfigError, SaveError, TrainingDiverged
+from .errors import USER_INPUT_ERRORS, SaveError, TrainingDiverged
 from .ops.dispatch import BackendError
-from .options import (add_dataclass_arguments, config_from_dict, did_you_mean, load_config_file, merge_dicts,
-                      namespace_overrides, option_names, unflatten)
-from .rlhf.configs import DEFAULT_TASK_PROFILES, PPOConfig
+from .options import (add_dataclass_arguments, did_you_mean, load_config_file, namespace_overrides, option_names,
+                      unflatten)
+from .rlhf import pipeline
+from .rlhf.configs import PPOConfig
+from .rlhf.pipeline import STEP_NAMES
 from .rlhf.registry import TRAINERS
-
-STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
-STEP_DIRS = {1: "step1_sft", 2: "step2_rm", 3: "step3_ppo"}
+from .tasks.registry import TASKS
 
 TRAIN_EPILOG = """\
 examples:
@@ -76,11 +73,6 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _profile(name: str, model_given: bool) -> Dict[str, Any]:
-    """The bundled-task settings of a trainer, used only when no model is named."""
-    return {} if model_given else dict(DEFAULT_TASK_PROFILES.get(name, {}))
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (command line wins)")
     # the deepspeed launcher passes --local_rank; the process group reads LOCAL_RANK from the env
@@ -114,10 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rm_init", choices=("base", "sft"), default="base",
                        help="initialise the reward model from the base model (default, as DeepSpeed-Chat) "
                             "or from the step-1 output")
-    train.add_argument("--task", choices=("default", "arithmetic"), default="default",
-                       help="bundled task when no model/data is named: 'default' (tone, steps 1 2 3) or "
-                            "'arithmetic' (word problems: SFT then GRPO with the exact-answer reward function, no "
-                            "reward model; prints held-out pass@1 and pass@k before and after RL)")
+    tasks = [f"'{t.name}' ({t.help})" for t in TASKS.values()]
+    train.add_argument("--task", choices=tuple(TASKS), default="default",
+                       help="bundled task when no model/data is named: " + ", ".join(tasks[:-1]) + " or " + tasks[-1])
     _add_common(train)
     add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
@@ -151,12 +142,6 @@ def _file_values(path: Optional[str]) -> Dict[str, Any]:
     return load_config_file(path) if path else {}
 
 
-def _layered_values(name: str, file_values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """The trainer's bundled-task profile (only when no model is named) < config file < command line."""
-    values = merge_dicts(file_values, overrides)
-    return merge_dicts(_profile(name, bool(values.get("model_name_or_path"))), values)
-
-
 def unknown_argument(extra: Sequence[str], known: Sequence[str]) -> CLIError:
     """The error for the first argument argparse did not know, with the closest known options."""
     tok = extra[0]
@@ -170,15 +155,9 @@ def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
     entry = TRAINERS[args.trainer]
     if extra:
         raise unknown_argument(extra, option_names(entry.config) + ["config"])
-    values = _layered_values(entry.profile or args.trainer, _file_values(args.config),
-                             namespace_overrides(args, entry.config))
-    for key, value in entry.preset.items():
-        if key == "algo" and values.get(key, value) != value:
-            raise CLIError(f"`fastrlhf {args.trainer}` runs --algo {value}, not {values[key]}; "
-                           f"use `fastrlhf ppo --algo {values[key]}`")
-    cfg = config_from_dict(entry.config, merge_dicts(entry.preset, values))
+    cfg = pipeline.trainer_config(args.trainer, _file_values(args.config), namespace_overrides(args, entry.config))
     from .utils.logging import print_rank0
-    print_rank0("summary: " + entry.summary(entry.train(cfg)))
+    print_rank0("summary: " + pipeline.run_trainer(args.trainer, cfg))
     return 0
 
 
@@ -219,150 +198,24 @@ def _unknown_train_option(key: str) -> CLIError:
                                                  "step-only ones are given as --sft.KEY, --rm.KEY or --ppo.KEY"))
 
 
-def _fields_of(cls) -> set:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _task_defaults(task: str) -> tuple:
-    """(values for every step, per-step profiles, default steps) of a bundled task."""
-    if task != "arithmetic":
-        return {}, DEFAULT_TASK_PROFILES, [1, 2, 3]
-    from .data import arithmetic_task as at
-    from .rlhf.configs import ARITHMETIC_TASK_PROFILES
-    common = {"model_name_or_path": at.arithmetic_model_dir(),
-              "data": {"paths": [at.arithmetic_data_path()], "split_ratios": "5,0,5", "max_prompt_len": 48,
-                       "max_answer_len": 16}}
-    return common, ARITHMETIC_TASK_PROFILES, [1, 3]
-
-
 def build_step_configs(args: argparse.Namespace, extra: Sequence[str]) -> Dict[int, Any]:
-    """The config of every requested step, wired so each step feeds the next."""
+    """`fastrlhf train`'s parsed arguments (and the --config file) -> the config of every step
+    (`rlhf.pipeline.build_step_configs`)."""
     file_values = _file_values(args.config)
-    step_sections = {name: file_values.pop(name, None) or {} for name in ("sft", "rm", "ppo")}
-    task = getattr(args, "task", "default")
-    task_common, profiles, task_steps = _task_defaults(task)
-    if task != "default" and 2 in (args.steps or []):
-        raise CLIError(f"the {task} task has no reward-model step: its reward is a function; use --steps 1 3")
-    common = merge_dicts(task_common, merge_dicts(file_values, namespace_overrides(args, TrainConfig)))
-    unknown = set(common) - _fields_of(TrainConfig)
-    if unknown:
-        raise CLIError(f"unknown config key(s) {sorted(unknown)} at the top level of {args.config}; "
-                       f"step-only keys go under sft:, rm: or ppo:")
-    cli_steps = _split_step_overrides(extra)
-    root = common.pop("output_dir", "output")
-    base_model = common.get("model_name_or_path")
-    task_model = task != "default" and base_model == task_common.get("model_name_or_path")
-    steps = sorted(set(args.steps or task_steps))
-    configs: Dict[int, Any] = {}
-    for step in steps:
-        name = STEP_NAMES[step]
-        cls = TRAINERS[name].config
-        fields = _fields_of(cls)
-        values = {k: v for k, v in common.items() if k in fields}
-        values["output_dir"] = os.path.join(root, STEP_DIRS[step])
-        if step == 2 and args.rm_init == "sft":
-            values["model_name_or_path"] = configs[1].output_dir if 1 in configs else os.path.join(root, STEP_DIRS[1])
-        if step == 3:
-            values["model_name_or_path"] = os.path.join(root, STEP_DIRS[1]) if 1 in steps or not base_model \
-                or task_model else base_model
-            given = merge_dicts(step_sections[name], cli_steps[name])
-            # the step-2 model is the reward when step 2 runs now, or when no function/server is named
-            if 2 in steps or not (given.get("reward_fn") or given.get("reward_url") or task != "default"):
-                values["reward_model"] = os.path.join(root, STEP_DIRS[2])
-        values = merge_dicts(values, step_sections[name])
-        values = merge_dicts(values, cli_steps[name])
-        profile = dict(profiles.get(name, {})) if task_model or not base_model else {}
-        values = merge_dicts(profile, values)
-        if "split_ratios" not in (values.get("data") or {}):  # the pipeline splits each dataset across its steps
-            values = merge_dicts(values, {"data": {"split_ratios": PIPELINE_SPLIT_RATIOS}})
-        try:
-            configs[step] = config_from_dict(cls, values)
-        except ConfigError as e:
-            raise ConfigError(f"step {step} ({name}): {e}") from None
-    return configs
-
-
-def check_step_inputs(configs: Dict[int, Any]) -> None:
-    """Every step's inputs, before step 1 starts: what an earlier step of this run will write is
-    taken as given; anything else must be there now (e.g. step1_sft/ for `--steps 3`)."""
-    produced: List[str] = []
-    for step, cfg in configs.items():
-        name = STEP_NAMES[step]
-        root = os.path.dirname(os.path.normpath(cfg.output_dir))
-        for option, path, _ in cfg.model_inputs():  # another step's output: local, never a hub name
-            for other, sub in STEP_DIRS.items():
-                if (path and os.path.normpath(path) == os.path.join(root, sub) and other not in configs
-                        and not os.path.exists(path)):
-                    raise ConfigError(f"step {step} ({name}): {option} {path}: no such directory; it is written by "
-                                      f"step {other}: run `fastrlhf train --steps {other} ...` first with the same "
-                                      f"--output_dir, add {other} to --steps, or pass --{name}.{option[2:]}")
-        try:
-            cfg.check_inputs(produced=produced, tokenizers=True)
-        except ConfigError as e:
-            raise ConfigError(f"step {step} ({name}): {e}") from None
-        produced.append(cfg.output_dir)
+    step_files = {name: file_values.pop(name, None) or {} for name in STEP_NAMES.values()}
+    return pipeline.build_step_configs(
+        steps=args.steps, rm_init=args.rm_init, task=getattr(args, "task", "default"), file_values=file_values,
+        flags=namespace_overrides(args, TrainConfig), step_files=step_files, step_flags=_split_step_overrides(extra),
+        config_file=args.config)
 
 
 def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     configs = build_step_configs(args, extra)
-    check_step_inputs(configs)
+    pipeline.check_step_inputs(configs)
+    summary = pipeline.run_steps(configs, args.task)
     from .utils.logging import print_rank0
-    summary = []
-    t_start = time.time()
-    accuracy = {}
-    for step, cfg in configs.items():
-        t0 = time.time()
-        entry = TRAINERS[STEP_NAMES[step]]
-        if step == 3 and args.task == "arithmetic":
-            accuracy["before"] = _task_accuracy(cfg, cfg.model_name_or_path)
-        r = entry.train(cfg)
-        summary.append(entry.summary(r))
-        del r  # free the engines before the next step
-        summary[-1] += f" ({time.time() - t0:.0f}s, saved to {cfg.output_dir})"
-        _release_memory()
-        if step == 3 and args.task == "arithmetic":
-            accuracy["after"] = _task_accuracy(cfg, os.path.join(cfg.output_dir, "actor"))
-            summary.append(_accuracy_line(accuracy))
-    print_rank0("summary:\n  " + "\n  ".join(summary) + f"\n  total {time.time() - t_start:.0f}s")
+    print_rank0("summary:\n  " + "\n  ".join(summary))
     return 0
-
-
-ARITHMETIC_EVAL = {"prompts": 150, "k": 8}
-
-
-def _task_accuracy(cfg, model_dir: str) -> Dict[str, float]:
-    """Held-out pass@1 / pass@k of the arithmetic task (step-3 held-out prompts, k samples each)."""
-    from .data import arithmetic_task as at
-    from .models.loading import load_tokenizer
-    from .utils.logging import print_rank0
-    tok = load_tokenizer(model_dir, padding_side="left")
-    items = at.heldout_items(tok, cfg.data, ARITHMETIC_EVAL["prompts"])
-    res = at.evaluate_pass_at_k(model_dir, items, ARITHMETIC_EVAL["k"], temperature=cfg.temperature,
-                                max_new_tokens=cfg.max_new_tokens or cfg.data.max_answer_len, seed=cfg.seed,
-                                tokenizer=tok)
-    print_rank0(f"[arithmetic] {model_dir}: held-out pass@1 {res['pass@1']:.3f}, pass@{ARITHMETIC_EVAL['k']} "
-                f"{res['pass@' + str(ARITHMETIC_EVAL['k'])]:.3f}, greedy {res['greedy']:.3f} "
-                f"({int(res['prompts'])} prompts)")
-    return res
-
-
-def _accuracy_line(acc: Dict[str, Dict[str, float]]) -> str:
-    k = ARITHMETIC_EVAL["k"]
-    b, a = acc["before"], acc["after"]
-    return (f"arithmetic held-out accuracy ({int(a['prompts'])} prompts, {k} samples each, temperature as in RL): "
-            f"pass@1 {b['pass@1']:.3f} -> {a['pass@1']:.3f}, pass@{k} {b[f'pass@{k}']:.3f} -> {a[f'pass@{k}']:.3f}, "
-            f"greedy {b['greedy']:.3f} -> {a['greedy']:.3f}")
-
-
-def _release_memory() -> None:
-    import gc
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def cmd_chat(args: argparse.Namespace, extra: List[str]) -> int:

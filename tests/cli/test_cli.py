@@ -70,7 +70,8 @@ def test_train_wires_each_step_into_the_next(tmp_path):
     assert rm.learning_rate == pytest.approx(2e-3) and rm.max_steps == 5
     assert rm.model_name_or_path == sft.output_dir  # --rm_init sft
     # bundled default: the tuned profile applies under the file and the command line
-    assert sft.learning_rate == pytest.approx(cli.DEFAULT_TASK_PROFILES["sft"]["learning_rate"])
+    from fastrlhf.tasks import default_task
+    assert sft.learning_rate == pytest.approx(default_task.PROFILES["sft"]["learning_rate"])
 
 
 def test_rm_starts_from_the_base_model_by_default_and_profiles_stay_off_for_real_models(tmp_path):

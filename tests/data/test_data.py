@@ -352,7 +352,7 @@ def test_alpaca_instruction_input_output(tmp_path, tok):
 def test_default_spec_loads_the_bundled_task():
     from transformers import AutoTokenizer
 
-    from fastrlhf.data.default_task import default_model_dir, ground_truth_score
+    from fastrlhf.tasks.default_task import default_model_dir, ground_truth_score
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     train, evals = build_datasets(DataSpec(max_samples=64), tok, 3)
     assert len(train) == 64 and len(evals) == 4
@@ -374,5 +374,5 @@ def test_spec_rejects_bad_options():
 def _default_tok():
     from transformers import AutoTokenizer
 
-    from fastrlhf.data.default_task import default_model_dir
+    from fastrlhf.tasks.default_task import default_model_dir
     return AutoTokenizer.from_pretrained(default_model_dir())

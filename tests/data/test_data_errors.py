@@ -10,7 +10,7 @@ from fastrlhf.data import DataError, DataSpec, build_datasets
 def tok():
     from transformers import AutoTokenizer
 
-    from fastrlhf.data.default_task import default_model_dir
+    from fastrlhf.tasks.default_task import default_model_dir
     return AutoTokenizer.from_pretrained(default_model_dir())
 
 
@@ -139,7 +139,7 @@ def test_tokenizer_without_eos_is_refused(tok, tmp_path):
 def test_chat_template_refusal_names_the_row(tmp_path):
     from transformers import AutoTokenizer
 
-    from fastrlhf.data.default_task import default_model_dir
+    from fastrlhf.tasks.default_task import default_model_dir
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                          "{{ raise_exception('system turns are not supported') }}{% endif %}"

@@ -256,7 +256,7 @@ def test_signals_lock_and_kill9_through_the_cli(tmp_path, reward_dir, capsys):
 def test_resume_refuses_another_run_and_a_checkpoint_past_the_end(tmp_path, capsys):
     out = str(tmp_path / "r")
     other = tmp_path / "other.jsonl"
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     other.write_text("".join(open(default_data_path()).readlines()[:200]))
     rc, _, err = run(["sft", *TINY, "--max_steps", "4", "--save_steps", "2", "--output_dir", out], capsys)
     assert rc == 0, err

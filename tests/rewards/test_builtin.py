@@ -65,7 +65,7 @@ def test_format_and_length_rewards():
 
 
 def test_arithmetic_scorer_on_the_bundled_data():
-    from fastrlhf.data.arithmetic_task import generate_rows
+    from fastrlhf.tasks.arithmetic_task import generate_rows
     rows = generate_rows(rows=200)
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     fixed = [r["response"].rsplit("####", 1)[0] + "#### " + r["answer"] for r in rows]
@@ -84,7 +84,7 @@ def test_the_rows_other_columns_reach_step_3_items_and_batches(tmp_path):
              **({"level": i % 3} if i % 2 else {})} for i in range(12)]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from fastrlhf.data.arithmetic_task import arithmetic_model_dir
+    from fastrlhf.tasks.arithmetic_task import arithmetic_model_dir
     tok = load_tokenizer(arithmetic_model_dir(), padding_side="left")
     spec = DataSpec(paths=[str(path)], split_ratios="1,0,1", eval_fraction=0.0)
     sft = build_datasets(spec, tok, 1)[0]

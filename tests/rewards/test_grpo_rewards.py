@@ -17,7 +17,7 @@ FNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fns.py")
 @pytest.fixture(scope="module")
 def arith(tmp_path_factory):
     from fastrlhf.data import DataSpec, build_datasets
-    from fastrlhf.data.arithmetic_task import arithmetic_data_path, arithmetic_model_dir
+    from fastrlhf.tasks.arithmetic_task import arithmetic_data_path, arithmetic_model_dir
     from fastrlhf.models.loading import load_causal_lm, load_tokenizer
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("arith")

@@ -16,7 +16,7 @@ def step_configs(argv):
 
 
 def test_arithmetic_task_runs_sft_then_grpo_on_a_reward_function_without_a_reward_model(tmp_path):
-    from fastrlhf.data.arithmetic_task import arithmetic_data_path, arithmetic_model_dir
+    from fastrlhf.tasks.arithmetic_task import arithmetic_data_path, arithmetic_model_dir
     cfgs = step_configs(["--task", "arithmetic", "--output_dir", str(tmp_path), "--ppo.max_steps", "7"])
     assert sorted(cfgs) == [1, 3]
     sft, grpo = cfgs[1], cfgs[3]

@@ -21,7 +21,7 @@ def test_answer_mask_starts_where_chosen_and_rejected_differ():
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     from fastrlhf.models.loading import load_causal_lm, load_tokenizer
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("dpo_model")

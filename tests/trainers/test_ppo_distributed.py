@@ -10,7 +10,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     from fastrlhf.models.loading import load_tokenizer
     from fastrlhf.rlhf.configs import PPOConfig
     from fastrlhf.rlhf.ppo import train_ppo

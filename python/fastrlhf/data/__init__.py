@@ -7,7 +7,7 @@
 DataSpec fields (all optional):
     paths           HF hub names (via datasets.load_dataset), local .json/.jsonl/.parquet files or
                     datasets.save_to_disk folders; [] = the bundled default task
-                    (fastrlhf.data.default_task).
+                    (fastrlhf.tasks.default_task).
     weights         one per path: the fraction of that dataset's rows to use in the blend
                     (1.0 = all, 0.5 = a seeded half, 2.0 = every row twice); None = all of each.
     split_ratios    None: each step gets all rows of every dataset (a step run alone: `fastrlhf
@@ -31,7 +31,7 @@ Items (torch Datasets; values are LongTensors unless noted):
             unless train_on_prompt.
     step 2  {"chosen_input_ids", "rejected_input_ids"}: prompt + answer + EOS each.
     step 3  {"prompt_input_ids", "prompt": str, "columns": dict}: the rendered prompt text (e.g. for
-            fastrlhf.data.default_task.ground_truth_score(prompt, response)) and the row's other
+            fastrlhf.tasks.default_task.ground_truth_score(prompt, response)) and the row's other
             columns (e.g. "answer"), which reward functions receive as keyword arguments.
 
 Collators (pad_token_id must not be None):

@@ -208,7 +208,7 @@ def build_datasets(spec: DataSpec, tokenizer, step: int) -> tuple[TokenizedDatas
     if spec.paths:
         paths = spec.paths
     else:
-        from fastrlhf.data.default_task import default_data_path
+        from fastrlhf.tasks.default_task import default_data_path
         paths = [default_data_path()]
     cache = _cache_path(spec, tokenizer, step, paths)
     if cache and os.path.exists(cache):

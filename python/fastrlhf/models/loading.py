@@ -1,7 +1,7 @@
 """Loading tokenizers and causal LMs the way every fastrlhf step needs them.
 
 `model_name_or_path` may be (`models.paths.check_model_path` checks it first)
-  - None: the bundled tiny default (`fastrlhf.data.default_task.default_model_dir()`), built
+  - None: the bundled tiny default (`fastrlhf.tasks.default_task.default_model_dir()`), built
     from its config with a seed (no weights are shipped);
   - an HF hub name or a local dir with weights (`from_pretrained`);
   - a local dir holding only a config.json (built from the config with a seed);

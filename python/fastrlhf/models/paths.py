@@ -13,11 +13,11 @@ from ..errors import ModelPathError
 
 def default_model_dir() -> str:
     try:
-        from ..data.default_task import default_model_dir as data_default_dir
+        from ..tasks.default_task import default_model_dir as task_default_dir
     except ImportError as e:
-        raise RuntimeError("the bundled default model (fastrlhf.data.default_task) is not available; "
+        raise RuntimeError("the bundled default model (fastrlhf.tasks.default_task) is not available; "
                            "pass --model_name_or_path") from e
-    return str(data_default_dir())
+    return str(task_default_dir())
 
 
 def resolve_model_path(path: Optional[str]) -> str:

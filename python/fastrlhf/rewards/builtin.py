@@ -168,8 +168,8 @@ length_penalty = make_length_penalty()
 
 
 def default_task_reward(prompts: List[str], completions: List[str], **_) -> List[float]:
-    """The bundled default task's exact scorer (fastrlhf.data.default_task.ground_truth_score)."""
-    from fastrlhf.data.default_task import ground_truth_score
+    """The bundled default task's exact scorer (fastrlhf.tasks.default_task.ground_truth_score)."""
+    from fastrlhf.tasks.default_task import ground_truth_score
     return [ground_truth_score(p, c) for p, c in zip(prompts, completions)]
 
 

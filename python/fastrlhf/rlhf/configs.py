@@ -1,15 +1,12 @@
 """Every trainer's config, side by side. Each derives from `fastrlhf.config.TrainConfig` (the
 options all trainers share: model, data, precision, ZeRO, batch sizes, schedule, LoRA,
-checkpoints, logging) and adds or re-defaults its own.
-
-`DEFAULT_TASK_PROFILES[name]` holds the settings tuned for the bundled tiny task; the CLI puts
-them under the user's file and command line when no model is named (the class defaults suit
-pretrained models instead). How the PPO profile was tuned: benchmarks/results/ppo_profile_notes.md.
+checkpoints, logging) and adds or re-defaults its own. The class defaults suit pretrained
+models; the settings tuned for the bundled tasks are those tasks' `PROFILES` (`fastrlhf.tasks`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..config import TrainConfig
 from ..errors import ConfigError, RewardSpecError
@@ -349,36 +346,3 @@ class PPOConfig(TrainConfig):
                                  reward_clip=self.reward_clip or None, gamma=self.gamma, lam=self.lam,
                                  whiten_advantages=whiten, group_size=self.group_size,
                                  kl_in_reward=kl_in_reward, group_std_norm=self.group_std_norm is not False)
-
-
-# The bundled task's model has a few million parameters, trained from scratch on 2 CPU cores.
-# cpu_threads 1: its matrices are too small to split across cores, and extra threads spin-wait
-# (10x the CPU time per step) whenever the cores are shared. PPO: answers are at most 24 tokens
-# + EOS; kl_coef 0.2 keeps the policy a few nats from the SFT model (lower values let it exploit
-# the reward model); the ground truth rises late, hence 300 steps.
-DEFAULT_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
-    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
-            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-    "rm": {"cpu_threads": 1, "learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
-           "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
-    # 300 steps of 32 prompts: about 2.5 passes over the 3,800 step-3 prompts (max_steps caps num_epochs)
-    "ppo": {"rollout_batch_size": 32, "micro_batch_size": 16, "ppo_epochs": 2, "num_epochs": 3, "max_steps": 300,
-            "learning_rate": 3e-4, "critic_learning_rate": 1e-3, "critic_warmup_steps": 4,
-            "max_new_tokens": 28, "temperature": 1.0, "kl_coef": 0.2, "reward_clip": 5.0,
-            "eval_prompts": 128, "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
-}
-
-# `fastrlhf train --task arithmetic` (fastrlhf.data.arithmetic_task): SFT, then GRPO with the
-# exact-answer reward function and no reward model. Tuned on the shared 2-core VM (2026-11-27):
-# lr 1e-3 (no warmup) blows the policy up on the first Adam step (approx KL > 4), lr 1e-4..3e-4
-# without warmup stays flat for 25+ steps; 2e-4 with 20 warmup steps and 4 updates per step
-# removes most final-answer slips within 100 steps (held-out pass@1 0.22 -> 0.38, README).
-# kl_coef 0.1 (GRPO's k3 loss term): with 0 the equations drifted more (greedy accuracy fell).
-ARITHMETIC_TASK_PROFILES: Dict[str, Dict[str, Any]] = {
-    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 4, "warmup_ratio": 0.05,
-            "weight_decay": 0.01, "eval_max_batches": 4, "log_steps": 10},
-    "ppo": {"algo": "grpo", "group_size": 8, "rollout_batch_size": 16, "micro_batch_size": 32, "ppo_epochs": 1,
-            "learning_rate": 2e-4, "warmup_steps": 20, "kl_coef": 0.1, "reward_clip": 0.0, "max_new_tokens": 12,
-            "temperature": 1.0, "max_steps": 100, "reward_fn": ["fastrlhf.rewards:arithmetic_reward"],
-            "eval_prompts": 64, "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
-}

@@ -97,7 +97,7 @@ def run_fingerprint(cfg, kind: str) -> Dict[str, Any]:
         if data.paths:
             fp["data files (content)"] = [content_digest(p) for p in data.paths]
         else:
-            from ..data.default_task import default_data_path
+            from ..tasks.default_task import default_data_path
             fp["data files (content)"] = [content_digest(default_data_path())]
     if getattr(cfg, "deepspeed_config", None):
         fp["deepspeed_config (content)"] = content_digest(cfg.deepspeed_config)

@@ -42,7 +42,7 @@ def bundled_task_scorer(cfg) -> Optional[Any]:
     """The exact scorer of the bundled task, when that is the data being trained on."""
     if getattr(cfg.data, "paths", None):
         return None
-    from ..data.default_task import ground_truth_score
+    from ..tasks.default_task import ground_truth_score
     return ground_truth_score
 
 

@@ -1,7 +1,7 @@
 """Check, in plain torch, that the default task is learnable by the tiny model on a CPU.
 
-    python -m fastrlhf.data.learnability rm  --seconds 150 --threads 2
-    python -m fastrlhf.data.learnability sft --seconds 150 --threads 2
+    python -m fastrlhf.tasks.learnability rm  --seconds 150 --threads 2
+    python -m fastrlhf.tasks.learnability sft --seconds 150 --threads 2
 
 ``rm`` builds the default tiny Llama from its config (random init, seeded), puts a linear head
 on the last real token and trains it with -log sigmoid(r_chosen - r_rejected) on the step-2
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrlhf.data import DataSpec, PairCollator, PromptCollator, SFTCollator, build_datasets
-from fastrlhf.data.default_task import default_model_dir, ground_truth_score
+from fastrlhf.tasks.default_task import default_model_dir, ground_truth_score
 
 
 class _LastTokenScorer(torch.nn.Module):

@@ -22,13 +22,13 @@ chosen answer beats the rejected one both in score (by at least ``MIN_SCORE_GAP`
 the net count of tone words (by at least ``MIN_NET_GAP``), so a reward model that only
 counts words and one that learns the exact ratio agree on every pair.
 
-``python -m fastrlhf.data.learnability`` checks that the tiny model learns the task (measured
+``python -m fastrlhf.tasks.learnability`` checks that the tiny model learns the task (measured
 runs: ``benchmarks/results/default_task_notes.md``).
 
 The same folder holds a word-level tokenizer built from the data (``tokenizer.json``,
 ``tokenizer_config.json`` with bos/eos/pad/unk and a Human/Assistant chat template) and a
 tiny Llama ``config.json``; no weights are shipped. Regenerate everything, byte for byte,
-with ``python -m fastrlhf.data.default_task --out DIR [--seed N --rows N]``.
+with ``python -m fastrlhf.tasks.default_task --out DIR [--seed N --rows N]``.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import Any, Dict
 
 DEFAULT_SEED = 2026
 DEFAULT_ROWS = 10000
@@ -132,6 +133,25 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+# The settings tuned for this task, per trainer (sft, rm, ppo): the CLI puts them under the user's
+# file and command line when no model is named. How the PPO profile was tuned:
+# benchmarks/results/ppo_profile_notes.md. The task's model has a few million parameters, trained
+# from scratch on 2 CPU cores. cpu_threads 1: its matrices are too small to split across cores, and extra threads spin-wait
+# (10x the CPU time per step) whenever the cores are shared. PPO: answers are at most 24 tokens
+# + EOS; kl_coef 0.2 keeps the policy a few nats from the SFT model (lower values let it exploit
+# the reward model); the ground truth rises late, hence 300 steps.
+PROFILES: Dict[str, Dict[str, Any]] = {
+    "sft": {"cpu_threads": 1, "learning_rate": 3e-3, "micro_batch_size": 32, "num_epochs": 2, "warmup_ratio": 0.05,
+            "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
+    "rm": {"cpu_threads": 1, "learning_rate": 1e-3, "micro_batch_size": 32, "num_epochs": 1, "warmup_ratio": 0.05,
+           "weight_decay": 0.01, "eval_max_batches": 8, "log_steps": 10},
+    # 300 steps of 32 prompts: about 2.5 passes over the 3,800 step-3 prompts (max_steps caps num_epochs)
+    "ppo": {"rollout_batch_size": 32, "micro_batch_size": 16, "ppo_epochs": 2, "num_epochs": 3, "max_steps": 300,
+            "learning_rate": 3e-4, "critic_learning_rate": 1e-3, "critic_warmup_steps": 4,
+            "max_new_tokens": 28, "temperature": 1.0, "kl_coef": 0.2, "reward_clip": 5.0,
+            "eval_prompts": 128, "weight_decay": 0.0, "save_steps": 50, "log_steps": 1, "cpu_threads": 1},
+}
 
 _WORD_RE = re.compile(r"[a-z]+")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]+")

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from fastrlhf.data import default_task as task
-from fastrlhf.data.default_task import (default_data_path, default_model_dir, generate_rows, ground_truth_score,
+from fastrlhf.tasks import default_task as task
+from fastrlhf.tasks.default_task import (default_data_path, default_model_dir, generate_rows, ground_truth_score,
                                         prompt_tone)
 
 
