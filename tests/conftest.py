@@ -5,6 +5,7 @@ of tiny HF models of every supported family.
   is skipped, with the reason, on a machine without CUDA; `benchmarks/gpu_suite.sh` runs them.
 - `TOL[dtype]`: the relative-norm error ‖out − ref‖ / ‖ref‖ a kernel may have against the fp32
   reference, about two roundings of the output dtype.
+- `rel_err`, `left_pad_mask`, `as_fp32`: the comparison helpers the op and kernel tests share.
 - Fixtures: `tiny_models` (module-scoped `TinyModels`: each family built once per module, by
   name) and `one_thread` (one intra-op thread for the test: tiny tensors run several times faster
   that way on a shared 2-core machine; use it with `pytestmark = pytest.mark.usefixtures(...)`).
@@ -191,6 +192,27 @@ def build_tiny(name: str, path, dtype=torch.float32, seed: int = 0, init_std: fl
     return AutoModelForCausalLM.from_pretrained(str(path), **hf_dtype_kwargs(dtype), **kw).eval()
 
 
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """||out - expected|| / ||expected|| in float64; fails on NaN (an unwritten, poisoned element)."""
+    out, expected = out.double(), expected.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad masking)"
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def left_pad_mask(lengths, total: int, device="cpu", dtype=torch.long) -> torch.Tensor:
+    """[len(lengths), total] attention mask whose row i ends in lengths[i] ones (left padding)."""
+    m = torch.zeros(len(lengths), total, dtype=dtype, device=device)
+    for i, n in enumerate(lengths):
+        if n:
+            m[i, total - n:] = 1
+    return m
+
+
+def as_fp32(*ts):
+    """The floating tensors among `ts` cast to fp32 (others passed through), for references."""
+    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
+
+
 def left_padded_batch(lengths, vocab: int = VOCAB, pad_id: int = 0, seed: int = 1):
     """input_ids [B, max(lengths)] left-padded with pad_id, and the matching attention mask.
     Real tokens avoid ids 0..3 so they never collide with special tokens."""
@@ -234,9 +256,9 @@ def tiny_ppo_setup(root, n_prompts: int):
     Returns (tokenizer, items)."""
     import json
 
-    from fastrlhf.tasks.default_task import default_data_path
     from fastrlhf.models.loading import load_causal_lm, load_tokenizer
     from fastrlhf.models.reward import RewardModel
+    from fastrlhf.tasks.default_task import default_data_path
 
     tok = load_tokenizer(None, padding_side="left")
     load_causal_lm(None, seed=1).save_pretrained(root / "sft")

@@ -9,12 +9,11 @@ gpu_tests_attention_rules).
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, as_fp32, left_pad_mask, rel_err
 from fastrlhf import ops
 from fastrlhf.kernels._launch import poison_outputs
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
-from fastrlhf.utils.testing import as_fp32, left_pad_mask, rel_err
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py
 

@@ -12,11 +12,10 @@ import os
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, as_fp32, left_pad_mask, rel_err
 from fastrlhf import ops
 from fastrlhf.ops import cuda_backend as cb
 from fastrlhf.ops import reference as ref
-from fastrlhf.utils.testing import as_fp32, left_pad_mask, rel_err
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py
 

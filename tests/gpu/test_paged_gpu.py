@@ -9,11 +9,10 @@ without CUDA (run by benchmarks/gpu_suite.sh).
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, as_fp32, rel_err
 from fastrlhf import ops
 from fastrlhf.kernels._launch import poison_outputs
 from fastrlhf.ops import reference as ref
-from fastrlhf.utils.testing import as_fp32, rel_err
 from paged_cases import alibi, paged_case
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py

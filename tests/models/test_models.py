@@ -5,7 +5,7 @@ import torch
 
 from fastrlhf.models.loading import PAD_TOKEN, load_causal_lm, load_tokenizer
 from fastrlhf.models.reward import RewardModel, last_token_index
-from fastrlhf.utils.testing import WORDS, make_tiny_model_dir
+from toys import WORDS, make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

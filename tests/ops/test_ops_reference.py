@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastrlhf import ops
-from fastrlhf.utils.testing import rel_err, left_pad_mask
+from conftest import left_pad_mask, rel_err
 
 
 def _naive_attention(q, k, v, mask_bool, scale, softcap=None):

@@ -10,13 +10,12 @@ the interpreter runs every program in Python.
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, rel_err
 from fastrlhf import ops
 from fastrlhf.kernels import paged_attention as paged_kernels
 from fastrlhf.kernels._launch import poison_outputs
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
-from fastrlhf.utils.testing import rel_err
 from paged_cases import alibi, naive_attention, paged_case
 
 

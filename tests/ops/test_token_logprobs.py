@@ -15,8 +15,7 @@ from fastrlhf.kernels import token_logprobs as tlp_kernels
 from fastrlhf.kernels._launch import compile_only, poison_outputs
 from fastrlhf.ops import logprobs_reference as lref
 from fastrlhf.ops import triton_backend as tb
-from fastrlhf.utils.testing import rel_err
-from conftest import TOL
+from conftest import TOL, rel_err
 
 N, H, V = 37, 72, 1531
 

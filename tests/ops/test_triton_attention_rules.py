@@ -10,14 +10,13 @@ too where that proves a tile is skipped, and the output gradient of rows that se
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, left_pad_mask, rel_err
 from fastrlhf import ops
 from fastrlhf.kernels import attention_prefill as prefill_kernels
 from fastrlhf.kernels._launch import compile_only, poison_outputs
 from fastrlhf.ops import attention_args
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
-from fastrlhf.utils.testing import left_pad_mask, rel_err
 
 POISON = 1e4  # finite: the float64 reference must stay finite too
 FP32, FP16 = torch.float32, torch.float16

@@ -11,14 +11,13 @@ gradients, and an sm_90 compile of the backward kernels (bf16, which the interpr
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, rel_err
 from fastrlhf import ops
 from fastrlhf.kernels import norms as norm_kernels
 from fastrlhf.kernels._launch import compile_only, poison_outputs
 from fastrlhf.ops import cuda_backend as cb
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
-from fastrlhf.utils.testing import rel_err
 
 POISON = 1e4  # finite: the float64 reference must stay finite too
 

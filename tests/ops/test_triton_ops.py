@@ -16,8 +16,7 @@ import torch
 from fastrlhf.kernels._launch import poison_outputs
 from fastrlhf.ops import reference as ref
 from fastrlhf.ops import triton_backend as tb
-from conftest import TOL
-from fastrlhf.utils.testing import left_pad_mask, rel_err
+from conftest import TOL, left_pad_mask, rel_err
 
 
 @pytest.fixture(autouse=True)

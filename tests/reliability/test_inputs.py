@@ -34,7 +34,7 @@ def models(tmp_path_factory):
     """A policy (causal LM with weights and tokenizer), a reward model, a run dir (actor/, critic/,
     checkpoint-10/, no model at its root) and an empty dir."""
     from fastrlhf.models.reward import RewardModel
-    from fastrlhf.utils.testing import make_tiny_model_dir
+    from toys import make_tiny_model_dir
     root = tmp_path_factory.mktemp("models")
     policy = make_tiny_model_dir(str(root / "policy"), hidden=16, layers=1, with_weights=True)
     tok = load_tokenizer(policy)
@@ -299,7 +299,7 @@ def test_only_the_pipeline_splits_the_data(tmp_path, capsys):
     assert {c.data.split_ratios for c in cli.build_step_configs(args, extra).values()} == {"1,1,1"}
     assert DataSpec().split_ratios is None and TRAINERS["sft"].config().data.split_ratios is None
     # the pipeline's share is printed as such
-    from fastrlhf.utils.testing import make_tiny_model_dir
+    from toys import make_tiny_model_dir
     tok = load_tokenizer(make_tiny_model_dir(str(tmp_path / "m")))
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _rows(50, "b")) + "\n")
@@ -376,7 +376,7 @@ def test_a_bogus_kernel_backend_is_one_clear_error(monkeypatch, capsys):
 
 
 def test_blend_source_with_zero_rows_is_reported(tmp_path):
-    from fastrlhf.utils.testing import make_tiny_model_dir
+    from toys import make_tiny_model_dir
     tok = load_tokenizer(make_tiny_model_dir(str(tmp_path / "m")))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": f"w{i}", "chosen": "good", "rejected": "bad"})

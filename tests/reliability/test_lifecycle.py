@@ -487,7 +487,7 @@ def test_fingerprint_names_a_changed_model_or_data_file(tmp_path):
     from fastrlhf.data import DataSpec
     from fastrlhf.rlhf.configs import SFTConfig
     from fastrlhf.rlhf.fingerprint import fingerprint_diff, run_fingerprint
-    from fastrlhf.utils.testing import make_tiny_model_dir
+    from toys import make_tiny_model_dir
     model = make_tiny_model_dir(str(tmp_path / "m"), with_weights=True)
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b"}\n')

@@ -256,8 +256,8 @@ def test_packed_runs_under_a_token_budget_log_the_padded_losses(tmp_path, kind, 
     from fastrlhf.rlhf.dpo import train_dpo
     from fastrlhf.rlhf.reward_trainer import train_reward_model
     from fastrlhf.rlhf.sft import train_sft
-    from fastrlhf.utils.testing import (ToyPairCollator, ToyPairDataset, ToySFTCollator, ToySFTDataset,
-                                        make_tiny_model_dir, tiny_train_kwargs)
+    from toys import (ToyPairCollator, ToyPairDataset, ToySFTCollator, ToySFTDataset, make_tiny_model_dir,
+                      tiny_train_kwargs)
     cls, train, data, collate = {
         "sft": (SFTConfig, train_sft, ToySFTDataset, ToySFTCollator),
         "rm": (RMConfig, train_reward_model, ToyPairDataset, ToyPairCollator),

@@ -19,8 +19,7 @@ from fastrlhf.rlhf.configs import DPOConfig, RMConfig, SFTConfig
 from fastrlhf.rlhf.dpo import train_dpo
 from fastrlhf.rlhf.reward_trainer import train_reward_model
 from fastrlhf.rlhf.sft import train_sft
-from fastrlhf.utils.testing import (ToyPairCollator, ToyPairDataset, ToySFTCollator, ToySFTDataset,
-                                    make_tiny_model_dir, tiny_train_kwargs)
+from toys import ToyPairCollator, ToyPairDataset, ToySFTCollator, ToySFTDataset, make_tiny_model_dir, tiny_train_kwargs
 
 
 def _sft(cfg, tok):
@@ -84,7 +83,7 @@ KILLED_SAVE = textwrap.dedent("""
     from fastrlhf.rlhf import checkpoint
     from fastrlhf.rlhf.configs import SFTConfig
     from fastrlhf.rlhf.sft import train_sft
-    from fastrlhf.utils.testing import ToySFTCollator, ToySFTDataset, tiny_train_kwargs
+    from toys import ToySFTCollator, ToySFTDataset, tiny_train_kwargs
     model_dir, out = sys.argv[1], sys.argv[2]
     real_save = checkpoint.save_hf_model
 
@@ -108,7 +107,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_for_resume(tmp_path
     script.write_text(KILLED_SAVE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(script), model_dir, str(out)], capture_output=True, text=True,
-                          timeout=300, env=dict(env, FASTRLHF_NO_PROGRESS="1", OMP_NUM_THREADS="1"))
+                          timeout=300, env=dict(env, FASTRLHF_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+                                                PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))  # toys
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (out / "checkpoint-4.partial" / "model.safetensors").is_file()  # the half-written save is there...
     from fastrlhf.rlhf.checkpoint import find_resume_checkpoint

@@ -4,7 +4,7 @@ from fastrlhf.rlhf.configs import RMConfig
 from fastrlhf.models.loading import load_tokenizer
 from fastrlhf.models.reward import RewardModel
 from fastrlhf.rlhf.reward_trainer import pairwise_loss, train_reward_model
-from fastrlhf.utils.testing import ToyPairCollator, ToyPairDataset, make_tiny_model_dir, tiny_train_kwargs
+from toys import ToyPairCollator, ToyPairDataset, make_tiny_model_dir, tiny_train_kwargs
 
 
 def test_pairwise_loss_matches_its_formula():

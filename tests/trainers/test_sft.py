@@ -3,8 +3,7 @@ import torch
 from fastrlhf.rlhf.configs import SFTConfig
 from fastrlhf.models.loading import load_causal_lm, load_tokenizer
 from fastrlhf.rlhf.sft import train_sft
-from fastrlhf.utils.testing import (WORDS, ToySFTCollator, ToySFTDataset, losses_from_metrics, make_tiny_model_dir,
-                                    tiny_train_kwargs)
+from toys import WORDS, ToySFTCollator, ToySFTDataset, losses_from_metrics, make_tiny_model_dir, tiny_train_kwargs
 
 
 def _run(tmp_path, model=None, **over):

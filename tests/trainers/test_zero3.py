@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from fastrlhf.utils.testing import make_tiny_model_dir
+from toys import make_tiny_model_dir
+
+TOYS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toys.py")  # a toy SFT run
 
 
 def _run(argv, out, env_extra=None, timeout=420):
@@ -27,9 +29,9 @@ def test_two_process_zero3_sft_matches_one_process(tmp_path):
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")
     # 1 process: accumulation 2; 2 processes: accumulation 1; the same global batch at every step
-    losses_1 = _run([sys.executable, "-m", "fastrlhf.utils.testing", "--output_dir", one] + common, one)
+    losses_1 = _run([sys.executable, TOYS, "--output_dir", one] + common, one)
     losses_2 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                     str(_free_port()), "-m", "fastrlhf.utils.testing", "--output_dir", two] + common, two)
+                     str(_free_port()), TOYS, "--output_dir", two] + common, two)
     assert sorted(losses_1) == sorted(losses_2) == list(range(1, 7))
     for step in losses_1:
         assert losses_2[step] == pytest.approx(losses_1[step], rel=1e-4), (step, losses_1, losses_2)

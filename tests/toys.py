@@ -1,11 +1,12 @@
-"""Tiny models and toy datasets for tests and examples (no hub, seconds on a CPU).
+"""Tiny models and toy datasets for the trainer tests (no hub, seconds on a CPU).
 
 `make_tiny_model_dir(d)` writes a word-level tokenizer (no pad token, so loading adds one) and a
 2-layer Llama config (GQA) to `d`: a config-only dir that `load_causal_lm` builds with a seed.
 The toy tasks are trivially learnable, so a few optimizer steps show the trainers work:
   - `ToySFTDataset`: the answer is the prompt's first words shifted by a fixed offset;
   - `ToyPairDataset`: the chosen answer contains the word "good", the rejected one "bad".
-`rel_err`, `left_pad_mask` and `as_fp32` are the comparison helpers the op and kernel tests share.
+Test modules import it as `toys` (tests/ is on their sys.path, as for conftest); run as a script
+(`python tests/toys.py ...`, also under torchrun) it is a toy SFT run (`main`).
 """
 from __future__ import annotations
 
@@ -13,33 +14,13 @@ import os
 from typing import Dict, List, Optional
 
 import torch
-from ..data.collators import pad_sequences
+
+from fastrlhf.data.collators import pad_sequences
 
 WORDS = ["<unk>", "<s>", "</s>", "good", "bad"] + [f"w{i}" for i in range(40)]
 EOS_ID = 2
 GOOD_ID, BAD_ID = 3, 4
 FIRST_WORD_ID = 5
-
-
-def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
-    """||out - expected|| / ||expected|| in float64; fails on NaN (an unwritten, poisoned element)."""
-    out, expected = out.double(), expected.double()
-    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad masking)"
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def left_pad_mask(lengths, total: int, device="cpu", dtype=torch.long) -> torch.Tensor:
-    """[len(lengths), total] attention mask whose row i ends in lengths[i] ones (left padding)."""
-    m = torch.zeros(len(lengths), total, dtype=dtype, device=device)
-    for i, n in enumerate(lengths):
-        if n:
-            m[i, total - n:] = 1
-    return m
-
-
-def as_fp32(*ts):
-    """The floating tensors among `ts` cast to fp32 (others passed through), for references."""
-    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
 
 
 def make_tiny_model_dir(path: str, *, hidden: int = 32, layers: int = 2, with_weights: bool = False,
@@ -156,9 +137,9 @@ def losses_from_metrics(output_dir: str, name: str = "train/loss") -> Dict[int, 
 
 def run_toy_sft(output_dir: str, model_dir: str, **over) -> Dict[int, float]:
     """Toy SFT through the real trainer; returns {step: loss} (the same on every rank)."""
-    from ..rlhf.configs import SFTConfig
-    from ..models.loading import load_tokenizer
-    from ..rlhf.sft import train_sft
+    from fastrlhf.models.loading import load_tokenizer
+    from fastrlhf.rlhf.configs import SFTConfig
+    from fastrlhf.rlhf.sft import train_sft
     tok = load_tokenizer(model_dir)
     cfg = SFTConfig(**tiny_train_kwargs(model_dir, output_dir, **over))
     result = train_sft(cfg, tokenizer=tok, datasets=(ToySFTDataset(64, seed=0), ToySFTDataset(16, seed=1)),
@@ -167,11 +148,11 @@ def run_toy_sft(output_dir: str, model_dir: str, **over) -> Dict[int, float]:
 
 
 def main(argv=None) -> None:
-    """`python -m fastrlhf.utils.testing --model_dir D --output_dir O [--zero_stage 3 ...]`: a toy SFT run
-    (under torchrun too) whose per-step losses are written to O/losses.json by rank 0."""
+    """`python tests/toys.py --model_dir D --output_dir O [--zero_stage 3 ...]`: a toy SFT run (under
+    torchrun too) whose per-step losses are written to O/losses.json by rank 0."""
     import argparse
     import json
-    from .distributed import is_rank0
+    from fastrlhf.utils.distributed import is_rank0
     p = argparse.ArgumentParser()
     p.add_argument("--model_dir", required=True)
     p.add_argument("--output_dir", required=True)
