@@ -219,21 +219,29 @@ def check_fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activatio
 def fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, *, activation="silu"):
     """Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(hidden[t]) with expert_e(x) =
     (act(x·G_eᵀ) ⊙ x·U_eᵀ)·D_eᵀ, G_e/U_e the first/second half of w_gate_up[e] ([E, 2I, H]) and
-    D_e = w_down[e] ([E, H, I]). Products in fp32 (fp64 for fp64 inputs); the activation product is rounded to the input
-    dtype once (as a kernel stores it between its two matmuls); the output once. Differentiable."""
+    D_e = w_down[e] ([E, H, I]). Products in fp32 (fp64 for fp64 inputs); the activation product is
+    rounded to the input dtype once (as a kernel stores it between its two matmuls); the output
+    once. Differentiable."""
     check_fused_moe(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
     t, k = topk_ids.shape
     half = w_gate_up.shape[1] // 2
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     flat = topk_ids.reshape(-1).long()
-    token = torch.arange(t, device=hidden.device).repeat_interleave(k)
-    weight = topk_weights.reshape(-1).to(acc)
-    out = torch.zeros(t, hidden.shape[1], dtype=acc, device=hidden.device)
-    for e in flat.unique().tolist():
-        rows = (flat == e).nonzero()[:, 0]
-        x = hidden[token[rows]].to(acc)
-        gate_up = x @ w_gate_up[e].to(acc).t()
-        act = torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
-        y = act.to(hidden.dtype).to(acc) @ w_down[e].to(acc).t()
-        out = out.index_add(0, token[rows], y * weight[rows, None])
+    # slots sorted by expert: each expert's rows are one contiguous run (one sort, one scatter-add)
+    order = torch.argsort(flat, stable=True)
+    token = torch.div(order, k, rounding_mode="floor")
+    counts = torch.zeros(w_gate_up.shape[0], dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat)).tolist()
+    x = hidden[token].to(acc)
+    ys, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            gate_up = x[start:start + n] @ w_gate_up[e].to(acc).t()
+            act = torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
+            ys.append(act.to(hidden.dtype).to(acc) @ w_down[e].to(acc).t())
+            start += n
+    if not ys:  # no tokens
+        return hidden.new_zeros(hidden.shape)
+    y = torch.cat(ys) * topk_weights.reshape(-1)[order].to(acc)[:, None]
+    out = torch.zeros(t, hidden.shape[1], dtype=acc, device=hidden.device).index_add_(0, token, y)
     return out.to(hidden.dtype)
