@@ -72,7 +72,11 @@ setup(
         # loaded scalar as a loop bound under numpy 2). kernels/_launch.py relies on how the
         # interpreter patches triton.language: widen the range once tests/ops and tests/gpu pass.
         "triton": ["triton>=3.6,<3.9"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        # experiment trackers for --report_to (tensorboard is always installed)
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow-skinny"],
+        # the trackers too: tests/cli/test_trackers.py logs to the real packages (offline, a local file store)
+        "test": ["pytest>=7", "pytest-timeout", "wandb", "mlflow-skinny"],
     },
     entry_points={"console_scripts": ["fastrlhf=fastrlhf.cli:main"]},
     cmdclass={"build_py": BuildPyWithOps},

@@ -21,6 +21,7 @@ from .data import DataSpec
 from .errors import ConfigError
 from .models.paths import check_model_path
 from .options import Range, above, at_least, fraction, option, validate_config
+from .utils.trackers import check_report_to
 
 
 @dataclass
@@ -73,8 +74,12 @@ class TrainConfig:
     eval_max_batches: Optional[int] = option(None, "cap on eval batches (unset = the whole eval split)",
                                              fingerprint=False)
     log_steps: int = option(10, "log the training loss every N optimizer steps", fingerprint=False)
-    tensorboard_dir: Optional[str] = option(None, "tensorboard log dir; unset = <output_dir>/tensorboard",
-                                            fingerprint=False)
+    tensorboard_dir: Optional[str] = option(None, "tensorboard log dir (metrics.jsonl goes there too); unset = "
+                                            "<output_dir>/tensorboard", fingerprint=False)
+    report_to: List[str] = option(None, "experiment trackers that get every metric and the run's config: "
+                                  "tensorboard, wandb, mlflow (several allowed; wandb and mlflow are extras: "
+                                  'pip install -e ".[wandb]"), or none', factory=lambda: ["tensorboard"],
+                                  fingerprint=False)
     resume: str = option("auto", "'auto' = continue from the newest checkpoint in output_dir if any, "
                           "'no' = start fresh, or a checkpoint dir", fingerprint=False)
     overwrite_output_dir: bool = option(False, "allow writing into an output_dir that holds another kind of model "
@@ -116,6 +121,7 @@ class TrainConfig:
                                                                         "adapter_config.json"))):
             raise ConfigError("only_optimize_lora needs LoRA: set --lora_rank > 0 (e.g. 8), pass a PEFT adapter "
                               "dir as the model, or drop --only_optimize_lora")
+        check_report_to(self.report_to)
         if self.resume not in ("auto", "no") and not os.path.isdir(self.resume):
             raise ConfigError(f"resume={self.resume!r} is neither 'auto', 'no' nor an existing checkpoint dir")
         if self.deepspeed_config:
@@ -147,6 +153,7 @@ class TrainConfig:
                 if not (path and os.path.abspath(path) in made):
                     check_model_path(path, "tokenizer", option=flag)
         check_output_dir(self.output_dir)
+        check_report_to(self.report_to, installed=True)
         fp16 = self.dtype == "fp16"
         if self.deepspeed_config:  # the file decides; its "auto" means this config's dtype
             section = read_deepspeed_config(self.deepspeed_config).get("fp16")

@@ -518,7 +518,8 @@ def test_the_fingerprint_leaves_out_exactly_the_options_defined_so():
     shared = {"output_dir", "resume", "overwrite_output_dir", "log_steps", "save_steps", "save_total_limit",
               "eval_steps", "eval_max_batches", "eval_batch_size", "tensorboard_dir", "cpu_threads", "max_steps",
               "num_epochs", "merge_lora_on_save", "max_nonfinite_steps", "gradient_checkpointing", "deepspeed_config",
-              "packing", "max_tokens_per_micro_batch"}  # packed = padded math, to fp32 rounding
+              "packing", "max_tokens_per_micro_batch",  # packed = padded math, to fp32 rounding
+              "report_to"}
     for cls, own in ((SFTConfig, set()), (RMConfig, set()), (DPOConfig, set()),
                      (PPOConfig, {"eval_prompts", "generation_fallback", "reward_timeout", "reward_retries",
                                   "reward_concurrency", "reward_request_size"})):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..options import save_config
+from ..options import config_to_dict, save_config
 from ..utils.distributed import all_ranks_true, barrier, get_rank, get_world_size, init_distributed, is_rank0
 from ..utils.logging import MetricsLogger, print_rank0, quiet_libraries
 from . import checkpoint as ckpt_lib
@@ -372,11 +372,11 @@ def setup_run(cfg, check_tokenizers: bool = True) -> RunContext:
         save_config(cfg, os.path.join(cfg.output_dir, "training_config.yaml"))
     barrier()
     tb_dir = cfg.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard")
+    metrics = MetricsLogger(tb_dir, cfg.report_to, config_to_dict(cfg), cfg.output_dir)  # trackers: rank 0
     return RunContext(cfg=cfg, device=device, rank=get_rank(), world_size=world, ds_config=ds_config,
                       micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       accumulation=ds_config["gradient_accumulation_steps"],
-                      global_batch_size=ds_config["train_batch_size"], metrics=MetricsLogger(tb_dir),
-                      kind=kind, lock=lock, fingerprint=fingerprint, resume_from=resume_from, resume_checked=True)
+                      global_batch_size=ds_config["train_batch_size"], metrics=metrics, kind=kind, lock=lock, fingerprint=fingerprint, resume_from=resume_from, resume_checked=True)
 
 
 def training_dtype(ctx: RunContext) -> str:

@@ -1,10 +1,11 @@
-"""Rank-aware logging: only rank 0 prints, draws progress bars and writes tensorboard events."""
+"""Rank-aware logging: only rank 0 prints, draws progress bars and writes metrics (metrics.jsonl and
+the trackers of --report_to)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .distributed import is_rank0
 
@@ -70,15 +71,20 @@ def json_safe(obj):
 
 
 class MetricsLogger:
-    """Scalars to tensorboard (rank 0 only) plus a JSONL copy that tests and scripts can read.
+    """Scalars to metrics.jsonl (which tests and scripts read) and to each tracker of `report_to`
+    (`utils/trackers.py`: tensorboard by default, wandb, mlflow), rank 0 only.
 
     metrics.jsonl holds the current run only: `begin(None)` (a fresh run) empties it,
     `begin(step)` (a run resumed at `step`) keeps the rows up to that step and appends after them.
-    A NaN/inf value is written as null (the file stays valid JSON Lines)."""
+    A NaN/inf value is written as null (the file stays valid JSON Lines). `run_config` (the run's
+    options) goes to the trackers that keep one; `output_dir` names their run and holds their files."""
 
-    def __init__(self, log_dir: Optional[str]):
+    def __init__(self, log_dir: Optional[str], report_to: Sequence[str] = ("tensorboard",),
+                 run_config: Optional[Dict] = None, output_dir: Optional[str] = None):
         self.log_dir = log_dir if log_dir and is_rank0() else None
-        self.writer = None
+        self.report_to = [name for name in report_to if name != "none"]
+        self.run_config, self.output_dir = run_config, output_dir
+        self.trackers: List = []
         self.jsonl = None
         self._begun = False
 
@@ -106,19 +112,14 @@ class MetricsLogger:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
         self.jsonl = open(path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step: tensorboard hides the events a killed run logged after the checkpoint
-            self.writer = SummaryWriter(self.log_dir, purge_step=None if resumed_at is None else resumed_at + 1)
-        except ImportError:  # tensorboard is optional at runtime
-            get_logger().warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        from .trackers import open_trackers
+        self.trackers = open_trackers(self.report_to, self.log_dir, resumed_at, self.run_config, self.output_dir)
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         if not self._begun:
             self.begin(None)
-        if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
         if self.jsonl is not None:
             import json
             row = json_safe({"step": step, **{k: float(v) for k, v in metrics.items()}})
@@ -126,9 +127,8 @@ class MetricsLogger:
             self.jsonl.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self.jsonl is not None:
             self.jsonl.close()
-        self.writer = self.jsonl = None
+        self.trackers, self.jsonl = [], None
