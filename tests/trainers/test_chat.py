@@ -63,3 +63,21 @@ def test_too_long_message_is_a_clear_error_and_the_session_survives(model_dir):
     with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
         s.reply("lake " * 400)
     assert s.messages == []
+
+
+def test_input_that_is_not_utf8_is_replaced_with_a_warning_and_the_session_goes_on(model_dir, monkeypatch):
+    """A terminal in another encoding, a pasted binary: the bytes are replaced (U+FFFD) with a
+    warning, never a traceback that ends the session."""
+    import io
+    import sys
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 by the lake\ndescribe the lake\nquit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)  # strict UTF-8, as a terminal's stdin is
+    out = []
+    assert run_chat(_args(model_dir, "--greedy"), write=out.append) == 0
+    warnings = [line for line in out if "not UTF-8" in line]
+    assert len(warnings) == 1 and "1 byte" in warnings[0] and "caf\ufffd by the lake" in warnings[0], out
+    assert sum(line.startswith("bot> ") for line in out) == 2, out
+    # --prompt too (the shell hands Python undecodable argv bytes as surrogates)
+    out = []
+    assert run_chat(_args(model_dir, "--prompt", "caf\udce9", "--greedy"), write=out.append) == 0
+    assert any("not UTF-8" in line for line in out) and not out[-1].startswith("(warning")

@@ -107,20 +107,48 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
 
 
+def as_utf8(text: str, write: Callable[[str], None]) -> str:
+    """`text` with bytes that were not UTF-8 (surrogates, as Python decodes them with
+    surrogateescape) replaced by U+FFFD, and a warning when there were any."""
+    n = sum(0xDC80 <= ord(c) <= 0xDCFF for c in text)
+    if not n:
+        return text
+    clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    write(f"(warning: {n} byte{'s' * (n > 1)} of your message {'are' if n > 1 else 'is'} not UTF-8 and "
+          f"{'were' if n > 1 else 'was'} replaced: {clean!r})")
+    return clean
+
+
+def _tolerant_stdin() -> None:
+    """Undecodable input bytes reach the loop as surrogates (replaced there with a warning) instead of
+    raising UnicodeDecodeError out of input() and ending the session."""
+    if hasattr(sys.stdin, "reconfigure"):
+        try:
+            sys.stdin.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a stream that cannot change now
+            pass
+
+
 def run_chat(args: argparse.Namespace, read: Callable[[str], str] = input,
              write: Callable[[str], None] = print) -> int:
     session = ChatSession(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, fallback=args.fallback,
                           seed=args.seed, dtype=args.dtype)
     if args.prompt is not None:
-        write(session.reply(args.prompt))
+        write(session.reply(as_utf8(args.prompt, write)))
         return 0
+    if read is input:
+        _tolerant_stdin()
     write("fastrlhf chat: type a message; 'clear' starts over, 'quit' exits.")
     while True:
         try:
-            text = read("you> ").strip()
+            text = as_utf8(read("you> "), write).strip()
         except EOFError:
             return 0
+        except UnicodeDecodeError as e:  # a reader that decodes strictly: the line is lost, the session is not
+            write(f"(warning: your message was not UTF-8 ({e.reason} at byte {e.start}) and was dropped; "
+                  "send it again as UTF-8)")
+            continue
         if text in ("quit", "exit"):
             return 0
         if text == "clear":
