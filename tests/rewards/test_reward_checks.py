@@ -49,3 +49,28 @@ def test_divergence_after_huge_rewards_names_the_reward_scale(tmp_path, capsys, 
     assert "stopped: 3 consecutive PPO steps had NaN/inf" in line, line
     assert "the rewards reached |reward| 2e+30" in line and "--reward_clip 0 (off)" in line, line
     assert line.index("--reward_clip") < line.index("--learning_rate"), line
+
+
+def test_rewards_that_are_all_none_are_said_and_stop_the_run_naming_the_source(tmp_path, capsys, monkeypatch):
+    """Every sample unrewarded (a null answer column, a server answering nulls): each such step is
+    warned about, a few in a row stop the run naming the source, and the held-out reward that was
+    never computed reads "no reward", not 0.000."""
+    rc, out, err = run(["ppo", "--algo", "grpo", "--group_size", "2", "--reward_fn", f"{FNS}:none_for_all",
+                        *PPO_TINY, "--max_steps", "10", "--output_dir", str(tmp_path / "o")], capsys, monkeypatch)
+    assert rc == 2, err[-2000:]
+    assert "eval before training: reward no reward" in out, out[-3000:]
+    warned = [line for line in out.splitlines() if "none of the 8 answers got a reward" in line]
+    assert len(warned) == 2 and "none_for_all returned None for every one" in warned[0], out[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert "3 consecutive steps had no rewarded answer" in line and "none_for_all returned None for all" in line, line
+    assert "reward 0.0" not in out and "reward nan" not in out
+
+
+def test_the_summary_says_no_reward_for_a_reward_never_computed():
+    from fastrlhf.rlhf.registry import TRAINERS
+
+    class Run:
+        cfg = type("C", (), {"algo": "grpo"})()
+    nan = float("nan")
+    line = TRAINERS["ppo"].summary({"eval_before": {"reward": nan}, "eval_after": {"reward": 0.5}, "trainer": Run()})
+    assert line == "step 3 GRPO: held-out reward no reward -> 0.500"

@@ -75,6 +75,10 @@ class RewardResult:
         out["rewardless_samples"] = float(sum(v is None for v in self.total))
         return out
 
+    def silent_sources(self) -> List[str]:
+        """The sources that returned None for every sample (their fault when nothing is rewarded)."""
+        return [name for name, values in self.per_source.items() if values and all(v is None for v in values)]
+
 
 class RewardSet:
     """The run's reward sources. `compute(prompts, completions, columns, model_scores=None)`

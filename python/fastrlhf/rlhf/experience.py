@@ -169,6 +169,8 @@ class ExperienceMaker:
         self.reward_stats = M.RunningMoments()
         from ..rewards.sources import RewardSet
         self.rewards = RewardSet.from_config(cfg, has_model=models.reward is not None)
+        self.silent_sources: List[str] = []  # the last `score`'s sources that answered None for every sample
+        self.scored_samples = self.rewarded_samples = 0  # counted by `score` (the trainer resets them per step)
 
     @torch.no_grad()
     def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
@@ -221,6 +223,9 @@ class ExperienceMaker:
             v, f = valid.view(-1, g), filled.view(-1, g)
             mean = (f * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
             filled = torch.where(v > 0, f, mean).view(-1)
+        self.silent_sources = result.silent_sources() if result is not None else []
+        self.scored_samples += len(total)
+        self.rewarded_samples += sum(t is not None for t in total)
         return filled, valid, result
 
     def score_all_ranks(self, batch: Dict[str, Any], rollout: Rollout):
@@ -346,15 +351,16 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def eval_sums(self, batch: Dict[str, Any], generator: torch.Generator) -> List[float]:
-        """[summed reward, summed KL to the reference (0 without one), summed ground truth, answers]
-        of answers sampled (with `generator`) to a batch of held-out prompts. A sample without a
-        reward counts as the batch's mean reward."""
+        """[summed reward of the rewarded answers, summed KL to the reference (0 without one), summed
+        ground truth, answers, rewarded answers] of answers sampled (with `generator`) to a batch of
+        held-out prompts."""
         r = self.rollout(batch, generator)
         kl = torch.zeros(1)
         if self.models.ref is not None:
             logp = answer_logprobs(self.models.actor, r.sequences, r.attention_mask, r.prompt_len)
             ref = answer_logprobs(self.models.ref, r.sequences, r.attention_mask, r.prompt_len)
             kl = (M.kl_estimate(logp, ref, "k1") * r.action_mask).sum(1)
-        scores, _, _ = self.score(batch, r, len(r.sequences))
+        scores, rewarded, _ = self.score(batch, r, len(r.sequences))
         gt = sum(self.ground_truth(batch["prompt"], r.sequences, r.action_mask, r.prompt_len)) if self.gt_score else 0.0
-        return [scores.double().sum().item(), kl.double().sum().item(), gt, float(len(r.sequences))]
+        return [(scores * rewarded).double().sum().item(), kl.double().sum().item(), gt, float(len(r.sequences)),
+                rewarded.double().sum().item()]

@@ -20,9 +20,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, RewardError
 from ..models.loading import load_tokenizer
-from ..utils.distributed import all_ranks_true, barrier, is_rank0, mean_over_ranks
+from ..utils.distributed import all_ranks_true, all_reduce_sum, barrier, is_rank0, mean_over_ranks
+from ..utils.logging import print_rank0
 from . import rl_math as M
 from .batches import GlobalBatchSampler, eval_sums, to_device, total_train_steps
 from .configs import PPOConfig
@@ -36,6 +37,12 @@ from .update_losses import actor_loss, critic_loss, ptx_loss
 from .trainer import Trainer
 
 HUGE_REWARD = 1e4  # a divergence after rewards this large names their scale first
+MAX_UNREWARDED_STEPS = 3  # steps in a row without one rewarded answer that stop the run
+
+
+def reward_text(value: float, fmt: str = ".3f") -> str:
+    """A metric for a message; NaN is a reward that was never computed (no answer was rewarded)."""
+    return "no reward" if value != value else format(value, fmt)
 
 
 def bundled_task_scorer(cfg) -> Optional[Any]:
@@ -110,6 +117,7 @@ class PPOTrainer(Trainer):
     step_noun = "PPO steps"
     diverged_error = NonFiniteLossError
     _reward_abs_max: Optional[float] = None  # the last step's largest |reward| (before clipping)
+    unrewarded_streak = 0  # steps in a row none of whose answers got a reward
 
     def divergence_hint(self) -> str:
         hint = "lower --learning_rate, raise --kl_coef, set --reward_clip, or use fp32/bf16 instead of fp16"
@@ -142,12 +150,14 @@ class PPOTrainer(Trainer):
         """Rollouts on the next prompts, then the update. Returns the step's metrics (mean over ranks)."""
         t0 = time.perf_counter()
         next_items = lambda: [self.prompts[i] for i in self.sampler.next_step()[0]]  # noqa: E731
+        self.rollouts.scored_samples = self.rollouts.rewarded_samples = 0
         sampling: Dict[str, float] = {}
         if self.cfg.dynamic_sampling:
             scored, sampling = sample_informative_groups(self.rollouts, next_items, self.cfg)
         else:
             scored = self.rollouts.sample(next_items())
         exp = self.rollouts.experience(scored, self.kl_ctl.value, old_logprobs=not self.old_logprobs_from_update)
+        self._check_rewarded()
         t1 = time.perf_counter()
         finite = all_ranks_true(all(torch.isfinite(t).all() for t in (
             exp.advantages, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.returns) if t is not None))
@@ -296,23 +306,49 @@ class PPOTrainer(Trainer):
         reference (when there is one) of answers sampled (fixed seed) to held-out prompts."""
         cfg = self.cfg
         generator = torch.Generator(device=self.ctx.device).manual_seed(10_000 + self.ctx.rank)
-        score, kl, gt, n = eval_sums(self.actor, self.eval_prompt_items[:cfg.eval_prompts], self.rollouts.collate,
-                                     cfg.eval_batch_size or cfg.rollout_batch_size, self.ctx, cfg.eval_max_batches,
-                                     lambda batch: self.rollouts.eval_sums(batch, generator), 4)
+        score, kl, gt, n, rewarded = eval_sums(self.actor, self.eval_prompt_items[:cfg.eval_prompts],
+                                               self.rollouts.collate, cfg.eval_batch_size or cfg.rollout_batch_size,
+                                               self.ctx, cfg.eval_max_batches,
+                                               lambda batch: self.rollouts.eval_sums(batch, generator), 5)
         n = n if n > 0 else float("nan")
-        out = {"reward": score / n}
+        # over the rewarded answers only; NaN (printed "no reward") when no source rewarded any
+        out = {"reward": score / rewarded if rewarded > 0 else float("nan")}
         if self.ref is not None:  # none is loaded with kl_coef 0
             out["kl_to_ref"] = kl / n
         if self.rollouts.gt_score is not None:
             out["gt_score"] = gt / n
         return out
 
+    def format_metrics(self, metrics: Dict[str, float]) -> str:
+        return ", ".join(f"{k} {reward_text(v, '.4f')}" for k, v in metrics.items())
+
     def format_eval(self, before: Dict[str, float], after: Dict[str, float]) -> str:
         rows = [("reward", "reward"), ("ground-truth score", "gt_score"), ("KL to reference", "kl_to_ref")]
         n = len(self.eval_prompt_items[:self.cfg.eval_prompts])
         lines = [f"[{self.label}] on {n} held-out prompts:", f"{'held-out prompts':<22}{'before PPO':>12}{'after PPO':>12}"]
-        lines += [f"{label:<22}{before[key]:>12.4f}{after[key]:>12.4f}" for label, key in rows if key in before]
+        lines += [f"{label:<22}{reward_text(before[key], '.4f'):>12}{reward_text(after[key], '.4f'):>12}"
+                  for label, key in rows if key in before]
         return "\n".join(lines)
+
+    def _check_rewarded(self) -> None:
+        """A step none of whose sampled answers (on any rank) got a reward learns nothing: warned about,
+        and MAX_UNREWARDED_STEPS in a row stop the run, naming the sources that answered only None."""
+        counts = torch.tensor([float(self.rollouts.rewarded_samples), float(self.rollouts.scored_samples)],
+                              device=self.ctx.device)
+        rewarded, n = (int(c) for c in all_reduce_sum(counts).tolist())
+        if rewarded > 0:
+            self.unrewarded_streak = 0
+            return
+        self.unrewarded_streak += 1
+        silent = self.rollouts.silent_sources
+        who = " and ".join(silent) or "the sources together (each sample had some source answer None)"
+        if self.unrewarded_streak >= MAX_UNREWARDED_STEPS:
+            raise RewardError(f"{self.unrewarded_streak} consecutive steps had no rewarded answer: {who} returned "
+                              "None for all of them (a null answer column? a server answering null?); check the "
+                              "reward source, or the dataset columns it reads")
+        print_rank0(f"[{self.label}] warning: step {self.step + 1}: none of the {n} answers got a reward ({who} "
+                    f"returned None for every one): this step learns nothing ({self.unrewarded_streak} in a row; "
+                    f"the run stops at {MAX_UNREWARDED_STEPS})")
 
     def postfix(self, metrics: Dict[str, float]) -> Dict[str, str]:
         return {k: f"{metrics[k]:.3g}" for k in ("reward_mean", "gt_score", "kl", "value_error") if k in metrics}

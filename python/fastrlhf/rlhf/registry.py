@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 from .algorithms import ALGORITHMS, Algorithm
 from .configs import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .dpo import train_dpo
-from .ppo import train_ppo
+from .ppo import reward_text, train_ppo
 from .reward_trainer import train_reward_model
 from .sft import train_sft
 
@@ -36,8 +36,8 @@ def _ppo_summary(r: Dict[str, Any]) -> str:
     before, after = r["eval_before"], r["eval_after"]
     gt = f", ground truth {before['gt_score']:.3f} -> {after['gt_score']:.3f}" if "gt_score" in before else ""
     kl = f", KL to reference {after['kl_to_ref']:.3f}" if "kl_to_ref" in after else ""
-    return (f"step 3 {r['trainer'].cfg.algo.upper()}: held-out reward {before['reward']:.3f} -> {after['reward']:.3f}"
-            f"{gt}{kl}")
+    return (f"step 3 {r['trainer'].cfg.algo.upper()}: held-out reward {reward_text(before['reward'])} -> "
+            f"{reward_text(after['reward'])}{gt}{kl}")
 
 
 TRAINERS: Dict[str, TrainerEntry] = {
