@@ -134,7 +134,7 @@ def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: li
                         f"step {step} a positive share, e.g. '2,4,4'")
     weights = spec.weights or [1.0] * len(paths)
     rng = random.Random(f"fastrlhf-blend:{spec.seed}:{step}")
-    train, evals, reports = [], [], []
+    train, evals, reports, unanswered = [], [], [], 0
     for path, weight in zip(paths, weights):
         source = read_source(path)
         parsed = parse_rows(source.train, source.name)                 # validates every row
@@ -146,6 +146,8 @@ def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: li
         else:
             n_eval = _eval_count(len(share), spec.eval_fraction)
             train_idx, eval_idx, eval_src = share[n_eval:], share[:n_eval], (source.name, parsed)
+        if step == 1 and parsed_test is None:  # chat rows that end with a user turn: nothing to learn
+            unanswered += sum(parsed[i].prompt_messages is not None and not parsed[i].answers for i in share)
         src_train = [s for s in _render(source.name, parsed, train_idx, renderer) if _usable(step, s)]
         src_eval = [s for s in _render(*eval_src, eval_idx, renderer) if _usable(step, s)]
         weighted = _weighted(src_train, weight, rng)
@@ -154,6 +156,11 @@ def _step_samples(spec: DataSpec, renderer: PromptRenderer, step: int, paths: li
         unusable = len(train_idx) - len(src_train) + len(eval_idx) - len(src_eval)
         reports.append(_SourceReport(source.name, len(parsed), len(share), unusable, len(weighted), len(src_eval),
                                      weight, parsed_test is not None))
+    if not train and unanswered:
+        raise DataError(f"no training rows for step {step} in {paths}: each of its {unanswered} chat rows ends with a "
+                        "user turn, so there is no assistant turn to learn (SFT learns the last assistant turn of "
+                        "a conversation). Fix: end each conversation with the assistant's answer (rows without "
+                        "one serve as step-3 prompts)")
     if not train:
         raise DataError(f"no training rows for step {step} in {paths}: it needs {STEP_NEEDS[step]}. Fix: add "
                         f"a dataset that has them, or set split_ratios so step {step} gets rows")
