@@ -151,10 +151,22 @@ def unknown_argument(extra: Sequence[str], known: Sequence[str]) -> CLIError:
     return CLIError(f"unknown option --{key}" + (did_you_mean(key, known, "--") or "; see --help for the options"))
 
 
+def _preset_flag(command: str, preset: Dict[str, Any], extra: Sequence[str]) -> Optional[CLIError]:
+    """`fastrlhf grpo --algo ppo`: the command fixes --algo (it is no flag of it), so say which command runs
+    the algorithm asked for, rather than "unknown option --algo"."""
+    key, _, value = extra[0][2:].partition("=") if extra[0].startswith("--") else ("", "", "")
+    if key not in preset:
+        return None
+    wanted = value or (extra[1] if len(extra) > 1 and not extra[1].startswith("--") else "...")
+    return CLIError(f"`fastrlhf {command}` runs --{key} {preset[key]}, a fixed setting of the command; for --{key} "
+                    f"{wanted}, run `fastrlhf ppo --{key} {wanted} ...`")
+
+
 def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
     entry = TRAINERS[args.trainer]
     if extra:
-        raise unknown_argument(extra, option_names(entry.config) + ["config"])
+        raise _preset_flag(args.trainer, entry.preset, extra) or unknown_argument(
+            extra, [o for o in option_names(entry.config) if o not in entry.preset] + ["config"])
     cfg = pipeline.trainer_config(args.trainer, _file_values(args.config), namespace_overrides(args, entry.config))
     from .utils.logging import print_rank0
     print_rank0("summary: " + pipeline.run_trainer(args.trainer, cfg))
