@@ -186,6 +186,12 @@ if [ -f benchmarks/fused_moe.py ]; then
   # >= 60%), torch grouped_mm and the reference, bf16
   run_stage bench_fused_moe 90 "$PY" benchmarks/fused_moe.py --device cuda --out "$OUT/fused_moe.jsonl"
 fi
+if [ -f benchmarks/packing.py ]; then
+  # training without padding: update-phase time and peak CUDA memory, packed vs padded (arithmetic
+  # GRPO on an actor SFT-trained here, default-task SFT, ragged 5..200-token answers), interleaved
+  run_stage bench_packing 150 "$PY" benchmarks/packing.py --gpu --workdir /tmp/packing_bench --rounds 5 \
+    --sft_steps 100 --out "$OUT/packing.jsonl"
+fi
 if [ -f benchmarks/inject_training.py ]; then
   # one training step of an injected ~0.5B Llama (triton attention + norms, forward and backward)
   # against the same model on HF sdpa, bf16

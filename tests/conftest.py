@@ -328,3 +328,18 @@ def peft_lora_on_experts(model, target_modules, seed: int = 0):
         if "lora_B" in n:
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return peft
+
+
+def padded_and_packed_logprobs(model, ids, mask):
+    """[(log-probs [B, S-1], {name: grad}) padded, then packed] of `model` on a right-padded batch,
+    the gradients those of the summed log-probs of the real next tokens, and that real mask."""
+    from fastrlhf.rlhf.logprobs import shifted_logprobs
+    from fastrlhf.utils.positions import position_ids_from_mask
+    real = (mask[:, 1:] * mask[:, :-1]).bool()
+    outs = []
+    for packed in (False, True):
+        model.zero_grad()
+        logp = shifted_logprobs(model, ids, mask, position_ids=position_ids_from_mask(mask), packed=packed)
+        (logp * real).sum().backward()
+        outs.append((logp.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    return outs, real

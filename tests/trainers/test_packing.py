@@ -10,9 +10,11 @@ import torch
 
 from fastrlhf.errors import ConfigError
 from fastrlhf.rlhf import rl_math as M
+from fastrlhf.rlhf.logprobs import shifted_logprobs
 from fastrlhf.rlhf.packing import check_packed_attention, plan_passes, select_rows
+from fastrlhf.utils.positions import position_ids_from_mask
 from fastrlhf.utils.packing import PackedRows
-from conftest import TINY_CONFIGS, tiny_config
+from conftest import TINY_CONFIGS, padded_and_packed_logprobs, tiny_config
 
 
 # --------------------------------------------------------------------------- layout and plan by hand
@@ -75,21 +77,52 @@ def test_a_packed_forward_never_attends_across_sequences(name, one_thread):
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(changed[6:], packed[6:], atol=1e-6, rtol=0)
     assert (changed[:6] - packed[:6]).abs().max() > 1e-3  # the change itself is seen
+    # the trainers' packed path (attention per sequence of the packed row) against the padded batch
+    ids, mask = ragged([6, 1, 9, 4], vocab=90)
+    with torch.no_grad():
+        padded = shifted_logprobs(model, ids, mask, position_ids=position_ids_from_mask(mask))
+        ours = shifted_logprobs(model, ids, mask, packed=True)
+    real = (mask[:, 1:] * mask[:, :-1]).bool()
+    torch.testing.assert_close(ours[real], padded[real], atol=1e-5, rtol=1e-4)
     check_packed_attention(model, "actor", torch.device("cpu"))
 
 
-def test_a_family_whose_attention_crosses_sequences_is_refused_by_name(one_thread):
-    """OPT in transformers 5.x builds its mask without position_ids: a packed row would attend
-    across sequences, so --packing refuses it, naming the family (a critic over its backbone too)."""
-    from transformers import AutoModel
+@pytest.mark.parametrize("name, window", [("mistral", 3), ("gemma2", 4)])
+def test_packed_attention_keeps_sliding_windows_and_softcaps(name, window, one_thread):
+    """A window shorter than the sequences (and gemma2's logit softcap) in the per-sequence
+    attention of a packed row: the padded batch's numbers, and gradients."""
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(name)
+    cfg.sliding_window = window
+    cfg._attn_implementation = "eager" if name == "gemma2" else "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    (padded, packed), real = padded_and_packed_logprobs(model, *ragged([7, 2, 10], vocab=90, seed=3))
+    torch.testing.assert_close(packed[0][real], padded[0][real], atol=1e-5, rtol=1e-4)
+    for n, g in padded[1].items():
+        torch.testing.assert_close(packed[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_a_family_whose_own_attention_crosses_sequences_is_refused_by_name(one_thread):
+    """OPT in transformers 5.x builds its mask without position_ids, so its own attention would let
+    packed sequences see each other. The trainers' packed forward attends per sequence, so OPT packs;
+    but a layer recomputed in gradient checkpointing's backward runs OPT's own attention, so that
+    combination is refused naming the family (a critic over its backbone too). Bloom's forward
+    takes no position_ids at all: refused."""
+    from transformers import AutoModel, BloomConfig, BloomForCausalLM
     from fastrlhf.models.reward import RewardModel
     model = _hf("opt")
-    with pytest.raises(ConfigError, match=r"--packing: the actor \(opt\) cannot run packed sequences.*reaches "
-                                          r"across packed sequences.*Drop --packing"):
-        check_packed_attention(model, "actor", torch.device("cpu"))
+    check_packed_attention(model, "actor", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"--packing: the actor \(opt\) cannot run packed sequences.*recomputed by "
+                                          r"--gradient_checkpointing.*reaches across packed sequences.*Drop --packing"):
+        check_packed_attention(model, "actor", torch.device("cpu"), recompute=True)
     critic = RewardModel(AutoModel.from_config(tiny_config("opt"))).eval()
     with pytest.raises(ConfigError, match=r"the critic \(opt\)"):
-        check_packed_attention(critic, "critic", torch.device("cpu"))
+        check_packed_attention(critic, "critic", torch.device("cpu"), recompute=True)
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(hidden_size=48, n_layer=2, n_head=4, vocab_size=96)).eval()
+    with pytest.raises(ConfigError, match=r"the reference model \(bloom\) cannot run packed sequences"):
+        check_packed_attention(bloom, "reference model", torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- losses and gradients

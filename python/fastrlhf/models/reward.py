@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..utils.packing import PackedRows
+from .packed_attention import packed_attention
 from ..utils.positions import position_ids_from_mask
 from .loading import load_fastrlhf_lora, load_pretrained, resize_for_tokenizer, torch_dtype
 from .paths import REWARD_HEAD_FILE, check_model_path, resolve_model_path
@@ -71,8 +72,9 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{type(self.backbone).__name__} takes no position_ids, so it cannot run "
                                  "packed sequences; drop --packing")
             rows = PackedRows.of(attention_mask)
-            hidden = self.backbone(input_ids=rows.pack(input_ids), position_ids=rows.position_ids,
-                                   use_cache=False)[0]
+            with packed_attention(self.backbone, rows):
+                hidden = self.backbone(input_ids=rows.pack(input_ids), position_ids=rows.position_ids,
+                                       use_cache=False)[0]
             return rows.unpack(self.v_head(hidden).squeeze(-1).float())
         kwargs: Dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self._takes_position_ids:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..models.packed_attention import packed_attention
 from ..utils.packing import PackedRows
 from . import rl_math as M
 from .ds_engine import is_partitioned
@@ -127,14 +128,16 @@ def _packed_logprobs(model, parts, input_ids, attention_mask, labels, start: int
     targets = labels[:, 1:][keep]
     kwargs = dict(input_ids=rows.pack(input_ids), position_ids=rows.position_ids, use_cache=False)
     if parts is None:
-        out = model(**kwargs)
+        with packed_attention(model, rows):
+            out = model(**kwargs)
         logits = (out.logits if hasattr(out, "logits") else out[0])[0, source]
         values = [M.logprobs_from_logits(logits, targets)]
         if with_entropy:
             values.append(M.entropy_from_logits(logits))
     else:
         body, head = parts
-        out = body(**kwargs)
+        with packed_attention(model, rows):
+            out = body(**kwargs)
         hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0, source]
         res = ops.token_logprobs(hidden, head.weight, targets, return_entropy=with_entropy)
         values = list(res) if with_entropy else [res]

@@ -10,13 +10,18 @@ denominators are the whole micro-batch's), so the passes' gradients add up to th
 micro-batch's and the losses, per-sequence reductions and optimizer steps are those of the
 padded run.
 
-The model's own attention takes the packed row: transformers (5.24 checked: sdpa, eager and
-flash-attention 2) masks by the restarting positions when there is no attention mask and no cache. `check_packed_attention` runs a
-probe on every model before training and refuses a family whose attention would let one
-sequence see another (e.g. OPT in transformers 5.24, whose mask ignores position_ids).
+Attention: the packed row goes through the model with HF's padding-free convention (restarting
+`position_ids`, no attention mask, no cache), and `models.packed_attention` stands in for its
+sdpa/eager attention for that forward, attending per sequence at the cost of the sequences (not
+of the row). Where it cannot stand in, the model's own attention runs on the packed mask
+transformers builds from the positions (5.24 checked). `check_packed_attention` probes every model
+before training and refuses a family that would let one sequence see another: e.g. Bloom (no
+position_ids), or OPT with gradient checkpointing (its recomputation runs OPT's own attention,
+whose mask ignores position_ids in transformers 5.x).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -74,18 +79,34 @@ def agree(groups: List[List[int]]) -> List[List[int]]:
     return groups
 
 
-def check_packed_attention(model, role: str, device: torch.device, precision: str = "fp32") -> None:
-    """Refuse `--packing` for a model whose attention reaches across packed sequences or whose
+def check_packed_attention(model, role: str, device: torch.device, precision: str = "fp32",
+                           recompute: bool = False) -> None:
+    """Refuse `--packing` for a model that would let one packed sequence see another, or whose
     positions do not restart. Two sequences are run padded and packed, and packed with the first
     one's tokens changed: a never-crossing attention leaves the second one's outputs (log-probs of
-    a causal LM, or a reward model's / critic's values) untouched. Collective under ZeRO-3 (every
-    rank runs the same probe)."""
+    a causal LM, or a reward model's / critic's values) untouched. With `recompute` (gradient
+    checkpointing) the model's own attention on HF's packed mask is probed too: a checkpointed
+    layer's backward recomputes through it. Collective under ZeRO-3 (every rank runs the probe)."""
+    from ..models.packed_attention import own_attention
     from ..hybrid_engine.engine import unwrap_model
+    hf = unwrap_model(model)
+    family = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+    paths = [("", contextlib.nullcontext)] + [(" (recomputed by --gradient_checkpointing)", own_attention)] * recompute
+    for what, context in paths:
+        with context():
+            why = _probe(model, hf, device, precision == "fp32")
+        if why:
+            import transformers
+            raise ConfigError(f"--packing: the {role} ({family}) cannot run packed sequences with transformers "
+                              f"{transformers.__version__}{what}: {why}. Drop --packing for this model family"
+                              + (" or --gradient_checkpointing" if what else ""))
+
+
+def _probe(model, hf, device: torch.device, full: bool) -> str:
+    """Why `model` cannot run packed sequences ('' when it can)."""
     from ..utils.positions import position_ids_from_mask
     from .logprobs import shifted_logprobs
-    hf = unwrap_model(model)
-    config = getattr(hf, "config", None)
-    vocab = int(getattr(config, "vocab_size", 0) or 2)
+    vocab = int(getattr(getattr(hf, "config", None), "vocab_size", 0) or 2)
     a, b = PROBE_LENGTHS
     ids = torch.zeros(2, a, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
@@ -99,22 +120,40 @@ def check_packed_attention(model, role: str, device: torch.device, precision: st
         if values:
             return model(x, mask, packed=packed)
         return shifted_logprobs(model, x, mask, position_ids=position_ids_from_mask(mask), packed=packed)
-    with torch.no_grad():
-        padded, packed, packed_changed = (run(x, p).float() for x, p in ((ids, False), (ids, True), (changed, True)))
+    try:
+        with torch.no_grad():
+            padded, packed, packed_changed = (run(x, p).float() for x, p in
+                                              ((ids, False), (ids, True), (changed, True)))
+    except TypeError as e:  # e.g. a forward without position_ids
+        return f"its packed forward failed ({e})"
     real = (mask[1] if values else mask[1, 1:] * mask[1, :-1]).bool()
     crossing = (packed[1, real] - packed_changed[1, real]).abs().max().item()
     drift = (packed[1, real] - padded[1, real]).abs().max().item()
-    full = precision == "fp32"
-    if crossing <= (1e-5 if full else 1e-2) and drift <= (1e-3 if full else 0.25):
-        return
-    import transformers
-    why = (f"its attention reaches across packed sequences (a sequence's outputs moved by {crossing:.3g} when "
-           "another sequence of the row changed)" if crossing > (1e-5 if full else 1e-2) else
-           f"a packed sequence does not compute what it computes padded (off by {drift:.3g}; are its positions "
-           "taken from position_ids?)")
-    family = getattr(config, "model_type", type(hf).__name__)
-    raise ConfigError(f"--packing: the {role} ({family}) cannot run packed sequences with transformers "
-                      f"{transformers.__version__}: {why}. Drop --packing for this model family")
+    if crossing > (1e-5 if full else 1e-2):
+        return (f"its attention reaches across packed sequences (a sequence's outputs moved by {crossing:.3g} "
+                "when another sequence of the row changed)")
+    if drift > (1e-3 if full else 0.25):
+        return (f"a packed sequence does not compute what it computes padded (off by {drift:.3g}; are its "
+                "positions taken from position_ids?)")
+    return ""
+
+
+def check_models(models: Dict[str, Any], ctx, recompute: bool = False) -> None:
+    """`check_packed_attention` on each {role: model} (skipping None), in the run's precision;
+    `recompute`: the trained models checkpoint their activations (their own attention is probed too)."""
+    from .run_setup import training_dtype
+    for role, model in models.items():
+        if model is not None:
+            check_packed_attention(model, role, ctx.device, training_dtype(ctx), recompute)
+
+
+def longest_item(dataset, pairs: bool) -> int:
+    """The longest packing unit of a step-1 or step-2 dataset: a sequence, or a preference pair
+    (chosen + rejected)."""
+    items = getattr(dataset, "items", None) or [dataset[i] for i in range(len(dataset))]
+    if pairs:
+        return max((len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items), default=0)
+    return max((len(it["input_ids"]) for it in items), default=0)
 
 
 def select_rows(batch: Dict[str, Any], rows: Sequence[int]) -> Dict[str, Any]:
@@ -128,20 +167,3 @@ def select_rows(batch: Dict[str, Any], rows: Sequence[int]) -> Dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def check_models(models: Dict[str, Any], ctx) -> None:
-    """`check_packed_attention` on each {role: model} (skipping None), in the run's precision."""
-    from .run_setup import training_dtype
-    for role, model in models.items():
-        if model is not None:
-            check_packed_attention(model, role, ctx.device, training_dtype(ctx))
-
-
-def longest_item(dataset, pairs: bool) -> int:
-    """The longest packing unit of a step-1 or step-2 dataset: a sequence, or a preference pair
-    (chosen + rejected)."""
-    items = getattr(dataset, "items", None) or [dataset[i] for i in range(len(dataset))]
-    if pairs:
-        return max((len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items), default=0)
-    return max((len(it["input_ids"]) for it in items), default=0)

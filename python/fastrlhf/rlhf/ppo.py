@@ -101,8 +101,8 @@ class PPOTrainer(Trainer):
         self.actor, self.critic, self.ref, self.ema = (self.models.actor, self.models.critic, self.models.ref,
                                                        self.models.ema)
         if cfg.packing:
-            check_models({"actor": self.actor, "critic": self.critic, "reference model": self.ref,
-                          "reward model": self.models.reward}, ctx)
+            check_models({"actor": self.actor}, ctx, recompute=cfg.gradient_checkpointing)
+            check_models({"critic": self.critic, "reference model": self.ref, "reward model": self.models.reward}, ctx)
         self.rollouts = ExperienceMaker(cfg, self.models, tokenizer, ctx.device, ctx.rank, max_new_tokens,
                                         bundled_task_scorer(cfg))
         self.kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl

@@ -145,7 +145,7 @@ def run_supervised(cfg, *, step: int, label: str, load_model: Callable, default_
                                  cfg.seed)
     engine = initialize_engine(model, cfg, ctx.ds_config, total_train_steps(cfg, sampler.steps_per_epoch))
     if cfg.packing:
-        check_models({"model": engine}, ctx)
+        check_models({"model": engine}, ctx, recompute=cfg.gradient_checkpointing)
     trainer = SupervisedTrainer(cfg, ctx, engine=engine, tokenizer=tokenizer, sampler=sampler, train_dataset=train_ds,
                                 eval_dataset=eval_ds, collate=collate, loss_fn=loss_fn, evaluate_fn=evaluate_fn,
                                 fmt=fmt, label=label, denominator=denominator, pairs=step == 2)

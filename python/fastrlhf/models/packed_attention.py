@@ -1,0 +1,161 @@
+"""Attention for a packed row whose cost is that of the sequences, not of the row.
+
+Given HF's padding-free convention alone (restarting `position_ids`, no attention mask),
+transformers' sdpa/eager attention masks a packed row of T tokens with a [T, T] mask: correct,
+but T^2 work, where the padded batch did sum(L_i^2)-like work. `packed_attention(model, rows)`
+switches the model, for one forward, to an attention that re-pads q/k/v into [sequences, heads,
+longest, head_dim] (right-padded, so a causal mask alone keeps every real query on real keys),
+attends with one causal SDPA call (softcap or a sliding window: the same math spelled out), and
+packs the result back. The linear layers, norms and MLPs run on the packed tokens only.
+
+Only the attention implementation named in the model's config changes, and only inside the
+context. The [T, T] mask HF would build for the packed row is skipped, except for a model with
+gradient checkpointing: a layer recomputed in the backward runs outside the context, through the
+model's own attention on that mask (still correct; the trainers probe it). Models whose attention does not go through the
+transformers attention interface keep their own attention (and its packed mask).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..utils.packing import PackedRows
+
+_state = threading.local()   # .layout: (index [T] into the re-padded grid, sequences, longest) or None
+_registered = set()
+PLAIN = ("sdpa", "eager")     # the implementations this one stands in for
+EXTRA_TERMS = ("s_aux", "position_bias")  # attention terms it does not implement: left to the model
+
+
+def _name(impl: str) -> str:
+    return f"fastrlhf_packed_{impl}"
+
+
+def _repadded(x: torch.Tensor, index: torch.Tensor, n: int, longest: int) -> torch.Tensor:
+    """[1, H, T, D] -> [n, H, longest, D], each sequence right-padded with zeros."""
+    t = x[0].transpose(0, 1)  # [T, H, D]
+    grid = t.new_zeros(n * longest, *t.shape[1:]).index_copy(0, index, t)
+    return grid.view(n, longest, *t.shape[1:]).transpose(1, 2)
+
+
+def _spelled_out(q, k, v, scale: float, softcap: Optional[float], window: Optional[int]) -> torch.Tensor:
+    """softmax(softcap(q k^T * scale) + causal/window mask) v, in fp32."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    cols = torch.arange(q.shape[-2], device=q.device)
+    allowed = cols[None, :] <= cols[:, None]
+    if window is not None:
+        allowed = allowed & (cols[None, :] > cols[:, None] - window)
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v.float()).to(q.dtype)
+
+
+def _attention(impl: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def own(module, query, key, value, attention_mask, **kwargs):
+        if impl == "sdpa":
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        from importlib import import_module
+        eager = getattr(import_module(type(module).__module__), "eager_attention_forward")
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layout = getattr(_state, "layout", None)
+        if layout is None or query.shape[0] != 1 or not getattr(module, "is_causal", True) or \
+                any(kwargs.get(k) is not None for k in EXTRA_TERMS):
+            return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        index, n, longest = layout
+        q, k, v = (_repadded(x, index, n, longest) for x in (query, key, value))
+        if k.shape[1] != q.shape[1]:  # GQA / MQA
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+        if softcap is None and (window is None or window >= longest):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                 dropout_p=dropout if module.training else 0.0)
+        else:
+            out = _spelled_out(q, k, v, scale, softcap, window)
+        out = out.transpose(1, 2).reshape(n * longest, q.shape[1], q.shape[-1])[index]
+        return out[None], None
+    return attention
+
+
+def _register(impl: str) -> str:
+    name = _name(impl)
+    if name not in _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        AttentionInterface.register(name, _attention(impl))
+        own_mask = ALL_MASK_ATTENTION_FUNCTIONS[impl]
+
+        def mask(*args, **kwargs):
+            # this attention reads no mask: HF's own (a [T, T] one for a packed row) is built only
+            # for a checkpointed layer's recomputation, which runs outside the context
+            if getattr(_state, "layout", None) is not None and not getattr(_state, "recompute", True):
+                return None
+            return own_mask(*args, **kwargs)
+        AttentionMaskInterface.register(name, mask)
+        _registered.add(name)
+    return name
+
+
+def _hf_model(model):
+    """The PreTrainedModel inside an engine, PEFT wrapper or RewardModel (None when not one)."""
+    from transformers import PreTrainedModel
+    m = model
+    for _ in range(8):
+        if isinstance(m, PreTrainedModel):
+            return m
+        if callable(getattr(m, "get_base_model", None)):  # PEFT
+            m = m.get_base_model()
+            continue
+        m = getattr(m, "module", None) or getattr(m, "backbone", None)
+        if m is None:
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def own_attention():
+    """Within: `packed_attention` stands in for nothing, so a packed forward runs the model's own
+    attention on HF's packed mask (what a recomputation in gradient checkpointing's backward runs;
+    the trainers probe it)."""
+    before = getattr(_state, "off", False)
+    _state.off = True
+    try:
+        yield
+    finally:
+        _state.off = before
+
+
+@contextlib.contextmanager
+def packed_attention(model, rows: PackedRows):
+    """Within: `model` (HF, PEFT, a DeepSpeed engine or a RewardModel) attends per sequence of
+    `rows` (see the module docstring); a model whose attention this cannot stand in for is left as
+    it is (its own attention on its packed mask)."""
+    hf = _hf_model(model)
+    config = getattr(hf, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PLAIN or not getattr(hf, "_supports_attention_backend", False) or getattr(_state, "off", False):
+        yield
+        return
+    lengths = (rows.cu_seqlens[1:] - rows.cu_seqlens[:-1]).long()
+    n, longest = len(lengths), int(lengths.max()) if len(lengths) else 0
+    seq = torch.repeat_interleave(torch.arange(n, device=lengths.device), lengths)
+    index = seq * longest + rows.position_ids[0]
+    config._attn_implementation = _register(impl)
+    _state.layout = (index, n, longest)
+    _state.recompute = torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                       for m in hf.modules())
+    try:
+        yield
+    finally:
+        _state.layout = None
+        config._attn_implementation = impl
