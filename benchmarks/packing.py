@@ -2,8 +2,9 @@
 batches, interleaved in one process (the order alternates round by round).
 
 Workloads (one JSON row per workload and variant, with the ratio against padded):
-- grpo_arithmetic: the arithmetic task's GRPO profile (16 prompts x 8 answers, mini-batches of 32
-  answers, answers up to 12 tokens, k3 KL loss against a reference), on an actor SFT-trained here
+- grpo_arithmetic: the arithmetic task's GRPO profile (`tasks.arithmetic_task.PROFILES`: 16 prompts
+  x 8 answers, mini-batches of 32 answers, answers up to 12 tokens, k3 KL loss against a
+  reference), on an actor SFT-trained here (its SFT profile)
   for --sft_steps steps so that its answers have a trained model's lengths. Timed per round on one
   sampled rollout batch: the rollout-time passes (the actor's old log-probs and the reference's,
   `ExperienceMaker.experience`) and the update (`PPOTrainer.update`: the actor's passes and its
@@ -126,7 +127,7 @@ def summarise(workload: str, results, extra: Dict, device: torch.device) -> List
 
 def grpo_arithmetic(args, device) -> List[Dict]:
     from fastrlhf.data import DataSpec, build_datasets
-    from fastrlhf.data.arithmetic_task import arithmetic_data_path, arithmetic_model_dir
+    from fastrlhf.tasks.arithmetic_task import PROFILES, arithmetic_data_path, arithmetic_model_dir
     from fastrlhf.models.loading import load_tokenizer
     from fastrlhf.rlhf.configs import PPOConfig, SFTConfig
     from fastrlhf.rlhf.ppo import PPOTrainer
@@ -135,19 +136,15 @@ def grpo_arithmetic(args, device) -> List[Dict]:
     sft_dir = os.path.join(args.workdir, f"arith_sft_{args.sft_steps}")
     if not os.path.isfile(os.path.join(sft_dir, "config.json")):
         # the task's SFT profile, fewer steps: enough for answers of a trained model's lengths
-        train_sft(SFTConfig(model_name_or_path=arithmetic_model_dir(), output_dir=sft_dir, data=spec,
-                            learning_rate=3e-3, micro_batch_size=32, max_steps=args.sft_steps, warmup_ratio=0.05,
-                            weight_decay=0.01, eval_max_batches=1, log_steps=50, cpu_threads=args.threads,
-                            resume="no", save_steps=0))
+        train_sft(SFTConfig(**{**PROFILES["sft"], "model_name_or_path": arithmetic_model_dir(), "output_dir": sft_dir,
+                               "data": spec, "max_steps": args.sft_steps, "eval_max_batches": 1, "log_steps": 50,
+                               "cpu_threads": args.threads, "resume": "no", "save_steps": 0}))
     tok = load_tokenizer(sft_dir, padding_side="left")
     prompts, _ = build_datasets(spec, tok, 3)
     items = [prompts[i] for i in range(len(prompts))]
-    # the arithmetic task's GRPO profile (configs: ARITHMETIC_TASK_PROFILES["ppo"])
-    cfg = PPOConfig(model_name_or_path=sft_dir, reward_fn=["fastrlhf.rewards:arithmetic_reward"], algo="grpo",
-                    group_size=8, rollout_batch_size=16, micro_batch_size=32, ppo_epochs=1, learning_rate=2e-4,
-                    warmup_steps=20, kl_coef=0.1, reward_clip=0.0, max_new_tokens=12, temperature=1.0,
-                    max_steps=1000, eval_prompts=0, seed=1, resume="no", save_steps=0, cpu_threads=args.threads, data=spec,
-                    output_dir=os.path.join(args.workdir, f"grpo_out{os.getpid()}"))
+    cfg = PPOConfig(**{**PROFILES["ppo"], "model_name_or_path": sft_dir, "data": spec, "max_steps": 1000,
+                       "eval_prompts": 0, "seed": 1, "resume": "no", "save_steps": 0, "cpu_threads": args.threads,
+                       "output_dir": os.path.join(args.workdir, f"grpo_out{os.getpid()}")})
     trainer = PPOTrainer(cfg, prompts=items, eval_prompts=items[:1])
     meter = ActivationMeter(trainer.actor)
     batches = [trainer.rollouts.sample([items[i] for i in trainer.sampler.next_step()[0]])
@@ -175,13 +172,14 @@ def sft_default(args, device) -> List[Dict]:
     from fastrlhf.rlhf import supervised
     from fastrlhf.rlhf.configs import SFTConfig
     from fastrlhf.rlhf.sft import train_sft
+    from fastrlhf.tasks.default_task import PROFILES
     holder = {}
     real = supervised.SupervisedTrainer.run
     supervised.SupervisedTrainer.run = lambda self: holder.setdefault("t", self) and {}  # build, do not train
     try:
-        train_sft(SFTConfig(output_dir=os.path.join(args.workdir, f"sft_out{os.getpid()}"), data=DataSpec(),
-                            learning_rate=3e-3, micro_batch_size=32, warmup_ratio=0.05, weight_decay=0.01,
-                            cpu_threads=args.threads, resume="no", save_steps=0, max_steps=1000))
+        train_sft(SFTConfig(**{**PROFILES["sft"], "output_dir": os.path.join(args.workdir, f"sft_out{os.getpid()}"),
+                               "data": DataSpec(), "cpu_threads": args.threads, "resume": "no", "save_steps": 0,
+                               "max_steps": 1000}))
     finally:
         supervised.SupervisedTrainer.run = real
     trainer = holder["t"]
@@ -205,7 +203,7 @@ def sft_default(args, device) -> List[Dict]:
 
 
 def grpo_ragged(args, device) -> List[Dict]:
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     from fastrlhf.models.loading import load_causal_lm, load_tokenizer
     from fastrlhf.rlhf.configs import PPOConfig
     from fastrlhf.rlhf.experience import Experience
