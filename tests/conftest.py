@@ -343,3 +343,16 @@ def padded_and_packed_logprobs(model, ids, mask):
         (logp * real).sum().backward()
         outs.append((logp.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
     return outs, real
+
+
+def run_cli(argv, capsys):
+    """`fastrlhf ARGV` in this process, as the console script runs it: (exit status, stdout, stderr).
+    A traceback on stderr fails the test (every error is one line)."""
+    from fastrlhf import cli
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err, out.err[-3000:]
+    return rc, out.out, out.err

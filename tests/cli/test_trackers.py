@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from fastrlhf import cli
+from conftest import run_cli
 
 TINY = ["--data.max_samples", "32", "--micro_batch_size", "8", "--eval_max_batches", "1", "--log_steps", "1",
         "--max_steps", "3", "--eval_steps", "2"]
@@ -22,13 +22,7 @@ TINY = ["--data.max_samples", "32", "--micro_batch_size", "8", "--eval_max_batch
 
 def run(argv, capsys, monkeypatch):
     monkeypatch.setenv("FASTRLHF_NO_PROGRESS", "1")
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return rc, out.out, out.err
+    return run_cli(argv, capsys)
 
 
 def installed(package):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from conftest import run_cli as run
 from fastrlhf import cli
 
 TINY = ["--data.max_samples", "32", "--micro_batch_size", "8", "--eval_max_batches", "1", "--log_steps", "1"]
@@ -17,17 +18,7 @@ def _quiet(monkeypatch):
     monkeypatch.setenv("FASTRLHF_NO_PROGRESS", "1")
 
 
-def run(argv, capsys):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def last_line(err):
-    assert "Traceback" not in err
     return err.strip().splitlines()[-1]
 
 

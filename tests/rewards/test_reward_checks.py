@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fastrlhf import cli
+from conftest import run_cli
 from fastrlhf.errors import ConfigError, RewardError
 from fastrlhf.rewards.sources import check_rewards
 
@@ -15,13 +15,7 @@ PPO_TINY = ["--data.max_samples", "32", "--rollout_batch_size", "4", "--micro_ba
 
 def run(argv, capsys, monkeypatch):
     monkeypatch.setenv("FASTRLHF_NO_PROGRESS", "1")
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return rc, out.out, out.err
+    return run_cli(argv, capsys)
 
 
 def test_reward_weights_that_are_all_zero_are_refused(tmp_path):
