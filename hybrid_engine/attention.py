@@ -1,27 +1,37 @@
-"""How each pass of the decoder rotates q/k, writes the KV cache and attends.
+"""How each pass of the decoder rotates q/k, writes the paged KV cache and attends.
 
 `Decoder` computes q/k/v the same way for every pass (`Decoder._qkv`: token-major views
 [B, S, H, D] of the projection output, q/k norms applied) and hands them to one of these:
 
-- `PrefillAttention`: the prompts, through `fastrlhf.ops` (rotary, cache append, prefill kernel);
-- `DecodeAttention`: one token per sequence through `fastrlhf.ops` (the split-K decode kernel,
-  batch-invariant; what GPUs run, and CUDA graphs capture);
-- `LeanDecodeAttention`: the same decode step in plain torch, used only when every decode op
+- `PagedExtendAttention`: the new tokens of several sequences packed as one row [1, T] (prompts,
+  appended tokens, recomputation), through `fastrlhf.ops` (rotary, paged_kv_append,
+  paged_attention_prefill: each token sees its sequence's cached keys and the new ones up to
+  itself);
+- `PagedDecodeAttention`: one token per sequence [B, 1] through `fastrlhf.ops` (the split-K paged
+  decode kernel, batch-invariant; what GPUs run, and CUDA graphs capture);
+- `LeanPagedDecodeAttention`: the same decode step in plain torch, used only when every decode op
   resolves to the torch reference (CPU). There a small model's step costs per-op dispatch, not
-  FLOPs, and the reference ops are written for clarity (each call gathers rotary rows, builds
-  masks, expands GQA heads, scatters into the cache with advanced indexing); this one builds
-  those per-step pieces once and shares them by all layers.
+  FLOPs, and the reference ops are written for clarity (each call checks its inputs, gathers
+  rotary rows, builds masks); this one builds those per-step pieces once and shares them by all
+  layers, and folds GQA groups into the query axis. tests/engine/test_paged_engine.py holds it
+  equal to the ops.
 
-Each has `unpack` (None, or the prefill's packed-tokens -> [B, S, N] layout function),
-`rotate(q, k, qk) -> (q, k)` (in place; `qk` is one view over q's and k's heads when the
+Each has `rotate(q, k, qk) -> (q, k)` (in place; `qk` is one view over q's and k's heads when the
 fused projection lays them out contiguously, else None) and `attend(i, q, k, v)` -> the
-attention output of layer i as [B, S, Hq * D] (packed like the input), ready for o_proj.
+attention output of layer i as [B, S, Hq * D], ready for o_proj.
+
+`PagedBatch` holds what the ops read besides q/k/v: where each new token is written
+(`slots`), each sequence's block table, its length in the cache after this pass and, for
+extend passes, the packed query offsets.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import PagedKVCache
 
 
 def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -43,7 +53,6 @@ def rotate_half_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
 
 class _OpsAttention:
     """Rotary through `ops.rotary` (q as [B, S, Hq, D]; grouped layouts copy q out first)."""
-    unpack = None
 
     def __init__(self, dec, positions: torch.Tensor):
         self.dec, self.positions = dec, positions
@@ -57,57 +66,64 @@ class _OpsAttention:
         return q, k
 
 
-class PrefillAttention(_OpsAttention):
-    """Prompts [B, P] (left-padded) written to cache columns 0..P-1. With `unpack`/`pack`, the
-    hidden states hold only the real tokens [1, T, E] and attention alone sees [B, P]."""
+@dataclass
+class PagedBatch:
+    slots: torch.Tensor          # [T] int64: block * block_size + offset of each new token
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    seq_lens: torch.Tensor       # [B] int32: tokens in the cache after this pass
+    cu_q_lens: Optional[torch.Tensor] = None  # [B + 1] int32 (extend passes)
+    max_q_len: Optional[int] = None
 
-    def __init__(self, dec, positions, attention_mask, cache: KVCache, unpack=None, pack=None):
+
+class PagedExtendAttention(_OpsAttention):
+    """The new tokens of B sequences packed [1, T, ...] (positions [1, T])."""
+
+    def __init__(self, dec, positions, cache: PagedKVCache, batch: PagedBatch):
         super().__init__(dec, positions)
-        self.mask, self.cache, self.unpack, self.pack = attention_mask, cache, unpack, pack
-        self.zero = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+        self.cache, self.batch = cache, batch
 
     def attend(self, i, q, k, v):
-        dec = self.dec
-        b, s = q.shape[:2]
-        q = q.reshape(b, s, dec.n_heads, dec.head_dim).transpose(1, 2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        dec.ops_append(self.cache.k[i], self.cache.v[i], k, v, self.zero)
-        o = dec.ops_attn_prefill(q, k, v, causal=True, attention_mask=self.mask, scale=dec.scale)
-        o = o.transpose(1, 2).reshape(b, s, -1)
-        return o if self.pack is None else self.pack(o)
+        dec, b = self.dec, self.batch
+        t = q.shape[1]
+        if t == 0:  # a rank with nothing to extend, stepping with the others (ZeRO-3 lockstep)
+            return q.new_zeros(1, 0, dec.n_heads * dec.head_dim)
+        q = q.reshape(t, dec.n_heads, dec.head_dim)
+        kp, vp = self.cache.k[i], self.cache.v[i]
+        dec.ops_paged_append(kp, vp, k[0], v[0], b.slots)
+        o = dec.ops_paged_prefill(q, kp, vp, b.block_tables, b.cu_q_lens, b.seq_lens, max_q_len=b.max_q_len,
+                                  scale=dec.scale)
+        return o.reshape(1, t, -1)
 
 
-class DecodeAttention(_OpsAttention):
-    """One token per sequence at cache column write_col through the ops. `read_len` (python int)
-    limits attention to the filled columns; None (CUDA graphs, fixed shapes) reads them all."""
+class PagedDecodeAttention(_OpsAttention):
+    """One token per sequence [B, 1, ...] (positions [B]) through the ops. Under CUDA graphs the
+    batch has padding rows (slot -1, length 0: their output is 0 and nothing is written)."""
 
-    def __init__(self, dec, positions, write_col, cache_lens, cache: KVCache, read_len=None):
+    def __init__(self, dec, positions, cache: PagedKVCache, batch: PagedBatch):
         super().__init__(dec, positions[:, None])
-        self.write_col, self.cache_lens, self.cache, self.read_len = write_col, cache_lens, cache, read_len
+        self.cache, self.batch = cache, batch
 
     def attend(self, i, q, k, v):
-        dec = self.dec
-        kc, vc = self.cache.k[i], self.cache.v[i]
-        dec.ops_append(kc, vc, k.transpose(1, 2), v.transpose(1, 2), self.write_col)
-        if self.read_len is not None:
-            kc, vc = kc[:, :, :self.read_len], vc[:, :, :self.read_len]
-        b = q.shape[0]
-        o = dec.ops_attn_decode(q.reshape(b, dec.n_heads, dec.head_dim), kc, vc, self.cache_lens,
-                                cache_starts=self.cache.starts, scale=dec.scale)
-        return o.reshape(b, 1, -1)
+        dec, b = self.dec, self.batch
+        n = q.shape[0]
+        if n == 0:
+            return q.new_zeros(0, 1, dec.n_heads * dec.head_dim)
+        kp, vp = self.cache.k[i], self.cache.v[i]
+        dec.ops_paged_append(kp, vp, k[:, 0], v[:, 0], b.slots)
+        o = dec.ops_paged_decode(q.reshape(n, dec.n_heads, dec.head_dim), kp, vp, b.block_tables, b.seq_lens,
+                                 scale=dec.scale)
+        return o.reshape(n, 1, -1)
 
 
-class LeanDecodeAttention:
-    """The decode step in plain torch, the same function as `DecodeAttention` on the reference:
-    rotary rows gathered once per step (q and k rotated by one call where they are one view),
-    the left-padding bias built once per step, the cache write a plain column copy (every
-    sequence writes the same column) and GQA groups folded into the query axis (no per-layer
-    copy of the cache to expand KV heads)."""
-    unpack = None
+class LeanPagedDecodeAttention:
+    """The paged decode step in plain torch, the same function as `PagedDecodeAttention` on the
+    reference: rotary rows gathered once per step (q and k rotated by one call where they are one
+    view), the block gather index and the length mask built once per step for all layers, the
+    cache write one indexed copy, and GQA groups folded into the query axis (no copy of the keys
+    per query head). Every row is real (eager CPU steps have no padding rows)."""
 
-    def __init__(self, dec, positions, read_len: int, cache: KVCache):
+    def __init__(self, dec, positions, cache: PagedKVCache, batch: PagedBatch):
         self.dec, self.cache = dec, cache
-        self.col, self.n = read_len - 1, read_len
         b, dev = positions.shape[0], positions.device
         self.b = b
         if dec.spec.rotary_dim:  # rows [B, 1, 1, half] broadcast over [B, S=1, heads, half]; the
@@ -115,15 +131,13 @@ class LeanDecodeAttention:
             sin = dec.sin[positions][:, None, None, :]  # [B, 1, Hkv, heads of a group, D]
             self.k_rows = (cos, sin)
             self.q_rows = (cos[..., None, :], sin[..., None, :]) if dec.grouped_qkv else self.k_rows
-        # every layer's cache views for this step, cut at once from the one [L, 2, B, Hkv, Smax, D]
-        # allocation: the column written (as [B, 1, Hkv, D], the layout of this step's k/v) and
-        # the filled columns that attention reads ([B, Hkv, n, D])
-        col = cache.storage[:, :, :, None, :, self.col]
-        filled = cache.storage[:, :, :, :, :self.n]
-        self.k_col, self.v_col = col[:, 0].unbind(0), col[:, 1].unbind(0)
-        self.k_read, self.v_read = filled[:, 0].unbind(0), filled[:, 1].unbind(0)
-        visible = torch.arange(self.n, device=dev)[None, :] >= cache.starts[:, None]
-        self.bias = torch.zeros(b, 1, 1, self.n, dtype=torch.float32, device=dev)
+        bs = cache.block_size
+        self.write_block, self.write_row = batch.slots // bs, batch.slots % bs
+        lens = batch.seq_lens.long()
+        n_blocks = (int(lens.max()) + bs - 1) // bs if b else 0
+        self.tables = batch.block_tables[:, :n_blocks].long()       # [B, nb]
+        visible = torch.arange(n_blocks * bs, device=dev)[None, :] < lens[:, None]
+        self.bias = torch.zeros(b, 1, 1, n_blocks * bs, dtype=torch.float32, device=dev)
         self.bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
 
     def rotate(self, q, k, qk):
@@ -135,16 +149,23 @@ class LeanDecodeAttention:
             rotate_half_(k, *self.k_rows, rd)
         return q, k
 
+    def _read(self, pool):
+        """The sequences' blocks of one layer's pool as [B, Hkv, nb * block_size, D] (one gather;
+        the block and row axes of the gathered copy merge without another copy)."""
+        g = pool.transpose(0, 1)[:, self.tables]         # [Hkv, B, nb, bs, D]
+        return g.transpose(0, 1).flatten(2, 3)
+
     def attend(self, i, q, k, v):
-        dec = self.dec
-        self.k_col[i].copy_(k)
-        self.v_col[i].copy_(v)
-        b, vc = self.b, self.v_read[i]
+        dec, b = self.dec, self.b
+        kp, vp = self.cache.k[i], self.cache.v[i]
+        kp[self.write_block, :, self.write_row] = k[:, 0]
+        vp[self.write_block, :, self.write_row] = v[:, 0]
+        keys, values = self._read(kp), self._read(vp)
         qg = q.reshape(b, dec.n_kv_heads, -1, dec.head_dim)  # [B, Hkv, group, D]
-        scores = torch.matmul(qg, self.k_read[i].transpose(-1, -2)).float()  # [B, Hkv, group, n]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [B, Hkv, group, n]
         scores.mul_(dec.scale)
         if dec.attn_softcap is not None:  # before the mask, as the ops do
             softcap_(scores, dec.attn_softcap)
         probs = torch.softmax(scores.add_(self.bias), dim=-1)
-        o = torch.matmul(probs.to(vc.dtype), vc)  # [B, Hkv, group, D]
+        o = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, group, D]
         return o.reshape(b, 1, -1)

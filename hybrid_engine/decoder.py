@@ -1,9 +1,10 @@
 """One generic decoder forward over `fastrlhf.ops`, driven by an ArchSpec.
 
 `build_model_weights` reads the generation weights out of an HF model (views; LoRA fused into
-buffers; optional QKV / gate-up concatenation). `Decoder.prefill` runs the left-padded prompt
-and fills the KV cache; `Decoder.decode` runs one token per sequence. Ops are resolved once per
-Decoder, so the per-step cost is the math plus a thin Python loop.
+buffers; optional QKV / gate-up concatenation). `Decoder.extend` runs the new tokens of several
+sequences packed into one row (prompts, appended tokens) and writes them into the paged KV cache;
+`Decoder.decode` runs one token per sequence. Ops are resolved once per Decoder, so the per-step
+cost is the math plus a thin Python loop.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from transformers.activations import ACT2FN
 from fastrlhf import ops
 
 from .arch_spec import ArchSpec
-from .attention import DecodeAttention, LeanDecodeAttention, PrefillAttention, softcap_
-from .kv_cache import KVCache
+from .attention import softcap_
 from .moe import MoEWeights, build_moe_weights, moe_forward
 from .weights import Linear, Norm, concat_linears, resolve_linear, resolve_norm
 
@@ -166,19 +166,19 @@ class Decoder:
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.grouped_qkv = spec.qkv is not None and spec.qkv_layout == "grouped"
         r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
-        self.ops_attn_prefill = r("attention_prefill")
-        self.ops_attn_decode = r("attention_decode")
-        self.ops_append = r("kv_cache_append")
+        self.ops_paged_prefill = r("paged_attention_prefill")
+        self.ops_paged_decode = r("paged_attention_decode")
+        self.ops_paged_append = r("paged_kv_append")
         self.ops_rotary = r("rotary")
         self.attn_softcap = spec.attn_logit_softcap
         if self.attn_softcap is not None:  # bound once; other families call the ops unchanged
-            self.ops_attn_prefill = functools.partial(self.ops_attn_prefill, softcap=self.attn_softcap)
-            self.ops_attn_decode = functools.partial(self.ops_attn_decode, softcap=self.attn_softcap)
+            self.ops_paged_prefill = functools.partial(self.ops_paged_prefill, softcap=self.attn_softcap)
+            self.ops_paged_decode = functools.partial(self.ops_paged_decode, softcap=self.attn_softcap)
         # CPU decode steps are dominated by per-op dispatch, not math: when every decode op
-        # resolves to the torch reference, decode steps attend with LeanDecodeAttention (the
-        # same math in fewer, larger torch ops). Kernel backends always go through ops.
+        # resolves to the torch reference, decode steps attend with LeanPagedDecodeAttention
+        # (the same math in fewer, larger torch ops). Kernel backends always go through ops.
         self.lean = lean and all(ops.resolve(op, device, backend)[0] == "torch"
-                                 for op in ("attention_decode", "kv_cache_append", "rotary"))
+                                 for op in ("paged_attention_decode", "paged_kv_append", "rotary"))
         self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
         self._act = ACT2FN[spec.act]
         self.ops_moe = r("fused_moe") if spec.moe is not None else None
@@ -200,22 +200,19 @@ class Decoder:
             return self._norm_fn(x, n.weight, self.spec.eps, residual)
         return self._norm_fn(x, n.weight, n.bias, self.spec.eps, residual)
 
-    def _qkv(self, lw: LayerWeights, h: torch.Tensor, unpack=None):
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor):
         """(q, k, v, qk): views into the projection output, token-major: q [B, S, Hq, D] (the
         grouped layout: [B, S, Hkv, group, D]), k/v [B, S, Hkv, D], and qk one view over the q
         and k heads when a fused projection lays them out together (else None), so that a path
-        may rotate both at once. With `unpack`, h holds only real tokens and unpack() lays
-        projections out as [B, S, N]. q/k norms (Qwen3) make new tensors and drop qk."""
+        may rotate both at once. q/k norms (Qwen3) make new tensors and drop qk."""
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         qk = None
         if lw.qkv is None:
             q, k, v = lw.q(h), lw.k(h), lw.v(h)
-            if unpack is not None:
-                q, k, v = unpack(q), unpack(k), unpack(v)
             b, s = q.shape[:2]
             q, k, v = q.reshape(b, s, hq, d), k.reshape(b, s, hkv, d), v.reshape(b, s, hkv, d)
         else:
-            out = lw.qkv(h) if unpack is None else unpack(lw.qkv(h))
+            out = lw.qkv(h)
             b, s = out.shape[:2]
             if self.grouped_qkv:  # [Hkv, group + 2, D] per token: NeoX, Falcon
                 g = hq // hkv
@@ -248,7 +245,7 @@ class Decoder:
 
     def _attention(self, i: int, lw: LayerWeights, h, attn):
         """Layer i's projected attention output for hidden h; `attn` is the pass's attention."""
-        q, k, v, qk = self._qkv(lw, h, attn.unpack)
+        q, k, v, qk = self._qkv(lw, h)
         if self.spec.rotary_dim:
             q, k = attn.rotate(q, k, qk)
         return lw.o(attn.attend(i, q, k, v))
@@ -323,45 +320,16 @@ class Decoder:
         return x
 
     # -- passes ----------------------------------------------------------------------------
-    def prefill(self, w: ModelWeights, input_ids, attention_mask, positions, cache: KVCache,
-                all_logits: bool = False) -> torch.Tensor:
-        """Run the prompts [B, P] (left-padded), write columns 0..P-1 of the cache, return the
-        logits of the last column [B, V] (or of every column [B, P, V] with all_logits)."""
-        b, p = input_ids.shape
-        # Padded prompts: every per-token matmul (projections, MLP) runs on the real tokens
-        # only, packed [1, T, E]; only attention sees the padded [B, H, P, D] layout the ops
-        # and the cache use. Saves the pad fraction of the prefill FLOPs.
-        unpack = pack = None
-        if not all_logits and not bool(attention_mask.all()):
-            real = attention_mask.reshape(-1).nonzero()[:, 0]  # [T], row-major: rows stay contiguous
+    def extend(self, w: ModelWeights, ids: torch.Tensor, positions: torch.Tensor, attn,
+               last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The new tokens of several sequences packed into one row: ids/positions [T] int64,
+        `attn` a PagedExtendAttention. Returns the logits at the token indices `last` [B] (each
+        sequence's last new token), or at every token [T, V] when `last` is None."""
+        x = self._run_layers(w, self._embed(w, ids[None], positions[None]), attn)
+        return self._head(w, x[0] if last is None else x[0, last])
 
-            def unpack(t):  # [1, T, N] -> [B, P, N], zeros at pads
-                buf = t.new_zeros(b * p, t.shape[-1])
-                buf[real] = t[0]
-                return buf.view(b, p, -1)
-
-            def pack(t):  # [B, P, N] -> [1, T, N]
-                return t.reshape(b * p, -1)[real][None]
-            x = self._embed(w, input_ids.reshape(-1)[real][None], positions.reshape(-1)[real][None])
-        else:
-            x = self._embed(w, input_ids, positions)
-        x = self._run_layers(w, x, PrefillAttention(self, positions, attention_mask, cache, unpack, pack))
-        if all_logits:
-            return self._head(w, x)
-        if unpack is not None:  # each row's last token (left padding: its last column)
-            last = attention_mask.long().sum(-1).cumsum(0) - 1
-            return self._head(w, x[0, last][:, None])[:, 0]
-        return self._head(w, x[:, -1:])[:, -1]
-
-    def decode(self, w: ModelWeights, tokens, positions, write_col, cache_lens, cache: KVCache,
-               read_len: Optional[int] = None) -> torch.Tensor:
-        """One token per sequence. tokens/positions [B] int64; write_col [B] int64 (the same
-        column for all); cache_lens [B] = write_col + 1. `read_len` (python int) lets attention
-        read only the filled columns (not under CUDA graphs, whose shapes are fixed).
+    def decode(self, w: ModelWeights, tokens: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        """One token per sequence: tokens/positions [B] int64, `attn` a (Lean)PagedDecodeAttention.
         Returns logits [B, V]."""
-        if self.lean and read_len is not None:
-            attn = LeanDecodeAttention(self, positions, read_len, cache)
-        else:
-            attn = DecodeAttention(self, positions, write_col, cache_lens, cache, read_len)
         x = self._run_layers(w, self._embed(w, tokens[:, None], positions[:, None]), attn)
         return self._head(w, x[:, 0])

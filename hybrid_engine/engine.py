@@ -2,10 +2,15 @@
 
     engine = HybridEngine(model_or_deepspeed_engine, tokenizer, EngineConfig())
     out = engine.generate(input_ids, attention_mask, max_new_tokens=64, do_sample=True)
+    with engine.session(...) as sess: ...   # sequences that stop, take appended tokens, go on
 
 Inference mode (`eval()`, the `inference()` context, or implicitly around `generate`): gather
 ZeRO-3 partitions, read weight views and fuse LoRA into side buffers; `train()` drops all of it
 (the training parameters were never written) and releases gathered partitions.
+
+Generation runs on a paged KV cache (kv_cache.py) shared by all sequences, scheduled by
+scheduler.py (continuous batching, shared prompts, preemption), computed by loop.py and driven
+by session.py; `generate` is a session whose sequences finish at their first stop.
 """
 from __future__ import annotations
 
@@ -16,13 +21,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from fastrlhf.utils.positions import position_ids_from_mask
 
 from .arch_spec import ArchSpec, spec_for
 from .decoder import Decoder, ModelWeights, build_layer_weights, build_model_weights, get_path
 from .engine_types import EngineConfig, GenerationOutput
-from .kv_cache import KVCache
-from .sampling import SamplingParams, make_generator
+from .kv_cache import PagedKVCache, blocks_for, growth_cap_blocks, pool_blocks
+from .sampling import SamplingParams, make_generator, sequence_seeds
+from .session import RolloutSession, _check_group
 from .zero3 import gathered, model_is_zero3
 
 
@@ -69,9 +74,10 @@ class HybridEngine:
             self.local_spec = self._plan.heads.local_spec(self.spec)
         self._weights: Optional[ModelWeights] = None
         self._stack: Optional[contextlib.ExitStack] = None
-        self._cache: Optional[KVCache] = None
+        self._cache: Optional[PagedKVCache] = None
         self._decoder: Optional[Decoder] = None
         self._tables = None  # (length, cos, sin)
+        self.last_stats: Dict[str, int] = {}  # of the last generate(): steps, preemptions, peak KV blocks...
 
     # -- facts about the model --------------------------------------------------------------
     @property
@@ -136,7 +142,7 @@ class HybridEngine:
         if self._weights is None:
             raise RuntimeError("memory_footprint() needs inference mode: call it inside engine.inference()")
         from .tensor_parallel import weights_nbytes
-        cache = 0 if self._cache is None else self._cache.storage.numel() * self._cache.storage.element_size()
+        cache = 0 if self._cache is None else self._cache.nbytes
         return {"weights": weights_nbytes(self._weights), "kv_cache": cache,
                 "gathered": 0 if self._reader is None else self._reader.gathered_bytes}
 
@@ -213,14 +219,50 @@ class HybridEngine:
         self._tables = (length, cos, sin)
         return cos, sin
 
-    def _get_cache(self, batch: int, max_len: int) -> KVCache:
+    # -- the paged KV pool (sizing rule: kv_cache.py) --------------------------------------------
+    def _layout(self):
         sp = self.local_spec
         n_layers = len(get_path(get_path(self.model, sp.backbone), sp.layers))
-        args = (n_layers, batch, sp.n_kv_heads, max_len, sp.head_dim, self.dtype, self.device)
-        if self._cache is None or not self._cache.fits(*args):
+        return n_layers, sp.n_kv_heads, self.config.kv_block_size, sp.head_dim, self.dtype, self.device
+
+    def _ensure_pool(self, demand_blocks: int) -> PagedKVCache:
+        """The pool for a call that may need `demand_blocks` at once: reused when it has the layout
+        (grown to the demand when sized by rule), else allocated by the sizing rule."""
+        cfg, layout = self.config, self._layout()
+        cache = self._cache
+        fixed = cfg.kv_cache_tokens is not None
+        want = pool_blocks(cfg.kv_cache_tokens, cfg.kv_block_size, demand_blocks)
+        if cache is not None and cache.fits(*layout):
+            if fixed and cache.num_blocks != want and cache.allocator.num_used == 0:
+                cache = None  # the configured size changed
+            elif not fixed and cache.num_blocks < want:
+                self._grow_pool(want)
+        if cache is None or not cache.fits(*layout):
             self._cache = None  # free the old one before allocating
-            self._cache = KVCache(*args)
+            n_layers, hkv, bs, d, dtype, device = layout
+            if not fixed and device.type == "cuda":
+                one = PagedKVCache(n_layers, 1, hkv, bs, d, dtype, device).block_bytes
+                want = max(1, min(want, growth_cap_blocks(cfg.kv_cache_memory_fraction, one, 0, device)))
+            self._cache = PagedKVCache(n_layers, want, hkv, bs, d, dtype, device)
         return self._cache
+
+    def _grow_pool(self, min_blocks: int) -> bool:
+        """Grow a pool sized by rule to at least `min_blocks` (doubling); False when it is fixed
+        (kv_cache_tokens) or at its device-memory cap."""
+        cache, cfg = self._cache, self.config
+        if cfg.kv_cache_tokens is not None:
+            return False
+        new = max(min_blocks, 2 * cache.num_blocks)
+        cap = growth_cap_blocks(cfg.kv_cache_memory_fraction, cache.block_bytes, cache.num_blocks, self.device)
+        if cap is not None:
+            if cap < min_blocks:
+                return False
+            new = min(new, cap)
+        cache.grow(new)
+        return True
+
+    def _pool(self):
+        return _PoolHandle(self)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -228,16 +270,25 @@ class HybridEngine:
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
                  pad_token_id: Optional[int] = None,
-                 generator: Union[torch.Generator, int, None] = None,
-                 return_logprobs: bool = False, release_cache: bool = False) -> GenerationOutput:
+                 generator: Union[torch.Generator, int, Sequence[int], None] = None,
+                 return_logprobs: bool = False, release_cache: bool = False,
+                 num_return_sequences: int = 1) -> GenerationOutput:
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens)
         try:
             params.validate()
+            g = _check_group(num_return_sequences)
             input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, max_new_tokens)
             eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else self._default_eos())
             if pad_token_id is None:
                 pad_token_id = self._default_pad(eos_ids)
-            gen = make_generator(generator, self.device)
+            if self.spec is None:
+                if isinstance(generator, (list, tuple, torch.Tensor)):
+                    raise ValueError("per-row seeds need the engine's decoder; EngineConfig(fallback='hf') takes "
+                                     "one seed or generator")
+                gen = make_generator(generator, self.device)
+            else:
+                seeds = sequence_seeds(generator, input_ids.shape[0] * g, self.device)
+                self._check_pool_fits(int(attention_mask.sum(-1).max()) + max_new_tokens)
         except (ValueError, TypeError):
             if self.tp is not None:  # tell the group first, so that no rank waits for this one
                 self.tp.gather_prompts(None, None, 0, [], problem=True)
@@ -245,7 +296,7 @@ class HybridEngine:
         own_prompt_len = input_ids.shape[1]
         if self.tp is not None:  # the group generates the union of its prompts
             input_ids, attention_mask = self.tp.gather_prompts(
-                input_ids, attention_mask, pad_token_id, [max_new_tokens, len(eos_ids)] + eos_ids)
+                input_ids, attention_mask, pad_token_id, [max_new_tokens, g, len(eos_ids)] + eos_ids)
         entered = not self.in_inference
         if entered:
             self.eval()
@@ -254,9 +305,9 @@ class HybridEngine:
                 if self.spec is None:
                     from .hf_fallback import hf_generate
                     return hf_generate(self.model, input_ids, attention_mask, max_new_tokens, params,
-                                       eos_ids, pad_token_id, gen, return_logprobs)
+                                       eos_ids, pad_token_id, gen, return_logprobs, g)
                 out = self._generate(input_ids, attention_mask, max_new_tokens, params, eos_ids,
-                                     pad_token_id, gen, return_logprobs)
+                                     pad_token_id, seeds, g, return_logprobs)
                 if self.tp is not None:  # this rank's rows without the union's extra left padding
                     out.sequences = out.sequences[:, input_ids.shape[1] - own_prompt_len:]
                 return out
@@ -265,6 +316,84 @@ class HybridEngine:
                 self.train()
             if release_cache:
                 self.release_cache()
+
+    def _check_pool_fits(self, length: int) -> None:
+        cfg = self.config
+        if cfg.kv_cache_tokens is not None and blocks_for(length, cfg.kv_block_size) > \
+                blocks_for(cfg.kv_cache_tokens, cfg.kv_block_size):
+            raise ValueError(f"EngineConfig(kv_cache_tokens={cfg.kv_cache_tokens}) is too small for one sequence "
+                             f"of {length} tokens (longest prompt + max_new_tokens); raise kv_cache_tokens")
+
+    def _lockstep(self):
+        """ZeRO-3 layer-by-layer gathering on several ranks: every forward gathers over all ranks,
+        so they step together (each with its own rows, or none) until all are idle."""
+        if self._weights.layer_iter is not None and model_is_zero3(self.model):
+            from fastrlhf.utils.distributed import all_ranks_true, get_world_size
+            if get_world_size() > 1:
+                return all_ranks_true
+        return None
+
+    def _generate(self, input_ids, attention_mask, max_new, params, eos_ids, pad_id, seeds, g, want_lp):
+        b = input_ids.shape[0]
+        mask = attention_mask.bool().cpu()
+        prompts = [row[m].tolist() for row, m in zip(input_ids.cpu(), mask)]
+        longest = max(len(x) for x in prompts)
+        n_seqs = b * g
+        rows = min(n_seqs, self.config.max_batch_size or n_seqs)
+        window = 1 if self.device.type == "cpu" else self.config.stop_check_every
+        cache = self._ensure_pool(rows * blocks_for(longest + max_new + window, self.config.kv_block_size))
+        cache.allocator.peak_used = cache.allocator.num_used
+        owners, own = [0] * b, slice(0, b)
+        seed_list = seeds
+        if self.tp is not None:
+            owners = [r for r, n in enumerate(self.tp.rows) for _ in range(n)]
+            own = self.tp.own
+            seed_list = [0] * (own.start * g) + seeds + [0] * ((b - own.stop) * g)
+        sess = RolloutSession(self, params, eos_ids, want_lp, keep_on_stop=False, max_len=longest + max_new,
+                              lockstep=self._lockstep())
+        try:
+            ids = sess._start(prompts, max_new, params.min_new_tokens, None, g, seed_list, owners)
+            sess.run()
+            mine = [sess.seqs[i] for i in ids[own.start * g:own.stop * g]]
+            self.last_stats = dict(steps=sess.steps, preemptions=sess.scheduler.preemptions,
+                                   prefill_tokens=sess.runner.prefill_tokens,
+                                   peak_kv_blocks=cache.allocator.peak_used,
+                                   peak_kv_bytes=cache.allocator.peak_used * cache.block_bytes,
+                                   pool_bytes=cache.nbytes)
+        finally:
+            sess.close()
+        new = [s.tokens[len(prompts[own.start + i // g]):] for i, s in enumerate(mine)]
+        n = max(len(x) for x in new)
+        out = torch.full((len(mine), n), pad_id, dtype=torch.long)
+        lp = torch.zeros(len(mine), n, dtype=torch.float32) if want_lp else None
+        for i, (s, toks) in enumerate(zip(mine, new)):
+            out[i, :len(toks)] = torch.tensor(toks)
+            if lp is not None:
+                lp[i, :len(toks)] = torch.tensor(s.logprobs[len(s.tokens) - len(toks):])
+        prompt_rows = input_ids[own].repeat_interleave(g, dim=0)
+        sequences = torch.cat([prompt_rows, out.to(self.device)], dim=1)
+        return GenerationOutput(sequences, None if lp is None else lp.to(self.device))
+
+    def session(self, *, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                repetition_penalty: float = 1.0, eos_token_id: Union[int, Sequence[int], None] = None,
+                return_logprobs: bool = True) -> RolloutSession:
+        """A RolloutSession (session.py): sequences that generate until a stop, take appended
+        tokens and continue without recomputing their past. Sampling options hold for the whole
+        session; budgets, stops and seeds are given per sequence and turn."""
+        if self.spec is None:
+            raise ValueError("rollout sessions run on the engine's own decoder; EngineConfig(fallback='hf') "
+                             "cannot continue sequences")
+        if self.tp is not None:
+            raise NotImplementedError("rollout sessions do not run under tensor parallelism yet (tp_size > 1); "
+                                      "use generate(), or tp_size=1")
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, 0)
+        params.validate()
+        eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else self._default_eos())
+        max_len = self.spec.max_positions
+        rows = self.config.max_batch_size or 16
+        self._ensure_pool(rows * blocks_for(min(max_len, 256), self.config.kv_block_size))
+        return RolloutSession(self, params, eos_ids, return_logprobs, keep_on_stop=True, max_len=max_len,
+                              lockstep=None)
 
     def _default_eos(self):
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -323,7 +452,9 @@ class HybridEngine:
 
     @torch.no_grad()
     def prefill_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-        """Logits of every prompt position [B, P, V] from the engine's forward (for checks)."""
+        """Logits of every prompt position [B, P, V] from the engine's forward (for checks); 0 at pads."""
+        from .loop import extend_batch
+        from .scheduler import Sequence as Seq, Turn
         try:
             input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, 1)
         except (ValueError, TypeError):
@@ -335,30 +466,38 @@ class HybridEngine:
             input_ids, attention_mask = self.tp.gather_prompts(input_ids, attention_mask, 0, [])
         with self.inference():
             b, p = input_ids.shape
+            mask = attention_mask.bool()
             dec = self._decoder_for(p)
-            sp = self.local_spec
-            cache = KVCache(len(get_path(get_path(self.model, sp.backbone), sp.layers)),
-                            b, sp.n_kv_heads, p, sp.head_dim, self.dtype, self.device)
-            positions = position_ids_from_mask(attention_mask)
-            logits = dec.prefill(self._weights, input_ids, attention_mask, positions, cache, all_logits=True)
-            return logits if self.tp is None else logits[:, p - p_own:]
+            n_layers, hkv, bs, d, dtype, device = self._layout()
+            rows = [row[m].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+            cache = PagedKVCache(n_layers, sum(blocks_for(len(r), bs) for r in rows), hkv, bs, d, dtype, device)
+            seqs = [Seq(i, r, bytearray(len(r)), [], 0, Turn(1), p) for i, r in enumerate(rows)]
+            for s in seqs:
+                s.blocks = cache.allocator.allocate(blocks_for(len(s.tokens), bs))
+            ids, pos, batch = extend_batch(seqs, bs, device)
+            from .attention import PagedExtendAttention
+            if self.tp is not None:  # the lm_head's rows are tokens here: this rank's are contiguous
+                own = self.tp.own
+                self.tp.rows = [sum(len(r) for r in rows[sum(self.tp.rows[:k]):sum(self.tp.rows[:k + 1])])
+                                for k in range(self.tp.size)]
+            logits = dec.extend(self._weights, ids, pos, PagedExtendAttention(dec, pos[None], cache, batch))
+            out_rows = range(b) if self.tp is None else range(own.start, own.stop)
+            out = logits.new_zeros(len(out_rows), p, logits.shape[-1])
+            sel = mask[own] if self.tp is not None else mask
+            out[sel] = logits
+            return out if self.tp is None else out[:, p - p_own:]
 
-    def _generate(self, input_ids, attention_mask, max_new, params, eos_ids, pad_id, gen, want_lp):
-        from .loop import generation_loop
-        b, p = input_ids.shape
-        total = p + max_new
-        dec = self._decoder_for(total)
-        cache = self._get_cache(b, total)
-        use_graphs = (self.config.cuda_graphs and self.device.type == "cuda"
-                      and self._weights.layer_iter is None)
-        stop_sync = None
-        if self._weights.layer_iter is not None and model_is_zero3(self.model):
-            # every decode step gathers over all ranks: they stop together (each keeps its own rows'
-            # length), else a rank that finished first would leave the others waiting in a gather
-            from fastrlhf.utils.distributed import all_ranks_true, get_world_size
-            if get_world_size() > 1:
-                stop_sync = all_ranks_true
-        return generation_loop(dec, self._weights, cache, input_ids, attention_mask, max_new, params,
-                               eos_ids, pad_id, gen, want_lp, use_graphs=use_graphs,
-                               stop_check_every=1 if self.device.type == "cpu" else self.config.stop_check_every,
-                               tp=self.tp, stop_sync=stop_sync)
+
+class _PoolHandle:
+    """The engine's current pool as the scheduler sees it (growing replaces the cache's storage,
+    never the handle)."""
+
+    def __init__(self, engine: HybridEngine):
+        self.engine = engine
+
+    @property
+    def allocator(self):
+        return self.engine._cache.allocator
+
+    def grow(self, min_blocks: int) -> bool:
+        return self.engine._grow_pool(min_blocks)

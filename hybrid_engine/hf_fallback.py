@@ -18,14 +18,15 @@ from .sampling import SamplingParams
 
 def hf_generate(model, input_ids, attention_mask, max_new: int, params: SamplingParams,
                 eos_ids: List[int], pad_id: int, gen: Optional[torch.Generator],
-                want_logprobs: bool) -> GenerationOutput:
+                want_logprobs: bool, num_return_sequences: int = 1) -> GenerationOutput:
     cfg = GenerationConfig(
         max_new_tokens=max_new, min_new_tokens=params.min_new_tokens or None,
         do_sample=params.do_sample, temperature=params.temperature if params.do_sample else None,
         top_k=params.top_k if params.do_sample else None,
         top_p=params.top_p if params.do_sample else None,
         repetition_penalty=params.repetition_penalty, eos_token_id=eos_ids or None,
-        pad_token_id=pad_id, return_dict_in_generate=True, output_logits=want_logprobs)
+        pad_token_id=pad_id, return_dict_in_generate=True, output_logits=want_logprobs,
+        num_return_sequences=num_return_sequences)
     was_training = model.training
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []

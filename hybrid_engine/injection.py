@@ -260,7 +260,8 @@ def inject(model: nn.Module, *, attention: bool = True, norms: bool = True, gene
 # None, or a generation-config field set to a value the engine does not implement, sends the
 # call to HF's generate with a one-time log line naming it
 ENGINE_ARGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature",
-               "top_k", "top_p", "eos_token_id", "pad_token_id", "return_dict_in_generate", "use_cache")
+               "top_k", "top_p", "eos_token_id", "pad_token_id", "return_dict_in_generate", "use_cache",
+               "num_return_sequences")
 # generation-config fields with no effect on greedy / sampled decoding without beams or an assistant
 NO_EFFECT_FIELDS = ("bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
                     "early_stopping", "length_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule",
@@ -277,7 +278,8 @@ class EngineGenerate:
     """The `generate` that `inject(model, generate=True)` installs on the HF model.
 
     Greedy and sampled decoding (temperature, top-k, top-p), max/min new tokens (or max/min
-    length), eos/pad ids, a left-padded attention_mask and return_dict_in_generate run in the
+    length), num_return_sequences (sampling; each prompt computed once, its answers in HF's order),
+    eos/pad ids, a left-padded attention_mask and return_dict_in_generate run in the
     hybrid engine, with HF's defaults (the model's generation_config, then transformers'
     global defaults) and HF's output types. Randomness comes from torch's global generator, so
     `torch.manual_seed(s)` makes sampling reproducible. Anything else goes to HF's generate.
@@ -367,7 +369,11 @@ class EngineGenerate:
         if window is not None and p + max_new > window:
             return None, f"prompt + new tokens ({p + max_new}) beyond the sliding window ({window})"
         do_sample = bool(s.get("do_sample"))
+        group = int(s.get("num_return_sequences") or 1)
+        if group > 1 and not do_sample:
+            return None, "num_return_sequences > 1 with greedy decoding (HF refuses it)"
         return dict(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_new), min_new_tokens=max(0, min_new),
+                    num_return_sequences=group,
                     do_sample=do_sample, temperature=float(s["temperature"]) if do_sample and s.get("temperature")
                     is not None else 1.0,
                     top_k=int(s.get("top_k") or 0) if do_sample else 0,

@@ -2,12 +2,19 @@
 
 Applied in HF's order (penalty, min-length, temperature, top-k, top-p) so that greedy and
 filtered sampling mean the same thing as in `transformers.generate`. Everything is in fp32
-on [B, V] logits; randomness comes only from the given torch.Generator.
+on [B, V] logits.
+
+Randomness per sequence, not per batch: every sequence has its own 62-bit seed
+(`sequence_seeds`), and the token at position j of sequence s is drawn by inverse CDF with the
+uniform `counter_uniforms(seed_s, j)`, a hash of the two. A sequence's samples therefore depend
+on its seed and its own tokens only: not on which other sequences share its batch, on the
+row it occupies, on when it was admitted or preempted, or on how many steps run between host
+syncs. No generator state is consumed per step, so this also runs on device without syncs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -66,11 +73,20 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, *, seen: Optional[torch.Tensor],
-                   n_generated: int, eos_ids: Sequence[int]) -> torch.Tensor:
-    """The distribution-shaping steps before choosing a token; logits [B, V] fp32."""
+                   n_generated: Union[int, torch.Tensor], eos_ids: Sequence[int],
+                   min_new: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+    """The distribution-shaping steps before choosing a token; logits [B, V] fp32.
+    `n_generated` (int, or [B] per row) tokens are already generated; EOS is held back while it
+    is below `min_new` (int or [B]; default params.min_new_tokens)."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if n_generated < params.min_new_tokens and eos_ids:
+    min_new = params.min_new_tokens if min_new is None else min_new
+    if eos_ids and isinstance(n_generated, torch.Tensor):
+        early = n_generated < min_new  # [B]
+        cols = torch.tensor(list(eos_ids), device=logits.device)
+        logits = logits.clone()
+        logits[:, cols] = logits[:, cols].masked_fill(early[:, None], float("-inf"))
+    elif eos_ids and n_generated < min_new:
         logits = logits.clone()
         logits[:, list(eos_ids)] = float("-inf")
     if not params.do_sample:
@@ -101,3 +117,91 @@ def make_generator(seed_or_gen, device: torch.device) -> Optional[torch.Generato
         return torch.Generator(device=device).manual_seed(seed_or_gen)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got "
                     f"{type(seed_or_gen).__name__}")
+
+
+# -- per-sequence randomness -------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+SEED_LIMIT = 1 << 62
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), exactly: every partial product < 2**49, so
+    nothing relies on how int64 overflow behaves."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32: xor-shift / multiply rounds) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) per row from (seed, counter), int64 [B] each -> fp32 [B]; the same
+    pair always gives the same number, on any device (24 bits: exact in fp32)."""
+    h = _mix32((seeds >> 32) & _M32)
+    h = _mix32(h ^ (seeds & _M32))
+    h = _mix32(h ^ (counters & _M32))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token per row from processed logits [B, V] and uniforms [B]: the first token whose
+    cumulative probability exceeds u * total. A token of probability 0 is never chosen (its
+    cumulative sum equals its predecessor's); a rounding of u * total up to the total falls
+    back to the last token of nonzero probability."""
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype) * total, right=True)[:, 0]
+    last_real = (cdf < total).sum(dim=-1)
+    return torch.minimum(idx, last_real)
+
+
+def choose_tokens_seeded(logits: torch.Tensor, params: SamplingParams, seeds: Optional[torch.Tensor],
+                         positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """Greedy argmax, or the inverse-CDF draw of each row with counter_uniforms(seed, position):
+    `positions` [B] are the positions the chosen tokens will take."""
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    return sample_inverse_cdf(logits, counter_uniforms(seeds, positions))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def sequence_seeds(generator, n: int, device: torch.device) -> List[int]:
+    """The seeds of n sequences (returned rows, in order) from `generate`'s `generator=`:
+    - an int s: the seeds a torch.Generator seeded with s draws (the same as passing
+      torch.Generator().manual_seed(s)); row r's seed is the r-th draw whatever n is;
+    - a sequence of n ints: one seed per row, as given (the same prompt with the same seed then
+      gives the same answer in any batch);
+    - a torch.Generator: n seeds drawn from it (it advances, so the next call differs);
+    - None: n seeds drawn from torch's global generator (`torch.manual_seed` reproduces a run).
+    """
+    if isinstance(generator, bool):
+        raise TypeError("generator must be a torch.Generator, an int seed, a list of int seeds or None, "
+                        "got a bool")
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    if generator is None or isinstance(generator, torch.Generator):
+        if isinstance(generator, torch.Generator) and generator.device.type not in ("cpu", device.type):
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}; create it "
+                             f"with torch.Generator(device='{device.type}') or pass an int seed")
+        kw = {} if generator is None else dict(generator=generator, device=generator.device)
+        return [int(x) % SEED_LIMIT for x in torch.randint(0, SEED_LIMIT, (n,), **kw).tolist()]
+    if isinstance(generator, (list, tuple)) or (isinstance(generator, torch.Tensor) and generator.dim() == 1):
+        seeds = [int(x) for x in (generator.tolist() if isinstance(generator, torch.Tensor) else generator)]
+        if len(seeds) != n:
+            raise ValueError(f"generator: {len(seeds)} seeds given for {n} returned sequences; give one per "
+                             "returned row (batch * num_return_sequences), or one int seed")
+        return [_splitmix64(s & 0xFFFFFFFFFFFFFFFF) % SEED_LIMIT for s in seeds]
+    raise TypeError(f"generator must be a torch.Generator, an int seed, a list of int seeds or None, got "
+                    f"{type(generator).__name__}")

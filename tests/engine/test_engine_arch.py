@@ -22,7 +22,8 @@ def test_greedy_tokens_equal_hf(tiny):
     ids, mask = left_padded_batch([5, 11, 3, 8], pad_id=0, seed=3)
     # families with separate q/k/v (and gate/up) run with both weight layouts
     fuse = name in ("qwen2", "mistral", "opt", "qwen3", "opt_proj", "gemma2", "stablelm_parallel")
-    engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse))
+    # 3 rows for 4 prompts: a finished row is refilled with the fourth (continuous batching)
+    engine = HybridEngine(model, None, EngineConfig(backend="torch", fuse_projections=fuse, max_batch_size=3))
     ours = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
@@ -52,11 +53,13 @@ def test_eos_stops_each_sequence_and_pads_like_hf(tiny):
                            min_new_tokens=12, do_sample=False, pad_token_id=0)
     eos = int(probe[0, ids.shape[1] + 2])
     engine = HybridEngine(model, None, EngineConfig(backend="torch"))
+    # two answers per prompt (prompt computed once, blocks shared): greedy, so each is HF's answer
     ours = engine.generate(ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=eos,
-                           pad_token_id=0, return_logprobs=True)
+                           pad_token_id=0, return_logprobs=True, num_return_sequences=2)
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                          eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(ours.sequences, ref)
+    assert torch.equal(ours.sequences[::2], ref) and torch.equal(ours.sequences[1::2], ref)
+    ours.sequences, ours.logprobs = ours.sequences[::2], ours.logprobs[::2]
     new = ours.sequences[:, ids.shape[1]:]
     row0 = new[0]
     first = int((row0 == eos).nonzero()[0])
@@ -64,6 +67,24 @@ def test_eos_stops_each_sequence_and_pads_like_hf(tiny):
     assert (row0[first + 1:] == 0).all(), "tokens after EOS must be the pad id"
     assert (ours.logprobs[0, first + 1:] == 0).all(), "log-probs after EOS must be 0"
     assert ours.logprobs[0, first] < 0
+
+
+def test_append_and_continue_equals_generating_from_scratch(tiny):
+    """A turn, tokens appended (as a tool's answer would be), a second turn: the same tokens as
+    HF greedy on the concatenation, with only the new tokens computed."""
+    name, model = tiny
+    prompt = left_padded_batch([6], pad_id=0, seed=9)[0][0].tolist()
+    with HybridEngine(model, None, EngineConfig(backend="torch")).session(do_sample=False, eos_token_id=[]) as s:
+        (seq,) = s.start(prompt, max_new_tokens=5)
+        s.run()
+        s.append(seq, [7, 30, 41], max_new_tokens=6)
+        s.run()
+        ours = s.sequence(seq).tokens
+        assert s.runner.prefill_tokens == 6 + 4
+    head = torch.tensor([ours[:14]])
+    ref = model.generate(input_ids=head, attention_mask=torch.ones_like(head), max_new_tokens=6,
+                         min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert ours == ref[0].tolist(), name
 
 
 def test_unsupported_architecture_names_supported_ones_and_fallback(tmp_path):
@@ -92,8 +113,8 @@ def test_cache_is_reused_across_calls_and_released_on_request(tiny):
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     first = engine.generate(ids, mask, **kw).sequences
     cache = engine._cache
-    assert cache is not None and cache.storage.shape[2] == 2
-    # a smaller request reuses the allocation; stale columns from the first call must not leak in
+    assert cache is not None and cache.allocator.num_used == 0  # every block back in the pool
+    # a smaller request reuses the pool; stale blocks from the first call must not leak in
     small_ids, small_mask = ids[:, 3:], mask[:, 3:]
     engine.generate(small_ids, small_mask, **kw)
     assert engine._cache is cache

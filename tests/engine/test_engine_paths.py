@@ -37,8 +37,8 @@ def test_torch_backend_decodes_through_the_lean_step_unless_disabled(tmp_path, m
     check that the torch backend really takes it, and that lean_cpu_decode=False does not."""
     from fastrlhf.hybrid_engine import attention
     calls = []
-    attend = attention.LeanDecodeAttention.attend
-    monkeypatch.setattr(attention.LeanDecodeAttention, "attend",
+    attend = attention.LeanPagedDecodeAttention.attend
+    monkeypatch.setattr(attention.LeanPagedDecodeAttention, "attend",
                         lambda self, *a: calls.append(a[0]) or attend(self, *a))
     model = build_tiny("llama", tmp_path)  # 2 layers
     ours, ref = _greedy_pair(model, EngineConfig(backend="torch", lean_cpu_decode=lean), new=4)

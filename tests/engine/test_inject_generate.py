@@ -78,6 +78,23 @@ def test_seeded_sampling_is_reproducible(models, engine_calls):
     assert engine_calls[0]["top_k"] == 20 and engine_calls[0]["top_p"] == 0.9
 
 
+def test_num_return_sequences_samples_in_the_engine_in_hf_order(models, engine_calls):
+    ref = models["llama"]
+    fast = _generate_only(ref)
+    ids, mask = left_padded_batch([6, 3], pad_id=0, seed=13)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, num_return_sequences=3, pad_token_id=0)
+    torch.manual_seed(4)
+    ours = fast.generate(ids, **kw)
+    torch.manual_seed(4)
+    theirs = ref.generate(ids, **kw)
+    assert len(engine_calls) == 1 and engine_calls[0]["num_return_sequences"] == 3
+    assert ours.shape[0] == theirs.shape[0] == 6  # rows b*3 .. b*3+2 answer prompt b, as HF's do
+    assert torch.equal(ours[:, :ids.shape[1]], theirs[:, :ids.shape[1]])
+    with pytest.raises(ValueError, match="num_return_sequences"):  # HF's own refusal, unchanged
+        fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_return_sequences=2)
+    assert len(engine_calls) == 1
+
+
 def test_unsupported_argument_falls_back_to_hf_and_says_so_once(models, engine_calls, capsys):
     ref = models["llama"]
     fast = _generate_only(ref)
