@@ -173,6 +173,14 @@ PYBENCH
 if [ -f benchmarks/generation.py ]; then
   run_stage bench_generation 120 "$PY" benchmarks/generation.py --gpu --out "$OUT/generation.jsonl"
 fi
+if [ -f benchmarks/rollout_workloads.py ]; then
+  # the rollout engine: continuous vs static batching on long-tail answers, G answers per prompt
+  # with shared vs repeated prompts (prefill time, KV memory), on the bundled task's SFT model
+  run_stage bench_rollout_long_tail 90 "$PY" benchmarks/generation.py --gpu --workload long-tail --runs 5 \
+    --workdir /tmp/fastrlhf_rollout_bench --note gpu_suite --out "$OUT/generation.jsonl"
+  run_stage bench_rollout_groups 60 "$PY" benchmarks/generation.py --gpu --workload grpo-groups --runs 5 \
+    --workdir /tmp/fastrlhf_rollout_bench --note gpu_suite --out "$OUT/generation.jsonl"
+fi
 if [ -f benchmarks/rlhf.py ]; then
   run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu --out "$OUT/rlhf.jsonl"
 fi

@@ -350,3 +350,52 @@ def test_stop_lists_take_token_ids_and_strings_only(llama, stop):
         with pytest.raises(TypeError, match="stop must be token ids"):
             sess.start([5, 6], max_new_tokens=2, stop=stop)
         assert not sess.busy
+
+
+# -- on a GPU (skipped without CUDA; benchmarks/gpu_suite.sh runs them) -----------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+def test_gpu_graphs_with_refilled_rows_and_groups_equal_eager_and_hf(tmp_path):
+    """CUDA-graph decode steps (rows bucketed, padded rows of length 0) with rows refilled and
+    G answers per prompt: the tokens of eager steps and of HF greedy."""
+    model = build_tiny("llama", tmp_path).cuda()
+    ids, mask = left_padded_batch([5, 9, 3, 7, 6], pad_id=0, seed=21)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, num_return_sequences=2)
+    graphs = HybridEngine(model, None, EngineConfig(max_batch_size=4)).generate(ids, mask, **kw).sequences
+    eager = HybridEngine(model, None, EngineConfig(max_batch_size=4, cuda_graphs=False)).generate(
+        ids, mask, **kw).sequences
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20,
+                         do_sample=False, pad_token_id=0)
+    assert torch.equal(graphs, eager)
+    assert torch.equal(graphs[::2], ref) and torch.equal(graphs[1::2], ref)
+
+
+@gpu
+def test_gpu_sampling_does_not_depend_on_the_host_sync_interval(tmp_path):
+    """Several decode steps between host syncs (stop_check_every) decode past some rows' EOS and
+    throw those tokens away: the same sampled answers as syncing every step."""
+    model = build_tiny("llama", tmp_path).cuda()
+    ids, mask = left_padded_batch([5, 9, 3, 7], pad_id=0, seed=22)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(max_new_tokens=30, temperature=1.2, pad_token_id=0, eos_token_id=[5, 17, 40], generator=9,
+              return_logprobs=True)
+    outs = [HybridEngine(model, None, EngineConfig(stop_check_every=n, max_batch_size=3)).generate(ids, mask, **kw)
+            for n in (1, 8)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-4)
+
+
+@gpu
+def test_gpu_append_and_continue_equals_generating_from_scratch(tmp_path):
+    model = build_tiny("llama", tmp_path).cuda()
+    with HybridEngine(model, None, EngineConfig()).session(do_sample=False, eos_token_id=[]) as sess:
+        (a,) = sess.start([5, 6, 7, 8, 9, 10], max_new_tokens=7)
+        sess.run()
+        sess.append(a, [20, 21, 22], max_new_tokens=9)
+        sess.run()
+        ours = sess.sequence(a).tokens
+    assert ours == _hf_greedy(model.cpu(), ours[:16], 9)
