@@ -3,14 +3,14 @@
 `Decoder` computes q/k/v the same way for every pass (`Decoder._qkv`: token-major views
 [B, S, H, D] of the projection output, q/k norms applied) and hands them to one of these:
 
-- `PagedExtendAttention`: the new tokens of several sequences packed as one row [1, T] (prompts,
-  appended tokens, recomputation), through `fastrlhf.ops` (rotary, paged_kv_append,
-  paged_attention_prefill: each token sees its sequence's cached keys and the new ones up to
-  itself);
+- `PagedPackedAttention`: one row [1, T] packing decode rows' tokens and the new tokens of
+  several other sequences (prompts, appended tokens, recomputation), through `fastrlhf.ops`
+  (rotary, paged_kv_append, paged_attention_decode for the decode rows, paged_attention_prefill
+  for the rest: each token sees its sequence's cached keys and the new ones up to itself);
 - `PagedDecodeAttention`: one token per sequence [B, 1] through `fastrlhf.ops` (the split-K paged
   decode kernel, batch-invariant; what GPUs run, and CUDA graphs capture);
-- `LeanPagedDecodeAttention`: the same decode step in plain torch, used only when every decode op
-  resolves to the torch reference (CPU). There a small model's step costs per-op dispatch, not
+- `LeanPagedDecodeAttention`, `LeanPagedPackedAttention`: the same passes in plain torch, used
+  only when every paged op resolves to the torch reference (CPU). There a small model's step costs per-op dispatch, not
   FLOPs, and the reference ops are written for clarity (each call checks its inputs, gathers
   rotary rows, builds masks); this one builds those per-step pieces once and shares them by all
   layers, and folds GQA groups into the query axis. tests/engine/test_paged_engine.py holds it
@@ -75,24 +75,37 @@ class PagedBatch:
     max_q_len: Optional[int] = None
 
 
-class PagedExtendAttention(_OpsAttention):
-    """The new tokens of B sequences packed [1, T, ...] (positions [1, T])."""
+class PagedPackedAttention(_OpsAttention):
+    """One pass over tokens packed as one row [1, T, ...] (positions [1, T]): first `n_decode`
+    decode rows (one token each, `decode` their tables and lengths), then the new tokens of
+    extend rows (`extend`: tables, lengths, query offsets). Every token is written at once
+    (`slots`); decode rows attend through the decode op, so a decoding sequence computes the same
+    way whether or not others are being prefilled beside it, and extend tokens through the
+    prefill op. So a step that admits new sequences is still one forward."""
 
-    def __init__(self, dec, positions, cache: PagedKVCache, batch: PagedBatch):
+    def __init__(self, dec, positions, cache: PagedKVCache, slots: torch.Tensor, n_decode: int,
+                 decode: Optional[PagedBatch], extend: Optional[PagedBatch]):
         super().__init__(dec, positions)
-        self.cache, self.batch = cache, batch
+        self.cache, self.slots, self.n_decode = cache, slots, n_decode
+        self.decode, self.extend = decode, extend
 
     def attend(self, i, q, k, v):
-        dec, b = self.dec, self.batch
-        t = q.shape[1]
-        if t == 0:  # a rank with nothing to extend, stepping with the others (ZeRO-3 lockstep)
+        dec = self.dec
+        t, nd = q.shape[1], self.n_decode
+        if t == 0:  # a rank with nothing to run, stepping with the others (ZeRO-3 lockstep)
             return q.new_zeros(1, 0, dec.n_heads * dec.head_dim)
         q = q.reshape(t, dec.n_heads, dec.head_dim)
         kp, vp = self.cache.k[i], self.cache.v[i]
-        dec.ops_paged_append(kp, vp, k[0], v[0], b.slots)
-        o = dec.ops_paged_prefill(q, kp, vp, b.block_tables, b.cu_q_lens, b.seq_lens, max_q_len=b.max_q_len,
-                                  scale=dec.scale)
-        return o.reshape(1, t, -1)
+        dec.ops_paged_append(kp, vp, k[0], v[0], self.slots)
+        parts = []
+        if nd:
+            d = self.decode
+            parts.append(dec.ops_paged_decode(q[:nd], kp, vp, d.block_tables, d.seq_lens, scale=dec.scale))
+        if t > nd:
+            e = self.extend
+            parts.append(dec.ops_paged_prefill(q[nd:], kp, vp, e.block_tables, e.cu_q_lens, e.seq_lens,
+                                               max_q_len=e.max_q_len, scale=dec.scale))
+        return torch.cat(parts).reshape(1, t, -1)
 
 
 class PagedDecodeAttention(_OpsAttention):
@@ -115,30 +128,17 @@ class PagedDecodeAttention(_OpsAttention):
         return o.reshape(n, 1, -1)
 
 
-class LeanPagedDecodeAttention:
-    """The paged decode step in plain torch, the same function as `PagedDecodeAttention` on the
-    reference: rotary rows gathered once per step (q and k rotated by one call where they are one
-    view), the block gather index and the length mask built once per step for all layers, the
-    cache write one indexed copy, and GQA groups folded into the query axis (no copy of the keys
-    per query head). Every row is real (eager CPU steps have no padding rows)."""
+class _LeanRotary:
+    """Rotary on the CPU lean paths: the cos/sin rows of a pass gathered once and shared by all
+    layers (q and k rotated by one call where they are one view)."""
 
-    def __init__(self, dec, positions, cache: PagedKVCache, batch: PagedBatch):
-        self.dec, self.cache = dec, cache
-        b, dev = positions.shape[0], positions.device
-        self.b = b
-        if dec.spec.rotary_dim:  # rows [B, 1, 1, half] broadcast over [B, S=1, heads, half]; the
-            cos = dec.cos[positions][:, None, None, :]  # grouped layout's q (and q+k) views are
-            sin = dec.sin[positions][:, None, None, :]  # [B, 1, Hkv, heads of a group, D]
+    def _rotary_rows(self, dec, positions: torch.Tensor) -> None:
+        """Rows for q/k laid out [B, S, heads, D] at positions [B, S]; the grouped layout's q (and
+        q+k) views are [B, S, Hkv, heads of a group, D]: one more broadcast axis."""
+        if dec.spec.rotary_dim:
+            cos, sin = dec.cos[positions][:, :, None, :], dec.sin[positions][:, :, None, :]
             self.k_rows = (cos, sin)
             self.q_rows = (cos[..., None, :], sin[..., None, :]) if dec.grouped_qkv else self.k_rows
-        bs = cache.block_size
-        self.write_block, self.write_row = batch.slots // bs, batch.slots % bs
-        lens = batch.seq_lens.long()
-        n_blocks = (int(lens.max()) + bs - 1) // bs if b else 0
-        self.tables = batch.block_tables[:, :n_blocks].long()       # [B, nb]
-        visible = torch.arange(n_blocks * bs, device=dev)[None, :] < lens[:, None]
-        self.bias = torch.zeros(b, 1, 1, n_blocks * bs, dtype=torch.float32, device=dev)
-        self.bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
 
     def rotate(self, q, k, qk):
         rd = self.dec.spec.rotary_dim
@@ -149,23 +149,122 @@ class LeanPagedDecodeAttention:
             rotate_half_(k, *self.k_rows, rd)
         return q, k
 
-    def _read(self, pool):
-        """The sequences' blocks of one layer's pool as [B, Hkv, nb * block_size, D] (one gather;
-        the block and row axes of the gathered copy merge without another copy)."""
-        g = pool.transpose(0, 1)[:, self.tables]         # [Hkv, B, nb, bs, D]
-        return g.transpose(0, 1).flatten(2, 3)
+
+def _gather_blocks(kv: torch.Tensor, tables: torch.Tensor):
+    """Blocks `tables` [B, nb] of one layer's keys and values (`kv` [2, N, Hkv, bs, D], the
+    layer's slice of the pool) as two [B, Hkv, nb * block_size, D] views of one gathered copy (the
+    block and row axes merge without another copy)."""
+    g = kv.transpose(1, 2)[:, :, tables]        # [2, Hkv, B, nb, bs, D]
+    g = g.transpose(1, 2).flatten(3, 4)         # [2, B, Hkv, nb * bs, D]
+    return g[0], g[1]
+
+
+class LeanPagedDecodeAttention(_LeanRotary):
+    """The paged decode step in plain torch, the same function as `PagedDecodeAttention` on the
+    reference: rotary rows gathered once per step, the block gather index and the length mask
+    built once per step for all layers, the cache write one indexed copy, and GQA groups folded
+    into the query axis (no copy of the keys per query head). Every row is real (eager CPU steps
+    have no padding rows)."""
+
+    def __init__(self, dec, positions, cache: PagedKVCache, batch: PagedBatch):
+        self.dec, self.cache = dec, cache
+        b, dev = positions.shape[0], positions.device
+        self.b = b
+        self._rotary_rows(dec, positions[:, None])
+        bs = cache.block_size
+        self.write_block, self.write_row = batch.slots // bs, batch.slots % bs
+        lens = batch.seq_lens.long()
+        n_blocks = (int(lens.max()) + bs - 1) // bs if b else 0
+        self.tables = batch.block_tables[:, :n_blocks].long()       # [B, nb]
+        visible = torch.arange(n_blocks * bs, device=dev)[None, :] < lens[:, None]
+        self.bias = torch.zeros(b, 1, 1, n_blocks * bs, dtype=torch.float32, device=dev)
+        self.bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
 
     def attend(self, i, q, k, v):
-        dec, b = self.dec, self.b
         kp, vp = self.cache.k[i], self.cache.v[i]
         kp[self.write_block, :, self.write_row] = k[:, 0]
         vp[self.write_block, :, self.write_row] = v[:, 0]
-        keys, values = self._read(kp), self._read(vp)
+        return self.read(i, q).reshape(self.b, 1, -1)
+
+    def read(self, i, q):
+        """Attention of the rows' queries (any layout with the heads after the row axis) over
+        their cached keys of layer i (this step's already written) -> [B, Hkv, group, D]."""
+        dec, b = self.dec, self.b
+        keys, values = _gather_blocks(self.cache.storage[i], self.tables)
         qg = q.reshape(b, dec.n_kv_heads, -1, dec.head_dim)  # [B, Hkv, group, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [B, Hkv, group, n]
         scores.mul_(dec.scale)
         if dec.attn_softcap is not None:  # before the mask, as the ops do
             softcap_(scores, dec.attn_softcap)
         probs = torch.softmax(scores.add_(self.bias), dim=-1)
-        o = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, group, D]
-        return o.reshape(b, 1, -1)
+        return torch.matmul(probs.to(values.dtype), values)
+
+
+class LeanPagedPackedAttention(_LeanRotary):
+    """`PagedPackedAttention` in plain torch for the CPU (used when every op resolves to the
+    reference): rotary rows, write indices, and for the extend rows one padded layout, gather
+    index and mask, all built once per pass for every layer. Extend rows attend as one batch: their
+    queries right-aligned in [E, M] (M the most new tokens of a row), their keys gathered to
+    [E, Hkv, n, D], a bottom-right causal mask over each row's length; padding cells are computed
+    and thrown away. tests/engine/test_paged_engine.py holds it equal to the ops."""
+
+    def __init__(self, dec, positions, cache: PagedKVCache, slots: torch.Tensor, n_decode: int,
+                 decode: Optional[PagedBatch], extend: Optional[PagedBatch]):
+        self.dec, self.cache, self.n_decode = dec, cache, n_decode
+        self._rotary_rows(dec, positions[None])
+        bs = cache.block_size
+        self.write_block, self.write_row = slots // bs, slots % bs
+        self.decode = LeanPagedDecodeAttention(dec, positions[:n_decode], cache, decode) if n_decode else None
+        n_extend = positions.shape[0] - n_decode
+        if n_extend:
+            self._plan_extend(extend, n_extend, bs, positions.device)
+
+    def _plan_extend(self, e: PagedBatch, n_tokens: int, bs: int, dev) -> None:
+        cu, lens = e.cu_q_lens.long(), e.seq_lens.long()
+        q_lens = cu[1:] - cu[:-1]
+        rows, m = lens.shape[0], int(q_lens.max())
+        n_blocks = (int(lens.max()) + bs - 1) // bs
+        self.e_tables = e.block_tables[:, :n_blocks].long()
+        # token t of row r sits at column t - cu[r] + m - q_len[r] (right-aligned)
+        self.e_row = torch.repeat_interleave(torch.arange(rows, device=dev), q_lens)
+        self.e_col = torch.arange(n_tokens, device=dev) - cu[self.e_row] + m - q_lens[self.e_row]
+        q_pos = lens[:, None] - m + torch.arange(m, device=dev)[None, :]       # [E, M]
+        k_pos = torch.arange(n_blocks * bs, device=dev)
+        visible = (k_pos[None, None, :] <= q_pos[..., None]) & (k_pos[None, None, :] < lens[:, None, None])
+        visible[..., 0] |= q_pos < 0  # padding cells before a row's first position: any key, unused
+        self.e_bias = torch.zeros(rows, 1, 1, m, n_blocks * bs, dtype=torch.float32, device=dev)
+        self.e_bias.masked_fill_(~visible[:, None, None], float("-inf"))
+        self.e_shape = (rows, m)
+
+    def attend(self, i, q, k, v):
+        dec = self.dec
+        t, nd = q.shape[1], self.n_decode
+        hq, d = dec.n_heads, dec.head_dim
+        kp, vp = self.cache.k[i], self.cache.v[i]
+        kp[self.write_block, :, self.write_row] = k[0]
+        vp[self.write_block, :, self.write_row] = v[0]
+        q = q.reshape(t, hq, d)
+        parts = []
+        if nd:
+            parts.append(self.decode.read(i, q[:nd]).reshape(nd, hq, d))
+        if t > nd:
+            parts.append(self._extend_read(i, q[nd:]))
+        return torch.cat(parts).reshape(1, t, -1)
+
+    def _extend_read(self, i, q):
+        dec = self.dec
+        rows, m = self.e_shape
+        hkv, hq, d = dec.n_kv_heads, dec.n_heads, dec.head_dim
+        qp = q.new_zeros(rows, m, hq, d)
+        qp[self.e_row, self.e_col] = q
+        qg = qp.view(rows, m, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [E, Hkv, group, M, D]
+        keys, values = _gather_blocks(self.cache.storage[i], self.e_tables)
+        keys, values = keys[:, :, None], values[:, :, None]              # [E, Hkv, 1, n, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()        # [E, Hkv, group, M, n]
+        scores.mul_(dec.scale)
+        if dec.attn_softcap is not None:
+            softcap_(scores, dec.attn_softcap)
+        probs = torch.softmax(scores.add_(self.e_bias), dim=-1)
+        o = torch.matmul(probs.to(values.dtype), values)                 # [E, Hkv, group, M, D]
+        o = o.permute(0, 3, 1, 2, 4).reshape(rows, m, hq, d)
+        return o[self.e_row, self.e_col]

@@ -1,9 +1,9 @@
 """One generic decoder forward over `fastrlhf.ops`, driven by an ArchSpec.
 
 `build_model_weights` reads the generation weights out of an HF model (views; LoRA fused into
-buffers; optional QKV / gate-up concatenation). `Decoder.extend` runs the new tokens of several
-sequences packed into one row (prompts, appended tokens) and writes them into the paged KV cache;
-`Decoder.decode` runs one token per sequence. Ops are resolved once per Decoder, so the per-step
+buffers; optional QKV / gate-up concatenation). `Decoder.packed` runs the new tokens of several
+sequences packed into one row (prompts, appended tokens, beside decoding rows' tokens) and writes
+them into the paged KV cache; `Decoder.decode` runs one token per sequence. Ops are resolved once per Decoder, so the per-step
 cost is the math plus a thin Python loop.
 """
 from __future__ import annotations
@@ -174,11 +174,11 @@ class Decoder:
         if self.attn_softcap is not None:  # bound once; other families call the ops unchanged
             self.ops_paged_prefill = functools.partial(self.ops_paged_prefill, softcap=self.attn_softcap)
             self.ops_paged_decode = functools.partial(self.ops_paged_decode, softcap=self.attn_softcap)
-        # CPU decode steps are dominated by per-op dispatch, not math: when every decode op
-        # resolves to the torch reference, decode steps attend with LeanPagedDecodeAttention
-        # (the same math in fewer, larger torch ops). Kernel backends always go through ops.
-        self.lean = lean and all(ops.resolve(op, device, backend)[0] == "torch"
-                                 for op in ("paged_attention_decode", "paged_kv_append", "rotary"))
+        # CPU steps are dominated by per-op dispatch, not math: when every paged op resolves to
+        # the torch reference, passes attend with attention.LeanPaged*Attention (the same math
+        # in fewer, larger torch ops). Kernel backends always go through ops.
+        self.lean = lean and all(ops.resolve(op, device, backend)[0] == "torch" for op in (
+            "paged_attention_decode", "paged_attention_prefill", "paged_kv_append", "rotary"))
         self._norm_fn = r("rms_norm") if spec.norm == "rms" else r("layer_norm")
         self._act = ACT2FN[spec.act]
         self.ops_moe = r("fused_moe") if spec.moe is not None else None
@@ -320,10 +320,10 @@ class Decoder:
         return x
 
     # -- passes ----------------------------------------------------------------------------
-    def extend(self, w: ModelWeights, ids: torch.Tensor, positions: torch.Tensor, attn,
+    def packed(self, w: ModelWeights, ids: torch.Tensor, positions: torch.Tensor, attn,
                last: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The new tokens of several sequences packed into one row: ids/positions [T] int64,
-        `attn` a PagedExtendAttention. Returns the logits at the token indices `last` [B] (each
+        `attn` a PagedPackedAttention. Returns the logits at the token indices `last` [B] (each
         sequence's last new token), or at every token [T, V] when `last` is None."""
         x = self._run_layers(w, self._embed(w, ids[None], positions[None]), attn)
         return self._head(w, x[0] if last is None else x[0, last])

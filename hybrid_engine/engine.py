@@ -475,12 +475,13 @@ class HybridEngine:
             for s in seqs:
                 s.blocks = cache.allocator.allocate(blocks_for(len(s.tokens), bs))
             ids, pos, batch = extend_batch(seqs, bs, device)
-            from .attention import PagedExtendAttention
+            from .attention import PagedPackedAttention
             if self.tp is not None:  # the lm_head's rows are tokens here: this rank's are contiguous
                 own = self.tp.own
                 self.tp.rows = [sum(len(r) for r in rows[sum(self.tp.rows[:k]):sum(self.tp.rows[:k + 1])])
                                 for k in range(self.tp.size)]
-            logits = dec.extend(self._weights, ids, pos, PagedExtendAttention(dec, pos[None], cache, batch))
+            logits = dec.packed(self._weights, ids, pos, PagedPackedAttention(dec, pos[None], cache, batch.slots, 0,
+                                                                              None, batch))
             out_rows = range(b) if self.tp is None else range(own.start, own.stop)
             out = logits.new_zeros(len(out_rows), p, logits.shape[-1])
             sel = mask[own] if self.tp is not None else mask

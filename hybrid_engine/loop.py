@@ -1,8 +1,9 @@
 """The device side of generation: paged batches, decoder passes, sampling, CUDA graphs.
 
-`Runner.extend(seqs)` runs the pending tokens of several sequences packed into one row and
-samples each one's next token; `Runner.decode(seqs, steps)` runs `steps` decode steps of one
-token per sequence without looking at the results in between (the host reads them once, at
+`Runner.packed(extend, decode)` runs one step of the decode rows together with the pending
+tokens of other sequences (new prompts, appended tokens), packed into one row, and samples every
+row's next token; `Runner.decode(seqs, steps)` runs `steps` decode steps of one token per
+sequence without looking at the results in between (the host reads them once, at
 the end: every step on the CPU, `EngineConfig.stop_check_every` steps on a GPU). Which sequences
 run, and where their tokens go in the cache, is the scheduler's (scheduler.py); what a
 sampled token means (stop or go on) is the session's (session.py).
@@ -15,16 +16,23 @@ Under tensor parallelism each rank's rows sit in their own fixed segment of the 
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence as Seq, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence as Seq, Tuple
 
+import numpy as np
 import torch
 
-from .attention import LeanPagedDecodeAttention, PagedBatch, PagedDecodeAttention, PagedExtendAttention
+from .attention import (LeanPagedDecodeAttention, LeanPagedPackedAttention, PagedBatch, PagedDecodeAttention,
+                        PagedPackedAttention)
 from .kv_cache import PagedKVCache
-from .sampling import SamplingParams, choose_tokens_seeded, process_logits
+from .sampling import SamplingParams, choose_tokens_seeded, counter_uniforms, process_logits
 from .scheduler import Sequence
 
 Sampled = Tuple[int, float]  # (token, log-prob under the raw distribution; 0.0 when not asked)
+
+
+class _Draws(NamedTuple):
+    uniforms: Optional[torch.Tensor]  # [steps, B] fp32, None when greedy
+    min_new: Optional[torch.Tensor]   # [B], None when no row holds EOS back in this window
 
 
 def _pad_tables(seqs: Seq[Sequence], width: int, device) -> torch.Tensor:
@@ -158,19 +166,25 @@ class Runner:
             rows.append(self._seen[s.seq_id])
         return torch.stack(rows) if rows else torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
 
-    def _row_params(self, seqs: Seq[Sequence]):
-        """(seeds, min_new) of these rows, as device tensors (made once per pass or window)."""
-        return (torch.tensor([s.seed for s in seqs], dtype=torch.long, device=self.device),
-                torch.tensor([s.turn.min_new for s in seqs], device=self.device))
+    def _draws(self, seqs: Seq[Sequence], steps: int) -> "_Draws":
+        """What sampling needs for `steps` steps of these rows, made once: each step's uniforms
+        (hashed on the host from each sequence's key and the positions its tokens will take), and
+        the rows' min_new_tokens when some row must still hold EOS back."""
+        uniforms = None
+        if self.params.do_sample:
+            pos = np.array([len(s.tokens) for s in seqs], dtype=np.int64)[None, :] + np.arange(steps)[:, None]
+            uniforms = torch.from_numpy(counter_uniforms([s.key for s in seqs], pos)).to(self.device)
+        hold_eos = bool(self.eos_ids) and any(s.generated_this_turn < s.turn.min_new for s in seqs)
+        min_new = torch.tensor([s.turn.min_new for s in seqs], device=self.device) if hold_eos else None
+        return _Draws(uniforms, min_new)
 
-    def _sample(self, logits, rows, positions: torch.Tensor, n_gen: torch.Tensor, seen):
-        """Tokens [B] and log-probs [B] (or None) of own rows; `rows` = _row_params of them,
-        `positions` the new tokens' positions."""
+    def _sample(self, logits, draws: "_Draws", step: int, n_gen: torch.Tensor, seen):
+        """Tokens [B] and log-probs [B] (or None) of own rows at `step` of their window."""
         raw = logits.float()
-        seeds, min_new = rows
-        shaped = process_logits(raw, self.params, seen=seen, n_generated=n_gen, eos_ids=self.eos_ids,
-                                min_new=min_new)
-        tok = choose_tokens_seeded(shaped, self.params, seeds, positions)
+        hold = draws.min_new is not None
+        shaped = process_logits(raw, self.params, seen=seen, n_generated=n_gen if hold else 0,
+                                eos_ids=self.eos_ids if hold else [], min_new=draws.min_new if hold else 0)
+        tok = choose_tokens_seeded(shaped, self.params, None if draws.uniforms is None else draws.uniforms[step])
         lp = None
         if self.want_lp:
             lp = torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
@@ -189,34 +203,53 @@ class Runner:
     def forget(self, seq_id: int) -> None:
         self._seen.pop(seq_id, None)
 
-    # -- extend: pending tokens of several sequences ------------------------------------------
-    def extend(self, seqs: Seq[Sequence]) -> List[Sampled]:
-        """Compute every pending token of `seqs` into the cache and sample each one's next token.
-        Returns (token, log-prob) per sequence in the given order; marks them cached."""
-        if not seqs and not self.lockstep:
+    # -- a packed step: decode rows beside new tokens of other sequences -----------------------
+    def packed(self, extend: Seq[Sequence], decode: Seq[Sequence]) -> List[Sampled]:
+        """One forward over the pending tokens of `extend` (new prompts, appended tokens,
+        recomputation) and the one pending token of each `decode` row; samples every row's next
+        token. Returns (token, log-prob) per sequence in the order extend + decode; marks the
+        extend rows cached (the session counts the decode rows' tokens)."""
+        if not extend and not decode and not self.lockstep:
             return []
-        order, counts = self._ordered(seqs)
-        dev = self.device
-        ids_t, pos_t, batch = extend_batch(order, self.cache.block_size, dev)
-        self.prefill_tokens += ids_t.shape[0]
-        last = batch.cu_q_lens[1:].long() - 1
-        if self.tp is not None:  # the lm_head's rows are the sequences (one last token each)
-            self.tp.rows = counts
-        logits = self.dec.extend(self.w, ids_t, self._clamp(pos_t), PagedExtendAttention(
-            self.dec, pos_t[None], self.cache, batch), last)
-        for s in order:
+        dev, bs = self.device, self.cache.block_size
+        ids_e, pos_e, ext = extend_batch(extend, bs, dev)
+        self.prefill_tokens += ids_e.shape[0]
+        nd = len(decode)
+        tok_d = torch.tensor([s.tokens[-1] for s in decode], dtype=torch.long, device=dev)
+        pos_d = torch.tensor([s.num_cached for s in decode], dtype=torch.long, device=dev)
+        tables_d = _pad_tables(decode, max((len(s.blocks) for s in decode), default=1), dev)
+        slots_d = tables_d.long()[torch.arange(nd, device=dev), pos_d // bs] * bs + pos_d % bs
+        dec_batch = PagedBatch(slots_d, tables_d, (pos_d + 1).to(torch.int32))
+        ids, pos = torch.cat([tok_d, ids_e]), torch.cat([pos_d, pos_e])
+        slots = torch.cat([slots_d, ext.slots])
+        # the lm_head's rows: each sequence's last token, in owner order (tensor parallelism)
+        rows = list(decode) + list(extend)
+        last = {id(s): i for i, s in enumerate(decode)}
+        ends = ext.cu_q_lens[1:].tolist()
+        last.update({id(s): nd + e - 1 for s, e in zip(extend, ends)})
+        order, counts = self._ordered(rows)
+        index = torch.tensor([last[id(s)] for s in order], dtype=torch.long, device=dev)
+        pos = self._clamp(pos)
+        if self.dec.lean:
+            attn = LeanPagedPackedAttention(self.dec, pos, self.cache, slots, nd, dec_batch, ext)
+        else:
+            attn = PagedPackedAttention(self.dec, pos[None], self.cache, slots, nd, dec_batch, ext)
+        logits = self.dec.packed(self.w, ids, pos, attn, index)
+        for s in extend:
             s.num_cached = len(s.tokens)
-        own = self._own(order, counts)
         if not order:
             return []
+        own = self._own(order, counts)
         n_gen = torch.tensor([s.generated_this_turn for s in own], device=dev)
-        new_pos = torch.tensor([len(s.tokens) for s in own], dtype=torch.long, device=dev)
         seen = self._seen_rows(own, logits.shape[-1])
-        tok, lp = self._sample(logits, self._row_params(own), new_pos, n_gen, seen)
+        tok, lp = self._sample(logits, self._draws(own, 1), 0, n_gen, seen)
         self._store_seen(own, seen)
-        return self._results(order, own, self._share(tok), lp, seqs)
+        if self.tp is not None:
+            self.tp.rows = counts
+        return self._results(order, own, self._share(tok), lp, list(extend) + list(decode))
 
     def _results(self, order, own, tok_all, lp, seqs) -> List[Sampled]:
+        """(token, log-prob) of `seqs`, from tokens of every row in `order` and log-probs of `own`."""
         toks = tok_all.tolist()
         lps = lp.tolist() if lp is not None else [0.0] * len(own)
         own_lp = {id(s): x for s, x in zip(own, lps)}
@@ -245,13 +278,12 @@ class Runner:
         rows = torch.arange(len(order), device=dev)
         seq_lens = (positions + 1).to(torch.int32)
         n_gen = torch.tensor([s.generated_this_turn for s in own], device=dev)
-        own_idx = slice(sum(counts[:self.tp.rank]), sum(counts[:self.tp.rank + 1])) if self.tp else slice(None)
         seen = None
         graphed = self._graph_for(counts, width) if order else None
-        row_params = self._row_params(own)
+        draws = self._draws(own, steps)
         out_tok, out_lp = [], []
         tables_l = tables.long()
-        for _ in range(steps):
+        for step in range(steps):
             slots = tables_l[rows, positions // bs] * bs + positions % bs
             if graphed is not None:
                 logits = graphed(tokens, self._clamp(positions), slots, seq_lens, tables, counts)
@@ -266,7 +298,7 @@ class Runner:
                 continue
             if seen is None:
                 seen = self._seen_rows(own, logits.shape[-1])
-            tok, lp = self._sample(logits, row_params, positions[own_idx] + 1, n_gen, seen)
+            tok, lp = self._sample(logits, draws, step, n_gen, seen)
             if self.tp is not None:
                 self.tp.rows = counts  # (a graph replay leaves its capture-time rows there)
             tokens = self._share(tok)
@@ -280,6 +312,8 @@ class Runner:
             return [[] for _ in range(steps)]
         toks = torch.stack(out_tok).tolist()
         lps = torch.stack(out_lp).tolist() if self.want_lp and own else None
+        if self.tp is None:  # rows in the given order, all own
+            return [list(zip(toks[t], lps[t] if lps is not None else [0.0] * len(seqs))) for t in range(steps)]
         index = {id(s): i for i, s in enumerate(order)}
         own_index = {id(s): i for i, s in enumerate(own)}
         result = []

@@ -5,8 +5,8 @@ filtered sampling mean the same thing as in `transformers.generate`. Everything 
 on [B, V] logits.
 
 Randomness per sequence, not per batch: every sequence has its own 62-bit seed
-(`sequence_seeds`), and the token at position j of sequence s is drawn by inverse CDF with the
-uniform `counter_uniforms(seed_s, j)`, a hash of the two. A sequence's samples therefore depend
+(`sequence_seeds`), folded to a 32-bit key, and the token at position j of sequence s is drawn by
+inverse CDF with the uniform `counter_uniforms(key_s, j)`, a hash of the two. A sequence's samples therefore depend
 on its seed and its own tokens only: not on which other sequences share its batch, on the
 row it occupies, on when it was admitted or preempted, or on how many steps run between host
 syncs. No generator state is consumed per step, so this also runs on device without syncs.
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 
@@ -120,33 +121,34 @@ def make_generator(seed_or_gen, device: torch.device) -> Optional[torch.Generato
 
 
 # -- per-sequence randomness -------------------------------------------------------------------
-_M32 = 0xFFFFFFFF
 SEED_LIMIT = 1 << 62
+_GOLDEN32 = np.uint32(0x9E3779B1)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32), exactly: every partial product < 2**49, so
-    nothing relies on how int64 overflow behaves."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & _M32
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer finaliser (lowbias32: xor-shift / multiply rounds) on uint32 arrays, whose
+    arithmetic wraps modulo 2**32 by definition."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32: xor-shift / multiply rounds) on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def seed_key(seed: int) -> int:
+    """The 32-bit key a sequence's uniforms are hashed from, folded from its 62-bit seed."""
+    halves = np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
+    return int(_mix32(_mix32(halves[:1]) ^ halves[1:])[0])
 
 
-def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One uniform in [0, 1) per row from (seed, counter), int64 [B] each -> fp32 [B]; the same
-    pair always gives the same number, on any device (24 bits: exact in fp32)."""
-    h = _mix32((seeds >> 32) & _M32)
-    h = _mix32(h ^ (seeds & _M32))
-    h = _mix32(h ^ (counters & _M32))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+def counter_uniforms(keys, counters) -> np.ndarray:
+    """Uniforms in [0, 1) from (key, counter) pairs: keys [B] (seed_key), counters [..., B] (the
+    positions of the tokens to draw) -> float32 [..., B]. Computed on the host: the same pair
+    gives the same number on any device, and a window of decode steps gets all its draws at once."""
+    k = np.asarray(keys, dtype=np.uint32)
+    c = np.asarray(counters, dtype=np.int64).astype(np.uint32)
+    h = _mix32(k ^ _mix32(c * _GOLDEN32))
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
 def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -161,13 +163,13 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return torch.minimum(idx, last_real)
 
 
-def choose_tokens_seeded(logits: torch.Tensor, params: SamplingParams, seeds: Optional[torch.Tensor],
-                         positions: Optional[torch.Tensor]) -> torch.Tensor:
-    """Greedy argmax, or the inverse-CDF draw of each row with counter_uniforms(seed, position):
-    `positions` [B] are the positions the chosen tokens will take."""
+def choose_tokens_seeded(logits: torch.Tensor, params: SamplingParams,
+                         uniforms: Optional[torch.Tensor]) -> torch.Tensor:
+    """Greedy argmax, or each row's inverse-CDF draw with its uniform (counter_uniforms of the
+    sequence's key and the position the chosen token will take)."""
     if not params.do_sample:
         return logits.argmax(dim=-1)
-    return sample_inverse_cdf(logits, counter_uniforms(seeds, positions))
+    return sample_inverse_cdf(logits, uniforms)
 
 
 def _splitmix64(x: int) -> int:

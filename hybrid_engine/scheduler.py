@@ -1,9 +1,10 @@
 """Which sequences run in the next window of decode steps, and which KV blocks they hold.
 
-Host-side bookkeeping only (no tensors): the device work is loop.Runner's. A *window* is one
-optional extend pass (the tokens of sequences not yet in the cache: new prompts, appended
-tokens, recomputation after preemption) followed by `window` decode steps of one token per
-running sequence; the host looks at the sampled tokens between windows (every step on the CPU).
+Host-side bookkeeping only (no tensors): the device work is loop.Runner's. A *window* is
+`window` decode steps of one token per running sequence, the first of which also computes the
+tokens of sequences not yet in the cache (new prompts, appended tokens, recomputation after
+preemption), packed beside the decode rows; the host looks at the sampled tokens between
+windows (every step on the CPU).
 
 Every sequence keeps all its tokens; `num_cached` of them have keys/values in its blocks, the
 rest (`pending`) are computed by the next forward: one token (the last sampled) for a decoding
@@ -51,7 +52,7 @@ class Sequence:
     tokens: List[int]
     kinds: bytearray            # PROMPT / GENERATED / APPENDED per token
     logprobs: List[float]       # per token; 0.0 where not generated
-    seed: int
+    seed: int                   # 62-bit; its 32-bit key (sampling.seed_key) drives the draws
     turn: Turn
     max_len: int                # the model's limit on positions
     owner: int = 0              # tensor parallelism: the rank whose request this is
@@ -62,6 +63,8 @@ class Sequence:
     stop_reason: Optional[str] = None
     admitted: int = -1          # admission order (larger = newer)
     paused_at: int = -1
+    key: int = -1               # sampling.seed_key(seed), set by the session
+    shared_upto: int = 0        # blocks[:shared_upto] may be held by others too (the rest are its own)
 
     @property
     def pending(self) -> int:
@@ -124,20 +127,21 @@ class Scheduler:
     def _drop_blocks(self, seq: Sequence) -> None:
         if seq.blocks:
             self.allocator.free(seq.blocks)
-        seq.blocks, seq.num_cached = [], 0
+        seq.blocks, seq.num_cached, seq.shared_upto = [], 0, 0
 
     # -- the plan of a window ---------------------------------------------------------------
     def schedule(self, window: int) -> Tuple[List[Sequence], List[Sequence], List[Tuple[int, int]]]:
         """Admit, allocate and copy-on-write for the next window. Returns (extend, decode,
-        copies): sequences whose pending tokens (> 1) need an extend pass, those with one pending
-        token, and the (src, dst) block copies to make before any forward."""
+        copies): sequences with several pending tokens (computed in the window's first step),
+        those with one, and the (src, dst) block copies to make before any forward."""
         copies: List[Tuple[int, int]] = []
         self._admit(window, copies)
         for seq in sorted(self.running, key=lambda s: s.admitted):
             if seq.status == RUNNING:  # not preempted by an older one meanwhile
                 self._prepare_writes(seq, window, copies, admitting=False)
-        extend = [s for s in self.running if s.pending > 1]
-        decode = [s for s in self.running if s.pending == 1]
+        extend, decode = [], []
+        for s in self.running:
+            (decode if len(s.tokens) - s.num_cached == 1 else extend).append(s)
         return extend, decode, copies
 
     def _admit(self, window: int, copies) -> None:
@@ -167,7 +171,8 @@ class Scheduler:
             n = blocks_for(shared, self.block_size)
             f.blocks = list(seq.blocks[:n])
             self.allocator.share(f.blocks)
-            f.num_cached, f.fork_of = shared, None
+            f.num_cached, f.fork_of, f.shared_upto = shared, None, n
+            seq.shared_upto = max(seq.shared_upto, n)
 
     def _prepare_writes(self, seq: Sequence, window: int, copies, admitting: bool) -> bool:
         """Blocks for every position `seq` may write in the window (its pending tokens, then one
@@ -175,7 +180,7 @@ class Scheduler:
         get them (admission: not admitted; running: it was preempted)."""
         bs, alloc = self.block_size, self.allocator
         need = blocks_for(len(seq.tokens) + window, bs)
-        for i in range(seq.num_cached // bs, min(len(seq.blocks), need)):
+        for i in range(seq.num_cached // bs, min(seq.shared_upto, need)):  # only shared blocks can need a copy
             old = seq.blocks[i]
             if alloc.refcount(old) > 1:
                 got = self._acquire(1, seq, admitting)

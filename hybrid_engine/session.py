@@ -11,8 +11,8 @@
 
 A sequence is *generating* (queued or decoding), *paused* (its turn ended; it keeps its KV
 blocks, so an append computes only the new tokens) or *finished* (blocks freed). `step()` runs
-one window (an extend pass for new or appended tokens, then one decode step per generating
-sequence; several on a GPU) and returns the turns that ended in it, so a caller waiting for
+one window (one decode step per generating sequence, several on a GPU; its first step also
+computes the new tokens of sequences that (re)join, packed beside the decode rows) and returns the turns that ended in it, so a caller waiting for
 environments keeps calling `step()` for the others: a paused sequence holds no decode row.
 Under memory pressure paused sequences lose their blocks first (then recomputed on append).
 
@@ -26,9 +26,9 @@ from typing import Dict, Iterable, List, Optional, Sequence as Seq, Union
 import torch
 
 from .kv_cache import blocks_for
-from .scheduler import (APPENDED, FINISHED, GENERATED, PAUSED, PROMPT, Scheduler, Sequence, make_turn,
-                        stop_reason)
-from .sampling import SamplingParams, sequence_seeds
+from .scheduler import (APPENDED, FINISHED, GENERATED, PAUSED, PROMPT, RUNNING, Scheduler, Sequence,
+                        make_turn, stop_reason)
+from .sampling import SamplingParams, seed_key, sequence_seeds
 
 
 @dataclass
@@ -113,7 +113,8 @@ class RolloutSession:
             for j in range(g):
                 turn = make_turn(max_new_tokens, min_new_tokens, stop, len(prompt))
                 seq = Sequence(self._next_id, list(prompt), bytearray([PROMPT]) * len(prompt),
-                               [0.0] * len(prompt), seed_list[b * g + j], turn, self.max_len, owner=owners[b])
+                               [0.0] * len(prompt), seed_list[b * g + j], turn, self.max_len, owner=owners[b],
+                               key=seed_key(seed_list[b * g + j]))
                 self._next_id += 1
                 if leader is None:
                     leader = seq
@@ -165,17 +166,22 @@ class RolloutSession:
         extend, decode, copies = sched.schedule(self.window)
         self.engine._cache.copy_blocks(copies)
         ends: List[TurnEnd] = []
-        if extend or self._any_rank(bool(extend)):
-            for seq, (tok, lp) in zip(extend, runner.extend(extend)):
-                sched.on_cached(seq, self._forks.pop(seq.seq_id, []))
-                end = self._accept(seq, tok, lp)
-                if end is None:
-                    decode.append(seq)
+        steps = self.window
+        if extend or self._any_rank(bool(extend)):  # the window's first step also admits
+            extending = {id(s) for s in extend}
+            for seq, (tok, lp) in zip(extend + decode, runner.packed(extend, decode)):
+                if id(seq) in extending:
+                    sched.on_cached(seq, self._forks.pop(seq.seq_id, []))
                 else:
+                    seq.num_cached += 1
+                end = self._accept(seq, tok, lp)
+                if end is not None:
                     ends.append(end)
-        if decode or self._any_rank(bool(decode)):
+            decode = [s for s in extend + decode if s.status == RUNNING]
+            steps -= 1
+        if steps and (decode or self._any_rank(bool(decode))):
             start = {id(s): s.num_cached for s in decode}
-            results = runner.decode(decode, self.window)
+            results = runner.decode(decode, steps)
             for i, seq in enumerate(decode):
                 for t, step in enumerate(results):
                     seq.num_cached = start[id(seq)] + t + 1

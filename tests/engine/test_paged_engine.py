@@ -4,12 +4,13 @@ per-sequence sampling, the continuation API (RolloutSession) and their bad input
 Greedy identity with HF for every family (also with rows refilled, G > 1 answers and an
 append-and-continue round) is in test_engine_arch.py; here one tiny Llama and the bundled model.
 """
+import numpy as np
 import pytest
 import torch
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
 from fastrlhf.hybrid_engine.kv_cache import BlockAllocator, OutOfBlocks, blocks_for
-from fastrlhf.hybrid_engine.sampling import counter_uniforms, sample_inverse_cdf
+from fastrlhf.hybrid_engine.sampling import counter_uniforms, sample_inverse_cdf, seed_key
 from fastrlhf.hybrid_engine.scheduler import (APPENDED, GENERATED, PROMPT, RUNNING, WAITING, Scheduler, Sequence,
                                               Turn)
 from conftest import build_tiny, left_padded_batch
@@ -125,21 +126,22 @@ def test_an_admission_never_preempts_and_a_lone_sequence_too_long_raises():
         sched.schedule(window=1)
 
 
-def test_counter_uniforms_are_a_function_of_seed_and_position_and_look_uniform():
-    seeds = torch.tensor([1, 2, 1, 2 ** 61 + 5])
-    pos = torch.tensor([7, 7, 8, 7])
-    u = counter_uniforms(seeds, pos)
-    assert u[0] != u[1] and u[0] != u[2]
-    assert torch.equal(u[[0]], counter_uniforms(seeds[[0]], pos[[0]]))  # alone or in a batch
-    many = counter_uniforms(torch.full((20000,), 3), torch.arange(20000))
+def test_counter_uniforms_are_a_function_of_key_and_position_and_look_uniform():
+    keys = [seed_key(s) for s in (1, 2, 1, 2 ** 61 + 5)]
+    u = counter_uniforms(keys, [7, 7, 8, 7])
+    assert u[0] != u[1] and u[0] != u[2] and u[0] != u[3] and seed_key(1) != seed_key(2)
+    assert u[0] == counter_uniforms(keys[:1], [7])[0]  # alone or in a batch
+    many = torch.from_numpy(counter_uniforms([seed_key(3)] * 20000, np.arange(20000)))
     assert 0 <= many.min() and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.01
     hist = torch.histc(many, bins=10, min=0, max=1) / 20000
     assert (hist - 0.1).abs().max() < 0.015
+    window = counter_uniforms(keys, np.array([[7, 7, 8, 7], [8, 8, 9, 8]]))  # two steps at once
+    assert np.array_equal(window[0], u) and window[1][0] == u[2]
 
 
 def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_zero_mass():
     logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0, float("-inf")]])
-    u = counter_uniforms(torch.full((30000,), 9), torch.arange(30000))
+    u = torch.from_numpy(counter_uniforms([seed_key(9)] * 30000, np.arange(30000)))
     toks = sample_inverse_cdf(logits.expand(30000, -1), u)
     freq = torch.bincount(toks, minlength=5).float() / 30000
     want = torch.softmax(logits[0], -1)
@@ -235,6 +237,43 @@ def test_lean_paged_decode_equals_the_paged_ops(llama):
         written = [(outs[i][1] != pool.storage).any(-1).nonzero().tolist() for i in range(2)]
         # [layer, k/v, block, head, row] of the new tokens only: blocks 7 and 8, rows 1 and 1
         assert written[0] == written[1] and {(w[2], w[4]) for w in written[0]} == {(7, 1), (8, 1)}
+
+
+def test_lean_packed_step_equals_the_paged_ops(llama):
+    """The CPU packed step (decode rows beside new and appended tokens: LeanPagedPackedAttention)
+    and the ops path give the same logits and cache writes."""
+    from fastrlhf.hybrid_engine.attention import LeanPagedPackedAttention, PagedPackedAttention
+    from fastrlhf.hybrid_engine.kv_cache import PagedKVCache
+    from fastrlhf.hybrid_engine.loop import extend_batch
+    engine = _engine(llama)
+    with engine.inference():
+        dec, sp = engine._decoder_for(64), engine.spec
+        pool = PagedKVCache(2, 12, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
+        pool.storage.normal_(generator=torch.Generator().manual_seed(1))
+        # two decode rows (10 and 5 cached tokens), a fresh prompt of 7, 3 tokens appended to 9 cached
+        dec_tables = torch.tensor([[3, 0, 7], [5, 1, -1]], dtype=torch.int32)
+        dec_pos = torch.tensor([10, 5])
+        dec_slots = dec_tables.long()[torch.arange(2), dec_pos // 4] * 4 + dec_pos % 4
+        from fastrlhf.hybrid_engine.attention import PagedBatch
+        dec_batch = PagedBatch(dec_slots, dec_tables, (dec_pos + 1).to(torch.int32))
+        fresh, appended = _seq(0, 7), _seq(1, 12)
+        fresh.blocks, appended.blocks = [2, 4], [6, 8, 9]
+        appended.num_cached = 9
+        ids_e, pos_e, ext = extend_batch([fresh, appended], 4, torch.device("cpu"))
+        ids = torch.cat([torch.tensor([17, 42]), ids_e])
+        pos = torch.cat([dec_pos, pos_e])
+        slots = torch.cat([dec_slots, ext.slots])
+        last = torch.tensor([0, 1, 2 + 6, 2 + 9])
+        outs = []
+        for lean in (True, False):
+            cache = PagedKVCache(2, 12, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
+            cache.storage.copy_(pool.storage)
+            attn = (LeanPagedPackedAttention(dec, pos, cache, slots, 2, dec_batch, ext) if lean else
+                    PagedPackedAttention(dec, pos[None], cache, slots, 2, dec_batch, ext))
+            outs.append((dec.packed(engine._weights, ids, pos, attn), cache.storage))
+        assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+        assert outs[0][0][last].shape == (4, outs[0][0].shape[-1])
 
 
 # -- the continuation API ------------------------------------------------------------------------
