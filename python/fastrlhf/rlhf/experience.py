@@ -174,17 +174,21 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
-                return_logprobs: bool = False) -> Rollout:
-        """Answers sampled (with `generator`, else the run's) to a PromptCollator batch, with the
-        engine's log-probs of the sampled tokens when asked."""
+                return_logprobs: bool = False, group_size: int = 1) -> Rollout:
+        """Answers sampled (with `generator`, else the run's) to a PromptCollator batch,
+        `group_size` per prompt (rows b*G .. b*G+G-1 answer prompt b; each prompt is computed
+        once by the engine, its KV shared by its answers), with the engine's log-probs of the
+        sampled tokens when asked."""
         cfg = self.cfg
         input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         out = self.engine.generate(input_ids, prompt_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                    min_new_tokens=cfg.min_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                                    pad_token_id=self.tokenizer.pad_token_id, generator=generator or self.generator,
-                                   return_logprobs=return_logprobs)
+                                   return_logprobs=return_logprobs, num_return_sequences=group_size)
         prompt_len = input_ids.shape[1]
+        if group_size > 1:
+            prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
         action_mask = M.answer_mask(out.sequences[:, prompt_len:], self.tokenizer.eos_token_id)
         attention_mask = torch.cat([prompt_mask.float(), action_mask], 1).long()
         return Rollout(out.sequences, attention_mask, action_mask, prompt_len,
@@ -252,14 +256,16 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def sample(self, items: List[Dict[str, Any]]) -> "ScoredRollout":
-        """Answers to prompt items (each sampled group_size times, the samples adjacent), scored by
-        every reward source; no model pass yet (dynamic sampling filters what comes out of here)."""
+        """Answers to prompt items (each answered group_size times, the samples adjacent; the engine
+        computes each prompt once for its group), scored by every reward source; no model pass yet
+        (dynamic sampling filters what comes out of here)."""
         cfg = self.cfg
-        if cfg.group_size > 1:
-            items = [it for it in items for _ in range(cfg.group_size)]
-        batch = to_device(self.collate(items), self.device)
+        g = max(cfg.group_size, 1)
+        prompts = to_device(self.collate(items), self.device)
+        # the batch the scorers see: each item once per answer, adjacent (the rollout's row order)
+        batch = prompts if g == 1 else to_device(self.collate([it for it in items for _ in range(g)]), self.device)
         clock = stopwatch(self.device)
-        rollout = self.rollout(batch, return_logprobs=True)
+        rollout = self.rollout(prompts, return_logprobs=True, group_size=g)
         gen_time = clock()
         scores, sample_mask, result = self.score_all_ranks(batch, rollout)
         answers = rollout.sequences[:, rollout.prompt_len:]
