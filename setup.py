@@ -77,6 +77,8 @@ setup(
         "mlflow": ["mlflow-skinny"],
         # the trackers too: tests/cli/test_trackers.py logs to the real packages (offline, a local file store)
         "test": ["pytest>=7", "pytest-timeout", "wandb", "mlflow-skinny"],
+        # benchmarks/peers.py: TRL's GRPOTrainer side by side (generation on transformers, no vLLM)
+        "peers": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["fastrlhf=fastrlhf.cli:main"]},
     cmdclass={"build_py": BuildPyWithOps},

@@ -8,11 +8,17 @@ appends one JSON row per (model, implementation) to benchmarks/results/generatio
     python benchmarks/generation.py                       # CPU preset: default tiny + llama-110m
     python benchmarks/generation.py --models llama-110m --runs 7 --threads 2
     python benchmarks/generation.py --gpu                 # OPT-1.3B, batch 32, 256 + 256, bf16
+    python benchmarks/generation.py --workload long-tail   # continuous vs static batching
+    python benchmarks/generation.py --workload grpo-groups # G answers: shared vs repeated prompts
+
+The rollout workloads (`--workload long-tail | grpo-groups`) are described in
+rollout_workloads.py; they write their rows to the same file with a `workload` field.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -171,6 +177,17 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true",
                     help="GPU preset: opt-1.3b, batch 32, 256 prompt + 256 new tokens, bf16")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "generation.jsonl"))
+    ap.add_argument("--workload", default="throughput", choices=["throughput", "long-tail", "grpo-groups"],
+                    help="throughput: engine vs HF generate (default); long-tail / grpo-groups: the rollout "
+                         "workloads of rollout_workloads.py on the bundled task's SFT model")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fastrlhf_rollout_bench"),
+                    help="rollout workloads: where the SFT model is trained once")
+    ap.add_argument("--sft_model", default=None, help="rollout workloads: an SFT model dir instead")
+    ap.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=8,
+                    help="long-tail: rows decoding at once (the prompts are 4x this)")
+    ap.add_argument("--group-size", dest="group_size", type=int, default=8, help="grpo-groups: G")
+    ap.add_argument("--prompts", type=int, default=16, help="grpo-groups: prompts (x G sequences)")
+    ap.add_argument("--note", default="", help="recorded in every row, e.g. '2-core CPU VM, shared with other jobs'")
     args = ap.parse_args(argv)
     if args.gpu:
         if not torch.cuda.is_available():
@@ -189,6 +206,15 @@ def main(argv=None):
     backend = ops.resolve("attention_decode", torch.device(device))[0]
     load = machine_load(warn=device == "cpu")
     all_rows = []
+    if args.workload != "throughput":
+        from rollout_workloads import run_workload
+        for row in run_workload(args, device, dtype):
+            row.update(device=dev_name, note=args.note, date=date, ops_backend=backend, commit=commit,
+                       **versions(), **load)
+            all_rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith("all_s")}))
+        append_jsonl(args.out, all_rows)
+        return all_rows
     for name in models:
         for row in bench_model(name, args, device, dtype):
             row.update(device=dev_name, date=date, ops_backend=backend, commit=commit, **versions(), **load)
