@@ -204,11 +204,13 @@ class Runner:
         self._seen.pop(seq_id, None)
 
     # -- a packed step: decode rows beside new tokens of other sequences -----------------------
-    def packed(self, extend: Seq[Sequence], decode: Seq[Sequence]) -> List[Sampled]:
+    def packed(self, extend: Seq[Sequence], decode: Seq[Sequence],
+               companions: Seq[Sequence] = ()) -> List[Sampled]:
         """One forward over the pending tokens of `extend` (new prompts, appended tokens,
         recomputation) and the one pending token of each `decode` row; samples every row's next
-        token. Returns (token, log-prob) per sequence in the order extend + decode; marks the
-        extend rows cached (the session counts the decode rows' tokens)."""
+        token, and each companion's (a fork of an extend row: from its source's last logits, with
+        its own key). Returns (token, log-prob) per sequence in the order extend + decode +
+        companions; marks the extend rows cached (the session counts the decode rows' tokens)."""
         if not extend and not decode and not self.lockstep:
             return []
         dev, bs = self.device, self.cache.block_size
@@ -223,10 +225,11 @@ class Runner:
         ids, pos = torch.cat([tok_d, ids_e]), torch.cat([pos_d, pos_e])
         slots = torch.cat([slots_d, ext.slots])
         # the lm_head's rows: each sequence's last token, in owner order (tensor parallelism)
-        rows = list(decode) + list(extend)
+        rows = list(decode) + list(extend) + list(companions)
         last = {id(s): i for i, s in enumerate(decode)}
         ends = ext.cu_q_lens[1:].tolist()
         last.update({id(s): nd + e - 1 for s, e in zip(extend, ends)})
+        last.update({id(s): last[id(s.fork_of)] for s in companions})
         order, counts = self._ordered(rows)
         index = torch.tensor([last[id(s)] for s in order], dtype=torch.long, device=dev)
         pos = self._clamp(pos)
@@ -246,7 +249,7 @@ class Runner:
         self._store_seen(own, seen)
         if self.tp is not None:
             self.tp.rows = counts
-        return self._results(order, own, self._share(tok), lp, list(extend) + list(decode))
+        return self._results(order, own, self._share(tok), lp, list(extend) + list(decode) + list(companions))
 
     def _results(self, order, own, tok_all, lp, seqs) -> List[Sampled]:
         """(token, log-prob) of `seqs`, from tokens of every row in `order` and log-probs of `own`."""

@@ -18,10 +18,13 @@ Policy:
 - a running sequence that needs blocks for its window takes them the same way, and else preempts
   the newest running sequence (itself, if it is the newest): its blocks are freed and it goes
   back to the front of the queue, to be recomputed from its tokens when readmitted.
-- forks (the G answers of one prompt, `fork_of`): wait until the source's prompt is in the
-  cache, then hold the same blocks for the prompt's first P - 1 tokens (reference counts) and
-  compute only the last prompt token themselves. A block that a sequence is about to write while
-  others hold it is copied first (copy on write): in practice the prompt's last, partial block.
+- forks (the G answers of one prompt, `fork_of` their source, the first): admitted with their
+  source, they hold its prompt blocks and take their first token from its last prompt token's
+  logits (companions: the prompt is computed once). A fork admitted later holds the source's
+  blocks of the prompt's first P - 1 tokens and computes only the last one (after the source's
+  prompt is computed, waiting forks take those blocks at once, so they stay shared even if the
+  source ends first). A block that a sequence is about to write while others hold it is copied
+  first (copy on write): in practice the prompt's last, partial block.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class Sequence:
     status: str = WAITING
     blocks: List[int] = field(default_factory=list)
     num_cached: int = 0
-    fork_of: Optional["Sequence"] = None   # share this sequence's prompt blocks once it is cached
+    fork_of: Optional["Sequence"] = None   # the answer of the same prompt whose prompt blocks it shares
     stop_reason: Optional[str] = None
     admitted: int = -1          # admission order (larger = newer)
     paused_at: int = -1
@@ -130,49 +133,73 @@ class Scheduler:
         seq.blocks, seq.num_cached, seq.shared_upto = [], 0, 0
 
     # -- the plan of a window ---------------------------------------------------------------
-    def schedule(self, window: int) -> Tuple[List[Sequence], List[Sequence], List[Tuple[int, int]]]:
+    def schedule(self, window: int) -> Tuple[List[Sequence], List[Sequence], List[Sequence], List[Tuple[int, int]]]:
         """Admit, allocate and copy-on-write for the next window. Returns (extend, decode,
-        copies): sequences with several pending tokens (computed in the window's first step),
-        those with one, and the (src, dst) block copies to make before any forward."""
+        companions, copies): sequences with several pending tokens (computed in the window's first
+        step), those with one, forks admitted with their source (they hold its prompt blocks and
+        take their first token from its logits in that step, then wait for the next window), and
+        the (src, dst) block copies to make before any forward."""
         copies: List[Tuple[int, int]] = []
         self._admit(window, copies)
         for seq in sorted(self.running, key=lambda s: s.admitted):
-            if seq.status == RUNNING:  # not preempted by an older one meanwhile
+            if seq.status == RUNNING and len(seq.tokens) > seq.num_cached:  # not preempted meanwhile
                 self._prepare_writes(seq, window, copies, admitting=False)
-        extend, decode = [], []
+        extend, decode, companions = [], [], []
         for s in self.running:
-            (decode if len(s.tokens) - s.num_cached == 1 else extend).append(s)
-        return extend, decode, copies
+            pending = len(s.tokens) - s.num_cached
+            (companions if pending == 0 else decode if pending == 1 else extend).append(s)
+        computing = {id(s) for s in extend}
+        for c in companions:  # a source preempted in this plan: the fork computes its own prompt later
+            if id(c.fork_of) not in computing:
+                self._evict(c)
+        return extend, decode, [c for c in companions if c.status == RUNNING], copies
 
     def _admit(self, window: int, copies) -> None:
         if not self.continuous and self.running:
             return
         while self.waiting and (self.max_rows is None or len(self.running) < self.max_rows):
             seq = self.waiting[0]
-            src = seq.fork_of
-            if src is not None:
-                if src.status == RUNNING and src.num_cached == 0:
-                    return  # its prompt is computed in this window: share it from the next one
-                seq.fork_of = None  # the source is not computing its prompt: compute our own
+            if seq.fork_of is not None and not seq.blocks and self._join_source(seq):
+                self._start_running(self.waiting.popleft())
+                continue
             if not self._prepare_writes(seq, window, copies, admitting=True):
                 return
-            self.waiting.popleft()
-            self._clock += 1
-            seq.admitted = self._clock
-            seq.status = RUNNING
-            self.running.append(seq)
+            self._start_running(self.waiting.popleft())
+
+    def _start_running(self, seq: Sequence) -> None:
+        self._clock += 1
+        seq.admitted = self._clock
+        seq.status = RUNNING
+        self.running.append(seq)
+
+    def _join_source(self, seq: Sequence) -> bool:
+        """A fork at admission: True when it becomes its source's companion (the source computes
+        the prompt in this window); else it shares the source's cached prompt but its last token,
+        or, when the source no longer holds it, computes its own prompt."""
+        src, n_prompt = seq.fork_of, len(seq.tokens)
+        if src.status == RUNNING and src.num_cached == 0 and len(src.tokens) == n_prompt:
+            self._share_prefix(src, seq, n_prompt)
+            return True
+        if src.num_cached >= n_prompt - 1 and src.blocks:
+            self._share_prefix(src, seq, n_prompt - 1)
+        seq.fork_of = None
+        return False
+
+    def _share_prefix(self, src: Sequence, seq: Sequence, n_tokens: int) -> None:
+        """`seq` holds `src`'s blocks of its first n_tokens tokens, counted as cached."""
+        n = blocks_for(n_tokens, self.block_size)
+        seq.blocks = list(src.blocks[:n])
+        self.allocator.share(seq.blocks)
+        seq.num_cached, seq.shared_upto = n_tokens, n
+        src.shared_upto = max(src.shared_upto, n)
 
     def on_cached(self, seq: Sequence, forks: Seq[Sequence]) -> None:
-        """`seq`'s prompt is now in the cache: its waiting forks take its prompt blocks."""
+        """`seq`'s prompt is now in the cache: its still waiting forks take its prompt blocks (all
+        but the last token's), so the prompt stays shared if `seq` ends before they run."""
         for f in forks:
-            if f.status != WAITING or f.fork_of is not seq or f.blocks:
-                continue
-            shared = len(f.tokens) - 1
-            n = blocks_for(shared, self.block_size)
-            f.blocks = list(seq.blocks[:n])
-            self.allocator.share(f.blocks)
-            f.num_cached, f.fork_of, f.shared_upto = shared, None, n
-            seq.shared_upto = max(seq.shared_upto, n)
+            if f.status == WAITING and f.fork_of is seq and not f.blocks:
+                self._share_prefix(seq, f, len(f.tokens) - 1)
+                f.fork_of = None
 
     def _prepare_writes(self, seq: Sequence, window: int, copies, admitting: bool) -> bool:
         """Blocks for every position `seq` may write in the window (its pending tokens, then one
@@ -180,7 +207,10 @@ class Scheduler:
         get them (admission: not admitted; running: it was preempted)."""
         bs, alloc = self.block_size, self.allocator
         need = blocks_for(len(seq.tokens) + window, bs)
-        for i in range(seq.num_cached // bs, min(seq.shared_upto, need)):  # only shared blocks can need a copy
+        # only shared blocks can need a copy; a sequence computing its prompt (nothing cached yet)
+        # writes the very content its companions hold its blocks for
+        first = seq.num_cached // bs if seq.num_cached else seq.shared_upto
+        for i in range(first, min(seq.shared_upto, need)):
             old = seq.blocks[i]
             if alloc.refcount(old) > 1:
                 got = self._acquire(1, seq, admitting)

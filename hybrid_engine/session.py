@@ -163,20 +163,26 @@ class RolloutSession:
         """One window of work; the turns that ended in it."""
         self._check_open()
         sched, runner = self.scheduler, self.runner
-        extend, decode, copies = sched.schedule(self.window)
+        extend, decode, companions, copies = sched.schedule(self.window)
         self.engine._cache.copy_blocks(copies)
         ends: List[TurnEnd] = []
         steps = self.window
         if extend or self._any_rank(bool(extend)):  # the window's first step also admits
             extending = {id(s) for s in extend}
-            for seq, (tok, lp) in zip(extend + decode, runner.packed(extend, decode)):
+            joining = {id(s) for s in companions}
+            rows = extend + decode + companions
+            for seq, (tok, lp) in zip(rows, runner.packed(extend, decode, companions)):
                 if id(seq) in extending:
                     sched.on_cached(seq, self._forks.pop(seq.seq_id, []))
+                elif id(seq) in joining:
+                    seq.fork_of = None  # its prompt is cached now (its source's blocks)
                 else:
                     seq.num_cached += 1
                 end = self._accept(seq, tok, lp)
                 if end is not None:
                     ends.append(end)
+            # companions sit out this window's other steps: their first write may need a copy of
+            # a block their source wrote in this step (copies happen between windows)
             decode = [s for s in extend + decode if s.status == RUNNING]
             steps -= 1
         if steps and (decode or self._any_rank(bool(decode))):

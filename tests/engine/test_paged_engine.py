@@ -75,20 +75,41 @@ def test_forks_share_the_prompt_and_copy_only_the_partial_block():
         f.fork_of = leader
     for s in [leader] + forks:
         sched.add(s)
-    extend, decode, copies = sched.schedule(window=1)
-    assert extend == [leader] and decode == [] and not copies  # forks wait for the prompt
-    leader.num_cached = 10
-    sched.on_cached(leader, forks)
-    leader.tokens.append(99)
-    extend, decode, copies = sched.schedule(window=1)
-    assert set(decode) == {leader} | set(forks) and not extend
-    # every fork holds the prompt's two full blocks; the third (tokens 8, 9) is copied by each fork
-    # that writes token 9 while others hold it: 3 copies, and the leader keeps the original
+    extend, decode, companions, copies = sched.schedule(window=1)
+    # the prompt is computed once (the leader); the forks hold its blocks and draw from its logits
+    assert extend == [leader] and decode == [] and companions == forks and not copies
+    assert all(f.blocks == leader.blocks[:3] and f.num_cached == 10 for f in forks)
+    for s in [leader] + forks:  # after that step: the prompt cached, one sampled token each
+        s.num_cached, s.fork_of = 10, None
+        s.tokens.append(99)
+    shared = leader.blocks[2]
+    extend, decode, companions, copies = sched.schedule(window=1)
+    assert set(decode) == {leader} | set(forks) and not extend and not companions
+    # token 10 goes into the prompt's last block (tokens 8, 9): three of the four holders copy it
+    # first, the last one writes in place; the two full prompt blocks stay shared by all
     assert all(f.blocks[:2] == leader.blocks[:2] for f in forks)
-    assert len(copies) == 3 and all(src == leader.blocks[2] for src, _ in copies)
-    assert len({f.blocks[2] for f in forks} | {leader.blocks[2]}) == 4
-    prompt_blocks = blocks_for(10, 4)
-    assert pool.allocator.num_used <= prompt_blocks + 4  # <= 1/G of the repeated prompts + a block each
+    assert len(copies) == 3 and all(src == shared for src, _ in copies)
+    assert len({s.blocks[2] for s in [leader] + forks}) == 4 and shared in {s.blocks[2] for s in [leader] + forks}
+    assert pool.allocator.num_used <= blocks_for(10, 4) + 4  # <= 1/G of the repeated prompts + a block each
+
+
+def test_a_fork_admitted_later_computes_only_the_last_prompt_token():
+    pool = _Pool(64)
+    sched = Scheduler(pool, block_size=4, max_rows=1, continuous=True)
+    leader, fork = _seq(0, 10), _seq(1, 10)
+    fork.fork_of = leader
+    sched.add(leader)
+    sched.add(fork)
+    extend, _, companions, _ = sched.schedule(window=1)
+    assert extend == [leader] and not companions  # one row: the fork waits
+    leader.num_cached = 10
+    sched.on_cached(leader, [fork])  # it takes the blocks of the prompt's first 9 tokens at once
+    assert fork.blocks == leader.blocks[:3] and fork.num_cached == 9 and fork.fork_of is None
+    leader.tokens.append(5)
+    sched.stop(leader, "eos", keep=False)  # the source ends: the fork still holds the prompt
+    assert pool.allocator.num_used == 3
+    _, decode, _, copies = sched.schedule(window=1)
+    assert decode == [fork] and copies == []  # the last holder writes token 9 in place
 
 
 def test_out_of_blocks_preempts_the_newest_running_sequence():
@@ -97,7 +118,7 @@ def test_out_of_blocks_preempts_the_newest_running_sequence():
     a, b = _seq(0, 7), _seq(1, 7)
     sched.add(a)
     sched.add(b)
-    extend, _, _ = sched.schedule(window=1)  # 2 blocks each (8 positions)
+    extend, _, _, _ = sched.schedule(window=1)  # 2 blocks each (8 positions)
     assert extend == [a, b] and pool.allocator.num_free == 2
     for s in (a, b):
         s.num_cached = 7
@@ -200,7 +221,7 @@ def test_num_return_sequences_prefills_each_prompt_once_in_hf_order(llama):
     assert out.sequences.shape == (6, ids.shape[1] + 10)
     assert torch.equal(out.sequences[:, :ids.shape[1]], ids.repeat_interleave(3, dim=0))
     assert len({tuple(r) for r in out.sequences[:3, -10:].tolist()}) == 3  # three different answers
-    # each prompt computed once, then each extra answer its last prompt token
+    # each prompt computed once for its three answers
     assert engine.last_stats["prefill_tokens"] == 6 + 10
     repeated = _engine(llama).generate(ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), max_new_tokens=10,
                                        generator=3, pad_token_id=0, eos_token_id=[])
