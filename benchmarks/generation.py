@@ -187,6 +187,7 @@ def main(argv=None):
                     help="long-tail: rows decoding at once (the prompts are 4x this)")
     ap.add_argument("--group-size", dest="group_size", type=int, default=8, help="grpo-groups: G")
     ap.add_argument("--prompts", type=int, default=16, help="grpo-groups: prompts (x G sequences)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout workloads: sampling temperature")
     ap.add_argument("--note", default="", help="recorded in every row, e.g. '2-core CPU VM, shared with other jobs'")
     args = ap.parse_args(argv)
     if args.gpu:

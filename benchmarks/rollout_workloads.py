@@ -1,7 +1,8 @@
 """Rollout workloads of `benchmarks/generation.py --workload ...` (the rollout-engine issue).
 
-- `long-tail`: the bundled task's SFT model samples answers (temperature 1, EOS on) for 4x more
-  prompts than `max_batch_size`; answers end at very different lengths. Tokens/s with continuous
+- `long-tail`: the bundled task's SFT model samples answers (--temperature, EOS on) for 4x more
+  prompts than `max_batch_size`; answers end at different lengths (at temperature 1 the bundled
+  model's answers are 1-26 tokens; at 2, 8-89: a long tail). Tokens/s with continuous
   batching vs `continuous_batching=False` (static batches of max_batch_size rows, each run until
   its longest answer ends), same model, prompts and seeds (so the very same tokens), interleaved.
 - `grpo-groups`: G answers per prompt (GRPO's group) with `num_return_sequences=G` (the prompt
@@ -102,7 +103,7 @@ def long_tail(args, model, tok, device):
     ids, mask = prompts(tok, 4 * rows)
     ids, mask = ids.to(device), mask.to(device)
     eos = {tok.eos_token_id}
-    kw = dict(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, pad_token_id=tok.pad_token_id,
+    kw = dict(max_new_tokens=args.new_tokens, do_sample=True, temperature=args.temperature, pad_token_id=tok.pad_token_id,
               eos_token_id=tok.eos_token_id, generator=list(range(ids.shape[0])))
     engines = {"continuous": HybridEngine(model, tok, EngineConfig(max_batch_size=rows)),
                "static": HybridEngine(model, tok, EngineConfig(max_batch_size=rows, continuous_batching=False))}
@@ -127,6 +128,7 @@ def long_tail(args, model, tok, device):
         med = statistics.median(res[k]["wall"])
         out_rows.append(dict(
             workload="long-tail", impl=f"engine-{k}", prompts=ids.shape[0], max_batch_size=rows,
+            temperature=args.temperature,
             prompt_len=ids.shape[1], max_new_tokens=args.new_tokens, generated_tokens=n_tok,
             answer_len_min=min(lengths), answer_len_median=statistics.median(lengths), answer_len_max=max(lengths),
             median_s=round(med, 4), tokens_per_s=round(n_tok / med, 1), speedup_vs_static=round(base / med, 3),
@@ -151,7 +153,7 @@ def grpo_groups(args, model, tok, device):
 
     def gen(name, new):
         def fn():
-            common = dict(max_new_tokens=new, do_sample=True, pad_token_id=tok.pad_token_id,
+            common = dict(max_new_tokens=new, do_sample=True, temperature=args.temperature, pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id, generator=seeds)
             out = (engine.generate(ids, mask, num_return_sequences=g, **common) if name == "shared"
                    else engine.generate(rep_ids, rep_mask, **common))
@@ -161,7 +163,7 @@ def grpo_groups(args, model, tok, device):
     with torch.no_grad():
         pre = interleaved({"shared": gen("shared", 1), "repeated": gen("repeated", 1)}, args.runs)
         full = interleaved({"shared": gen("shared", args.new_tokens), "repeated": gen("repeated", args.new_tokens)},
-                           max(3, args.runs // 2))
+                           args.runs)
     same = torch.equal(full["shared"]["out"].sequences, full["repeated"]["out"].sequences)
     n_tok = _generated(full["shared"]["out"], ids.shape[1], tok.pad_token_id, {tok.eos_token_id})
     block_bytes = engine._cache.block_bytes
@@ -171,6 +173,7 @@ def grpo_groups(args, model, tok, device):
         pre_med, full_med = statistics.median(pre[k]["wall"]), statistics.median(full[k]["wall"])
         out_rows.append(dict(
             workload="grpo-groups", impl=f"engine-{k}-prompts", prompts=n, group_size=g, prompt_len=ids.shape[1],
+            temperature=args.temperature,
             prompt_tokens=prompt_real, max_new_tokens=args.new_tokens, kv_block_size=engine.config.kv_block_size,
             prefill_median_s=round(pre_med, 4),
             prefill_speedup_vs_repeated=round(statistics.median(pre["repeated"]["wall"]) / pre_med, 3),
@@ -180,6 +183,8 @@ def grpo_groups(args, model, tok, device):
                                               stats[("repeated", 1)]["peak_kv_blocks"], 4),
             prompt_kv_bound=round(1 / g + n * g / stats[("repeated", 1)]["peak_kv_blocks"], 4),
             rollout_median_s=round(full_med, 4), rollout_tokens_per_s=round(n_tok / full_med, 1),
+            rollout_cpu_median_s=round(statistics.median(full[k]["cpu"]), 4),
+            prefill_cpu_median_s=round(statistics.median(pre[k]["cpu"]), 4),
             rollout_speedup_vs_repeated=round(statistics.median(full["repeated"]["wall"]) / full_med, 3),
             peak_kv_bytes=stats[(k, args.new_tokens)]["peak_kv_bytes"],
             old_engine_kv_bytes=dense_kv_bytes(model, n * g, ids.shape[1] + args.new_tokens),
