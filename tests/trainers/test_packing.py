@@ -49,6 +49,19 @@ def test_passes_fit_the_budget_first_fit_decreasing_and_keep_pairs_together():
     assert part["input_ids"].tolist() == [[6, 7], [2, 3]] and part["prompt"] == ["d", "b"] and part["n"] == 3
 
 
+def test_every_rank_runs_as_many_passes_as_the_rank_that_needs_most(monkeypatch):
+    """ZeRO forwards and reductions are collective: a rank that fits its micro-batch in 2 passes
+    splits its largest ones until it has the 4 another rank needs (the budget still holds)."""
+    import fastrlhf.rlhf.packing as packing
+    monkeypatch.setattr(packing, "all_reduce_max", lambda t: torch.tensor([4.0]))
+    rows = plan_passes([5, 3, 9, 2, 7, 1], 16)
+    assert len(rows) == 4 and sorted(r for p in rows for r in p) == list(range(6))
+    assert all(sum([5, 3, 9, 2, 7, 1][r] for r in p) <= 16 for p in rows)
+    monkeypatch.setattr(packing, "all_reduce_max", lambda t: torch.tensor([7.0]))
+    with pytest.raises(RuntimeError, match="different micro-batch sizes"):
+        plan_passes([5, 3, 9, 2, 7, 1], 16)
+
+
 # --------------------------------------------------------------------------- attention never crosses
 
 def _hf(name):
@@ -113,7 +126,7 @@ def test_a_family_whose_own_attention_crosses_sequences_is_refused_by_name(one_t
     from fastrlhf.models.reward import RewardModel
     model = _hf("opt")
     check_packed_attention(model, "actor", torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"--packing: the actor \(opt\) cannot run packed sequences.*recomputed by "
+    with pytest.raises(ConfigError, match=r"--packing: the actor \(opt\) cannot run packed sequences.*with "
                                           r"--gradient_checkpointing.*reaches across packed sequences.*Drop --packing"):
         check_packed_attention(model, "actor", torch.device("cpu"), recompute=True)
     critic = RewardModel(AutoModel.from_config(tiny_config("opt"))).eval()
@@ -123,6 +136,20 @@ def test_a_family_whose_own_attention_crosses_sequences_is_refused_by_name(one_t
     bloom = BloomForCausalLM(BloomConfig(hidden_size=48, n_layer=2, n_head=4, vocab_size=96)).eval()
     with pytest.raises(ConfigError, match=r"the reference model \(bloom\) cannot run packed sequences"):
         check_packed_attention(bloom, "reference model", torch.device("cpu"))
+
+
+def test_gradient_checkpointing_recomputes_a_packed_row_correctly(one_thread):
+    """A checkpointed model trains a packed row through its own attention on HF's packed mask (its
+    layers recompute in the backward, outside the packed forward): the padded gradients."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    (padded, packed), real = padded_and_packed_logprobs(model, *ragged([7, 2, 10], vocab=90, seed=4))
+    torch.testing.assert_close(packed[0][real], padded[0][real], atol=1e-5, rtol=1e-4)
+    for n, g in padded[1].items():
+        torch.testing.assert_close(packed[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    check_packed_attention(model, "actor", torch.device("cpu"), recompute=True)
 
 
 # --------------------------------------------------------------------------- losses and gradients

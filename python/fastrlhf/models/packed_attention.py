@@ -9,9 +9,10 @@ attends with one causal SDPA call (softcap or a sliding window: the same math sp
 packs the result back. The linear layers, norms and MLPs run on the packed tokens only.
 
 Only the attention implementation named in the model's config changes, and only inside the
-context. The [T, T] mask HF would build for the packed row is skipped, except for a model with
-gradient checkpointing: a layer recomputed in the backward runs outside the context, through the
-model's own attention on that mask (still correct; the trainers probe it). Models whose attention does not go through the
+context; the [T, T] mask HF would build for the packed row is skipped. A model with gradient
+checkpointing keeps its own attention (on HF's packed mask: correct, T^2 work): its layers
+recompute in the backward, outside the context, and must save what their forward saved. The
+trainers probe that path for such models (`rlhf.packing.check_packed_attention(recompute=True)`). Models whose attention does not go through the
 transformers attention interface keep their own attention (and its packed mask).
 """
 from __future__ import annotations
@@ -96,9 +97,8 @@ def _register(impl: str) -> str:
         own_mask = ALL_MASK_ATTENTION_FUNCTIONS[impl]
 
         def mask(*args, **kwargs):
-            # this attention reads no mask: HF's own (a [T, T] one for a packed row) is built only
-            # for a checkpointed layer's recomputation, which runs outside the context
-            if getattr(_state, "layout", None) is not None and not getattr(_state, "recompute", True):
+            # this attention reads no mask, so HF's own ([T, T] for a packed row) is not built
+            if getattr(_state, "layout", None) is not None:
                 return None
             return own_mask(*args, **kwargs)
         AttentionMaskInterface.register(name, mask)
@@ -143,7 +143,12 @@ def packed_attention(model, rows: PackedRows):
     hf = _hf_model(model)
     config = getattr(hf, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in PLAIN or not getattr(hf, "_supports_attention_backend", False) or getattr(_state, "off", False):
+    # a checkpointed layer recomputes in the backward, outside this context, and must save the
+    # same tensors as its forward did: such a model keeps its own attention throughout
+    recompute = hf is not None and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) for m in hf.modules())
+    if impl not in PLAIN or not getattr(hf, "_supports_attention_backend", False) or recompute or \
+            getattr(_state, "off", False):
         yield
         return
     lengths = (rows.cu_seqlens[1:] - rows.cu_seqlens[:-1]).long()
@@ -152,8 +157,6 @@ def packed_attention(model, rows: PackedRows):
     index = seq * longest + rows.position_ids[0]
     config._attn_implementation = _register(impl)
     _state.layout = (index, n, longest)
-    _state.recompute = torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
-                                                       for m in hf.modules())
     try:
         yield
     finally:

@@ -16,8 +16,8 @@ sdpa/eager attention for that forward, attending per sequence at the cost of the
 of the row). Where it cannot stand in, the model's own attention runs on the packed mask
 transformers builds from the positions (5.24 checked). `check_packed_attention` probes every model
 before training and refuses a family that would let one sequence see another: e.g. Bloom (no
-position_ids), or OPT with gradient checkpointing (its recomputation runs OPT's own attention,
-whose mask ignores position_ids in transformers 5.x).
+position_ids), or OPT with gradient checkpointing (a checkpointed model keeps its own attention,
+and OPT's mask ignores position_ids in transformers 5.x).
 """
 from __future__ import annotations
 
@@ -86,12 +86,12 @@ def check_packed_attention(model, role: str, device: torch.device, precision: st
     one's tokens changed: a never-crossing attention leaves the second one's outputs (log-probs of
     a causal LM, or a reward model's / critic's values) untouched. With `recompute` (gradient
     checkpointing) the model's own attention on HF's packed mask is probed too: a checkpointed
-    layer's backward recomputes through it. Collective under ZeRO-3 (every rank runs the probe)."""
+    model trains through it. Collective under ZeRO-3 (every rank runs the probe)."""
     from ..models.packed_attention import own_attention
     from ..hybrid_engine.engine import unwrap_model
     hf = unwrap_model(model)
     family = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
-    paths = [("", contextlib.nullcontext)] + [(" (recomputed by --gradient_checkpointing)", own_attention)] * recompute
+    paths = [("", contextlib.nullcontext)] + [(" (with --gradient_checkpointing, its own attention)", own_attention)] * recompute
     for what, context in paths:
         with context():
             why = _probe(model, hf, device, precision == "fp32")
