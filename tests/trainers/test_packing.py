@@ -333,6 +333,11 @@ def test_packed_runs_under_a_token_budget_log_the_padded_losses(tmp_path, kind, 
     assert sorted(losses["packed"]) == [1, 2, 3]
     for step, loss in losses["padded"].items():
         assert losses["packed"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    if kind == "dpo":  # a budget below the longest pair: refused with the numbers, before any model loads
+        kw = tiny_train_kwargs(model_dir, str(tmp_path / "small"), packing=True, max_tokens_per_micro_batch=8)
+        with pytest.raises(ConfigError, match=r"--max_tokens_per_micro_batch 8 is smaller than the longest pair "
+                                              r"\(chosen \+ rejected\) of the training data \(\d+ tokens\)"):
+            train(cls(**kw), tokenizer=tok, datasets=(data(24, 0), data(8, 1)), collate=collate(tok.pad_token_id))
 
 
 def test_a_packed_grpo_step_under_a_token_budget_matches_the_padded_one(tmp_path):
@@ -349,6 +354,10 @@ def test_a_packed_grpo_step_under_a_token_budget_matches_the_padded_one(tmp_path
                         seed=7, entropy_coef=0.01, **over)
         t = PPOTrainer(cfg, prompts=items[:10], eval_prompts=items[10:])
         runs[name] = [t.train_step() for _ in range(2)]
+    with pytest.raises(ConfigError, match=r"--max_tokens_per_micro_batch 12 is smaller than the longest prompt \+ "
+                                          r"answer \(\d+ \+ --max_new_tokens 6\) \(\d+ tokens\)"):
+        PPOTrainer(dataclasses.replace(cfg, max_tokens_per_micro_batch=12, output_dir=str(tmp_path / "small")),
+                   prompts=items[:10], eval_prompts=items[10:])
     for a, b in zip(runs["padded"], runs["packed"]):
         assert a.keys() == b.keys()
         for k in a:
