@@ -82,8 +82,10 @@ class TrainConfig:
                                   fingerprint=False)
     resume: str = option("auto", "'auto' = continue from the newest checkpoint in output_dir if any, "
                           "'no' = start fresh, or a checkpoint dir", fingerprint=False)
-    overwrite_output_dir: bool = option(False, "allow writing into an output_dir that holds another kind of model "
-                                         "(e.g. an SFT run into a reward-model dir)", fingerprint=False)
+    overwrite_output_dir: bool = option(False, "allow writing into a non-empty output_dir that fastrlhf did not "
+                                         "write, or that holds another kind of model (e.g. an SFT run into a "
+                                         "reward-model dir); files of other names are never deleted",
+                                         fingerprint=False)
     max_nonfinite_steps: int = option(3, "stop when this many consecutive steps had a NaN/inf loss or gradient "
                                        "(each such step is skipped)", fingerprint=False)
     cpu_threads: Optional[int] = option(None, "torch intra-op threads when training on the CPU; unset = torch's "
