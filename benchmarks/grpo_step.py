@@ -3,8 +3,9 @@
 --task default: the configuration of a TRL-style GRPO run on the bundled tiny model: 8 prompts x
 4 answers, one epoch, one optimizer step per rollout, answers up to 28 tokens, random-weight actor
 and reward model (seeds 1 and 2). --task arithmetic: `fastrlhf ppo --algo grpo` on the arithmetic
-task as `fastrlhf train --task arithmetic` runs it (ARITHMETIC_TASK_PROFILES: 16 prompts x 8
-answers, up to 12 new tokens, the exact-answer reward function in a worker process, kl_coef 0.1),
+task as `fastrlhf train --task arithmetic` runs it (16 prompts x 8
+answers, up to 12 new tokens, the exact-answer reward function in a worker process, kl_coef 0.1;
+fastrlhf.tasks.arithmetic_task.PROFILES),
 on its step-1 SFT model (trained once into --workdir).
 
 --compare PYTHON [PYTHON ...] runs the measurement alternately under each interpreter (e.g. the
@@ -54,10 +55,11 @@ def build_arithmetic(root: str) -> None:
 
 
 def arithmetic_config(root: str, steps: int):
-    from fastrlhf.data.arithmetic_task import heldout_items
     from fastrlhf.models.loading import load_tokenizer
-    from fastrlhf.rlhf.configs import ARITHMETIC_TASK_PROFILES, PPOConfig
-    prof = dict(ARITHMETIC_TASK_PROFILES["ppo"])
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.tasks.arithmetic_task import PROFILES
+    from fastrlhf.tasks.evaluation import heldout_items
+    prof = dict(PROFILES["ppo"])
     prof.update(model_name_or_path=f"{root}/step1_sft", output_dir=f"{root}/out{os.getpid()}", max_steps=steps + 1,
                 eval_prompts=0, save_steps=0, seed=1, resume="no")
     items = heldout_items(load_tokenizer(f"{root}/step1_sft", padding_side="left"))

@@ -42,7 +42,7 @@ def prepare(workdir: str) -> None:
 
 
 def prompt_rows(n: int):
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     with open(default_data_path()) as f:
         return [json.loads(line)["prompt"] for _, line in zip(range(n), f)]
 

@@ -43,7 +43,7 @@ def sft_model(args) -> str:
 
 def prompts(tok, n: int, skip: int = 0):
     """The first n prompts of the bundled task through the chat template, left-padded."""
-    from fastrlhf.data.default_task import default_data_path
+    from fastrlhf.tasks.default_task import default_data_path
     with open(default_data_path()) as f:
         rows = [json.loads(line) for _, line in zip(range(skip + n), f)][skip:]
     ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
