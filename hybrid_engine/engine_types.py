@@ -64,6 +64,9 @@ class EngineConfig:
                                                 or isinstance(self.max_batch_size, bool) or self.max_batch_size < 1):
             raise ValueError(f"EngineConfig.max_batch_size must be an int >= 1 or None (all at once), got "
                              f"{self.max_batch_size!r}")
+        if not isinstance(self.continuous_batching, bool):
+            raise ValueError(f"EngineConfig.continuous_batching must be True or False, got "
+                             f"{self.continuous_batching!r}")
         if self.tp_size > 1 and self.fallback is not None:
             raise ValueError(f"EngineConfig(tp_size={self.tp_size}) runs the engine's own decoder; the HF "
                              "fallback generates on one rank. Use tp_size=1 with fallback='hf'")

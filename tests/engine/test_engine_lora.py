@@ -71,11 +71,13 @@ def test_generation_uses_fused_lora(base_models, kind, family):
     rel = ((ours[real] - ref[real]).norm() / ref[real].norm()).item()
     assert rel < 1e-5, f"engine logits differ from the LoRA model's forward: {rel:.2e}"
     assert ((plain[real] - ref[real]).norm() / ref[real].norm()).item() > 1e-2, "LoRA had no effect"
-    # and the same greedy tokens as HF generate on the LoRA model
-    out = engine.generate(ids, mask, do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+    # and the same greedy tokens as HF generate on the LoRA model, also for both answers of a
+    # prompt computed once (num_return_sequences=2: shared blocks, the fused LoRA on the forks too)
+    out = engine.generate(ids, mask, do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0,
+                          num_return_sequences=2)
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
                         min_new_tokens=16, pad_token_id=0)
-    assert torch.equal(out.sequences, hf)
+    assert torch.equal(out.sequences[::2], hf) and torch.equal(out.sequences[1::2], hf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

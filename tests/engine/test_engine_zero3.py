@@ -47,6 +47,12 @@ def _worker(model_dir: str, out_path: str) -> None:
                               do_sample=False, pad_token_id=0)
         result["tokens"][mode] = out.sequences.tolist()
         result["released"][mode] = all(p.numel() == 0 for p in params if p.ds_numel > 0)
+    # two answers per prompt (prompt computed once, its blocks shared) on the gathered weights
+    engine = HybridEngine(ds_engine, None, EngineConfig(zero3_gather="layer", backend="torch"))
+    out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False, pad_token_id=0, num_return_sequences=2)
+    result["groups"] = out.sequences.tolist()
+    result["released"]["groups"] = all(p.numel() == 0 for p in params if p.ds_numel > 0)
     result["optimizer_untouched"] = all(torch.equal(a, b) for a, b in
                                         zip(fp32_before, optim.fp32_partitioned_groups_flat))
     # training still works on the same engine after generation
@@ -86,6 +92,9 @@ def test_zero3_two_process_generation_matches_single_process(tmp_path):
     for mode in ("all", "layer"):
         assert torch.equal(torch.tensor(result["tokens"][mode]), ref), f"zero3_gather={mode!r}"
         assert result["released"][mode], f"parameters still gathered after generate ({mode})"
+    groups = torch.tensor(result["groups"])  # greedy: each of a prompt's two rows is HF's answer
+    assert torch.equal(groups[::2], ref) and torch.equal(groups[1::2], ref)
+    assert result["released"]["groups"]
     assert result["optimizer_untouched"]
     assert result["optimizer_stepped"] and result["train_loss"] == result["train_loss"]
 

@@ -369,6 +369,15 @@ def test_block_size_must_be_a_power_of_two(llama, size):
         HybridEngine(llama, None, EngineConfig(kv_block_size=size))
 
 
+@pytest.mark.parametrize("field,value", [("kv_cache_tokens", 0), ("kv_cache_tokens", 64.0),
+                                         ("kv_cache_memory_fraction", 0.0), ("kv_cache_memory_fraction", 1.5),
+                                         ("max_batch_size", 0), ("max_batch_size", True),
+                                         ("continuous_batching", "no")])
+def test_cache_and_batch_options_are_checked_when_the_engine_is_built(llama, field, value):
+    with pytest.raises(ValueError, match=f"EngineConfig.{field} must be .*got {value!r}"):
+        HybridEngine(llama, None, EngineConfig(**{field: value}))
+
+
 def test_cache_too_small_for_one_sequence_is_refused_before_work(llama):
     engine = _engine(llama, kv_cache_tokens=16, kv_block_size=8)
     ids, mask = left_padded_batch([9, 4], pad_id=0)

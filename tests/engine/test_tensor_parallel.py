@@ -8,7 +8,7 @@ collectives: what one process computes), run in the workers so that the 2 cores 
   1e-5 (fp32); the issue's five (Llama with GQA, Qwen2 with
   biases, OPT, GPT-NeoX with partial rotary, Mistral with 1 KV head < tp_size) with both lm_head
   modes; sampling with several EOS ids (rows stop at different steps): the same sequences, each rank
-  cut where it alone would stop; LoRA fused per shard with the base weights bit-identical after;
+  cut where it alone would stop, also with num_return_sequences=3; LoRA fused per shard with the base weights bit-identical after;
 - ZeRO-3 partitioned over the 4 ranks (zero3_gather "all" and "layer"): the same tokens, each rank
   gathering only its slices (about half the weight bytes), partitions and optimizer untouched;
 - one PPO step under ZeRO-3 with inference_tp_size=2 gives the metrics of inference_tp_size=1.
@@ -91,6 +91,11 @@ def _worker(root: str) -> None:
         if fam == "llama":
             res["sampled/1"] = _out(one.generate(ids, mask, generator=1000 + rank, **SAMPLED))
             res["sampled"] = _out(tp_engine(model).generate(ids, mask, generator=1000 + rank, **SAMPLED))
+            # 3 answers per prompt, the prompt computed once: each answer's seed, hence its tokens,
+            # the same in both groups' layouts
+            groups = dict(SAMPLED, num_return_sequences=3)
+            res["groups/1"] = _out(one.generate(ids, mask, generator=2000 + rank, **groups))
+            res["groups"] = _out(tp_engine(model).generate(ids, mask, generator=2000 + rank, **groups))
             _lora(model)
             base = {n: p.detach().clone() for n, p in model.named_parameters()}
             res["lora/1"] = _out(HybridEngine(model, None, EngineConfig(backend="torch")).generate(ids, mask, **GREEDY))
@@ -174,6 +179,8 @@ def test_tensor_parallel_generation_matches_one_process(tmp_path):
                 same(res[f"{fam}/{head}"], res[f"{fam}/1"], f"{fam} {head} rank {r}",
                      lp_tol=1e-5 if fam in FIVE else 5e-5)
         same(res["sampled"], res["sampled/1"], f"sampled rank {r}")
+        same(res["groups"], res["groups/1"], f"num_return_sequences rank {r}")
+        assert len(res["groups"]["seq"]) == 3 * len(LENGTHS[r])
         same(res["lora"], res["lora/1"], f"lora rank {r}")
         assert res["lora/1"]["seq"] != res["llama/1"]["seq"]  # the fused LoRA update mattered
         assert res["lora_base_unchanged"]
