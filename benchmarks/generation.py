@@ -177,16 +177,16 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true",
                     help="GPU preset: opt-1.3b, batch 32, 256 prompt + 256 new tokens, bf16")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "generation.jsonl"))
-    ap.add_argument("--workload", default="throughput", choices=["throughput", "long-tail", "grpo-groups"],
-                    help="throughput: engine vs HF generate (default); long-tail / grpo-groups: the rollout "
-                         "workloads of rollout_workloads.py on the bundled task's SFT model")
+    ap.add_argument("--workload", default="throughput", choices=["throughput", "long-tail", "grpo-groups", "rollout-path"],
+                    help="throughput: engine vs HF generate (default); long-tail / grpo-groups / rollout-path: "
+                         "the rollout workloads of rollout_workloads.py on the bundled task's SFT model")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fastrlhf_rollout_bench"),
                     help="rollout workloads: where the SFT model is trained once")
     ap.add_argument("--sft_model", default=None, help="rollout workloads: an SFT model dir instead")
     ap.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=8,
                     help="long-tail: rows decoding at once (the prompts are 4x this)")
-    ap.add_argument("--group-size", dest="group_size", type=int, default=8, help="grpo-groups: G")
-    ap.add_argument("--prompts", type=int, default=16, help="grpo-groups: prompts (x G sequences)")
+    ap.add_argument("--group-size", dest="group_size", type=int, default=8, help="grpo-groups, rollout-path: G")
+    ap.add_argument("--prompts", type=int, default=16, help="grpo-groups, rollout-path: prompts (x G sequences)")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout workloads: sampling temperature")
     ap.add_argument("--note", default="", help="recorded in every row, e.g. '2-core CPU VM, shared with other jobs'")
     args = ap.parse_args(argv)

@@ -9,8 +9,11 @@
   computed once, its blocks shared) vs the prompts repeated G times. Prefill time (a generate of
   one new token: the prompts' forward, plus each shared answer's last prompt token), prompt KV
   memory (peak pool blocks of that call) and a whole rollout's tokens/s.
+- `rollout-path`: the trainer's rollout call (`ExperienceMaker.rollout`: G answers per prompt,
+  engine log-probs) vs the same engine's `generate` on the same tensors and seeds (the time the
+  rollout path adds around the engine) vs `inject(model, generate=True)` + HF's `generate`.
 
-Both report peak KV-cache bytes: the new engine's peak of blocks in use, and the first engine's
+The first two report peak KV-cache bytes: the new engine's peak of blocks in use, and the first engine's
 dense cache for the same call (its allocation rule: layers x 2 x rows x KV heads x (padded prompt +
 max new) x head dim x bytes; it had no row limit, so all rows at once).
 
@@ -193,7 +196,66 @@ def grpo_groups(args, model, tok, device):
     return out_rows
 
 
-WORKLOADS = {"long-tail": long_tail, "grpo-groups": grpo_groups}
+def rollout_path(args, model, tok, device):
+    """What the trainer's rollout call adds around the engine: `ExperienceMaker.rollout` (a
+    PromptCollator batch, G answers per prompt, the engine's log-probs, the masks it builds) vs
+    the same engine's `generate` on the same tensors and seeds (so the same tokens), and the model
+    driven as another trainer drives it, `inject(model, generate=True)` + `model.generate`
+    (HF's arguments, sampling seeded by torch.manual_seed: other tokens, so its row says how many)."""
+    import copy
+    from types import SimpleNamespace
+
+    from fastrlhf import inject
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.rlhf.experience import ExperienceMaker
+    g, n = args.group_size, args.prompts
+    ids, mask = prompts(tok, n, skip=2000)
+    items = [{"prompt": "", "prompt_input_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+    cfg = PPOConfig(model_name_or_path=sft_model(args), reward_model=sft_model(args), algo="grpo", group_size=g,
+                    rollout_batch_size=n, max_new_tokens=args.new_tokens, temperature=args.temperature,
+                    output_dir=os.path.join(args.workdir, "unused"))
+    maker = ExperienceMaker(cfg, SimpleNamespace(actor=SimpleNamespace(module=model), reward=None), tok,
+                            torch.device(device), 0, args.new_tokens)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in maker.collate(items).items()}
+    seeds = list(range(n * g))
+    injected = inject(copy.deepcopy(model), generate=True)
+    hf_kw = dict(max_new_tokens=args.new_tokens, do_sample=True, temperature=args.temperature, top_k=0,
+                 num_return_sequences=g, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+    def via_inject():
+        torch.manual_seed(0)
+        return injected.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **hf_kw)
+    impls = {
+        "rollout": lambda: maker.rollout(batch, seeds, return_logprobs=True, group_size=g),
+        "engine": lambda: maker.engine.generate(
+            batch["input_ids"], batch["attention_mask"], max_new_tokens=args.new_tokens, do_sample=True,
+            temperature=args.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            generator=seeds, return_logprobs=True, num_return_sequences=g),
+        "inject": via_inject,
+    }
+    with torch.no_grad():
+        res = interleaved(impls, args.runs)
+    width = batch["input_ids"].shape[1]
+    seqs = {"rollout": res["rollout"]["out"].sequences, "engine": res["engine"]["out"].sequences,
+            "inject": res["inject"]["out"]}
+    base = statistics.median(res["engine"]["wall"])
+    base_cpu = statistics.median(res["engine"]["cpu"])
+    out_rows = []
+    for k in impls:
+        med, cpu = statistics.median(res[k]["wall"]), statistics.median(res[k]["cpu"])
+        n_tok = _generated(SimpleNamespace(sequences=seqs[k]), width, tok.pad_token_id, {tok.eos_token_id})
+        out_rows.append(dict(
+            workload="rollout-path", impl={"rollout": "experience-maker-rollout", "engine": "engine-generate",
+                                            "inject": "inject-hf-generate"}[k],
+            prompts=n, group_size=g, max_new_tokens=args.new_tokens, temperature=args.temperature,
+            generated_tokens=n_tok, median_s=round(med, 4), cpu_median_s=round(cpu, 4),
+            overhead_vs_engine=round(med / base, 3), cpu_overhead_vs_engine=round(cpu / base_cpu, 3),
+            same_tokens_as_engine=bool(torch.equal(seqs[k], seqs["engine"])), runs=args.runs,
+            all_s=[round(t, 4) for t in res[k]["wall"]]))
+    return out_rows
+
+
+WORKLOADS = {"long-tail": long_tail, "grpo-groups": grpo_groups, "rollout-path": rollout_path}
 
 
 def run_workload(args, device: str, dtype):
