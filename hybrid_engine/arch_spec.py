@@ -7,6 +7,8 @@ the decoder. Module paths are attribute paths relative to the HF `*ForCausalLM` 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -26,9 +28,11 @@ class ArchSpec:
     project_in: Optional[str] = None   # linear after the token embedding (OPT-350m), relative to backbone
     project_out: Optional[str] = None  # linear before the lm_head, after the final norm (OPT-350m)
     embed_scale: Optional[float] = None  # embeddings times this, cast to the embedding dtype (Gemma)
+    embed_norm: Optional[str] = None   # a norm right after the token embedding (Bloom), relative to backbone
     final_logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) (Gemma2)
+    logit_divisor: Optional[float] = None  # logits / this (Granite's logits_scaling)
     # per-layer paths
-    input_norm: str = "input_layernorm"
+    input_norm: Optional[str] = "input_layernorm"  # None: no norm before attention (OLMo-2 norms outputs)
     post_norm: Optional[str] = None    # None with a shared-norm parallel residual
     q: Optional[str] = None            # separate projections ...
     k: Optional[str] = None
@@ -37,8 +41,8 @@ class ArchSpec:
     qkv_layout: str = "split"          # "split": [q | k | v]; "grouped": [Hkv, group + 2, D]
     q_norm: Optional[str] = None       # per-head norm over head_dim on q / k, before rotary (Qwen3)
     k_norm: Optional[str] = None
-    qk_norm_per_head: bool = True      # False: q_norm / k_norm span all heads' features (OLMoE)
-    clip_qkv: Optional[float] = None   # q, k, v clamped to [-clip, clip] after the q/k norms (OLMoE)
+    qk_norm_per_head: bool = True      # False: q_norm / k_norm span all heads' features (OLMoE, OLMo-2)
+    clip_qkv: Optional[float] = None   # q, k, v clamped to [-clip, clip] after the q/k norms (OLMoE, OLMo, MPT)
     attn_out_norm: Optional[str] = None  # sandwich norms (Gemma2): on the attention output before
     mlp_out_norm: Optional[str] = None   # the residual add, and on the MLP output likewise
     o: str = "o_proj"
@@ -59,8 +63,15 @@ class ArchSpec:
     attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma2)
     parallel_residual: bool = False    # x + attn(ln1(x)) + mlp(ln2(x)) (ln2 = ln1 when post_norm is None)
     pre_norm: bool = True              # False: OPT-350m style post-norm residual blocks
+    residual_multiplier: float = 1.0   # attention and MLP outputs times this before the residual add (Granite)
     max_positions: int = 2048
     moe: Optional["MoESpec"] = None    # a mixture-of-experts MLP (in the layers it names)
+    # per-layer attention: one entry per layer, or () when every layer is alike
+    layer_windows: Tuple[Optional[int], ...] = ()  # sliding window W: a query at position p sees keys
+    #   p - W < k <= p (HF's semantics); None: full attention
+    layer_rotary: Tuple[Optional[str], ...] = ()   # the rotary table of each layer: the layer type the HF
+    #   rotary module takes (Gemma-3's local and global bases), "" its only table, None no rotary (NoPE)
+    alibi_slopes: Optional[Tuple[float, ...]] = None  # ALiBi, per query head: score += slope * (k - p)
     extra: Dict[str, object] = field(default_factory=dict)
 
 
@@ -96,20 +107,60 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
-def _window_extra(c) -> Dict[str, object]:
-    """{"sliding_window": W} when some layer of the model attends only its last W positions, else {}.
-
-    The engine's attention is global, so a recorded window makes it refuse requests longer than
-    W (see HybridEngine._check_inputs). A window counts when the config has one, its
-    `use_sliding_window` switch (Qwen2/Qwen3; absent elsewhere) is on, and `layer_types`
-    (newer releases) names at least one sliding layer."""
+def _layer_windows(c) -> Tuple[Optional[int], ...]:
+    """Each layer's sliding window as HF's model applies it, or () when no layer slides. With
+    `layer_types` (Qwen2/3, Gemma-2/3, Ministral, OLMo-3, SmolLM3) the layers typed
+    "sliding_attention" slide; without it (Mistral, Phi-3, Starcoder2) every layer does. A
+    `use_sliding_window` switch (Qwen2/3, SmolLM3; absent elsewhere) that is off turns windows off.
+    A window at least as long as a request hides nothing: the decoder passes it to the attention
+    ops only when a request is longer (so windows beyond the maximum position are full attention)."""
     sw = getattr(c, "sliding_window", None)
     if sw is None or not getattr(c, "use_sliding_window", True):
-        return {}
-    layer_types = getattr(c, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return {}
-    return {"sliding_window": int(sw)}
+        return ()
+    types = getattr(c, "layer_types", None)
+    if types is None:
+        return (int(sw),) * c.num_hidden_layers
+    odd = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if odd:
+        raise UnsupportedArchitecture(f"{c.model_type} layers of type {odd} are not supported by the engine "
+                                      "spec (only sliding_attention and full_attention); use "
+                                      "EngineConfig(fallback='hf')")
+    windows = tuple(int(sw) if t == "sliding_attention" else None for t in types)
+    return windows if any(w is not None for w in windows) else ()
+
+
+def bloom_alibi_slopes(n_heads: int) -> Tuple[float, ...]:
+    """ALiBi slopes as HF's Bloom (and Falcon) computes them, in fp32: the geometric sequence
+    r, r^2, .. with r = 2^(-8/n) for the largest power of two n <= n_heads, then for the remaining
+    heads the odd powers of the sequence for 2n."""
+    import torch
+    n = 2 ** math.floor(math.log2(n_heads))
+
+    def odd_or_all(base_heads: int, count: int, step: int):
+        base = torch.tensor(2 ** (-(2 ** -(math.log2(base_heads) - 3))), dtype=torch.float32)
+        return torch.pow(base, torch.arange(1, 1 + step * count, step, dtype=torch.int32))
+    slopes = odd_or_all(n, n, 1)
+    if n != n_heads:
+        slopes = torch.cat([slopes, odd_or_all(2 * n, min(n, n_heads - n), 2)])
+    return tuple(slopes.tolist())
+
+
+def mpt_alibi_slopes(n_heads: int, bias_max: float = 8) -> Tuple[float, ...]:
+    """ALiBi slopes as HF's MPT computes them: 2^(-k * bias_max / n) for k = 1..n, n the power of two
+    >= n_heads; with fewer heads, the odd-indexed slopes first, then the even ones, cut to n_heads."""
+    import torch
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, n + 1, dtype=torch.int64).float() * (bias_max / n))
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return tuple(slopes.tolist())
+
+
+def _rotary_fraction(c) -> float:
+    """The rotated fraction of head_dim: transformers 5 keeps it in rope_parameters, 4.x (Phi-4-mini
+    era) as an attribute."""
+    return (getattr(c, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
 
 
 def _opt(c) -> ArchSpec:
@@ -138,10 +189,11 @@ def _llama(c) -> ArchSpec:
         family="llama", backbone="model", embed="embed_tokens", layers="layers", final_norm="norm",
         rotary_module="rotary_emb", input_norm="input_layernorm", post_norm="post_attention_layernorm",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="rms", eps=c.rms_norm_eps,
+        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", norm="rms",
+        eps=getattr(c, "rms_norm_eps", 1e-6),  # OLMo's configs have none (its spec sets its own)
         act=getattr(c, "hidden_act", None) or c.hidden_activation,  # Gemma2 (5.x) has only the latter
         n_heads=h, n_kv_heads=hkv, head_dim=hd, rotary_dim=rd,
-        max_positions=c.max_position_embeddings, extra=_window_extra(c))
+        max_positions=c.max_position_embeddings, layer_windows=_layer_windows(c))
 
 
 def _qwen3(c) -> ArchSpec:
@@ -163,9 +215,7 @@ def _phi3(c) -> ArchSpec:
                                       "models) is not supported by the engine spec; use "
                                       "EngineConfig(fallback='hf')")
     spec = _llama(c)
-    # transformers 5 keeps the factor in rope_parameters, 4.x (Phi-4-mini era) as an attribute
-    factor = (getattr(c, "rope_parameters", None) or {}).get(
-        "partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    factor = _rotary_fraction(c)
     return ArchSpec(**{**spec.__dict__, "family": "phi3", "rotary_dim": int(spec.head_dim * factor),
                        "q": None, "k": None, "v": None,
                        "qkv": "self_attn.qkv_proj", "qkv_layout": "split", "gate": None, "up": None,
@@ -199,7 +249,7 @@ def _gemma(c) -> ArchSpec:
 def _gemma2(c) -> ArchSpec:
     """Gemma plus sandwich norms (post-attention, pre/post feed-forward), attention scale
     query_pre_attn_scalar ** -0.5, tanh softcapping of attention scores and of the final logits,
-    and sliding-window attention on alternate layers (recorded: longer requests are refused)."""
+    and sliding-window attention on alternate layers (`layer_types`)."""
     spec = _llama(c)
     soft = lambda v: None if v is None else float(v)  # noqa: E731
     attn_cap = soft(getattr(c, "attn_logit_softcapping", None))
@@ -228,8 +278,7 @@ def _stablelm(c) -> ArchSpec:
                                       "supported by the engine spec; use EngineConfig(fallback='hf')")
     h = c.num_attention_heads
     hd = c.hidden_size // h
-    factor = (getattr(c, "rope_parameters", None) or {}).get(
-        "partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    factor = _rotary_fraction(c)
     parallel = bool(getattr(c, "use_parallel_residual", False))
     return ArchSpec(
         family="stablelm", backbone="model", embed="embed_tokens", layers="layers", final_norm="norm",
@@ -243,7 +292,7 @@ def _stablelm(c) -> ArchSpec:
 
 def _starcoder2(c) -> ArchSpec:
     """GQA attention with biases (use_bias), LayerNorm with bias, a plain c_fc/c_proj MLP,
-    full rotary; the sliding window is recorded (longer requests are refused)."""
+    full rotary, a sliding window on every layer when the config has one."""
     h = c.num_attention_heads
     hd = c.hidden_size // h
     return ArchSpec(
@@ -252,7 +301,7 @@ def _starcoder2(c) -> ArchSpec:
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         up="mlp.c_fc", down="mlp.c_proj", norm="layer", eps=c.norm_epsilon, act=c.hidden_act,
         n_heads=h, n_kv_heads=c.num_key_value_heads, head_dim=hd, rotary_dim=hd,
-        max_positions=c.max_position_embeddings, extra=_window_extra(c))
+        max_positions=c.max_position_embeddings, layer_windows=_layer_windows(c))
 
 
 def _gpt_neox(c) -> ArchSpec:
@@ -288,9 +337,11 @@ def _gpt2(c) -> ArchSpec:
 
 
 def _falcon(c) -> ArchSpec:
-    if getattr(c, "alibi", False):
-        raise UnsupportedArchitecture("Falcon with alibi=True is not supported by the engine spec; "
-                                      "use EngineConfig(fallback='hf')")
+    """Falcon's three attention layouts (new decoder architecture: grouped KV; multi-query; multi-head);
+    rotary, or with `alibi=True` (Falcon-RW) ALiBi and no rotary. HF rounds Falcon's slopes to bf16
+    and adds the bias before the 1/sqrt(head_dim) scale: the spec's slopes are bf16(slope) /
+    sqrt(head_dim). (HF also rounds slope * position to bf16, which a relative bias cannot mirror:
+    equal when the slopes are powers of two, i.e. up to 8 heads, and positions < 256.)"""
     h = c.num_attention_heads
     hd = c.hidden_size // h
     new_arch = bool(c.new_decoder_architecture)
@@ -314,14 +365,159 @@ def _falcon(c) -> ArchSpec:
         post = None if c.parallel_attn else "post_attention_layernorm"
         parallel = bool(c.parallel_attn)
     rope = getattr(c, "rope_parameters", None) or {}
+    alibi = None
+    if getattr(c, "alibi", False):
+        import torch
+        alibi = tuple(float(torch.tensor(sl).bfloat16()) / math.sqrt(hd) for sl in bloom_alibi_slopes(h))
     return ArchSpec(
         family="falcon", backbone="transformer", embed="word_embeddings", layers="h", final_norm="ln_f",
         rotary_module="rotary_emb", input_norm=in_norm, post_norm=post,
         qkv="self_attention.query_key_value", qkv_layout=layout, o="self_attention.dense",
         up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", norm="layer", eps=c.layer_norm_epsilon,
         act=getattr(c, "activation", "gelu"), n_heads=h, n_kv_heads=hkv, head_dim=hd,
-        rotary_dim=int(hd * rope.get("partial_rotary_factor", 1.0)), parallel_residual=parallel,
-        max_positions=getattr(c, "max_position_embeddings", 2048))
+        rotary_dim=0 if alibi else int(hd * rope.get("partial_rotary_factor", 1.0)), parallel_residual=parallel,
+        max_positions=getattr(c, "max_position_embeddings", 2048), alibi_slopes=alibi)
+
+
+def _bloom(c) -> ArchSpec:
+    """ALiBi instead of positions, a LayerNorm on the word embeddings, one fused QKV projection laid
+    out per head as [q, k, v] (the grouped layout, one query head per group), a GELU-tanh MLP,
+    biases everywhere, the lm_head tied to the embedding."""
+    if getattr(c, "apply_residual_connection_post_layernorm", False):
+        raise UnsupportedArchitecture("Bloom with apply_residual_connection_post_layernorm=True is not "
+                                      "supported by the engine spec; use EngineConfig(fallback='hf')")
+    h = c.n_head
+    return ArchSpec(
+        family="bloom", backbone="transformer", embed="word_embeddings", embed_norm="word_embeddings_layernorm",
+        layers="h", final_norm="ln_f", input_norm="input_layernorm", post_norm="post_attention_layernorm",
+        qkv="self_attention.query_key_value", qkv_layout="grouped", o="self_attention.dense",
+        up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", norm="layer", eps=c.layer_norm_epsilon,
+        act="gelu_pytorch_tanh",  # Bloom's own tanh GELU, up to the rounding of its constants
+        n_heads=h, n_kv_heads=h, head_dim=c.hidden_size // h, alibi_slopes=bloom_alibi_slopes(h))
+
+
+def _mpt(c) -> ArchSpec:
+    """ALiBi with MPT's slopes, fused [q | k | v], optional clip_qkv and softmax scale, LayerNorms
+    without bias, a plain GELU MLP, no biases. As HF's MPT does, the config's qk_ln, logit_scale,
+    attn_config.alibi and attn_config.alibi_bias_max are not read (HF's slopes use a bias max of 8,
+    the value of every published MPT)."""
+    a = c.attn_config
+    get = (lambda k: a.get(k)) if isinstance(a, dict) else (lambda k: getattr(a, k, None))  # noqa: E731
+    h = c.n_heads
+    return ArchSpec(
+        family="mpt", backbone="transformer", embed="wte", layers="blocks", final_norm="norm_f",
+        input_norm="norm_1", post_norm="norm_2", qkv="attn.Wqkv", o="attn.out_proj", up="ffn.up_proj",
+        down="ffn.down_proj", norm="layer", eps=c.layer_norm_epsilon, act="gelu", n_heads=h, n_kv_heads=h,
+        head_dim=c.d_model // h, attn_scale=get("softmax_scale"), clip_qkv=get("clip_qkv"),
+        alibi_slopes=mpt_alibi_slopes(h), max_positions=c.max_seq_len)
+
+
+def _hf_attention_passes_softcap(module_name: str, class_name: str) -> bool:
+    """Whether this transformers release's attention class hands its softcap to the attention
+    function (Gemma-3's reads attn_logit_softcapping but, in 5.x, does not pass it on)."""
+    import importlib
+    import inspect
+    try:
+        cls = getattr(importlib.import_module(f"transformers.models.{module_name}"), class_name)
+        return "softcap=" in inspect.getsource(cls.forward)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return True
+
+
+def _gemma3(c) -> ArchSpec:
+    """Gemma-2's block (sandwich norms, (1 + w) RMSNorms, scaled embeddings, query_pre_attn_scalar,
+    final-logit softcap) with per-head q/k norms, sliding (local) and full (global) layers from
+    `layer_types`, each with its own rotary base (HF's rotary module takes the layer type)."""
+    if getattr(c, "use_bidirectional_attention", False):
+        raise UnsupportedArchitecture("Gemma-3 with use_bidirectional_attention=True (an embedding model) "
+                                      "is not a causal LM; the engine does not run it")
+    spec = _gemma2(c)
+    cap = spec.attn_logit_softcap if _hf_attention_passes_softcap("gemma3.modeling_gemma3",
+                                                                   "Gemma3Attention") else None
+    return dataclasses.replace(spec, family="gemma3", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                               attn_logit_softcap=cap, layer_rotary=tuple(c.layer_types))
+
+
+def _olmo(c) -> ArchSpec:
+    """Llama with LayerNorms that have no weight and no bias (eps 1e-5) and optional clip_qkv."""
+    return dataclasses.replace(_llama(c), family="olmo", norm="layer", eps=1e-5,
+                               clip_qkv=getattr(c, "clip_qkv", None))
+
+
+def _olmo2(c) -> ArchSpec:
+    """Llama whose blocks norm their outputs, not their inputs (x + norm(attn(x)), then
+    x + norm(mlp(x))), with RMSNorms over the whole q and k projections (all heads at once)."""
+    return dataclasses.replace(
+        _llama(c), family="olmo2", input_norm=None, post_norm=None, attn_out_norm="post_attention_layernorm",
+        mlp_out_norm="post_feedforward_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+        qk_norm_per_head=False)
+
+
+def _olmo3(c) -> ArchSpec:
+    """OLMo-2 with sliding and full layers (`layer_types`), each with its own rotary table."""
+    return dataclasses.replace(_olmo2(c), family="olmo3", layer_rotary=tuple(c.layer_types))
+
+
+def _smollm3(c) -> ArchSpec:
+    """Llama where every no_rope_layer_interval-th layer has no rotary (`no_rope_layers[i]` = 0),
+    and optional sliding windows (use_sliding_window, on the layers without rotary)."""
+    return dataclasses.replace(_llama(c), family="smollm3",
+                               layer_rotary=tuple("" if r else None for r in c.no_rope_layers))
+
+
+def _phi(c) -> ArchSpec:
+    """Phi-1/1.5/2: a parallel residual with one shared LayerNorm, q/k/v and dense with biases,
+    partial rotary, a plain fc1/fc2 MLP, the lm_head with a bias; qk_layernorm is a LayerNorm per
+    head on q and k."""
+    h = c.num_attention_heads
+    hd = c.hidden_size // h
+    factor = _rotary_fraction(c)
+    qk = bool(getattr(c, "qk_layernorm", False))
+    return ArchSpec(
+        family="phi", backbone="model", embed="embed_tokens", layers="layers", final_norm="final_layernorm",
+        rotary_module="rotary_emb", input_norm="input_layernorm", post_norm=None,
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.dense",
+        q_norm="self_attn.q_layernorm" if qk else None, k_norm="self_attn.k_layernorm" if qk else None,
+        up="mlp.fc1", down="mlp.fc2", norm="layer", eps=c.layer_norm_eps, act=c.hidden_act,
+        n_heads=h, n_kv_heads=getattr(c, "num_key_value_heads", None) or h, head_dim=hd,
+        rotary_dim=int(hd * factor), parallel_residual=True, max_positions=c.max_position_embeddings)
+
+
+def _gpt_neo(c) -> ArchSpec:
+    """GPT-2-shaped (learned positions, LayerNorm, c_fc/c_proj MLP) with separate q/k/v, no score
+    scaling, and global and local layers alternating (`attention_layers`; local = a window of
+    window_size)."""
+    h = c.num_heads
+    return ArchSpec(
+        family="gpt_neo", backbone="transformer", embed="wte", layers="h", final_norm="ln_f", pos_embed="wpe",
+        input_norm="ln_1", post_norm="ln_2", q="attn.attention.q_proj", k="attn.attention.k_proj",
+        v="attn.attention.v_proj", o="attn.attention.out_proj", up="mlp.c_fc", down="mlp.c_proj",
+        norm="layer", eps=c.layer_norm_epsilon, act=c.activation_function, n_heads=h, n_kv_heads=h,
+        head_dim=c.hidden_size // h, attn_scale=1.0, max_positions=c.max_position_embeddings,
+        layer_windows=tuple(int(c.window_size) if t == "local" else None for t in c.attention_layers))
+
+
+def _gpt_bigcode(c) -> ArchSpec:
+    """GPT-2-shaped (learned positions, LayerNorm, c_fc/c_proj MLP) with nn.Linear projections and
+    multi-query attention ([q | k | v] with one KV head), or per-head [q, k, v] without it."""
+    h = c.num_attention_heads
+    mq = bool(c.multi_query)
+    return ArchSpec(
+        family="gpt_bigcode", backbone="transformer", embed="wte", layers="h", final_norm="ln_f",
+        pos_embed="wpe", input_norm="ln_1", post_norm="ln_2", qkv="attn.c_attn",
+        qkv_layout="split" if mq else "grouped", o="attn.c_proj", up="mlp.c_fc", down="mlp.c_proj",
+        norm="layer", eps=c.layer_norm_epsilon, act=c.activation_function, n_heads=h,
+        n_kv_heads=1 if mq else h, head_dim=c.hidden_size // h,
+        attn_scale=None if c.scale_attn_weights else 1.0, max_positions=c.max_position_embeddings)
+
+
+def _granite(c) -> ArchSpec:
+    """Llama with four multipliers: embeddings, attention scores (instead of 1/sqrt(head_dim)),
+    the attention and MLP outputs before each residual add, and a divisor on the logits."""
+    return dataclasses.replace(_llama(c), family="granite", embed_scale=float(c.embedding_multiplier),
+                               attn_scale=float(c.attention_multiplier),
+                               residual_multiplier=float(c.residual_multiplier),
+                               logit_divisor=float(c.logits_scaling))
 
 
 # ---------------------------------------------------------------------------------- mixtures of experts
@@ -389,8 +585,8 @@ MOE_REFUSED: Dict[str, str] = {
 }
 
 
-# model_type -> spec builder. Mistral and Qwen2 are Llama-shaped (GQA; Qwen2 has q/k/v biases,
-# which the generic decoder picks up from the modules themselves).
+# model_type -> spec builder. Mistral, Qwen2 and Ministral are Llama-shaped (GQA; Qwen2 has q/k/v
+# biases, which the generic decoder picks up from the modules themselves; windows per layer).
 SPEC_BUILDERS: Dict[str, Callable] = {
     "opt": _opt,
     "llama": _llama,
@@ -409,6 +605,18 @@ SPEC_BUILDERS: Dict[str, Callable] = {
     "qwen2_moe": lambda c: _qwen_moe(c, _llama, "qwen2_moe"),
     "qwen3_moe": lambda c: _qwen_moe(c, _qwen3, "qwen3_moe"),
     "olmoe": _olmoe,
+    "bloom": _bloom,
+    "mpt": _mpt,
+    "gemma3_text": _gemma3,
+    "ministral": _llama,
+    "olmo": _olmo,
+    "olmo2": _olmo2,
+    "olmo3": _olmo3,
+    "smollm3": _smollm3,
+    "phi": _phi,
+    "gpt_neo": _gpt_neo,
+    "gpt_bigcode": _gpt_bigcode,
+    "granite": _granite,
 }
 
 

@@ -16,9 +16,13 @@
   layers, and folds GQA groups into the query axis. tests/engine/test_paged_engine.py holds it
   equal to the ops.
 
-Each has `rotate(q, k, qk) -> (q, k)` (in place; `qk` is one view over q's and k's heads when the
-fused projection lays them out contiguously, else None) and `attend(i, q, k, v)` -> the
-attention output of layer i as [B, S, Hq * D], ready for o_proj.
+Each has `rotate(i, q, k, qk) -> (q, k)` (layer i's rotary table, in place; `qk` is one view over
+q's and k's heads when the fused projection lays them out contiguously, else None) and
+`attend(i, q, k, v)` -> the attention output of layer i as [B, S, Hq * D], ready for o_proj.
+What differs between layers comes from the decoder: `dec.rotary_of(i)` (local/global rotary
+tables) and `dec.window_of(i, n)` (the sliding window, passed to the ops as `window=` only where
+it can hide keys); ALiBi slopes and the softcap are bound into `dec.ops_paged_*` (the lean paths
+read `dec.alibi_slopes` and `dec.attn_softcap`).
 
 `PagedBatch` holds what the ops read besides q/k/v: where each new token is written
 (`slots`), each sequence's block table, its length in the cache after this pass and, for
@@ -57,13 +61,22 @@ class _OpsAttention:
     def __init__(self, dec, positions: torch.Tensor):
         self.dec, self.positions = dec, positions
 
-    def rotate(self, q, k, qk):
+    def rotate(self, i, q, k, qk):
         dec = self.dec
         b, s = q.shape[:2]
         q = q.reshape(b, s, dec.n_heads, dec.head_dim)
-        dec.ops_rotary(q.transpose(1, 2), k.transpose(1, 2), dec.cos, dec.sin, self.positions,
+        cos, sin = dec.rotary_of(i)
+        dec.ops_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, self.positions,
                        rotary_dim=dec.spec.rotary_dim)
         return q, k
+
+
+def _window(dec, i: int, batch: "PagedBatch", block_size: int) -> dict:
+    """The `window=` keyword of layer i's paged op call over `batch`, or none (the layer has no
+    window, or it cannot hide a key of a sequence that fits the batch's block tables: a fixed
+    width under CUDA graphs, so a captured step never changes its arguments)."""
+    w = dec.window_of(i, batch.block_tables.shape[1] * block_size)
+    return {} if w is None else {"window": w}
 
 
 @dataclass
@@ -100,11 +113,13 @@ class PagedPackedAttention(_OpsAttention):
         parts = []
         if nd:
             d = self.decode
-            parts.append(dec.ops_paged_decode(q[:nd], kp, vp, d.block_tables, d.seq_lens, scale=dec.scale))
+            parts.append(dec.ops_paged_decode(q[:nd], kp, vp, d.block_tables, d.seq_lens, scale=dec.scale,
+                                              **_window(dec, i, d, self.cache.block_size)))
         if t > nd:
             e = self.extend
             parts.append(dec.ops_paged_prefill(q[nd:], kp, vp, e.block_tables, e.cu_q_lens, e.seq_lens,
-                                               max_q_len=e.max_q_len, scale=dec.scale))
+                                               max_q_len=e.max_q_len, scale=dec.scale,
+                                               **_window(dec, i, e, self.cache.block_size)))
         return torch.cat(parts).reshape(1, t, -1)
 
 
@@ -124,29 +139,56 @@ class PagedDecodeAttention(_OpsAttention):
         kp, vp = self.cache.k[i], self.cache.v[i]
         dec.ops_paged_append(kp, vp, k[:, 0], v[:, 0], b.slots)
         o = dec.ops_paged_decode(q.reshape(n, dec.n_heads, dec.head_dim), kp, vp, b.block_tables, b.seq_lens,
-                                 scale=dec.scale)
+                                 scale=dec.scale, **_window(dec, i, b, self.cache.block_size))
         return o.reshape(n, 1, -1)
 
 
+def _score_bias(dec, q_pos: torch.Tensor, k_pos: torch.Tensor, visible: torch.Tensor,
+                window: Optional[int]) -> torch.Tensor:
+    """The fp32 score bias of the lean paths: -inf where a key is not `visible` (bool
+    [R, *Q, n] for queries at positions q_pos [R, *Q] over keys at k_pos [n]) or falls out of the
+    sliding window (keys p - window < k <= p stay), plus ALiBi's slope[h] * (k - p) when the model
+    has it. Shaped [R, 1 | Hkv, 1 | group, *Q, n] for scores laid out [R, Hkv, group, *Q, n]."""
+    if window is not None:
+        visible = visible & (k_pos > q_pos[..., None] - window)
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+    bias = bias.masked_fill_(~visible, float("-inf"))[:, None, None]
+    if dec.alibi_slopes is not None:
+        dist = (k_pos - q_pos[..., None]).float()[:, None, None]
+        bias = bias + dec.alibi_slopes.view(dec.n_kv_heads, -1, *[1] * q_pos.dim()) * dist
+    return bias
+
+
 class _LeanRotary:
-    """Rotary on the CPU lean paths: the cos/sin rows of a pass gathered once and shared by all
-    layers (q and k rotated by one call where they are one view)."""
+    """Rotary on the CPU lean paths: the cos/sin rows of a pass gathered on first use of each
+    rotary table (local/global layers have two) and shared by the layers that use it (q and k
+    rotated by one call where they are one view)."""
 
-    def _rotary_rows(self, dec, positions: torch.Tensor) -> None:
-        """Rows for q/k laid out [B, S, heads, D] at positions [B, S]; the grouped layout's q (and
-        q+k) views are [B, S, Hkv, heads of a group, D]: one more broadcast axis."""
-        if dec.spec.rotary_dim:
-            cos, sin = dec.cos[positions][:, :, None, :], dec.sin[positions][:, :, None, :]
-            self.k_rows = (cos, sin)
-            self.q_rows = (cos[..., None, :], sin[..., None, :]) if dec.grouped_qkv else self.k_rows
+    def _init_rotary(self, positions: torch.Tensor) -> None:
+        """The positions [B, S] of the pass's q/k (laid out [B, S, heads, D]); `_rows` makes rows."""
+        self.rotary_positions, self.rows = positions, {}  # id of a table's cos -> (q rows, k rows)
 
-    def rotate(self, q, k, qk):
+    def _rows(self, i):
+        """Layer i's rotary rows [B, S, 1, half]; the grouped layout's q (and q+k) views are
+        [B, S, Hkv, heads of a group, D]: one more broadcast axis."""
+        dec = self.dec
+        table_cos, table_sin = dec.rotary_of(i)
+        rows = self.rows.get(id(table_cos))
+        if rows is None:
+            pos = self.rotary_positions
+            cos, sin = table_cos[pos][:, :, None, :], table_sin[pos][:, :, None, :]
+            q_rows = (cos[..., None, :], sin[..., None, :]) if dec.grouped_qkv else (cos, sin)
+            rows = self.rows[id(table_cos)] = (q_rows, (cos, sin))
+        return rows
+
+    def rotate(self, i, q, k, qk):
         rd = self.dec.spec.rotary_dim
+        q_rows, k_rows = self._rows(i)
         if qk is not None:  # q and k heads are one view (shaped like q): one call for both
-            rotate_half_(qk, *self.q_rows, rd)
+            rotate_half_(qk, *q_rows, rd)
         else:
-            rotate_half_(q, *self.q_rows, rd)
-            rotate_half_(k, *self.k_rows, rd)
+            rotate_half_(q, *q_rows, rd)
+            rotate_half_(k, *k_rows, rd)
         return q, k
 
 
@@ -170,15 +212,23 @@ class LeanPagedDecodeAttention(_LeanRotary):
         self.dec, self.cache = dec, cache
         b, dev = positions.shape[0], positions.device
         self.b = b
-        self._rotary_rows(dec, positions[:, None])
+        self._init_rotary(positions[:, None])
         bs = cache.block_size
         self.write_block, self.write_row = batch.slots // bs, batch.slots % bs
         lens = batch.seq_lens.long()
         n_blocks = (int(lens.max()) + bs - 1) // bs if b else 0
         self.tables = batch.block_tables[:, :n_blocks].long()       # [B, nb]
-        visible = torch.arange(n_blocks * bs, device=dev)[None, :] < lens[:, None]
-        self.bias = torch.zeros(b, 1, 1, n_blocks * bs, dtype=torch.float32, device=dev)
-        self.bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        self.n_cols = n_blocks * bs
+        self.k_pos, self.q_pos = torch.arange(self.n_cols, device=dev), lens - 1
+        self.visible = self.k_pos[None, :] < lens[:, None]
+        self.biases = {}  # sliding window (None: none) -> score bias, made on first use
+
+    def _bias(self, i):
+        """Layer i's score bias [B, 1 | Hkv, 1 | group, n], shared by the layers with its window."""
+        w = self.dec.window_of(i, self.n_cols)
+        if w not in self.biases:
+            self.biases[w] = _score_bias(self.dec, self.q_pos, self.k_pos, self.visible, w)
+        return self.biases[w]
 
     def attend(self, i, q, k, v):
         kp, vp = self.cache.k[i], self.cache.v[i]
@@ -196,7 +246,7 @@ class LeanPagedDecodeAttention(_LeanRotary):
         scores.mul_(dec.scale)
         if dec.attn_softcap is not None:  # before the mask, as the ops do
             softcap_(scores, dec.attn_softcap)
-        probs = torch.softmax(scores.add_(self.bias), dim=-1)
+        probs = torch.softmax(scores.add_(self._bias(i)), dim=-1)
         return torch.matmul(probs.to(values.dtype), values)
 
 
@@ -211,7 +261,7 @@ class LeanPagedPackedAttention(_LeanRotary):
     def __init__(self, dec, positions, cache: PagedKVCache, slots: torch.Tensor, n_decode: int,
                  decode: Optional[PagedBatch], extend: Optional[PagedBatch]):
         self.dec, self.cache, self.n_decode = dec, cache, n_decode
-        self._rotary_rows(dec, positions[None])
+        self._init_rotary(positions[None])
         bs = cache.block_size
         self.write_block, self.write_row = slots // bs, slots % bs
         self.decode = LeanPagedDecodeAttention(dec, positions[:n_decode], cache, decode) if n_decode else None
@@ -232,9 +282,17 @@ class LeanPagedPackedAttention(_LeanRotary):
         k_pos = torch.arange(n_blocks * bs, device=dev)
         visible = (k_pos[None, None, :] <= q_pos[..., None]) & (k_pos[None, None, :] < lens[:, None, None])
         visible[..., 0] |= q_pos < 0  # padding cells before a row's first position: any key, unused
-        self.e_bias = torch.zeros(rows, 1, 1, m, n_blocks * bs, dtype=torch.float32, device=dev)
-        self.e_bias.masked_fill_(~visible[:, None, None], float("-inf"))
+        self.e_plan = (q_pos, k_pos, visible)
+        self.e_biases = {}  # sliding window (None: none) -> score bias, made on first use
         self.e_shape = (rows, m)
+
+    def _extend_bias(self, i):
+        """Layer i's score bias [E, 1 | Hkv, 1 | group, M, n] of the extend rows."""
+        q_pos, k_pos, visible = self.e_plan
+        w = self.dec.window_of(i, k_pos.shape[0])
+        if w not in self.e_biases:
+            self.e_biases[w] = _score_bias(self.dec, q_pos, k_pos, visible, w)
+        return self.e_biases[w]
 
     def attend(self, i, q, k, v):
         dec = self.dec
@@ -264,7 +322,7 @@ class LeanPagedPackedAttention(_LeanRotary):
         scores.mul_(dec.scale)
         if dec.attn_softcap is not None:
             softcap_(scores, dec.attn_softcap)
-        probs = torch.softmax(scores.add_(self.e_bias), dim=-1)
+        probs = torch.softmax(scores.add_(self._extend_bias(i)), dim=-1)
         o = torch.matmul(probs.to(values.dtype), values)                 # [E, Hkv, group, M, D]
         o = o.permute(0, 3, 1, 2, 4).reshape(rows, m, hq, d)
         return o[self.e_row, self.e_col]

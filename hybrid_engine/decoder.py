@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ def _require(root: nn.Module, path: str, what: str):
 
 @dataclass
 class LayerWeights:
-    in_norm: Norm
+    in_norm: Optional[Norm]         # None: the block norms its outputs only (OLMo-2)
     post_norm: Optional[Norm]
     qkv: Optional[Linear]           # fused projection (native, or a concatenated copy)
     q: Optional[Linear]
@@ -72,6 +72,7 @@ class ModelWeights:
     project_in: Optional[Linear] = None   # OPT-350m: embed dim -> hidden size
     project_out: Optional[Linear] = None  # and back, before the lm_head
     embed_scale: Optional[torch.Tensor] = None  # 0-d, in the embedding dtype (Gemma: sqrt(hidden))
+    embed_norm: Optional[Norm] = None  # after the embedding (Bloom)
     layers: List[LayerWeights] = field(default_factory=list)
     # ZeRO-3 layer-by-layer mode: a function yielding each layer's weights inside its gather
     layer_iter: Optional[Callable[[], Iterator[LayerWeights]]] = None
@@ -109,7 +110,7 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
         down = lin(spec.down)
     norm = lambda p: None if p is None else resolve_norm(_require(layer, p, "norm"), off)  # noqa: E731
     return LayerWeights(
-        in_norm=resolve_norm(_require(layer, spec.input_norm, "input norm"), off),
+        in_norm=norm(spec.input_norm),
         post_norm=None if post is None else resolve_norm(post, off),
         qkv=qkv, q=q, k=k, v=v, o=lin(spec.o), up=up, gate=gate, gate_up=gate_up,
         down=down, q_norm=norm(spec.q_norm), k_norm=norm(spec.k_norm),
@@ -131,6 +132,7 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
     embed = _require(backbone, spec.embed, "token embedding").weight.data
     pos = get_path(backbone, spec.pos_embed)
     fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
+    enorm = None if spec.embed_norm is None else resolve_norm(_require(backbone, spec.embed_norm, "norm"))
     head = lm_head_module(model, spec)
     proj = lambda p: None if p is None else resolve_linear(  # noqa: E731
         _require(backbone, p, "projection"), backend=backend)
@@ -142,7 +144,7 @@ def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: b
         embed=embed, pos_embed=None if pos is None else pos.weight.data,
         final_norm=None if fnorm is None else resolve_norm(fnorm, spec.norm_offset),
         lm_head=resolve_linear(head, backend=backend), project_in=proj(spec.project_in),
-        project_out=proj(spec.project_out), layers=layers,
+        project_out=proj(spec.project_out), layers=layers, embed_norm=enorm,
         # HF casts the normaliser to the embedding dtype before multiplying (bf16 sqrt(3072) = 55.5)
         embed_scale=None if spec.embed_scale is None else torch.tensor(
             spec.embed_scale, dtype=embed.dtype, device=embed.device))
@@ -159,10 +161,19 @@ class Decoder:
 
     def __init__(self, spec: ArchSpec, device: torch.device, backend: Optional[str] = None,
                  cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                 lean: bool = True, tp=None):
+                 lean: bool = True, tp=None, rotary_tables: Optional[Dict[str, Tuple]] = None):
         self.spec = spec
         self.tp = tp  # tensor_parallel.TPGroup (spec then holds this rank's head counts), or None
         self.cos, self.sin = cos, sin
+        # what differs between layers, read by the attention classes through rotary_of(i) and
+        # window_of(i, n): the rotary tables by key (spec.layer_rotary; "" = the only one) and the
+        # per-layer sliding windows. ALiBi slopes (every layer alike) are bound into the ops below.
+        self.rotary_tables = dict(rotary_tables or {})
+        if cos is not None:
+            self.rotary_tables.setdefault("", (cos, sin))
+        self.layer_windows = spec.layer_windows
+        self.alibi_slopes = None if spec.alibi_slopes is None else torch.tensor(
+            spec.alibi_slopes, dtype=torch.float32, device=device)
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.grouped_qkv = spec.qkv is not None and spec.qkv_layout == "grouped"
         r = lambda op: ops.resolve(op, device, backend)[1]  # noqa: E731
@@ -171,9 +182,11 @@ class Decoder:
         self.ops_paged_append = r("paged_kv_append")
         self.ops_rotary = r("rotary")
         self.attn_softcap = spec.attn_logit_softcap
-        if self.attn_softcap is not None:  # bound once; other families call the ops unchanged
-            self.ops_paged_prefill = functools.partial(self.ops_paged_prefill, softcap=self.attn_softcap)
-            self.ops_paged_decode = functools.partial(self.ops_paged_decode, softcap=self.attn_softcap)
+        bound = {k: v for k, v in (("softcap", self.attn_softcap), ("alibi_slopes", self.alibi_slopes))
+                 if v is not None}
+        if bound:  # bound once; other families call the ops unchanged
+            self.ops_paged_prefill = functools.partial(self.ops_paged_prefill, **bound)
+            self.ops_paged_decode = functools.partial(self.ops_paged_decode, **bound)
         # CPU steps are dominated by per-op dispatch, not math: when every paged op resolves to
         # the torch reference, passes attend with attention.LeanPaged*Attention (the same math
         # in fewer, larger torch ops). Kernel backends always go through ops.
@@ -185,14 +198,33 @@ class Decoder:
         self.qk_norm = spec.q_norm is not None
         if self.qk_norm != (spec.k_norm is not None):
             raise ValueError("ArchSpec: q_norm and k_norm go together")
+        if self.qk_norm and not spec.qk_norm_per_head and self.grouped_qkv:
+            raise ValueError("ArchSpec: q/k norms over all heads need the split or separate q/k/v layout")
         if (spec.attn_out_norm is None) != (spec.mlp_out_norm is None):
             raise ValueError("ArchSpec: attn_out_norm and mlp_out_norm go together")
+        if spec.input_norm is None and spec.attn_out_norm is None:
+            raise ValueError("ArchSpec: a block without input norms needs the output norms (attn_out_norm)")
         if spec.attn_out_norm is not None:  # resolved once: the plain block gains no work
             if not spec.pre_norm or spec.parallel_residual:
                 raise ValueError("ArchSpec: sandwich norms need a sequential pre-norm block")
             self._layer = self._sandwich_layer
         self.softcap = spec.final_logit_softcap
         self.scale = spec.head_dim ** -0.5 if spec.attn_scale is None else spec.attn_scale
+        self.residual_multiplier = spec.residual_multiplier
+
+    def rotary_of(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of layer i's rotary table, or None for a layer without rotary."""
+        if not self.spec.rotary_dim:
+            return None
+        key = self.spec.layer_rotary[i] if self.spec.layer_rotary else ""
+        return None if key is None else self.rotary_tables[key]
+
+    def window_of(self, i: int, n_cols: int) -> Optional[int]:
+        """Layer i's sliding window for a pass whose keys sit at positions below n_cols (what its
+        block tables can hold); None when the layer has none or it hides no key (window >= n_cols:
+        full attention, and the ops are called exactly as for a model without windows)."""
+        w = self.layer_windows[i] if self.layer_windows else None
+        return w if w is not None and w < n_cols else None
 
     # -- building blocks -------------------------------------------------------------------
     def _norm(self, x, n: Norm, residual=None):
@@ -224,7 +256,7 @@ class Decoder:
                 qk = out[:, :, :hq + hkv]
         if self.qk_norm and self.spec.qk_norm_per_head:  # per-head norm over head_dim
             q, k, qk = self._norm(q, lw.q_norm), self._norm(k, lw.k_norm), None
-        elif self.qk_norm:  # one norm over all heads' features (OLMoE)
+        elif self.qk_norm:  # one norm over all heads' features (OLMoE, OLMo-2)
             q = self._norm(q.reshape(b, s, -1), lw.q_norm).view(b, s, hq, d)
             k = self._norm(k.reshape(b, s, -1), lw.k_norm).view(b, s, hkv, d)
             qk = None
@@ -238,17 +270,20 @@ class Decoder:
             return moe_forward(self.spec.moe, lw.moe, h, self._act, self.ops_moe)
         if lw.gate_up is not None:
             g, u = lw.gate_up(h).chunk(2, dim=-1)
-            return lw.down(self._act(g) * u)
-        if lw.gate is not None:
-            return lw.down(self._act(lw.gate(h)) * lw.up(h))
-        return lw.down(self._act(lw.up(h)))
+            out = lw.down(self._act(g) * u)
+        elif lw.gate is not None:
+            out = lw.down(self._act(lw.gate(h)) * lw.up(h))
+        else:
+            out = lw.down(self._act(lw.up(h)))
+        return out if self.residual_multiplier == 1.0 else out.mul_(self.residual_multiplier)
 
     def _attention(self, i: int, lw: LayerWeights, h, attn):
         """Layer i's projected attention output for hidden h; `attn` is the pass's attention."""
         q, k, v, qk = self._qkv(lw, h)
-        if self.spec.rotary_dim:
-            q, k = attn.rotate(q, k, qk)
-        return lw.o(attn.attend(i, q, k, v))
+        if self.rotary_of(i) is not None:
+            q, k = attn.rotate(i, q, k, qk)
+        out = lw.o(attn.attend(i, q, k, v))
+        return out if self.residual_multiplier == 1.0 else out.mul_(self.residual_multiplier)
 
     def _layer(self, i: int, lw: LayerWeights, x, attn):
         sp = self.spec
@@ -264,9 +299,14 @@ class Decoder:
         return x + self._mlp(lw, h2)
 
     def _sandwich_layer(self, i: int, lw: LayerWeights, x, attn):
-        """Gemma2: x + norm(attn(norm(x))), then + norm(mlp(norm(x)))."""
-        a = self._norm(self._attention(i, lw, self._norm(x, lw.in_norm), attn), lw.attn_out_norm)
-        h2, x = self._norm(a, lw.post_norm, residual=x)
+        """Gemma2: x + norm(attn(norm(x))), then + norm(mlp(norm(x))); OLMo-2, without input norms:
+        x + norm(attn(x)), then + norm(mlp(x))."""
+        h = x if lw.in_norm is None else self._norm(x, lw.in_norm)
+        a = self._norm(self._attention(i, lw, h, attn), lw.attn_out_norm)
+        if lw.post_norm is None:
+            x = h2 = x + a
+        else:
+            h2, x = self._norm(a, lw.post_norm, residual=x)
         return x + self._norm(self._mlp(lw, h2), lw.mlp_out_norm)
 
     def _embed(self, w: ModelWeights, ids, positions):
@@ -280,6 +320,8 @@ class Decoder:
             x = nn.functional.embedding(ids, w.embed)
         if w.embed_scale is not None:
             x = x * w.embed_scale
+        if w.embed_norm is not None:
+            x = self._norm(x, w.embed_norm)
         if w.project_in is not None:
             x = w.project_in(x)
         if w.pos_embed is not None:
@@ -308,6 +350,8 @@ class Decoder:
         if w.project_out is not None:
             x = w.project_out(x)
         logits = self._logits(w.lm_head, x)
+        if self.spec.logit_divisor is not None:
+            logits = logits / self.spec.logit_divisor
         if self.softcap is not None:
             logits = softcap_(logits, self.softcap)
         if self.tp is not None and w.vocab_range is not None:

@@ -15,7 +15,7 @@ by session.py; `generate` is a session whose sequences finish at their first sto
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -71,12 +71,13 @@ class HybridEngine:
                           dist.get_world_size() if dist.is_initialized() else None)
             self.tp = TPGroup(self.config.tp_size, self.device)
             self._plan = ShardPlan(self.spec, self.config.tp_size)
-            self.local_spec = self._plan.heads.local_spec(self.spec)
+            self.local_spec = self._plan.heads.local_spec(self.spec, self.tp.rank)
         self._weights: Optional[ModelWeights] = None
         self._stack: Optional[contextlib.ExitStack] = None
         self._cache: Optional[PagedKVCache] = None
         self._decoder: Optional[Decoder] = None
-        self._tables = None  # (length, cos, sin)
+        self._tables = None  # (length, {key: (cos, sin)}, device)
+        self._decoder_tables = None  # the tables the current decoder was built with
         self.last_stats: Dict[str, int] = {}  # of the last generate(): steps, preemptions, peak KV blocks...
 
     # -- facts about the model --------------------------------------------------------------
@@ -191,12 +192,14 @@ class HybridEngine:
         return weights
 
     # -- rotary tables from the HF module (so rope-scaling variants are honoured) -------------
-    def _rotary_tables(self, length: int):
+    def _rotary_tables(self, length: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """{key: (cos, sin)}, fp32 [max(length, max_positions), rotary_dim // 2], one table per key of
+        spec.layer_rotary (the layer type HF's rotary module takes; "" = its only table)."""
         spec = self.spec
         if not spec.rotary_dim:
-            return None, None
-        if self._tables is not None and self._tables[0] >= length and self._tables[1].device == self.device:
-            return self._tables[1], self._tables[2]
+            return {}
+        if self._tables is not None and self._tables[0] >= length and self._tables[2] == self.device:
+            return self._tables[1]
         length = max(length, spec.max_positions)
         backbone = get_path(self.model, spec.backbone)
         mod = get_path(backbone, spec.rotary_module)
@@ -208,16 +211,17 @@ class HybridEngine:
             raise ValueError(f"no rotary embedding module at {spec.backbone}.{spec.rotary_module}")
         x = torch.zeros(1, 1, spec.head_dim, dtype=torch.float32, device=self.device)
         pos = torch.arange(length, device=self.device)[None]
-        with torch.no_grad():
-            cos, sin = mod(x, pos)
-        if cos.shape[-1] != spec.rotary_dim:
-            raise ValueError(f"rotary module gives dim {cos.shape[-1]}, spec expects {spec.rotary_dim}")
-        half = spec.rotary_dim // 2
-        # HF's tables are cat(freqs, freqs): the first half is the per-frequency table
-        cos = cos[0, :, :half].float().contiguous()
-        sin = sin[0, :, :half].float().contiguous()
-        self._tables = (length, cos, sin)
-        return cos, sin
+        tables = {}
+        for key in sorted({k for k in spec.layer_rotary if k is not None} if spec.layer_rotary else {""}):
+            with torch.no_grad():
+                cos, sin = mod(x, pos, key) if key else mod(x, pos)
+            if cos.shape[-1] != spec.rotary_dim:
+                raise ValueError(f"rotary module gives dim {cos.shape[-1]}, spec expects {spec.rotary_dim}")
+            half = spec.rotary_dim // 2
+            # HF's tables are cat(freqs, freqs): the first half is the per-frequency table
+            tables[key] = (cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
+        self._tables = (length, tables, self.device)
+        return tables
 
     # -- the paged KV pool (sizing rule: kv_cache.py) --------------------------------------------
     def _layout(self):
@@ -435,19 +439,15 @@ class HybridEngine:
             if total > self.spec.max_positions:
                 raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's "
                                  f"{self.spec.max_positions} learned positions")
-        if self.spec is not None and "sliding_window" in self.spec.extra:
-            total = input_ids.shape[1] + max_new_tokens
-            if total > self.spec.extra["sliding_window"]:
-                raise ValueError(f"prompt + max_new_tokens = {total} exceeds the sliding window "
-                                 f"({self.spec.extra['sliding_window']}), which the engine does not "
-                                 "implement; use EngineConfig(fallback='hf')")
         return input_ids, attention_mask
 
     def _decoder_for(self, total_len: int) -> Decoder:
-        cos, sin = self._rotary_tables(total_len)
-        if self._decoder is None or self._decoder.cos is not cos:
+        tables = self._rotary_tables(total_len)
+        if self._decoder is None or self._decoder_tables is not tables:
+            cos, sin = tables.get("", (None, None))
             self._decoder = Decoder(self.local_spec, self.device, self.config.backend, cos, sin,
-                                    lean=self.config.lean_cpu_decode, tp=self.tp)
+                                    lean=self.config.lean_cpu_decode, tp=self.tp, rotary_tables=tables)
+            self._decoder_tables = tables
         return self._decoder
 
     @torch.no_grad()

@@ -27,9 +27,12 @@ from fastrlhf import ops
 ATTN_NAME = "fastrlhf"
 # RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * weight
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "OlmoRMSNorm",
-                    "Phi3RMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm")
-# ... and those scaling by (1 + weight), computed in fp32 (Gemma, Gemma2)
-RMS_NORM_PLUS_ONE_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm")
+                    "Phi3RMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm",
+                    "MinistralRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm")
+# ... and those scaling by (1 + weight), computed in fp32 (Gemma, Gemma2, Gemma3)
+RMS_NORM_PLUS_ONE_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+# LayerNorms with neither weight nor bias, eps 1e-5 (OLMo)
+PLAIN_LAYER_NORM_CLASSES = ("OlmoLayerNorm",)
 
 
 def fastrlhf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -203,6 +206,8 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
         return FastRMSNorm(module.weight, eps)
     if name in RMS_NORM_PLUS_ONE_CLASSES:
         return FastRMSNorm(module.weight, getattr(module, "eps", 1e-6), offset=1.0)
+    if name in PLAIN_LAYER_NORM_CLASSES:
+        return FastLayerNorm(None, None, 1e-5)
     if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
         return FastLayerNorm(module.weight, module.bias, module.eps)
     return None
@@ -339,8 +344,8 @@ class EngineGenerate:
         for k, v in s.items():
             if k not in ENGINE_ARGS and k not in NO_EFFECT_FIELDS and not _same(v, defaults.get(k)):
                 return None, f"generation_config.{k}={v!r}"
-        if s.get("use_cache") is False:
-            return None, "use_cache=False"
+        if kwargs.get("use_cache") is False:  # asked for; a config's use_cache=False (MPT's) is a
+            return None, "use_cache=False"    # training-memory default, with the same tokens
         eos = s.get("eos_token_id")
         eos_ids: List[int] = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         pad = s.get("pad_token_id")
@@ -365,9 +370,6 @@ class EngineGenerate:
         min_new = max(int(s.get("min_new_tokens") or 0), int(s.get("min_length") or 0) - p)
         if pad is None:
             return None, "no pad_token_id and no eos_token_id"
-        window = self.engine().spec.extra.get("sliding_window")
-        if window is not None and p + max_new > window:
-            return None, f"prompt + new tokens ({p + max_new}) beyond the sliding window ({window})"
         do_sample = bool(s.get("do_sample"))
         group = int(s.get("num_return_sequences") or 1)
         if group > 1 and not do_sample:

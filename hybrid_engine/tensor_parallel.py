@@ -232,8 +232,12 @@ class HeadPlan:
         kv = self.q_heads(r)[0] // (self.n_heads // self.n_kv_heads)  # replicated: the one KV head
         return kv, kv + 1                                             # of this rank's q heads
 
-    def local_spec(self, spec: ArchSpec) -> ArchSpec:
-        return dataclasses.replace(spec, n_heads=self.local_heads, n_kv_heads=self.local_kv_heads)
+    def local_spec(self, spec: ArchSpec, rank: int) -> ArchSpec:
+        """The spec tp rank `rank` runs: its head counts, and its heads' ALiBi slopes."""
+        q0, q1 = self.q_heads(rank)
+        slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[q0:q1]
+        return dataclasses.replace(spec, n_heads=self.local_heads, n_kv_heads=self.local_kv_heads,
+                                   alibi_slopes=slopes)
 
 
 def _merge(ranges) -> Ranges:
@@ -524,6 +528,8 @@ def build_tp_model(model: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
     lm_head = shard_linear(head, reader, out=vocab_sel if vocab_parallel else None, backend=backend)
     pos = get_path(backbone, spec.pos_embed)
     fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
+    enorm = None if spec.embed_norm is None else shard_norm(
+        _require(backbone, spec.embed_norm, "norm"), reader)
     proj = lambda p: None if p is None else shard_linear(  # noqa: E731
         _require(backbone, p, "projection"), reader, backend=backend)
     layers = []
@@ -535,7 +541,7 @@ def build_tp_model(model: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
         embed=embed, pos_embed=None if pos is None else reader.whole(pos.weight),
         final_norm=None if fnorm is None else shard_norm(fnorm, reader, spec.norm_offset),
         lm_head=lm_head, project_in=proj(spec.project_in), project_out=proj(spec.project_out),
-        layers=layers, embed_scale=None if spec.embed_scale is None else torch.tensor(
+        layers=layers, embed_norm=enorm, embed_scale=None if spec.embed_scale is None else torch.tensor(
             spec.embed_scale, dtype=embed.dtype, device=embed.device),
         vocab_range=vocab_sel[group.rank][0] if vocab_parallel else None)
 

@@ -59,9 +59,10 @@ TINY_CONFIGS = {
                      vocab_size=VOCAB, pad_token_id=1, bos_token_id=2, eos_token_id=2),
     "llama": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128),
+    # sliding windows: the tests' prompts (up to 13 tokens) and generations (36) run past them
     "mistral": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
                     num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=128,
-                    sliding_window=96),
+                    sliding_window=7),
     "qwen2": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=6,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128),
     # head_dim explicit and != hidden / heads; per-head q/k RMSNorm
@@ -71,9 +72,9 @@ TINY_CONFIGS = {
     "qwen3_tied": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=6,
                        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128,
                        tie_word_embeddings=True),
-    # fused qkv_proj (GQA) and gate_up_proj; partial rotary; a sliding window longer than the tests
+    # fused qkv_proj (GQA) and gate_up_proj; partial rotary; a sliding window
     "phi3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=96,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=9,
                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # RMSNorm by (1 + w), embeddings * sqrt(hidden), gelu-tanh gated MLP, MQA, tied,
     # head_dim != hidden / heads
@@ -86,7 +87,7 @@ TINY_CONFIGS = {
     "gemma2": dict(hidden_size=48, num_hidden_layers=3, intermediate_size=80, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
                    query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=6.0,
-                   sliding_window=96, hidden_activation="gelu_pytorch_tanh",
+                   sliding_window=6, hidden_activation="gelu_pytorch_tanh",
                    pad_token_id=0, bos_token_id=2, eos_token_id=1),
     # LayerNorm, partial rotary, q/k/v biases, GQA; and the parallel-residual variant
     "stablelm": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
@@ -100,7 +101,7 @@ TINY_CONFIGS = {
     # biases everywhere, LayerNorm, plain gelu MLP c_fc/c_proj, GQA, tied, a sliding window
     "starcoder2": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-                       sliding_window=96, use_bias=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+                       sliding_window=5, use_bias=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
     "gpt_neox": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                      vocab_size=VOCAB, rotary_pct=0.5, max_position_embeddings=128),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
@@ -131,13 +132,74 @@ TINY_CONFIGS = {
                   num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                   clip_qkv=1.0, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=1,
                   bos_token_id=None, eos_token_id=2),
+    # Falcon-RW's shape: ALiBi (no rotary), multi-head, sequential residual, biases
+    "falcon_alibi": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                         alibi=True, multi_query=False, parallel_attn=False, bias=True,
+                         max_position_embeddings=128),
+    # ALiBi with 6 heads (slopes beyond the power of two), embedding LayerNorm, per-head fused QKV
+    "bloom": dict(hidden_size=48, n_layer=2, n_head=6, vocab_size=VOCAB, pad_token_id=0, bos_token_id=2,
+                  eos_token_id=1),
+    # ALiBi with MPT's slopes (6 heads: not a power of two), clip_qkv, bias-free LayerNorms
+    "mpt": dict(d_model=48, n_layers=2, n_heads=6, expansion_ratio=2, max_seq_len=128, vocab_size=VOCAB,
+                attn_config=dict(clip_qkv=0.6), pad_token_id=0, bos_token_id=2,
+                eos_token_id=1),
+    # local (window 5, rotary base 100) and global (base 10000, linear rope scaling 2) layers, per-head
+    # q/k norms, Gemma-2's sandwich norms, scalar and final softcap, GQA
+    "gemma3_text": dict(hidden_size=48, num_hidden_layers=3, intermediate_size=80, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+                   query_pre_attn_scalar=24, final_logit_softcapping=6.0, sliding_window=5,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                       "rope_theta": 10000.0}},
+                   pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # head_dim explicit: transformers 5.24's Ministral fails without it
+    "ministral": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                      head_dim=12, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                      sliding_window=6, layer_types=["full_attention", "sliding_attention"]),
+    # weightless LayerNorms, clip_qkv
+    "olmo": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, clip_qkv=0.6,
+                 pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # output norms instead of input norms, q/k RMSNorms over all heads
+    "olmo2": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # OLMo-2 with a sliding (window 6, base 300) and a full (base 10000) layer
+    "olmo3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=6,
+                  layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 300.0},
+                                   "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # a layer with rotary and one without (NoPE), the latter with a sliding window
+    "smollm3": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                    no_rope_layer_interval=2, use_sliding_window=True, sliding_window=6,
+                    pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # parallel residual with one LayerNorm, partial rotary, biases (lm_head too), per-head q/k LayerNorms
+    "phi": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                vocab_size=VOCAB, max_position_embeddings=128, partial_rotary_factor=0.5, qk_layernorm=True,
+                pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # learned positions, no score scaling, a global and a local (window 5) layer
+    "gpt_neo": dict(hidden_size=48, num_layers=2, num_heads=4, vocab_size=VOCAB, max_position_embeddings=128,
+                    attention_types=[[["global", "local"], 1]], window_size=5, bos_token_id=0, eos_token_id=0),
+    # multi-query attention in one fused c_attn, learned positions
+    "gpt_bigcode": dict(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, pad_token_id=0,
+                        bos_token_id=2, eos_token_id=1),
+    # embedding, attention, residual and logit multipliers
+    "granite": dict(hidden_size=48, num_hidden_layers=2, intermediate_size=80, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                    embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
+                    logits_scaling=1.7, pad_token_id=0, bos_token_id=2, eos_token_id=1),
 }
-FAMILY_OF = {"falcon_new": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt",
+FAMILY_OF = {"falcon_new": "falcon", "falcon_alibi": "falcon", "qwen3_tied": "qwen3", "opt_proj": "opt",
              "stablelm_parallel": "stablelm"}
 # families whose norm weights are randomised (HF initialises them to ones), so that e.g. a q/k
 # norm mix-up changes the logits
 RANDOM_NORMS = {"qwen3", "qwen3_tied", "opt_proj", "phi3", "gemma", "gemma2", "stablelm", "stablelm_parallel",
-                "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+                "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                "bloom", "mpt", "gemma3_text", "olmo2", "olmo3", "phi", "smollm3", "granite"}
 # families loaded with eager attention: transformers 4.5x defaults Gemma2 to sdpa, which silently
 # drops attn_logit_softcapping (HF's own Gemma2 docs ask for eager)
 EAGER = {"gemma2"}

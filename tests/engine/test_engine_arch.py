@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fastrlhf.hybrid_engine import EngineConfig, HybridEngine, UnsupportedArchitecture
-from conftest import TINY_CONFIGS, build_tiny, left_padded_batch, tiny_config
+from conftest import TINY_CONFIGS, build_tiny, left_padded_batch, tiny_config, training_logprobs
 
 NEW_TOKENS = 36
 
@@ -74,10 +74,14 @@ def test_append_and_continue_equals_generating_from_scratch(tiny):
     HF greedy on the concatenation, with only the new tokens computed."""
     name, model = tiny
     prompt = left_padded_batch([6], pad_id=0, seed=9)[0][0].tolist()
-    with HybridEngine(model, None, EngineConfig(backend="torch")).session(do_sample=False, eos_token_id=[]) as s:
-        (seq,) = s.start(prompt, max_new_tokens=5)
+    # the model's EOS held back for each turn's tokens, as HF's min_new_tokens does (greedy picks it
+    # for some tiny models)
+    eos = model.generation_config.eos_token_id
+    with HybridEngine(model, None, EngineConfig(backend="torch")).session(
+            do_sample=False, eos_token_id=[] if eos is None else eos) as s:
+        (seq,) = s.start(prompt, max_new_tokens=5, min_new_tokens=5)
         s.run()
-        s.append(seq, [7, 30, 41], max_new_tokens=6)
+        s.append(seq, [7, 30, 41], max_new_tokens=6, min_new_tokens=6)
         s.run()
         ours = s.sequence(seq).tokens
         assert s.runner.prefill_tokens == 6 + 4
@@ -89,12 +93,12 @@ def test_append_and_continue_equals_generating_from_scratch(tiny):
 
 def test_unsupported_architecture_names_supported_ones_and_fallback(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=4, vocab_size=64)
+    cfg = AutoConfig.for_model("codegen", n_embd=32, n_layer=1, n_head=4, vocab_size=64, rotary_dim=4)
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(UnsupportedArchitecture) as e:
         HybridEngine(model, None, EngineConfig())
     msg = str(e.value)
-    assert "bloom" in msg and "llama" in msg and "fallback='hf'" in msg
+    assert "codegen" in msg and "llama" in msg and "bloom" in msg and "fallback='hf'" in msg
     # the fallback serves the same interface with plain HF generate
     ids, mask = left_padded_batch([3, 6], vocab=64, pad_id=0)
     engine = HybridEngine(model, None, EngineConfig(fallback="hf"))
@@ -123,13 +127,49 @@ def test_cache_is_reused_across_calls_and_released_on_request(tiny):
     assert engine._cache is None
 
 
-@pytest.mark.parametrize("name", ["mistral", "phi3", "gemma2", "starcoder2"])
-def test_request_longer_than_the_sliding_window_is_refused(tmp_path, name):
-    model = build_tiny(name, tmp_path)  # sliding_window=96
-    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
-    ids, mask = left_padded_batch([4, 7], pad_id=0)
-    with pytest.raises(ValueError, match="sliding window"):
-        engine.generate(ids, mask, max_new_tokens=100, do_sample=False, pad_token_id=0)
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_window_beyond_the_maximum_position_is_full_attention(tmp_path, monkeypatch, lean):
+    """A sliding window longer than the model's positions (or than a request) hides no key: the
+    engine accepts it and attends without a window (the paged ops get no `window=`, the CPU lean
+    passes build no window mask), token-identical to HF."""
+    from fastrlhf.hybrid_engine import attention, decoder
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 1000  # > max_position_embeddings = 128
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    calls = []  # (what, its window): every paged attention op call, or every lean score bias built
+    real_resolve, real_bias = decoder.ops.resolve, attention._score_bias
+
+    def spy(op, *a):
+        name, fn = real_resolve(op, *a)
+        if not op.startswith("paged_attention"):
+            return name, fn
+        return name, lambda *x, **k: calls.append((op, k.get("window"))) or fn(*x, **k)
+    monkeypatch.setattr(decoder.ops, "resolve", spy)
+    monkeypatch.setattr(attention, "_score_bias", lambda *a: calls.append(("bias", a[-1])) or real_bias(*a))
+    engine = HybridEngine(model, None, EngineConfig(backend="torch", lean_cpu_decode=lean))
+    assert engine.spec.layer_windows == (1000, 1000)
+    ids, mask = left_padded_batch([9, 4], pad_id=0, seed=9)
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
+    ours = engine.generate(ids, mask, **kw).sequences
+    assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, **kw))
+    kinds = {what for what, _ in calls}
+    assert kinds == ({"bias"} if lean else {"paged_attention_prefill", "paged_attention_decode"})
+    assert len(calls) >= (29 if lean else 2 * 29)  # at least one per decode step (a layer each for the ops)
+    assert all(w is None for _, w in calls)
+
+
+@pytest.mark.parametrize("name,lean", [("gemma3_text", True), ("gemma3_text", False), ("bloom", True),
+                                       ("mpt", False), ("gpt_neo", True), ("falcon_alibi", False)])
+def test_decode_logprobs_past_the_window_equal_a_full_forward(tiny_models, name, lean):
+    """Each decode step past the sliding window (local and global layers with their own rotary
+    bases) or with ALiBi gives the log-probs of HF's forward over the whole sequence."""
+    model = tiny_models[name]
+    ids, mask = left_padded_batch([6, 12, 3], pad_id=0, seed=10)
+    out = HybridEngine(model, None, EngineConfig(backend="torch", lean_cpu_decode=lean)).generate(
+        ids, mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, return_logprobs=True)
+    assert (out.logprobs - training_logprobs(model, out.sequences, mask)).abs().max() < 1e-4
 
 
 def test_right_padded_prompts_are_rejected_with_the_fix(tiny):
@@ -162,29 +202,28 @@ def test_big_head_decode_path_equals_hf(family, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])
-def test_qwen_sliding_window_is_honoured_by_refusing_longer_requests(name, tmp_path):
-    """Qwen2/Qwen3 slide only with use_sliding_window=True (and, in newer releases, only where
-    layer_types says so); then requests longer than the window are refused."""
+def test_qwen_sliding_window_layers_generate_past_the_window_like_hf(name, tmp_path):
+    """Qwen2/Qwen3 slide only with use_sliding_window=True, on the layers from max_window_layers on
+    (layer_types); generation past the window equals HF's."""
     from fastrlhf.hybrid_engine.arch_spec import spec_for
     cfg = tiny_config(name)
-    assert "sliding_window" not in spec_for(cfg).extra
-    cfg = type(cfg)(use_sliding_window=True, sliding_window=64, max_window_layers=1, **TINY_CONFIGS[name])
+    assert spec_for(cfg).layer_windows == ()
+    cfg = type(cfg)(use_sliding_window=True, sliding_window=5, max_window_layers=1, **TINY_CONFIGS[name])
     spec = spec_for(cfg)
     assert spec.family == {"qwen2": "llama", "qwen3": "qwen3"}[name]
-    assert spec.extra["sliding_window"] == 64
-    if getattr(cfg, "layer_types", None) is not None:
-        full = type(cfg)(use_sliding_window=True, sliding_window=64, **TINY_CONFIGS[name],
-                         layer_types=["full_attention"] * cfg.num_hidden_layers)
-        assert "sliding_window" not in spec_for(full).extra
+    assert spec.layer_windows == (None, 5)
+    full = type(cfg)(use_sliding_window=True, sliding_window=5, **TINY_CONFIGS[name],
+                     layer_types=["full_attention"] * cfg.num_hidden_layers)
+    assert spec_for(full).layer_windows == ()
     if name == "qwen3":
         assert spec.q_norm and spec.k_norm and spec.head_dim == 16
+    cfg.initializer_range = 0.25
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    engine = HybridEngine(model, None, EngineConfig(backend="torch"))
-    ids, mask = left_padded_batch([4, 7], pad_id=0)
-    with pytest.raises(ValueError, match="sliding window"):
-        engine.generate(ids, mask, max_new_tokens=70, do_sample=False, pad_token_id=0)
-    out = engine.generate(ids, mask, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=[])
-    assert out.sequences.shape == (2, ids.shape[1] + 40)
+    ids, mask = left_padded_batch([4, 9], pad_id=0, seed=11)
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    ours = HybridEngine(model, None, EngineConfig(backend="torch")).generate(ids, mask, **kw).sequences
+    assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, **kw))
 
 
 def test_phi3_longrope_is_refused_with_the_fallback():
@@ -240,5 +279,5 @@ def test_gemma2_spec_reads_the_attention_scale_caps_and_window():
     from fastrlhf.hybrid_engine.arch_spec import spec_for
     spec = spec_for(tiny_config("gemma2"))
     assert spec.attn_scale == 24 ** -0.5 and spec.attn_logit_softcap == 2.0
-    assert spec.final_logit_softcap == 6.0 and spec.extra["sliding_window"] == 96
+    assert spec.final_logit_softcap == 6.0 and spec.layer_windows == (6, None, 6)
     assert spec.norm_offset == 1.0 and spec.embed_scale == 48 ** 0.5

@@ -23,7 +23,8 @@ def _greedy_pair(model, config, lengths=(5, 9, 3), new=10, device="cpu"):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox", "falcon", "opt", "qwen3", "opt_proj", "phi3",
-                                  "gemma", "gemma2", "stablelm", "stablelm_parallel", "starcoder2"])
+                                  "gemma", "gemma2", "stablelm", "stablelm_parallel", "starcoder2",
+                                  "bloom", "smollm3"])  # ALiBi; a layer without rotary
 def test_pure_ops_decode_path_equals_hf(tmp_path, name):
     model = build_tiny(name, tmp_path)
     ours, ref = _greedy_pair(model, EngineConfig(backend="torch", lean_cpu_decode=False,
@@ -64,7 +65,8 @@ gpu = pytest.mark.gpu  # skipped without CUDA by the rule in conftest.py
 
 
 @gpu
-@pytest.mark.parametrize("name", ["llama", "opt", "gpt_neox"])
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt_neox",
+                                  "gemma3_text", "bloom"])  # past sliding windows; ALiBi
 def test_gpu_cuda_graphs_equal_eager_and_hf(tmp_path, name):
     model = build_tiny(name, tmp_path).cuda()
     graphs, ref = _greedy_pair(model, EngineConfig(cuda_graphs=True), new=24, device="cuda")

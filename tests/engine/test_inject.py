@@ -13,7 +13,10 @@ from fastrlhf.models.lora import apply_lora, lora_modules
 from conftest import TinyModels, left_padded_batch, no_dropout
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "opt", "gpt2", "gpt_neox",
-            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+            # sliding windows (tiny, so the inputs run past them) and local/global layers
+            "mistral", "ministral", "gemma3_text", "olmo3", "smollm3",
+            "olmo", "olmo2", "phi", "gpt_bigcode", "granite"]
 # attention injection needs transformers' attention-mask interface (4.54); OPT and GPT-2 attention
 # in 4.x cannot take a 2-D padding mask, so there inject must refuse clearly instead
 TRANSFORMERS = Version(Version(transformers.__version__).base_version)  # 5.0.0rc1 counts as 5.0
@@ -71,9 +74,12 @@ def test_injected_forward_and_grads_equal_hf(models, name):
         assert (p.grad - g_ref).norm() <= 1e-4 * g_ref.norm() + 1e-6 * total, n
 
 
-def test_injected_model_generates_like_hf_with_a_kv_cache(models):
-    ref = models["llama"]
-    fast = _inject(copy.deepcopy(ref), "llama")
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_injected_model_generates_like_hf_with_a_kv_cache(models, name):
+    """HF's generate on the injected model: its sliding-window cache layers hand the attention the
+    last window - 1 keys plus the new one, past the window (5) of Gemma-3's local layers."""
+    ref = models[name]
+    fast = _inject(copy.deepcopy(ref), name)
     if fast is None:
         return
     ids, mask = left_padded_batch([4, 9], seed=22)
@@ -105,11 +111,14 @@ def test_inject_lora_models(models, kind):
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
 
 
-def test_inject_refuses_models_without_the_attention_interface(models):
+@pytest.mark.parametrize("name", ["falcon", "bloom", "mpt", "gpt_neo"])
+def test_inject_refuses_models_without_the_attention_interface(models, name):
+    """Falcon, the ALiBi families (Bloom, MPT; HF computes their bias outside the attention interface)
+    and GPT-Neo run their own attention code: inject refuses attention, norms alone work."""
     with pytest.raises(NotImplementedError, match="attention=False"):
-        fastrlhf.inject(copy.deepcopy(models["falcon"]))
+        fastrlhf.inject(copy.deepcopy(models[name]))
     # norms alone still work and keep outputs equal
-    ref = models["falcon"]
+    ref = models[name]
     fast = fastrlhf.inject(copy.deepcopy(ref), attention=False)
     ids, mask = left_padded_batch([4, 7], seed=24)
     real = mask.bool()

@@ -13,7 +13,7 @@ from fastrlhf.hybrid_engine import HybridEngine
 from fastrlhf.hybrid_engine.injection import EngineGenerate
 from conftest import FAMILY_OF, TINY_CONFIGS, left_padded_batch
 
-ONE_PER_FAMILY = sorted(name for name in TINY_CONFIGS if name not in FAMILY_OF) + ["opt_proj"]
+ONE_PER_FAMILY = sorted(name for name in TINY_CONFIGS if name not in FAMILY_OF) + ["opt_proj", "falcon_alibi"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,6 +105,18 @@ def test_unsupported_argument_falls_back_to_hf_and_says_so_once(models, engine_c
     assert torch.equal(first, ref.generate(ids, **kw)) and torch.equal(first, second)
     out = capsys.readouterr().out
     assert out.count("'num_beams'") == 1 and "HF's generate" in out
+    fast.generate(ids, attention_mask=mask, max_new_tokens=3, use_cache=False, pad_token_id=0)
+    assert not engine_calls and "use_cache=False" in capsys.readouterr().out
+
+
+def test_a_configs_use_cache_false_still_generates_in_the_engine(models, engine_calls):
+    """MPT's configs say use_cache=False (a training-memory default): generate is the engine's."""
+    ref = models["mpt"]
+    assert ref.generation_config.use_cache is False
+    ids, mask = left_padded_batch([5, 8], pad_id=0, seed=13)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(_generate_only(ref).generate(ids, **kw), ref.generate(ids, **kw))
+    assert len(engine_calls) == 1
 
 
 def test_generate_leaves_the_training_state_as_it_was(models):
@@ -137,7 +149,7 @@ def test_generate_leaves_the_training_state_as_it_was(models):
 def test_generate_needs_an_engine_family(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from fastrlhf.hybrid_engine import UnsupportedArchitecture
-    cfg = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=4, vocab_size=64)
+    cfg = AutoConfig.for_model("codegen", n_embd=32, n_layer=1, n_head=4, vocab_size=64, rotary_dim=4)
     with pytest.raises(UnsupportedArchitecture, match="llama"):
         fastrlhf.inject(AutoModelForCausalLM.from_config(cfg), attention=False, generate=True)
 

@@ -23,6 +23,12 @@ def llama(tmp_path_factory):
     return build_tiny("llama", tmp_path_factory.mktemp("llama"))
 
 
+@pytest.fixture(scope="module", params=["llama", "gemma3_text", "bloom"])
+def lean_family(request, tmp_path_factory):
+    """Llama; Gemma-3 (sliding windows of 5 on local layers, two rotary tables); Bloom (ALiBi)."""
+    return build_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
 def _engine(model, **kw):
     return HybridEngine(model, None, EngineConfig(backend="torch", **kw))
 
@@ -231,16 +237,18 @@ def test_num_return_sequences_prefills_each_prompt_once_in_hf_order(llama):
     assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[2], greedy[3])
 
 
-def test_lean_paged_decode_equals_the_paged_ops(llama):
-    """The CPU decode step (LeanPagedDecodeAttention) and the ops path give the same logits."""
+def test_lean_paged_decode_equals_the_paged_ops(lean_family):
+    """The CPU decode step (LeanPagedDecodeAttention) and the ops path give the same logits (also
+    with windows that hide keys, per-layer rotary tables and ALiBi)."""
     from fastrlhf.hybrid_engine.attention import LeanPagedDecodeAttention, PagedBatch, PagedDecodeAttention
     from fastrlhf.hybrid_engine.kv_cache import PagedKVCache
-    engine = _engine(llama)
+    engine = _engine(lean_family)
+    n_layers = engine._layout()[0]
     with engine.inference():
         dec = engine._decoder_for(64)
         sp = engine.spec
         g = torch.Generator().manual_seed(0)
-        pool = PagedKVCache(2, 9, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
+        pool = PagedKVCache(n_layers, 9, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
         pool.storage.normal_(generator=g)
         tables = torch.tensor([[3, 0, 7, -1], [5, 1, 2, 8]], dtype=torch.int32)
         lens = torch.tensor([10, 14], dtype=torch.int32)
@@ -249,7 +257,7 @@ def test_lean_paged_decode_equals_the_paged_ops(llama):
         tok = torch.tensor([17, 42])
         outs = []
         for cls in (LeanPagedDecodeAttention, PagedDecodeAttention):
-            cache = PagedKVCache(2, 9, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
+            cache = PagedKVCache(n_layers, 9, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
             cache.storage.copy_(pool.storage)
             outs.append((dec.decode(engine._weights, tok, pos, cls(dec, pos, cache, PagedBatch(slots, tables, lens))),
                          cache.storage))
@@ -260,16 +268,18 @@ def test_lean_paged_decode_equals_the_paged_ops(llama):
         assert written[0] == written[1] and {(w[2], w[4]) for w in written[0]} == {(7, 1), (8, 1)}
 
 
-def test_lean_packed_step_equals_the_paged_ops(llama):
+def test_lean_packed_step_equals_the_paged_ops(lean_family):
     """The CPU packed step (decode rows beside new and appended tokens: LeanPagedPackedAttention)
-    and the ops path give the same logits and cache writes."""
+    and the ops path give the same logits and cache writes (also with windows, per-layer rotary
+    tables and ALiBi)."""
     from fastrlhf.hybrid_engine.attention import LeanPagedPackedAttention, PagedPackedAttention
     from fastrlhf.hybrid_engine.kv_cache import PagedKVCache
     from fastrlhf.hybrid_engine.loop import extend_batch
-    engine = _engine(llama)
+    engine = _engine(lean_family)
+    n_layers = engine._layout()[0]
     with engine.inference():
         dec, sp = engine._decoder_for(64), engine.spec
-        pool = PagedKVCache(2, 12, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
+        pool = PagedKVCache(n_layers, 12, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
         pool.storage.normal_(generator=torch.Generator().manual_seed(1))
         # two decode rows (10 and 5 cached tokens), a fresh prompt of 7, 3 tokens appended to 9 cached
         dec_tables = torch.tensor([[3, 0, 7], [5, 1, -1]], dtype=torch.int32)
@@ -287,7 +297,7 @@ def test_lean_packed_step_equals_the_paged_ops(llama):
         last = torch.tensor([0, 1, 2 + 6, 2 + 9])
         outs = []
         for lean in (True, False):
-            cache = PagedKVCache(2, 12, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
+            cache = PagedKVCache(n_layers, 12, sp.n_kv_heads, 4, sp.head_dim, torch.float32, torch.device("cpu"))
             cache.storage.copy_(pool.storage)
             attn = (LeanPagedPackedAttention(dec, pos, cache, slots, 2, dec_batch, ext) if lean else
                     PagedPackedAttention(dec, pos[None], cache, slots, 2, dec_batch, ext))

@@ -4,8 +4,8 @@ All multi-rank checks run in ONE launch of 4 CPU processes (torchrun, gloo), i.e
 groups of 2 ranks, each rank with its own prompts (different batch sizes and prompt lengths). The
 1-process reference of a rank's prompts is the engine with tp_size=1 on that rank alone (no
 collectives: what one process computes), run in the workers so that the 2 cores share that work.
-- every supported family, no ZeRO: greedy tokens identical to 1 process and log-probs within
-  1e-5 (fp32); the issue's five (Llama with GQA, Qwen2 with
+- every supported family (OLMo-2/3 are refused), no ZeRO: greedy tokens identical to 1 process
+  and log-probs within 1e-5 (fp32); the issue's five (Llama with GQA, Qwen2 with
   biases, OPT, GPT-NeoX with partial rotary, Mistral with 1 KV head < tp_size) with both lm_head
   modes; sampling with several EOS ids (rows stop at different steps): the same sequences, each rank
   cut where it alone would stop, also with num_return_sequences=3; LoRA fused per shard with the base weights bit-identical after;
@@ -30,7 +30,10 @@ EXTRA = {"falcon_new_mqa": ("falcon", dict(hidden_size=48, num_hidden_layers=2, 
                                            num_kv_heads=1, new_decoder_architecture=True, bias=True,
                                            vocab_size=96, max_position_embeddings=128))}
 FAMILIES = FIVE + ["opt_proj", "falcon", "falcon_new", "gpt2", "phi3", "gemma", "gemma2", "starcoder2",
-                   "stablelm", "stablelm_parallel", "qwen3", "qwen3_tied"] + list(EXTRA)
+                   "stablelm", "stablelm_parallel", "qwen3", "qwen3_tied",
+                   # ALiBi (each rank its heads' slopes), windows, per-layer rotary tables, multipliers
+                   "bloom", "mpt", "falcon_alibi", "gemma3_text", "ministral", "olmo", "smollm3", "phi",
+                   "gpt_neo", "gpt_bigcode", "granite"] + list(EXTRA)
 WORLD, TP, NEW = 4, 2, 6
 LENGTHS = [[5, 9, 3], [7, 2], [4, 6, 8, 3], [10]]  # each rank's prompts
 EOS = [10, 20, 30, 40, 50, 60, 70, 80]
