@@ -8,6 +8,7 @@ appends one JSON row per (model, implementation) to benchmarks/results/generatio
     python benchmarks/generation.py                       # CPU preset: default tiny + llama-110m
     python benchmarks/generation.py --models llama-110m --runs 7 --threads 2
     python benchmarks/generation.py --gpu                 # OPT-1.3B, batch 32, 256 + 256, bf16
+    python benchmarks/generation.py --models mistral-sw-110m   # past a sliding window (48)
     python benchmarks/generation.py --workload long-tail   # continuous vs static batching
     python benchmarks/generation.py --workload grpo-groups # G answers: shared vs repeated prompts
 
@@ -50,6 +51,14 @@ MODEL_CONFIGS = {
     "llama-1.3b": ("llama", dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=22,
                                  num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                                  tie_word_embeddings=False, max_position_embeddings=2048)),
+    # sliding-window models: Mistral's shape (GQA, a window on every layer) scaled down, with windows
+    # shorter than prompt + new tokens (CPU: 64 + 64 over a window of 48; GPU preset: 256 + 256 over 128)
+    "mistral-sw-110m": ("mistral", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                        num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+                                        sliding_window=48, max_position_embeddings=2048)),
+    "mistral-sw-1.3b": ("mistral", dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=22,
+                                        num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                                        sliding_window=128, max_position_embeddings=4096)),
 }
 
 

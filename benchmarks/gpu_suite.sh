@@ -172,6 +172,10 @@ with open(sys.argv[1], "a") as f:
 PYBENCH
 if [ -f benchmarks/generation.py ]; then
   run_stage bench_generation 120 "$PY" benchmarks/generation.py --gpu --out "$OUT/generation.jsonl"
+  # generation past a sliding window (Mistral-shaped 1.3B, window 128, 256 + 256 tokens): the
+  # engine's windowed prefill and decode end to end, against HF generate
+  run_stage bench_generation_window 120 "$PY" benchmarks/generation.py --gpu --models mistral-sw-1.3b \
+    --runs 3 --out "$OUT/generation.jsonl"
 fi
 if [ -f benchmarks/rollout_workloads.py ]; then
   # the rollout engine: continuous vs static batching on long-tail answers, G answers per prompt
