@@ -144,3 +144,24 @@ def no_hints(x) -> str:
 
 def no_doc(x: str) -> str:
     return x
+
+
+class HigherLower:
+    """Says "higher" or "lower" to the number in the model's turn (any text: a random model);
+    done on the 3rd turn, or when it sees `stop_word`."""
+
+    def reset(self, prompt, delay=0.0, **columns):
+        self.n, self.delay = 0, float(delay)
+        return None
+
+    def step(self, action):
+        self.n += 1
+        if self.delay and self.n == 1:
+            time.sleep(self.delay)
+        done = self.n >= 3
+        return Step(None if done else ("higher" if self.n % 2 else "too low , guess again"), 1.0 / self.n, done=done)
+
+
+def length_reward(prompts, completions, **columns):
+    """A reward function that varies between answers (for tests that need reward differences)."""
+    return [len(c) / 100.0 for c in completions]

@@ -167,6 +167,24 @@ class PPOConfig(TrainConfig):
     reward_tokenizer: str = option("check", "actor vs reward tokenizer: 'check' (must match) or "
                                     "'retokenize' (decode and re-encode for the reward model)",
                                     choices=("check", "retokenize"))
+    # multi-turn rollouts (fastrlhf.agents; README "Multi-turn rollouts: environments and tools")
+    env: Optional[str] = option(None, "multi-turn environment: path/to/file.py:Class or package.module:Class, one "
+                                "instance per trajectory in a worker process, reset(prompt, **columns) -> first user "
+                                "message or None, step(action) -> fastrlhf.agents.Step(observation, reward, done)")
+    tools: List[str] = option(None, "tool functions (type hints + docstring), repeatable: file.py:function or "
+                              "package.module:function (e.g. fastrlhf.agents:calculator); the model calls them with "
+                              "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>, a turn without a call "
+                              "ends the trajectory. Not with --env", factory=list)
+    max_turns: int = option(4, "model turns per trajectory (--env/--tools); one still going then is cut (counted)")
+    max_observation_tokens: int = option(256, "tokens of one environment or tool turn; longer text is cut to fit")
+    max_trajectory_tokens: Optional[int] = option(None, "tokens of a trajectory after its prompt (model and environment "
+                                                  "turns); unset = max_turns x max_new_tokens + (max_turns - 1) x "
+                                                  "max_observation_tokens, within the model's positions")
+    env_timeout: float = option(30.0, "seconds per environment call (reset, step) and per tool call", fingerprint=False)
+    env_workers: int = option(1, "worker processes per training process hosting the environments or tools",
+                              fingerprint=False)
+    log_rollouts: int = option(0, "trajectories (answers) per step written to <output_dir>/rollouts.jsonl (0 = off)",
+                               fingerprint=False)
 
     RANGES: ClassVar[Dict[str, Range]] = {
         **TrainConfig.RANGES, "rollout_batch_size": at_least(1), "group_size": at_least(1), "ppo_epochs": at_least(1),
@@ -183,7 +201,9 @@ class PPOConfig(TrainConfig):
         "reward_timeout": above(0), "reward_retries": at_least(0), "reward_concurrency": at_least(1),
         "reward_request_size": at_least(0, "0 = the whole batch in one request"),
         "max_sampling_rounds": at_least(1, "a step samples at least one batch"), "overlong_buffer_len": at_least(1),
-        "overlong_penalty_factor": above(0)}
+        "overlong_penalty_factor": above(0), "max_turns": at_least(1), "max_observation_tokens": at_least(1),
+        "max_trajectory_tokens": at_least(1), "env_timeout": above(0), "env_workers": at_least(1),
+        "log_rollouts": at_least(0, "0 = off")}
 
     def model_inputs(self) -> List[Tuple[str, Optional[str], str]]:
         return super().model_inputs() + [
@@ -196,6 +216,7 @@ class PPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self._validate_agents()
         self.validate_rewards()
         if self.algorithm.grouped and self.group_size < 2:
             raise ConfigError(f"{self.algo} compares answers to the same prompt: set --group_size >= 2")
@@ -271,9 +292,9 @@ class PPOConfig(TrainConfig):
         (the numbers are checked by RANGES)."""
         from ..rewards.http import check_url
         from ..rewards.spec import check_spec
-        if not (self.reward_model or self.reward_fn or self.reward_url):
+        if not (self.reward_model or self.reward_fn or self.reward_url or self.env):
             raise ConfigError("step 3 needs a reward: pass --reward_model DIR (the step-2 model), --reward_fn SPEC "
-                              "(e.g. fastrlhf.rewards:math_answer_match) or --reward_url URL")
+                              "(e.g. fastrlhf.rewards:math_answer_match), --reward_url URL or an --env that rewards")
         try:
             for spec in self.reward_fn:
                 check_spec(spec)
@@ -293,6 +314,38 @@ class PPOConfig(TrainConfig):
     def check_inputs(self, produced: Sequence[str] = (), tokenizers: bool = False) -> None:
         super().check_inputs(produced, tokenizers)
         self.check_reward_functions()
+        if self.agentic:  # the environment class / tools loaded and checked in their workers
+            from ..agents.step3 import check_agent_specs
+            check_agent_specs(self)
+
+    @property
+    def agentic(self) -> bool:
+        """Multi-turn rollouts: an --env or --tools."""
+        return bool(self.env or self.tools)
+
+    def trajectory_budget(self, max_new_tokens: int) -> int:
+        """Tokens of a trajectory after its prompt (see --max_trajectory_tokens)."""
+        return self.max_trajectory_tokens or (self.max_turns * max_new_tokens
+                                              + (self.max_turns - 1) * self.max_observation_tokens)
+
+    def _validate_agents(self) -> None:
+        """--env / --tools: the forms of their specs (imported in workers by check_inputs), one of
+        them, and the engine settings multi-turn rollouts run on."""
+        from ..rewards.spec import check_spec
+        if not self.agentic:
+            return
+        if self.env and self.tools:
+            raise ConfigError("--env and --tools together: the tool environment is the environment; call your tools "
+                              "from your environment's step(), or drop --env to let the model call them")
+        try:
+            if self.env:
+                check_spec(self.env, "--env", "class")
+            for spec in self.tools:
+                check_spec(spec, "--tools", "function")
+        except RewardSpecError as e:
+            raise ConfigError(str(e)) from None
+        if self.generation_fallback is not None:
+            raise ConfigError("--env/--tools run on the hybrid engine's continuation API; drop --generation_fallback")
 
     def check_reward_functions(self) -> None:
         """Every --reward_fn imported in a worker process, each within --reward_timeout (its module is

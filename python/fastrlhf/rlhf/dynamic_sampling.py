@@ -77,7 +77,10 @@ def select_groups(scored: ScoredRollout, groups: List[int], fillers: List[int], 
     batch["prompt"] = [scored.batch["prompt"][i] for i in rows.tolist()]
     batch["columns"] = {k: [v[i] for i in rows.tolist()] for k, v in (scored.batch.get("columns") or {}).items()}
     rollout = Rollout(r.sequences[rows.to(dev)], r.attention_mask[rows.to(dev)], r.action_mask[rows.to(dev)],
-                      r.prompt_len, None if r.engine_logprobs is None else r.engine_logprobs[rows.to(dev)])
+                      r.prompt_len, None if r.engine_logprobs is None else r.engine_logprobs[rows.to(dev)],
+                      None if r.turn_index is None else r.turn_index[rows.to(dev)],
+                      None if r.trajectories is None else [r.trajectories[i] for i in rows.tolist()],
+                      None if r.truncated is None else r.truncated[rows.to(dev)], dict(r.info))
     result = None
     if scored.result is not None:
         res = scored.result
@@ -110,7 +113,11 @@ def concat_scored(parts: List[ScoredRollout], pad_id: int) -> ScoredRollout:
                       torch.cat([split_pad(r.attention_mask, r.prompt_len, 0) for r in rollouts]),
                       torch.cat([right_pad(r.action_mask) for r in rollouts]), p_len,
                       None if rollouts[0].engine_logprobs is None else
-                      torch.cat([right_pad(r.engine_logprobs) for r in rollouts]))
+                      torch.cat([right_pad(r.engine_logprobs) for r in rollouts]),
+                      None if rollouts[0].turn_index is None else torch.cat([right_pad(r.turn_index) for r in rollouts]),
+                      None if rollouts[0].trajectories is None else [t for r in rollouts for t in r.trajectories],
+                      None if rollouts[0].truncated is None else torch.cat([r.truncated for r in rollouts]),
+                      dict(rollouts[-1].info))
     def left_pad(x: torch.Tensor, fill) -> torch.Tensor:
         return torch.cat([x.new_full((x.shape[0], p_len - x.shape[1]), fill), x], 1)
 

@@ -35,6 +35,12 @@ class Rollout:
     action_mask: torch.Tensor      # [B, N] float: 1 on answer tokens up to and including EOS
     prompt_len: int                # P
     engine_logprobs: Optional[torch.Tensor] = None  # [B, N] the generation engine's log-probs, when asked
+    # multi-turn rollouts (fastrlhf.agents): the answer columns hold the model's and the environment's
+    # turns; attention_mask covers both, action_mask only the model's tokens
+    turn_index: Optional[torch.Tensor] = None   # [B, N] long: model turn (from 1) of each generated token, 0 else
+    trajectories: Optional[List[Any]] = None    # the agents.trajectory.Trajectory records, in row order
+    truncated: Optional[torch.Tensor] = None    # [B] bool: trajectories cut by a length limit
+    info: Dict[str, float] = field(default_factory=dict)  # the rollout's own metrics (turns, tool calls, ...)
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Experience:
     # [B] 1 = the sample has a reward; 0 = a reward source gave None: the row's score is a stand-in
     # (its group's mean), and the row is out of the loss (already multiplied into action_mask)
     sample_mask: Optional[torch.Tensor] = None
+    turn_index: Optional[torch.Tensor] = None  # [B, N] multi-turn: model turn of each generated token (Rollout's)
     info: Dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -114,12 +121,14 @@ def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch
 
 
 def rollout_stats(exp: "Experience", old_logprobs: Optional[torch.Tensor], kl_estimator: str,
-                  rows: Optional[torch.Tensor] = None) -> Dict[str, float]:
+                  rows: Optional[torch.Tensor] = None, max_turns: int = 0) -> Dict[str, float]:
     """What a step logs about its rollouts once the trainer's log-probs at rollout time are known
     (`exp.old_logprobs`, or the update's when its own forward gave them; None: not known, nothing
     to log): the summed KL to the reference per answer, and the rollout engine's mismatch to the
     trainer's log-probs. `rows` [B] bool: only these rows' log-probs are known (the update's
-    forwards before its first optimizer step, with --old_logprobs engine)."""
+    forwards before its first optimizer step, with --old_logprobs engine). Multi-turn rollouts
+    (`max_turns` > 0) add the mismatch of each model turn k (`logprob_mismatch_abs_turn<k>`; 0 for a
+    turn no trajectory reached), the same keys on every rank."""
     out = {}
     if old_logprobs is None or (rows is not None and not bool(rows.any())):
         return out
@@ -131,6 +140,11 @@ def rollout_stats(exp: "Experience", old_logprobs: Optional[torch.Tensor], kl_es
         out["kl"] = (M.kl_estimate(old_logprobs, exp.ref_logprobs, kl_estimator) * mask).sum(-1).mean().item()
     if exp.rollout_logprobs is not None:
         out.update({k: v.item() for k, v in M.logprob_mismatch(old_logprobs, exp.rollout_logprobs, mask).items()})
+        if exp.turn_index is not None:
+            for turn in range(1, max_turns + 1):
+                in_turn = mask * (exp.turn_index == turn).to(mask.dtype)
+                out[f"logprob_mismatch_abs_turn{turn}"] = M.logprob_mismatch(
+                    old_logprobs, exp.rollout_logprobs, in_turn)["logprob_mismatch_abs"].item()
     return out
 
 
@@ -171,6 +185,15 @@ class ExperienceMaker:
         self.rewards = RewardSet.from_config(cfg, has_model=models.reward is not None)
         self.silent_sources: List[str] = []  # the last `score`'s sources that answered None for every sample
         self.scored_samples = self.rewarded_samples = 0  # counted by `score` (the trainer resets them per step)
+        self.agents = None
+        if getattr(cfg, "env", None) or getattr(cfg, "tools", None):
+            from ..agents.step3 import AgentRollouts
+            self.agents = AgentRollouts(cfg, self.engine, tokenizer, max_new_tokens)
+
+    @property
+    def generation_budget(self) -> int:
+        """Generated tokens an answer (a trajectory, over its turns) may hold."""
+        return self.max_new_tokens if self.agents is None else self.agents.generation_budget
 
     @torch.no_grad()
     def rollout(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
@@ -178,8 +201,14 @@ class ExperienceMaker:
         """Answers sampled (with `generator`, else the run's) to a PromptCollator batch,
         `group_size` per prompt (rows b*G .. b*G+G-1 answer prompt b; each prompt is computed
         once by the engine, its KV shared by its answers), with the engine's log-probs of the
-        sampled tokens when asked."""
+        sampled tokens when asked. With an environment (--env, --tools), multi-turn trajectories
+        (fastrlhf.agents), laid out the same way."""
         cfg = self.cfg
+        if self.agents is not None:
+            r = self.agents.rollout(batch, generator or self.generator, self.device, group_size)
+            return Rollout(r["sequences"], r["attention_mask"], r["action_mask"], r["prompt_len"],
+                           r["engine_logprobs"] if return_logprobs else None, r["turn_index"], r["trajectories"],
+                           r["truncated"], r["info"])
         input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         out = self.engine.generate(input_ids, prompt_mask, max_new_tokens=self.max_new_tokens, do_sample=True,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -215,11 +244,13 @@ class ExperienceMaker:
         model = None
         if self.models.reward is not None:
             model = self.model_scores(rollout.sequences, rollout.attention_mask).tolist()
-        texts = self.answers_text(rollout.sequences, rollout.action_mask, rollout.prompt_len) \
-            if self.rewards.sources else []
+        texts = self.completion_texts(rollout) if self.rewards.sources else []
         columns = batch.get("columns") or {}
         result = self.rewards.compute(batch["prompt"], texts, columns, model) if self.rewards.sources else None
         total = result.total if result is not None else model
+        if rollout.trajectories is not None:  # the environment's step rewards, a source of their own
+            from ..agents.step3 import add_env_rewards
+            result, total = add_env_rewards(result, total, rollout.trajectories, self.agents.has_env_rewards)
         valid = torch.tensor([t is not None for t in total], dtype=torch.float32, device=self.device)
         filled = torch.tensor([0.0 if t is None else t for t in total], dtype=torch.float32, device=self.device)
         if bool((valid == 0).any()):
@@ -250,9 +281,25 @@ class ExperienceMaker:
         return [self.tokenizer.decode(s[prompt_len:][m.bool()], skip_special_tokens=True)
                 for s, m in zip(sequences, action_mask)]
 
-    def ground_truth(self, prompts: List[str], sequences, action_mask, prompt_len: int) -> List[float]:
-        answers = self.answers_text(sequences, action_mask, prompt_len)
-        return [self.gt_score(p, a) for p, a in zip(prompts, answers)]
+    def completion_texts(self, rollout: Rollout) -> List[str]:
+        """What reward sources score as completions: the answers, or a trajectory's every token
+        after its prompt (the model's turns and the environment's)."""
+        if rollout.trajectories is not None:
+            return [t.completion_text(self.tokenizer) for t in rollout.trajectories]
+        return self.answers_text(rollout.sequences, rollout.action_mask, rollout.prompt_len)
+
+    def rollout_records(self, scored: "ScoredRollout"):
+        """(prompts, turns, rewards) of a scored rollout for rollouts.jsonl: each answer one assistant
+        turn, or a trajectory's turns; the reward None for a sample without one."""
+        r = scored.rollout
+        rewards = [s if m > 0 else None for s, m in zip(scored.scores.tolist(), scored.sample_mask.tolist())]
+        if r.trajectories is not None:
+            return [t.prompt for t in r.trajectories], [t.turns for t in r.trajectories], rewards
+        turns = [[{"role": "assistant", "text": a, "trained": True}] for a in self.completion_texts(r)]
+        return list(scored.batch["prompt"]), turns, rewards
+
+    def ground_truth(self, prompts: List[str], rollout: Rollout) -> List[float]:
+        return [self.gt_score(p, a) for p, a in zip(prompts, self.completion_texts(rollout))]
 
     @torch.no_grad()
     def sample(self, items: List[Dict[str, Any]]) -> "ScoredRollout":
@@ -269,11 +316,11 @@ class ExperienceMaker:
         gen_time = clock()
         scores, sample_mask, result = self.score_all_ranks(batch, rollout)
         answers = rollout.sequences[:, rollout.prompt_len:]
-        truncated = M.truncated_answers(rollout.action_mask, answers, self.tokenizer.eos_token_id,
-                                        self.max_new_tokens)
+        truncated = rollout.truncated if rollout.truncated is not None else M.truncated_answers(
+            rollout.action_mask, answers, self.tokenizer.eos_token_id, self.max_new_tokens)
         penalty = None
         if cfg.overlong_buffer_len is not None:
-            penalty = M.overlong_penalty(rollout.action_mask.sum(-1), self.max_new_tokens, cfg.overlong_buffer_len,
+            penalty = M.overlong_penalty(rollout.action_mask.sum(-1), self.generation_budget, cfg.overlong_buffer_len,
                                          cfg.overlong_penalty_factor or 1.0)
         return ScoredRollout(batch, rollout, scores, sample_mask, result, truncated, penalty,
                              {"gen_time": gen_time, "time_reward_forward": clock()})
@@ -332,11 +379,12 @@ class ExperienceMaker:
         if scored.penalty is not None:
             info["overlong_penalty"] = scored.penalty.mean().item()
         if self.gt_score is not None:
-            info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], sequences, action_mask, P)))
+            info["gt_score"] = float(np.mean(self.ground_truth(batch["prompt"], rollout)))
+        info.update(rollout.info)
         return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                           old_logprobs=old_logp, ref_logprobs=ref_logp, advantages=adv, scores=raw_scores,
                           prompt_len=P, old_values=values, returns=returns, rollout_logprobs=rollout.engine_logprobs,
-                          info=info, sample_mask=sample_mask)
+                          info=info, sample_mask=sample_mask, turn_index=rollout.turn_index)
 
     def forward_in_passes(self, fn: Callable, model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                           prompt_len: int) -> torch.Tensor:
@@ -367,6 +415,6 @@ class ExperienceMaker:
             ref = answer_logprobs(self.models.ref, r.sequences, r.attention_mask, r.prompt_len)
             kl = (M.kl_estimate(logp, ref, "k1") * r.action_mask).sum(1)
         scores, rewarded, _ = self.score(batch, r, len(r.sequences))
-        gt = sum(self.ground_truth(batch["prompt"], r.sequences, r.action_mask, r.prompt_len)) if self.gt_score else 0.0
+        gt = sum(self.ground_truth(batch["prompt"], r)) if self.gt_score else 0.0
         return [(scores * rewarded).double().sum().item(), kl.double().sum().item(), gt, float(len(r.sequences)),
                 rewarded.double().sum().item()]

@@ -88,10 +88,14 @@ class PPOTrainer(Trainer):
         self.prompts, self.eval_prompt_items = prompts, eval_prompts
         max_new_tokens = cfg.max_new_tokens or cfg.data.max_answer_len
         longest_prompt = max(len(p["prompt_input_ids"]) for p in prompts + eval_prompts)
-        check_lengths(cfg, models, longest_prompt, max_new_tokens)
+        # multi-turn: a trajectory fits the model's positions (the rollout stops it there) unless its own
+        # budget, when given, cannot
+        check_lengths(cfg, models, longest_prompt, cfg.max_trajectory_tokens or max_new_tokens)
         if cfg.packing:
-            check_budget(cfg.max_tokens_per_micro_batch, longest_prompt + max_new_tokens,
-                         f"the longest prompt + answer ({longest_prompt} + --max_new_tokens {max_new_tokens})")
+            longest, what = (max_new_tokens, "--max_new_tokens") if not cfg.agentic else (
+                cfg.trajectory_budget(max_new_tokens), "the trajectory budget (--max_trajectory_tokens)")
+            check_budget(cfg.max_tokens_per_micro_batch, longest_prompt + longest,
+                         f"the longest prompt + answer ({longest_prompt} + {what} {longest})")
         self.sampler = GlobalBatchSampler(len(prompts), cfg.rollout_batch_size, 1, ctx.world_size, ctx.rank, cfg.seed,
                                           what="the prompt set", fix="lower --rollout_batch_size or add prompts")
         self.total_steps = total_train_steps(cfg, self.sampler.steps_per_epoch)
@@ -108,6 +112,10 @@ class PPOTrainer(Trainer):
         self.kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else M.FixedKLController(cfg.kl_coef))
         self.old_logprobs_from_update = self._policy_unchanged_through_update()
+        self.rollout_log = None
+        if cfg.log_rollouts and is_rank0():
+            from ..agents.step3 import RolloutLog
+            self.rollout_log = RolloutLog(cfg.output_dir, cfg.log_rollouts)
         self.ptx_data = ptx_data if ptx_data is not None else (
             self._load_ptx() if cfg.ptx_coef > 0 else None)
         self.ptx_sampler = None if self.ptx_data is None else GlobalBatchSampler(
@@ -156,6 +164,8 @@ class PPOTrainer(Trainer):
             scored, sampling = sample_informative_groups(self.rollouts, next_items, self.cfg)
         else:
             scored = self.rollouts.sample(next_items())
+        if self.rollout_log is not None:
+            self.rollout_log.write(self.step + 1, *self.rollouts.rollout_records(scored))
         exp = self.rollouts.experience(scored, self.kl_ctl.value, old_logprobs=not self.old_logprobs_from_update)
         self._check_rewarded()
         t1 = time.perf_counter()
@@ -176,7 +186,8 @@ class PPOTrainer(Trainer):
         self.count_nonfinite(None if metrics["skipped_updates"] < self.updates_per_step else
                              "losses or gradients" if finite else "rollout rewards, values or log-probs")
         if finite or self.cfg.old_logprobs != "engine":
-            metrics.update(rollout_stats(exp, trainer_logprobs, self.cfg.kl_estimator, rows))
+            metrics.update(rollout_stats(exp, trainer_logprobs, self.cfg.kl_estimator, rows,
+                                         self.cfg.max_turns if self.rollouts.agents is not None else 0))
         if "kl" in metrics:  # the controller sees the all-rank KL, so every rank keeps the same coefficient
             self.kl_ctl.update(mean_over_ranks(metrics["kl"]), len(exp) * self.ctx.world_size)
         if self.ema is not None:
@@ -272,7 +283,7 @@ class PPOTrainer(Trainer):
 
         def actor_pass(rows):
             part = mb if rows is None else mb.select(rows)
-            loss, st, logp = actor_loss(cfg, self.actor, part, self.kl_ctl.value, self.rollouts.max_new_tokens,
+            loss, st, logp = actor_loss(cfg, self.actor, part, self.kl_ctl.value, self.rollouts.generation_budget,
                                         totals, packed=cfg.packing)
             logprobs[slice(None) if rows is None else rows] = logp
             return loss, st
