@@ -65,6 +65,20 @@ def test_a_greedy_multi_turn_rollout_is_what_generating_from_scratch_gives(setup
         assert want[len(t.prompt_ids) + len(t.tokens):] == ([] if t.last_reason == "eos" else [tok.eos_token_id])
 
 
+def test_turn_by_turn_generation_gives_the_same_trajectories(setup, higher_lower):
+    """The path tensor parallelism takes (engine.generate per turn on the whole prefix) and the
+    session's continuation give the same greedy trajectories and log-probs."""
+    tok, _, engine = setup
+    items = [prompt_item(tok, "guess the number"), prompt_item(tok, "go"), prompt_item(tok, "guess a number 5 ?")]
+    limits = AgentLimits(max_turns=3, max_new_tokens=5, max_trajectory_tokens=24)
+    runs = [MultiTurnRollout(engine, tok, higher_lower, limits, do_sample=False, turn_by_turn=flag).run(items, 0)
+            for flag in (False, True)]
+    for a, b in zip(*runs):
+        assert (a.tokens, a.generated, a.turn_of, a.n_turns, a.cut, a.step_rewards) == \
+            (b.tokens, b.generated, b.turn_of, b.n_turns, b.cut, b.step_rewards)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
 def test_engine_logprobs_are_the_training_forward_on_the_whole_trajectory(setup, higher_lower):
     from fastrlhf.rlhf.experience import answer_logprobs
     tok, model, _ = setup
@@ -106,11 +120,11 @@ def test_a_trajectory_waiting_for_its_environment_does_not_hold_the_others(setup
     tok = setup[0]
     items = [prompt_item(tok, "go"), prompt_item(tok, "guess the number", delay=5.0), prompt_item(tok, "go")]
     events = []
-    on_turn, on_step = MultiTurnRollout._on_turn_end, MultiTurnRollout._on_step
-    monkeypatch.setattr(MultiTurnRollout, "_on_turn_end",
-                        lambda self, k, end: (events.append(("turn", k, time.monotonic())), on_turn(self, k, end)))
-    monkeypatch.setattr(MultiTurnRollout, "_on_step",
-                        lambda self, k, r: (events.append(("env", k, time.monotonic())), on_step(self, k, r)))
+    on_turn, on_step = MultiTurnRollout._on_turn_end, MultiTurnRollout._after_step
+    monkeypatch.setattr(MultiTurnRollout, "_on_turn_end", lambda self, k, *a: (
+        events.append(("turn", k, time.monotonic())), on_turn(self, k, *a))[1])
+    monkeypatch.setattr(MultiTurnRollout, "_after_step", lambda self, k, r: (
+        events.append(("env", k, time.monotonic())), on_step(self, k, r))[1])
     pool = EnvPool(f"{ENVS}:HigherLower", 2, 30.0)
     try:
         trajs = rollout(setup, pool, items, AgentLimits(max_turns=3, max_new_tokens=4))
