@@ -23,3 +23,22 @@ def test_sft_on_chat_rows_ending_with_the_user_names_the_missing_assistant_turn(
     # the same rows are fine as step-3 prompts
     train, _ = build_datasets(DataSpec(paths=[str(path)], eval_fraction=0.0), load_tokenizer(None), 3)
     assert len(train) == 4
+
+
+def test_step3_items_keep_the_prompts_messages_for_multi_turn_rollouts(tmp_path):
+    """Multi-turn rollouts render a prompt again (with the tools described): step-3 items keep the
+    prompt as messages, and PromptCollator passes them on beside the rendered text."""
+    from fastrlhf.data import PromptCollator
+    rows = [{"messages": [{"role": "user", "content": f"describe the {w} lake"},
+                          {"role": "assistant", "content": f"a {w} lake"},
+                          {"role": "user", "content": "and the river?"}]} for w in ("calm", "cold")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(None)
+    train, _ = build_datasets(DataSpec(paths=[str(path)], eval_fraction=0.0), tok, 3)
+    items = [train[i] for i in range(len(train))]
+    by_first = {r["messages"][0]["content"]: r["messages"] for r in rows}
+    assert sorted(it["prompt_messages"][0]["content"] for it in items) == sorted(by_first)
+    assert all(it["prompt_messages"] == by_first[it["prompt_messages"][0]["content"]] for it in items)
+    batch = PromptCollator(tok.pad_token_id)(items)
+    assert batch["prompt_messages"] == [it["prompt_messages"] for it in items]

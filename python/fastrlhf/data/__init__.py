@@ -32,13 +32,16 @@ Items (torch Datasets; values are LongTensors unless noted):
     step 2  {"chosen_input_ids", "rejected_input_ids"}: prompt + answer + EOS each.
     step 3  {"prompt_input_ids", "prompt": str, "columns": dict}: the rendered prompt text (e.g. for
             fastrlhf.tasks.default_task.ground_truth_score(prompt, response)) and the row's other
-            columns (e.g. "answer"), which reward functions receive as keyword arguments.
+            columns (e.g. "answer"), which reward functions receive as keyword arguments; and
+            "prompt_messages" (the prompt as [{"role", "content"}] messages, absent for a prompt
+            given already rendered), which multi-turn rollouts render again with tools.
 
 Collators (pad_token_id must not be None):
     SFTCollator(pad)(items)    -> {"input_ids", "attention_mask", "labels"}, right-padded, labels with -100
     PairCollator(pad)(items)   -> {"input_ids": [2B, S], "attention_mask"}: B chosen rows, then B rejected
     PromptCollator(pad)(items) -> {"input_ids", "attention_mask"} LEFT-padded, plus "prompt": list[str]
-                                  and "columns": {name: [value per item]}
+                                  and "columns": {name: [value per item]} (and "prompt_messages":
+                                  [messages or None per item] when the items have them)
 
 Formats, prompt rendering and the plain "Human: ...\\n\\nAssistant:" template used when the
 tokenizer has no chat template are described in fastrlhf.data.formats. Steps that need pairs use

@@ -65,5 +65,8 @@ class PromptCollator:
         ids = [it["prompt_input_ids"] for it in items]
         names = sorted({k for it in items for k in (it.get("columns") or {})})
         columns = {k: [(it.get("columns") or {}).get(k) for it in items] for k in names}
-        return {"input_ids": pad_sequences(ids, self.pad, left=True), "attention_mask": _mask(ids, left=True),
-                "prompt": [it["prompt"] for it in items], "columns": columns}
+        out = {"input_ids": pad_sequences(ids, self.pad, left=True), "attention_mask": _mask(ids, left=True),
+               "prompt": [it["prompt"] for it in items], "columns": columns}
+        if any("prompt_messages" in it for it in items):  # multi-turn rollouts render these again
+            out["prompt_messages"] = [it.get("prompt_messages") for it in items]
+        return out

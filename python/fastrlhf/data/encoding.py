@@ -22,7 +22,7 @@ class TokenizedDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        return {k: v if isinstance(v, (str, dict)) else torch.tensor(v, dtype=torch.long)
+        return {k: v if isinstance(v, (str, dict)) or k == "prompt_messages" else torch.tensor(v, dtype=torch.long)
                 for k, v in self.items[i].items()}
 
 
@@ -98,7 +98,10 @@ class StepTokenizer:
             return {"input_ids": ids, "labels": labels}
         if step == 2:
             return {"chosen_input_ids": prompt + answers[0], "rejected_input_ids": prompt + answers[1]}
-        return {"prompt_input_ids": prompt, "prompt": sample.prompt, "columns": dict(sample.columns or {})}
+        item = {"prompt_input_ids": prompt, "prompt": sample.prompt, "columns": dict(sample.columns or {})}
+        if sample.messages is not None:   # what multi-turn rollouts render again (fastrlhf.agents)
+            item["prompt_messages"] = [dict(m) for m in sample.messages]
+        return item
 
 
 def log_stats(step: int, part: str, stats: dict, overlong: str) -> None:

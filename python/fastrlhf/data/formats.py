@@ -55,6 +55,8 @@ class Sample:
     chosen: str | None = None     # answer text (the SFT target; the preferred answer of a pair)
     rejected: str | None = None   # the dispreferred answer, for pairs
     columns: dict | None = None   # the row's other columns (ground truth for reward functions)
+    messages: list | None = None  # the prompt as messages (None: a prompt given already rendered); multi-turn
+                                  # rollouts re-render it (e.g. with tool descriptions)
 
 
 def _one_alias(columns: set, aliases: tuple, source: str, what: str) -> str | None:
@@ -225,7 +227,7 @@ class ParsedRow:
             prompt = renderer.prompt(head)
         answers = [renderer.answer(head, prompt, a) for a in self.answers]
         answers += [None] * (2 - len(answers))
-        return Sample(prompt, *answers, columns=self.columns)
+        return Sample(prompt, *answers, columns=self.columns, messages=head)
 
 
 def parse_rows(rows: list[dict], source: str) -> list[ParsedRow]:
