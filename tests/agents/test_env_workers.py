@@ -1,6 +1,7 @@
 """Environments and tools run in worker processes: specs checked before any model loads, steps
 checked in the worker, failures of user code a one-line AgentError naming the class, the problem
-and the prompt; bad tool calls answered to the model, never a crash."""
+and the prompt; bad tool calls answered to the model, never a crash; the code the workers import
+is in the resume fingerprint."""
 import os
 import time
 
@@ -195,3 +196,24 @@ def test_a_tool_that_times_out_is_answered_and_its_worker_restarted(tools):
 def test_bad_tools_are_refused_at_startup_naming_them(specs, message):
     with pytest.raises(ConfigError, match=message):
         ToolEnvironment(specs)
+
+
+def test_editing_an_environment_or_a_tool_is_another_run(tmp_path, monkeypatch):
+    """The environment's and the tools' code is in the resume fingerprint (as the reward functions'
+    is): a run resumed after editing one would train against other rules than its checkpoint's."""
+    from fastrlhf.rlhf.configs import PPOConfig
+    from fastrlhf.rlhf.fingerprint import fingerprint_diff, run_fingerprint
+    monkeypatch.chdir(tmp_path)
+    env = "class Env:\n    def reset(self, prompt, **c):\n        return None\n    def step(self, action):\n" \
+          "        return {'observation': None, 'reward': %s, 'done': True}\n"
+    tool = 'def lookup(key: str) -> str:\n    """Look a key up."""\n    return %r\n'
+    (tmp_path / "my_env.py").write_text(env % "1.0")
+    (tmp_path / "my_tools.py").write_text(tool % "a")
+    for cfg, path, text, what in (
+            (PPOConfig(env="my_env.py:Env"), "my_env.py", env % "2.0", "environment my_env.py:Env"),
+            (PPOConfig(tools=["my_tools:lookup", "fastrlhf.agents:calculator"], reward_fn=[f"{ENVS}:length_reward"]),
+             "my_tools.py", tool % "b", "tool my_tools:lookup")):
+        saved = run_fingerprint(cfg, "ppo")
+        assert fingerprint_diff(saved, run_fingerprint(cfg, "ppo")) == []
+        (tmp_path / path).write_text(text)
+        assert fingerprint_diff(saved, run_fingerprint(cfg, "ppo")) == [f"the code of the {what} changed"]

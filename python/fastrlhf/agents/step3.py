@@ -24,11 +24,36 @@ def make_environment(cfg):
     return ToolEnvironment(cfg.tools, cfg.env_workers, cfg.env_timeout)
 
 
+# (working dir, --env spec or --tools specs) -> the source files their workers imported, as the last
+# check in this process found them
+_checked_sources: Dict[tuple, List[Optional[str]]] = {}
+
+
+def _source_key(cfg) -> tuple:
+    from ..rewards.spec import absolute_spec
+    specs = [cfg.env] if cfg.env else list(cfg.tools)
+    return (os.getcwd(), "env" if cfg.env else "tools") + tuple(absolute_spec(s) for s in specs)
+
+
 def check_agent_specs(cfg) -> None:
     """--env / --tools loaded and checked in their workers (ConfigError naming the problem), then
-    stopped: before any model loads."""
-    if cfg.env or cfg.tools:
-        make_environment(cfg).shutdown()
+    stopped: before any model loads. Their source files are kept for `agent_source_files`."""
+    if not (cfg.env or cfg.tools):
+        return
+    env = make_environment(cfg)
+    try:
+        _checked_sources[_source_key(cfg)] = [env.source] if cfg.env else list(env.sources)
+    finally:
+        env.shutdown()
+
+
+def agent_source_files(cfg) -> List[Optional[str]]:
+    """The source file of the --env class or of each --tools function (from this process's last
+    check, else a new one): what a run's fingerprint hashes, so that editing an environment or a
+    tool is a different run."""
+    if _source_key(cfg) not in _checked_sources:
+        check_agent_specs(cfg)
+    return _checked_sources[_source_key(cfg)]
 
 
 def agent_limits(cfg, max_new_tokens: int) -> AgentLimits:

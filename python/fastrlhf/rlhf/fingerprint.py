@@ -4,8 +4,8 @@ continues only the run that made a checkpoint and names what differs otherwise.
 The fingerprint holds the trainer kind, every option but those defined with
 `option(..., fingerprint=False)` (where and how often to save, log, evaluate; how long to run;
 how rewards are fetched), the content of the local models, data files and DeepSpeed config the
-run reads, and the code of its reward functions (the file that defines each, as the worker that
-imported it found it; environments and tools are to join when they exist).
+run reads, and the code of its reward functions, environment class and tools (the file that
+defines each, as the worker that imported it found it).
 """
 from __future__ import annotations
 
@@ -105,6 +105,9 @@ def run_fingerprint(cfg, kind: str) -> Dict[str, Any]:
         from ..rewards.worker import reward_source_files
         fp["reward_fn (code)"] = [content_digest(path) for path in reward_source_files(cfg.reward_fn,
                                                                                        cfg.reward_timeout)]
+    if getattr(cfg, "env", None) or getattr(cfg, "tools", None):  # environment / tool code, likewise
+        from ..agents.step3 import agent_source_files
+        fp["env (code)" if cfg.env else "tools (code)"] = [content_digest(p) for p in agent_source_files(cfg)]
     return json.loads(json.dumps(fp, default=str))  # the form it has after a trip through trainer_state.json
 
 
@@ -112,6 +115,11 @@ def _short(value: Any, width: int = 80) -> str:
     """A value for a one-line message; long ones keep their start and end (file names)."""
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= width else text[:width // 3] + "..." + text[-(width - width // 3 - 3):]
+
+
+# "<option> (code)" keys: the option naming the code, and what to call it in a message
+_CODE_KEYS = {"reward_fn (code)": ("reward_fn", "reward function"), "env (code)": ("env", "environment"),
+              "tools (code)": ("tools", "tool")}
 
 
 def fingerprint_diff(saved: Optional[Dict[str, Any]], current: Dict[str, Any], limit: int = 3) -> List[str]:
@@ -133,14 +141,15 @@ def fingerprint_diff(saved: Optional[Dict[str, Any]], current: Dict[str, Any], l
             continue
         if key == "data files (content)":
             continue
-        if key == "reward_fn (code)" and saved.get("reward_fn") == current.get("reward_fn"):
-            changed = [spec for spec, a, b in zip(current.get("reward_fn") or [], saved.get(key) or [],
-                                                  current.get(key) or []) if a != b]
-            if changed or saved.get(key) != current.get(key):
-                diffs.append(f"the code of the reward function {', '.join(changed) or '(one of them)'} changed")
-            continue
-        if key == "reward_fn (code)":
-            continue
+        if key in _CODE_KEYS:
+            option, what = _CODE_KEYS[key]
+            if saved.get(option) == current.get(option):
+                specs = current.get(option) or []
+                specs = [specs] if isinstance(specs, str) else specs
+                changed = [spec for spec, a, b in zip(specs, saved.get(key) or [], current.get(key) or []) if a != b]
+                if changed or saved.get(key) != current.get(key):
+                    diffs.append(f"the code of the {what} {', '.join(changed) or '(one of them)'} changed")
+            continue  # else the specs differ: reported once, under their own key
         if saved.get(key, "<unset>") != current.get(key, "<unset>"):
             diffs.append(f"{key} {_short(saved.get(key, '<unset>'))} -> {_short(current.get(key, '<unset>'))}")
     if len(diffs) > limit:
