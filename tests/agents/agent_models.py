@@ -1,5 +1,10 @@
 """A word-level tokenizer with a Human/Assistant chat template (tool turns included) and a tiny
-random Llama on it, for rollouts whose observations and tool calls are real tokens."""
+random Llama on it, for rollouts whose observations and tool calls are real tokens; `guess`, a
+fixture with that model saved as a dir and the first rows of the guess-the-number example's
+prompts (the example's own file)."""
+import os
+
+import pytest
 import torch
 
 WORDS = ("human assistant : guess the number is higher lower correct too high low you won obs turn left count my "
@@ -50,3 +55,22 @@ def prompt_item(tokenizer, text, **columns):
     ids = tokenizer(rendered, add_special_tokens=True)["input_ids"]
     return {"prompt": rendered, "prompt_input_ids": torch.tensor(ids), "columns": columns,
             "prompt_messages": [{"role": "user", "content": text}]}
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "guess_number")
+
+
+@pytest.fixture(scope="session")
+def guess(tmp_path_factory):
+    from fastrlhf.data import DataSpec, build_datasets
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("guess")
+    tok = word_tokenizer()
+    tiny_llama(tok, seed=4).save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    rows = open(os.path.join(EXAMPLE, "prompts.jsonl")).readlines()[:24]
+    (root / "guess.jsonl").write_text("".join(rows))
+    spec = DataSpec(paths=[str(root / "guess.jsonl")], split_ratios="0,0,1", eval_fraction=0.2)
+    train, evals = build_datasets(spec, tok, 3)
+    return {"sft": str(root / "sft"), "spec": spec, "data": str(root / "guess.jsonl"),
+            "train": [train[i] for i in range(len(train))], "eval": [evals[i] for i in range(len(evals))]}

@@ -1,7 +1,8 @@
 """Step 3 on multi-turn rollouts: GRPO steps on the guess-the-number example environment (the
-example's own file and data), every algorithm on trajectories, the environment's reward as a
-source, rollouts.jsonl (single-turn runs too), and an environment that fails stopping the run
-before the update."""
+example's own file and data), every algorithm on trajectories, the update training on exactly the
+sampled tokens and never on the environment's, the environment's reward as a source,
+rollouts.jsonl (single-turn runs too), and an environment that fails stopping the run before the
+update."""
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import os
 import pytest
 import torch
 
-from agent_models import tiny_llama, word_tokenizer
+from agent_models import guess  # noqa: F401  (a fixture)
 from fastrlhf.errors import AgentError, ConfigError
 from fastrlhf.rlhf.configs import PPOConfig
 from fastrlhf.rlhf.ppo import PPOTrainer, train_ppo
@@ -17,22 +18,6 @@ from fastrlhf.rlhf.ppo import PPOTrainer, train_ppo
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENVS = os.path.join(HERE, "envs.py")
 EXAMPLE = os.path.join(HERE, "..", "..", "examples", "guess_number")
-
-
-@pytest.fixture(scope="module")
-def guess(tmp_path_factory):
-    from fastrlhf.data import DataSpec, build_datasets
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("guess")
-    tok = word_tokenizer()
-    tiny_llama(tok, seed=4).save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    rows = open(os.path.join(EXAMPLE, "prompts.jsonl")).readlines()[:24]
-    (root / "guess.jsonl").write_text("".join(rows))
-    spec = DataSpec(paths=[str(root / "guess.jsonl")], split_ratios="0,0,1", eval_fraction=0.2)
-    train, evals = build_datasets(spec, tok, 3)
-    return {"sft": str(root / "sft"), "spec": spec, "train": [train[i] for i in range(len(train))],
-            "eval": [evals[i] for i in range(len(evals))]}
 
 
 def cfg(guess, out, **over):
@@ -62,6 +47,44 @@ def test_grpo_steps_on_the_guess_the_number_example(guess, tmp_path):
         assert all(t["trained"] == (t["role"] == "assistant") for t in x["turns"])
         assert 0.0 <= x["reward"] <= 1.0
     assert os.path.isfile(tmp_path / "run" / "actor" / "config.json")
+
+
+def test_the_update_trains_on_the_sampled_tokens_and_never_on_the_environments(guess, tmp_path, monkeypatch):
+    """Token identity through step 3: every row the update's forward sees is a trajectory's prompt
+    and tokens exactly as the engine sampled them (nothing re-tokenized), and the loss (policy, KL
+    to the reference, entropy) sends no gradient to an environment token's log-prob or entropy,
+    while the generated tokens get some."""
+    import fastrlhf.rlhf.update_losses as update_losses
+    t = PPOTrainer(cfg(guess, tmp_path / "ident", max_steps=1, kl_coef=0.1, entropy_coef=0.01, rollout_batch_size=4,
+                       reward_fn=[f"{ENVS}:length_reward"]), prompts=guess["train"], eval_prompts=guess["eval"])
+    rollouts, seen = [], []
+    sample = t.rollouts.rollout
+    monkeypatch.setattr(t.rollouts, "rollout", lambda *a, **k: rollouts.append(sample(*a, **k)) or rollouts[-1])
+    forward = update_losses.answer_logprobs
+
+    def spy(actor, sequences, attention_mask, prompt_len, **kw):
+        logp, entropy = forward(actor, sequences, attention_mask, prompt_len, **kw)
+        logp.retain_grad()
+        entropy.retain_grad()
+        seen.append((sequences, attention_mask, prompt_len, logp, entropy))
+        return logp, entropy
+    monkeypatch.setattr(update_losses, "answer_logprobs", spy)
+    t.train_step()
+    (rollout,) = rollouts
+    trajs = {tuple(x.prompt_ids + x.tokens): x for x in rollout.trajectories}
+    assert any(not all(x.generated) for x in trajs.values())   # some environment turns to mask
+    rows = 0
+    for sequences, attention_mask, P, logp, entropy in seen:
+        for b in range(len(sequences)):
+            traj = trajs[tuple(sequences[b][attention_mask[b].bool()].tolist())]
+            n = len(traj.tokens)
+            assert sequences[b, P:P + n].tolist() == traj.tokens
+            generated = torch.tensor(traj.generated)
+            for grad in (logp.grad[b], entropy.grad[b]):   # environment tokens and padding: no gradient
+                assert torch.all(grad[:n][~generated] == 0) and torch.all(grad[n:] == 0)
+            assert logp.grad[b, :n][generated].abs().sum() > 0
+            rows += 1
+    assert rows == len(rollout.trajectories)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "reinforce++", "reinforce++_baseline"])
