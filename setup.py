@@ -49,7 +49,8 @@ setup(
     package_data={"fastrlhf.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"],
                   "fastrlhf.ops.tables": ["*.json"],  # backend preference tables per GPU model
                   # the bundled tasks' data, tokenizers and model configs (fastrlhf.tasks)
-                  "fastrlhf": ["tasks/default/*", "tasks/default/**/*", "tasks/arithmetic/*"]},
+                  "fastrlhf": ["tasks/default/*", "tasks/default/**/*", "tasks/arithmetic/*",
+                               "tasks/calculator/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

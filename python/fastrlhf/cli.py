@@ -2,6 +2,7 @@
 
     fastrlhf train [--steps 1 2 3] [--config run.yaml] [--model_name_or_path M] [--output_dir D] ...
     fastrlhf train --task arithmetic      (SFT then GRPO with an exact-answer reward function)
+    fastrlhf train --task calculator      (the same with a calculator tool, multi-turn)
     fastrlhf sft   [--config sft.yaml] [--key value ...]
     fastrlhf rm    [--config rm.yaml]  [--key value ...]
     fastrlhf ppo   [--config ppo.yaml] [--key value ...]
@@ -43,6 +44,9 @@ examples:
   fastrlhf train --config run.yaml                 # top-level keys apply to every step; sections sft:, rm:, ppo:
   fastrlhf train --task arithmetic                 # SFT, then GRPO with a reward function and no reward model;
                                                    # prints held-out pass@1 / pass@8 before and after RL
+  fastrlhf train --task calculator                 # the same problems with a calculator tool: multi-turn GRPO
+  fastrlhf train --steps 3 --model_name_or_path runs/sft --data.paths examples/guess_number/prompts.jsonl \
+      --ppo.env examples/guess_number/guess_number.py:GuessNumber --ppo.max_turns 5   # an environment
   fastrlhf train --steps 1 3 --ppo.algo grpo --ppo.group_size 4 --data.paths math.jsonl \
       --ppo.reward_fn fastrlhf.rewards:math_answer_match --ppo.reward_fn my_rewards.py:brevity \
       --ppo.reward_weights 1.0 0.2                 # reward functions instead of a reward model (no step 2)

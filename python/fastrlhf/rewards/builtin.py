@@ -131,6 +131,14 @@ def arithmetic_reward(prompts: List[str], completions: List[str], answer: List, 
     return [float(answers_match(extract_answer(c), a)) for c, a in zip(completions, answer)]
 
 
+def calculator_reward(prompts: List[str], completions: List[str], answer: List, **_) -> List[float]:
+    """The bundled calculator task's exact scorer: 1.0 when the number after the last ``####``
+    equals `answer`. A ``####`` is required: a trajectory's text holds the tool's answer too, which
+    must not count as the model's."""
+    return [float("####" in c and answers_match(extract_answer(c[c.rindex("####"):]), a))
+            for c, a in zip(completions, answer)]
+
+
 THINK_ANSWER = r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*"
 
 

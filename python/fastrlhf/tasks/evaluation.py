@@ -1,6 +1,7 @@
 """Held-out evaluation of the bundled tasks with the hybrid engine: pass@k of the arithmetic task
 (k answers sampled per held-out prompt, scored by the task's exact reward), run by `fastrlhf
-train --task arithmetic` before and after RL (`rlhf.pipeline`).
+train --task arithmetic` before and after RL (`rlhf.pipeline`); the same for the calculator task
+with multi-turn answers that call the tool (`evaluate_tool_pass_at_k`).
 """
 from __future__ import annotations
 
@@ -94,3 +95,79 @@ def arithmetic_accuracy_line(before: Dict[str, float], after: Dict[str, float]) 
     return (f"arithmetic held-out accuracy ({int(a['prompts'])} prompts, {k} samples each, temperature as in RL): "
             f"pass@1 {b['pass@1']:.3f} -> {a['pass@1']:.3f}, pass@{k} {b[f'pass@{k}']:.3f} -> {a[f'pass@{k}']:.3f}, "
             f"greedy {b['greedy']:.3f} -> {a['greedy']:.3f}")
+
+
+# `fastrlhf train --task arithmetic`'s held-out numbers (README, measured 2026-11-27: 150 prompts, 8
+# samples each), printed beside the calculator task's: the same problems without the tool
+ARITHMETIC_REFERENCE = {"pass@1": (0.223, 0.381), "pass@8": (0.687, 0.727), "greedy": (0.520, 0.487)}
+
+
+def evaluate_tool_pass_at_k(model_dir: str, items: List[Dict[str, Any]], k: int = 8, *, tools: List[str],
+                            temperature: float = 1.0, max_new_tokens: int = 16, max_turns: int = 3,
+                            max_observation_tokens: int = 16, batch_prompts: int = 32, seed: int = 0,
+                            tokenizer=None) -> Dict[str, float]:
+    """`evaluate_pass_at_k` for multi-turn answers with tools: k trajectories sampled per held-out
+    item and one greedy, each run with the tool environment on the engine's sessions, scored on the
+    trajectory's text by the calculator task's exact reward."""
+    import torch
+    from fastrlhf.agents.rollout import AgentLimits, MultiTurnRollout
+    from fastrlhf.agents.tool_env import ToolEnvironment
+    from fastrlhf.hybrid_engine import EngineConfig, HybridEngine
+    from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+    from fastrlhf.rewards import calculator_reward
+
+    tokenizer = tokenizer or load_tokenizer(model_dir, padding_side="left")
+    model = load_causal_lm(model_dir, tokenizer=tokenizer).eval()
+    engine = HybridEngine(model, tokenizer, EngineConfig())
+    env = ToolEnvironment(tools)
+    limits = AgentLimits(max_turns=max_turns, max_new_tokens=max_new_tokens,
+                         max_observation_tokens=max_observation_tokens)
+    sampler = MultiTurnRollout(engine, tokenizer, env, limits, temperature=temperature)
+    greedy_rollout = MultiTurnRollout(engine, tokenizer, env, limits, do_sample=False)
+    generator = torch.Generator().manual_seed(seed)
+    p1 = pk = greedy = 0.0
+    try:
+        for start in range(0, len(items), batch_prompts):
+            chunk = items[start:start + batch_prompts]
+            answers = [it["columns"]["answer"] for it in chunk]
+            trajs = sampler.run([it for it in chunk for _ in range(k)], seeds=generator)
+            right = calculator_reward([""] * len(trajs), [t.completion_text(tokenizer) for t in trajs],
+                                      answer=[a for a in answers for _ in range(k)])
+            for i in range(len(chunk)):
+                c = int(sum(right[i * k:(i + 1) * k]))
+                p1 += c / k
+                pk += pass_at_k(k, c, k)
+            trajs = greedy_rollout.run(chunk, seeds=0)
+            greedy += sum(calculator_reward([""] * len(trajs), [t.completion_text(tokenizer) for t in trajs],
+                                            answer=answers))
+    finally:
+        env.shutdown()
+    n = max(len(items), 1)
+    return {"pass@1": p1 / n, f"pass@{k}": pk / n, "greedy": greedy / n, "prompts": float(len(items))}
+
+
+def calculator_accuracy(cfg, model_dir: str) -> Dict[str, float]:
+    """Held-out pass@1 / pass@k / greedy of the calculator task (the RL data's held-out prompts,
+    answered with the tool over several turns), printed as one line."""
+    from fastrlhf.models.loading import load_tokenizer
+    from fastrlhf.utils.logging import print_rank0
+    tok = load_tokenizer(model_dir, padding_side="left")
+    items = heldout_items(tok, cfg.data, ARITHMETIC_EVAL["prompts"])
+    k = ARITHMETIC_EVAL["k"]
+    res = evaluate_tool_pass_at_k(model_dir, items, k, tools=list(cfg.tools), temperature=cfg.temperature,
+                                  max_new_tokens=cfg.max_new_tokens or cfg.data.max_answer_len,
+                                  max_turns=cfg.max_turns, max_observation_tokens=cfg.max_observation_tokens,
+                                  seed=cfg.seed, tokenizer=tok)
+    print_rank0(f"[calculator] {model_dir}: held-out pass@1 {res['pass@1']:.3f}, pass@{k} {res[f'pass@{k}']:.3f}, "
+                f"greedy {res['greedy']:.3f} ({int(res['prompts'])} prompts)")
+    return res
+
+
+def calculator_accuracy_line(before: Dict[str, float], after: Dict[str, float]) -> str:
+    """The summary line: held-out accuracy before -> after RL, and the arithmetic task's (no tool)."""
+    k = ARITHMETIC_EVAL["k"]
+    ref = ARITHMETIC_REFERENCE
+    return (arithmetic_accuracy_line(before, after).replace("arithmetic held-out", "calculator held-out", 1)
+            + f"\n  beside --task arithmetic (no tool; README, 2026-11-27): pass@1 {ref['pass@1'][0]:.3f} -> "
+            f"{ref['pass@1'][1]:.3f}, pass@{k} {ref['pass@8'][0]:.3f} -> {ref['pass@8'][1]:.3f}, greedy "
+            f"{ref['greedy'][0]:.3f} -> {ref['greedy'][1]:.3f}")

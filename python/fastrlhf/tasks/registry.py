@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from . import arithmetic_task, default_task, evaluation
+from . import arithmetic_task, calculator_task, default_task, evaluation
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,9 @@ TASKS: Dict[str, BundledTask] = {t.name: t for t in (
                 "prints held-out pass@1 and pass@k before and after RL", (1, 3), arithmetic_task.PROFILES,
                 shared=arithmetic_task.shared_values, evaluate=evaluation.arithmetic_accuracy,
                 summary=evaluation.arithmetic_accuracy_line),
+    BundledTask("calculator", "the arithmetic word problems with a calculator tool: SFT on tool-use demonstrations, "
+                "then multi-turn GRPO with the tool; prints held-out pass@1, pass@k and greedy accuracy before and "
+                "after RL beside the arithmetic task's", (1, 3), calculator_task.PROFILES,
+                shared=calculator_task.shared_values, evaluate=evaluation.calculator_accuracy,
+                summary=evaluation.calculator_accuracy_line),
 )}
