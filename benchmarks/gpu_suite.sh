@@ -187,6 +187,9 @@ if [ -f benchmarks/rollout_workloads.py ]; then
 fi
 if [ -f benchmarks/rlhf.py ]; then
   run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu --out "$OUT/rlhf.jsonl"
+  # multi-turn GRPO (3 turns, an environment in a worker): the engine's session vs every turn
+  # generated anew; time per step split into generation, environment and training
+  run_stage bench_rlhf_agent 150 "$PY" benchmarks/rlhf.py --preset opt-1.3b-agent --iters 2 --sequential --out "$OUT/rlhf.jsonl"
 fi
 if [ -f benchmarks/token_logprobs.py ]; then
   # fused log-probs vs log_softmax(logits).gather, bf16 forward+backward: time and peak memory
