@@ -21,26 +21,7 @@ from fastrlhf import ops
 from .arch_spec import ArchSpec
 from .attention import softcap_
 from .moe import MoEWeights, build_moe_weights, moe_forward
-from .weights import Linear, Norm, concat_linears, resolve_linear, resolve_norm
-
-
-def get_path(root: nn.Module, path: Optional[str]):
-    if path is None:
-        return None
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _require(root: nn.Module, path: str, what: str):
-    obj = get_path(root, path)
-    if obj is None:
-        raise ValueError(f"the model has no {what} at {path!r}; its architecture does not match "
-                         "the engine spec (use EngineConfig(fallback='hf'))")
-    return obj
+from .weights import Linear, Norm, concat_linears, get_path, require_path, resolve_linear, resolve_norm
 
 
 @dataclass
@@ -86,7 +67,7 @@ class ModelWeights:
 
 def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
                         backend: Optional[str]) -> LayerWeights:
-    lin = lambda p: resolve_linear(_require(layer, p, "linear"), backend=backend)  # noqa: E731
+    lin = lambda p: resolve_linear(require_path(layer, p, "linear"), backend=backend)  # noqa: E731
     post = get_path(layer, spec.post_norm) if spec.post_norm else None
     off = spec.norm_offset
     q = k = v = qkv = None
@@ -108,7 +89,7 @@ def build_layer_weights(layer: nn.Module, spec: ArchSpec, *, fuse_projections: b
             gate_up, gate, up = concat_linears([gate, up]), None, None
     if moe is None:
         down = lin(spec.down)
-    norm = lambda p: None if p is None else resolve_norm(_require(layer, p, "norm"), off)  # noqa: E731
+    norm = lambda p: None if p is None else resolve_norm(require_path(layer, p, "norm"), off)  # noqa: E731
     return LayerWeights(
         in_norm=norm(spec.input_norm),
         post_norm=None if post is None else resolve_norm(post, off),
@@ -122,24 +103,24 @@ def lm_head_module(model: nn.Module, spec: ArchSpec) -> nn.Module:
     if head is None and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()  # e.g. GPT-NeoX's `embed_out` before transformers 5
     if head is None:
-        head = _require(model, spec.lm_head, "lm_head")  # raises the clear error
+        head = require_path(model, spec.lm_head, "lm_head")  # raises the clear error
     return head
 
 
 def build_model_weights(model: nn.Module, spec: ArchSpec, *, fuse_projections: bool,
                         backend: Optional[str], per_layer: bool = True) -> ModelWeights:
-    backbone = _require(model, spec.backbone, "decoder stack")
-    embed = _require(backbone, spec.embed, "token embedding").weight.data
+    backbone = require_path(model, spec.backbone, "decoder stack")
+    embed = require_path(backbone, spec.embed, "token embedding").weight.data
     pos = get_path(backbone, spec.pos_embed)
     fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
-    enorm = None if spec.embed_norm is None else resolve_norm(_require(backbone, spec.embed_norm, "norm"))
+    enorm = None if spec.embed_norm is None else resolve_norm(require_path(backbone, spec.embed_norm, "norm"))
     head = lm_head_module(model, spec)
     proj = lambda p: None if p is None else resolve_linear(  # noqa: E731
-        _require(backbone, p, "projection"), backend=backend)
+        require_path(backbone, p, "projection"), backend=backend)
     layers = []
     if per_layer:
         layers = [build_layer_weights(l, spec, fuse_projections=fuse_projections, backend=backend)
-                  for l in _require(backbone, spec.layers, "layer list")]
+                  for l in require_path(backbone, spec.layers, "layer list")]
     return ModelWeights(
         embed=embed, pos_embed=None if pos is None else pos.weight.data,
         final_norm=None if fnorm is None else resolve_norm(fnorm, spec.norm_offset),

@@ -23,7 +23,8 @@ from transformers import PreTrainedModel
 
 
 from .arch_spec import ArchSpec, spec_for
-from .decoder import Decoder, ModelWeights, build_layer_weights, build_model_weights, get_path
+from .decoder import Decoder, ModelWeights, build_layer_weights, build_model_weights
+from .weights import get_path
 from .engine_types import EngineConfig, GenerationOutput
 from .kv_cache import PagedKVCache, blocks_for, growth_cap_blocks, pool_blocks
 from .sampling import SamplingParams, make_generator, sequence_seeds

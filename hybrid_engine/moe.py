@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .arch_spec import MoESpec
-from .weights import Linear
+from .weights import Linear, require_path
 
 # (A [r * E, in] or [r, in], B [out, r * E] or [out, r], scaling, experts): PEFT LoRA factors of
 # one parameter (PEFT's ParamWrapper layout for 3-D expert parameters)
@@ -110,55 +110,17 @@ def _check_experts(spec: MoESpec, router, gate_up, down) -> None:
 
 def build_moe_weights(layer: nn.Module, spec: MoESpec, resolve_linear: Callable) -> MoEWeights:
     """Views of one layer's router and experts (LoRA fused into new buffers)."""
-    from .decoder import _require
-    router = _weight(_require(layer, spec.router, "MoE router"), "weight")
-    experts = _require(layer, spec.experts, "MoE experts")
+    router = _weight(require_path(layer, spec.router, "MoE router"), "weight")
+    experts = require_path(layer, spec.experts, "MoE experts")
     gate_up, down = _weight(experts, "gate_up_proj"), _weight(experts, "down_proj")
     _check_experts(spec, router, gate_up, down)
     shared = None
     if spec.shared_expert is not None:
-        lin = lambda name: resolve_linear(_require(layer, f"{spec.shared_expert}.{name}", "linear"))  # noqa: E731
+        lin = lambda name: resolve_linear(require_path(layer, f"{spec.shared_expert}.{name}", "linear"))  # noqa: E731
         shared = SharedExpert(lin("gate_proj"), lin("up_proj"), lin("down_proj"),
                               None if spec.shared_expert_gate is None else
-                              resolve_linear(_require(layer, spec.shared_expert_gate, "linear")))
+                              resolve_linear(require_path(layer, spec.shared_expert_gate, "linear")))
     return MoEWeights(router, gate_up, down, shared)
-
-
-def build_moe_shard(layer: nn.Module, spec: MoESpec, plan, reader, group, backend) -> MoEWeights:
-    """This tensor-parallel rank's slice of every expert (gate/up rows [g_r | u_r] of the
-    intermediate dimension, the matching down columns) and of the shared expert; the router whole.
-    ZeRO-3 partitions are read slice by slice (tensor_parallel.ShardReader); LoRA factors are cut
-    to the slice before the product."""
-    from .decoder import _require
-    from .tensor_parallel import _slice, shard_linear
-
-    def param(module, name, dim=None, sel=None):
-        p, lora = param_parts(module, name)
-        w = reader.whole(p) if sel is None else reader.take(p, dim, sel)
-        if not lora:
-            return w
-        mine = sel[reader.tp_rank] if sel is not None else None
-        cut = None if mine is None else (  # lhs [E, out, r] rows or rhs [E, r, in] columns
-            (lambda l, r: (_slice(l, 1, mine), r)) if dim == 1 else (lambda l, r: (l, _slice(r, 2, mine))))
-        return fuse_param_lora(w, [(reader.whole(a), reader.whole(b), s, e) for a, b, s, e in lora], cut)
-
-    router = param(_require(layer, spec.router, "MoE router"), "weight")
-    experts = _require(layer, spec.experts, "MoE experts")
-    gate_up = param(experts, "gate_up_proj", 1, plan.fused_features(spec.intermediate))
-    down = param(experts, "down_proj", 2, plan.features(spec.intermediate))
-    shared = None
-    if spec.shared_expert is not None:
-        feats = plan.features(spec.shared_intermediate)
-        mod = lambda name: _require(layer, f"{spec.shared_expert}.{name}", "linear")  # noqa: E731
-        sdown = shard_linear(mod("down_proj"), reader, inp=feats, backend=backend)
-        if sdown.bias is not None:
-            raise ValueError("a shared expert with a down-projection bias cannot be tensor-parallel here "
-                             "(the bias would be summed over the ranks); use tp_size=1")
-        shared = SharedExpert(shard_linear(mod("gate_proj"), reader, out=feats, backend=backend),
-                              shard_linear(mod("up_proj"), reader, out=feats, backend=backend), sdown,
-                              None if spec.shared_expert_gate is None else shard_linear(
-                                  _require(layer, spec.shared_expert_gate, "linear"), reader, backend=backend))
-    return MoEWeights(router, gate_up, down, shared, reduce=group.all_reduce_)
 
 
 # ---------------------------------------------------------------------------------- the forward

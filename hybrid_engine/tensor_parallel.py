@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .arch_spec import ArchSpec, spec_for
-from .weights import Linear, Norm, _fuse_all, concat_linears, linear_parts
+from .arch_spec import ArchSpec, MoESpec, spec_for
+from .moe import MoEWeights, SharedExpert, fuse_param_lora, param_parts
+from .weights import Linear, Norm, _fuse_all, concat_linears, get_path, linear_parts, require_path
 
 Ranges = Tuple[Tuple[int, int], ...]   # sorted, disjoint [start, stop) index ranges along one dim
 Selection = Tuple[Ranges, ...]          # the ranges of every tp rank (index = tp rank)
@@ -470,10 +471,44 @@ def _out_features(module: nn.Module) -> int:
     return shape[1] if parts.transposed else shape[0]
 
 
+def shard_moe(layer: nn.Module, spec: MoESpec, plan, reader, group, backend) -> MoEWeights:
+    """This tensor-parallel rank's slice of every expert (gate/up rows [g_r | u_r] of the
+    intermediate dimension, the matching down columns) and of the shared expert; the router whole.
+    ZeRO-3 partitions are read slice by slice (tensor_parallel.ShardReader); LoRA factors are cut
+    to the slice before the product."""
+    def param(module, name, dim=None, sel=None):
+        p, lora = param_parts(module, name)
+        w = reader.whole(p) if sel is None else reader.take(p, dim, sel)
+        if not lora:
+            return w
+        mine = sel[reader.tp_rank] if sel is not None else None
+        cut = None if mine is None else (  # lhs [E, out, r] rows or rhs [E, r, in] columns
+            (lambda l, r: (_slice(l, 1, mine), r)) if dim == 1 else (lambda l, r: (l, _slice(r, 2, mine))))
+        return fuse_param_lora(w, [(reader.whole(a), reader.whole(b), s, e) for a, b, s, e in lora], cut)
+
+    router = param(require_path(layer, spec.router, "MoE router"), "weight")
+    experts = require_path(layer, spec.experts, "MoE experts")
+    gate_up = param(experts, "gate_up_proj", 1, plan.fused_features(spec.intermediate))
+    down = param(experts, "down_proj", 2, plan.features(spec.intermediate))
+    shared = None
+    if spec.shared_expert is not None:
+        feats = plan.features(spec.shared_intermediate)
+        mod = lambda name: require_path(layer, f"{spec.shared_expert}.{name}", "linear")  # noqa: E731
+        sdown = shard_linear(mod("down_proj"), reader, inp=feats, backend=backend)
+        if sdown.bias is not None:
+            raise ValueError("a shared expert with a down-projection bias cannot be tensor-parallel here "
+                             "(the bias would be summed over the ranks); use tp_size=1")
+        shared = SharedExpert(shard_linear(mod("gate_proj"), reader, out=feats, backend=backend),
+                              shard_linear(mod("up_proj"), reader, out=feats, backend=backend), sdown,
+                              None if spec.shared_expert_gate is None else shard_linear(
+                                  require_path(layer, spec.shared_expert_gate, "linear"), reader, backend=backend))
+    return MoEWeights(router, gate_up, down, shared, reduce=group.all_reduce_)
+
+
 def build_tp_layer(layer: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: ShardReader,
                    group: TPGroup, *, fuse_projections: bool, backend: Optional[str]):
-    from .decoder import LayerWeights, _require, get_path
-    mod = lambda p: _require(layer, p, "linear")  # noqa: E731
+    from .decoder import LayerWeights
+    mod = lambda p: require_path(layer, p, "linear")  # noqa: E731
     col = lambda p, sel: shard_linear(mod(p), reader, out=sel, backend=backend)  # noqa: E731
     row = lambda p, sel: shard_linear(mod(p), reader, inp=sel, reduce=group.all_reduce_,  # noqa: E731
                                       backend=backend)
@@ -486,8 +521,7 @@ def build_tp_layer(layer: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
             qkv, q, k, v = concat_linears([q, k, v]), None, None, None
     gate = up = gate_up = down = moe = None
     if spec.moe is not None and get_path(layer, spec.moe.experts) is not None:
-        from .moe import build_moe_shard
-        moe = build_moe_shard(layer, spec.moe, plan, reader, group, backend)
+        moe = shard_moe(layer, spec.moe, plan, reader, group, backend)
     elif spec.gate_up is not None:
         inter = _out_features(mod(spec.gate_up)) // 2
         gate_up = col(spec.gate_up, plan.fused_features(inter))
@@ -500,7 +534,7 @@ def build_tp_layer(layer: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
     if moe is None:
         down = row(spec.down, plan.features(inter))
     off = spec.norm_offset
-    norm = lambda p: None if p is None else shard_norm(_require(layer, p, "norm"), reader, off)  # noqa: E731
+    norm = lambda p: None if p is None else shard_norm(require_path(layer, p, "norm"), reader, off)  # noqa: E731
     post = get_path(layer, spec.post_norm) if spec.post_norm else None
     return LayerWeights(
         in_norm=norm(spec.input_norm), post_norm=None if post is None else shard_norm(post, reader, off),
@@ -513,9 +547,9 @@ def build_tp_model(model: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
                    group: TPGroup, *, vocab_parallel: bool, fuse_projections: bool,
                    backend: Optional[str], per_layer: bool = True):
     """ModelWeights of this rank's shards (layers built now, or left to a layer iterator)."""
-    from .decoder import ModelWeights, _require, get_path, lm_head_module
-    backbone = _require(model, spec.backbone, "decoder stack")
-    embed_p = _require(backbone, spec.embed, "token embedding").weight
+    from .decoder import ModelWeights, lm_head_module
+    backbone = require_path(model, spec.backbone, "decoder stack")
+    embed_p = require_path(backbone, spec.embed, "token embedding").weight
     vocab = _shape(embed_p)[0]
     vocab_sel = plan.features(vocab)
     group.vocab_sizes = [b - a for ((a, b),) in vocab_sel]
@@ -529,14 +563,14 @@ def build_tp_model(model: nn.Module, spec: ArchSpec, plan: ShardPlan, reader: Sh
     pos = get_path(backbone, spec.pos_embed)
     fnorm = get_path(backbone, spec.final_norm) if spec.final_norm else None
     enorm = None if spec.embed_norm is None else shard_norm(
-        _require(backbone, spec.embed_norm, "norm"), reader)
+        require_path(backbone, spec.embed_norm, "norm"), reader)
     proj = lambda p: None if p is None else shard_linear(  # noqa: E731
-        _require(backbone, p, "projection"), reader, backend=backend)
+        require_path(backbone, p, "projection"), reader, backend=backend)
     layers = []
     if per_layer:
         layers = [build_tp_layer(l, spec, plan, reader, group, fuse_projections=fuse_projections,
                                  backend=backend)
-                  for l in _require(backbone, spec.layers, "layer list")]
+                  for l in require_path(backbone, spec.layers, "layer list")]
     return ModelWeights(
         embed=embed, pos_embed=None if pos is None else reader.whole(pos.weight),
         final_norm=None if fnorm is None else shard_norm(fnorm, reader, spec.norm_offset),

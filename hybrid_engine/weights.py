@@ -152,3 +152,24 @@ def resolve_norm(module: nn.Module, offset: float = 0.0) -> Norm:
         w = w.data.float() + offset  # fp32, as HF computes (1.0 + w.float())
         return Norm(w, None if b is None else b.data)
     return Norm(None if w is None else w.data, None if b is None else b.data)
+
+
+def get_path(root: nn.Module, path: Optional[str]):
+    """The submodule at a dotted path (None for a None path or a missing part)."""
+    if path is None:
+        return None
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def require_path(root: nn.Module, path: str, what: str):
+    """The submodule at `path`, or a clear error naming `what` is missing."""
+    obj = get_path(root, path)
+    if obj is None:
+        raise ValueError(f"the model has no {what} at {path!r}; its architecture does not match "
+                         "the engine spec (use EngineConfig(fallback='hf'))")
+    return obj

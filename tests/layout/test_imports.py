@@ -24,12 +24,6 @@ FLOORS = {
 }
 # (importer, imported) pairs allowed to climb, each with its reason; at most one
 ALLOWED_CLIMBS = {}
-# circles that exist and have an owner who will break them; a new circle fails the test. The MoE
-# work (hybrid_engine/moe.py, 2026-12-02) closed this one through function-level imports: decoder
-# imports moe, moe imports decoder's `_require` and tensor_parallel's slicing, tensor_parallel
-# imports decoder. Moving `_require` (and the slicing helpers) below decoder breaks it.
-KNOWN_CYCLES = [["fastrlhf.hybrid_engine.decoder", "fastrlhf.hybrid_engine.moe",
-                 "fastrlhf.hybrid_engine.tensor_parallel"]]
 
 
 def modules():
@@ -115,7 +109,7 @@ def test_the_package_has_no_import_circle_and_imports_go_down_the_floors():
     mods = modules()
     assert len(mods) > 60 and "fastrlhf.rlhf.trainer" in mods and "fastrlhf.kernels.norms" in mods
     graph = import_graph(mods)
-    assert [c for c in cycles(graph) if c not in KNOWN_CYCLES] == []
+    assert cycles(graph) == []
     climbs = sorted((a, b) for a, deps in graph.items() for b in deps if floor_of(b) > floor_of(a))
     assert len(ALLOWED_CLIMBS) <= 1
     assert [c for c in climbs if c not in ALLOWED_CLIMBS] == []

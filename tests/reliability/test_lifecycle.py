@@ -182,7 +182,7 @@ def wait_until_training(pid, out, log, timeout=240):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            raise AssertionError(f"the run ended before training:\n" + open(log).read()[-3000:])
+            raise AssertionError("the run ended before training:\n" + open(log).read()[-3000:])
         time.sleep(0.1)
     raise AssertionError(f"no training step logged in {timeout}s:\n" + open(log).read()[-3000:])
 
