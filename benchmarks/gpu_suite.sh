@@ -184,6 +184,9 @@ if [ -f benchmarks/rollout_workloads.py ]; then
     --workdir /tmp/fastrlhf_rollout_bench --note gpu_suite --out "$OUT/generation.jsonl"
   run_stage bench_rollout_groups 60 "$PY" benchmarks/generation.py --gpu --workload grpo-groups --runs 5 \
     --workdir /tmp/fastrlhf_rollout_bench --note gpu_suite --out "$OUT/generation.jsonl"
+  # what the trainer's rollout call (and inject + HF generate) adds around the engine's generate
+  run_stage bench_rollout_path 45 "$PY" benchmarks/generation.py --gpu --workload rollout-path --runs 10 \
+    --workdir /tmp/fastrlhf_rollout_bench --note gpu_suite --out "$OUT/generation.jsonl"
 fi
 if [ -f benchmarks/rlhf.py ]; then
   run_stage bench_rlhf 120 "$PY" benchmarks/rlhf.py --gpu --out "$OUT/rlhf.jsonl"
@@ -212,6 +215,16 @@ if [ -f benchmarks/inject_training.py ]; then
   # against the same model on HF sdpa, bf16
   run_stage bench_inject_training 90 "$PY" benchmarks/inject_training.py --gpu --out "$OUT/inject_training.jsonl"
 fi
+if [ -f benchmarks/peers.py ]; then
+  # one GRPO step: fastrlhf vs TRL's GRPOTrainer and TRL with inject(generate=True); needs trl
+  # (pip install -e ".[peers]"; on an offline machine carry its wheel in .whl/), else recorded as skipped
+  if "$PY" -c "import trl" > /dev/null 2>&1; then
+    run_stage bench_peers 240 "$PY" benchmarks/peers.py --gpu --workdir /tmp/fastrlhf_peers --rounds 3 \
+      --note gpu_suite --out "$OUT/peers.jsonl"
+  else
+    printf "bench_peers\tskipped (trl not installed)\t0\n" >> "$STAGES"
+  fi
+fi
 
 # ---- short table last
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.md" 2>&1
@@ -238,7 +251,7 @@ if os.path.exists(kj):
     for r in rows:
         vals = [r.get(c, "") for c in cols]
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals) + " |")
-for name in ("prefill_variants.jsonl", "generation.jsonl", "rlhf.jsonl", "token_logprobs.jsonl"):
+for name in ("prefill_variants.jsonl", "generation.jsonl", "rlhf.jsonl", "token_logprobs.jsonl", "peers.jsonl"):
     p = os.path.join(out, name)
     if os.path.exists(p):
         print(f"\n{name}:")

@@ -57,12 +57,16 @@ def build_arithmetic(root: str) -> None:
 def arithmetic_config(root: str, steps: int):
     from fastrlhf.models.loading import load_tokenizer
     from fastrlhf.rlhf.configs import PPOConfig
-    from fastrlhf.tasks.arithmetic_task import PROFILES
+    from fastrlhf.data import DataSpec
+    from fastrlhf.tasks.arithmetic_task import PROFILES, shared_values
     from fastrlhf.tasks.evaluation import heldout_items
     prof = dict(PROFILES["ppo"])
+    # the task's data spec, as `fastrlhf train --task arithmetic` passes it (without it the trainer
+    # takes the prompts for the bundled default task's and its exact scorer refuses them)
+    data = DataSpec(**shared_values()["data"])
     prof.update(model_name_or_path=f"{root}/step1_sft", output_dir=f"{root}/out{os.getpid()}", max_steps=steps + 1,
-                eval_prompts=0, save_steps=0, seed=1, resume="no")
-    items = heldout_items(load_tokenizer(f"{root}/step1_sft", padding_side="left"))
+                eval_prompts=0, save_steps=0, seed=1, resume="no", data=data)
+    items = heldout_items(load_tokenizer(f"{root}/step1_sft", padding_side="left"), data)
     return PPOConfig(**prof), items
 
 
