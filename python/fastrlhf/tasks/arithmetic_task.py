@@ -165,12 +165,7 @@ def write_arithmetic_task(out_dir: str, seed: int = DEFAULT_SEED, rows: int = DE
         for row in generate_rows(seed, rows):
             f.write(json.dumps(row) + "\n")
     tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(str(out))
-    config_path = out / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=_dt.CHAT_TEMPLATE)
-    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.jinja").write_text(_dt.CHAT_TEMPLATE, encoding="utf-8")
+    _dt.save_tokenizer(tokenizer, out, _dt.CHAT_TEMPLATE)
     build_model_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                        tokenizer.eos_token_id).save_pretrained(str(out))
 

@@ -189,12 +189,7 @@ def write_calculator_task(out_dir: str, seed: int = _at.DEFAULT_SEED, rows: int 
     with open(out / RL_FILE, "w", encoding="utf-8") as f:
         for row in problems[half:]:
             f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"]}) + "\n")
-    tokenizer.save_pretrained(str(out))
-    config_path = out / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
-    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    _dt.save_tokenizer(tokenizer, out, CHAT_TEMPLATE)
     _at.build_model_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                            tokenizer.eos_token_id).save_pretrained(str(out))
 

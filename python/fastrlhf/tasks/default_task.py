@@ -294,6 +294,18 @@ def build_model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
         tie_word_embeddings=True, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
 
 
+def save_tokenizer(tokenizer, out: Path, chat_template: str) -> None:
+    """Save a bundled task's tokenizer so that its folder loads with transformers 4.x and 5.x."""
+    tokenizer.save_pretrained(str(out))
+    # transformers 4.x reads neither chat_template.jinja nor the v5 class name: keep both in the
+    # config too, so the folder loads with either major version.
+    config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=chat_template)
+    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+    # transformers 5 saves the template as chat_template.jinja, 4.46 only into tokenizer_config.json
+    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+
 def write_default_task(out_dir: str, seed: int = DEFAULT_SEED, rows: int = DEFAULT_ROWS) -> None:
     """Write data, tokenizer and model config into ``out_dir`` (deterministic for a seed)."""
     out = Path(out_dir)
@@ -302,15 +314,7 @@ def write_default_task(out_dir: str, seed: int = DEFAULT_SEED, rows: int = DEFAU
         for row in generate_rows(seed, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(str(out))
-    # transformers 4.x reads neither chat_template.jinja nor the v5 class name: keep both in the
-    # config too, so the folder loads with either major version.
-    config_path = out / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
-    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
-    # transformers 5 saves the template as chat_template.jinja, 4.46 only into tokenizer_config.json
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    save_tokenizer(tokenizer, out, CHAT_TEMPLATE)
     config = build_model_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                                 tokenizer.eos_token_id)
     config.save_pretrained(str(out))
