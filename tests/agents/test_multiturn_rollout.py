@@ -135,3 +135,19 @@ def test_a_trajectory_waiting_for_its_environment_does_not_hold_the_others(setup
     fast_done = [e[2] for e in events if e[0] == "turn" and e[1] != 1]
     # the others went on through later turns while it waited (all of them, unless the machine is very busy)
     assert len(fast_done) == 6 and sum(t < slow_reply for t in fast_done) >= 4
+
+
+def test_the_rollout_goes_turn_by_turn_where_the_engine_cannot_keep_sessions(setup, monkeypatch):
+    """Sessions on one engine: yes; under tensor parallelism (no sessions) or where the ranks must
+    step together (ZeRO-3 gathering layer by layer on several ranks: a rank waiting for its
+    environment would not): the turn-by-turn path."""
+    from types import SimpleNamespace
+    import fastrlhf.utils.distributed as dist
+    from fastrlhf.agents.rollout import has_sessions
+    engine = setup[2]
+    assert has_sessions(engine)
+    assert not has_sessions(SimpleNamespace(session=engine.session, tp=object(), config=engine.config))
+    layered = SimpleNamespace(session=engine.session, tp=None, config=SimpleNamespace(zero3_gather="layer"))
+    assert has_sessions(layered)   # one process: nobody to wait for
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert not has_sessions(layered) and has_sessions(engine)

@@ -11,7 +11,8 @@ Limits: `max_turns` model turns (a trajectory the environment has not ended by t
 `max_new_tokens` per model turn, `max_observation_tokens` per environment turn (its text cut to
 fit), `max_trajectory_tokens` after the prompt (and the model's positions).
 
-Where the engine has no sessions (under tensor parallelism) the rollout goes turn by turn
+Where the engine has no sessions (under tensor parallelism, or with ZeRO-3 gathering layer by
+layer on several ranks, where ranks must step together) the rollout goes turn by turn
 (`_run_turn_by_turn`): all processes generate the next turn of their live trajectories together
 with `engine.generate` on the tokens so far (the prefix is recomputed each turn), and the
 environments answer in between. The trajectories are the same tokens; only the compute differs.
@@ -43,8 +44,15 @@ class AgentLimits:
 
 
 def has_sessions(engine) -> bool:
-    """Whether the engine can continue sequences (`engine.session()`; not under tensor parallelism)."""
-    return hasattr(engine, "session") and getattr(engine, "tp", None) is None
+    """Whether the rollout can keep its trajectories in one `engine.session()`: not under tensor
+    parallelism (no sessions there), nor where the engine's ranks must step together (ZeRO-3
+    gathering layer by layer on several ranks: a rank waiting for its environments would not)."""
+    if not hasattr(engine, "session") or getattr(engine, "tp", None) is not None:
+        return False
+    if getattr(getattr(engine, "config", None), "zero3_gather", "all") == "layer":
+        from ..utils.distributed import get_world_size
+        return get_world_size() == 1
+    return True
 
 
 def _as_list(ids) -> List[int]:
