@@ -49,14 +49,20 @@ def test_grpo_steps_on_the_guess_the_number_example(guess, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "actor" / "config.json")
 
 
-def test_the_update_trains_on_the_sampled_tokens_and_never_on_the_environments(guess, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                                      "seq_mean_token_sum_norm"])
+def test_the_update_trains_on_the_sampled_tokens_and_never_on_the_environments(guess, tmp_path, monkeypatch,
+                                                                               loss_agg):
     """Token identity through step 3: every row the update's forward sees is a trajectory's prompt
     and tokens exactly as the engine sampled them (nothing re-tokenized), and the loss (policy, KL
     to the reference, entropy) sends no gradient to an environment token's log-prob or entropy,
-    while the generated tokens get some."""
+    while the generated tokens get some; under every loss aggregation (generated tokens are its
+    unit; seq_mean_token_sum_norm divides by the trajectory's generation budget)."""
     import fastrlhf.rlhf.update_losses as update_losses
     t = PPOTrainer(cfg(guess, tmp_path / "ident", max_steps=1, kl_coef=0.1, entropy_coef=0.01, rollout_batch_size=4,
-                       reward_fn=[f"{ENVS}:length_reward"]), prompts=guess["train"], eval_prompts=guess["eval"])
+                       reward_fn=[f"{ENVS}:length_reward"], loss_agg=loss_agg),
+                   prompts=guess["train"], eval_prompts=guess["eval"])
+    assert t.rollouts.generation_budget == 3 * 4   # max_turns x max_new_tokens (not one turn's 4)
     rollouts, seen = [], []
     sample = t.rollouts.rollout
     monkeypatch.setattr(t.rollouts, "rollout", lambda *a, **k: rollouts.append(sample(*a, **k)) or rollouts[-1])
