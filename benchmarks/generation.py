@@ -227,7 +227,8 @@ def main(argv=None):
         return all_rows
     for name in models:
         for row in bench_model(name, args, device, dtype):
-            row.update(device=dev_name, date=date, ops_backend=backend, commit=commit, **versions(), **load)
+            row.update(device=dev_name, note=args.note, date=date, ops_backend=backend, commit=commit,
+                       **versions(), **load)
             all_rows.append(row)
     print(f"\ndevice: {dev_name}  date: {date}  ops backend: {backend}")
     print(f"{'model':<12}{'params(M)':>10}{'impl':>20}{'tok/s':>10}{'median s':>10}{'x hf':>7}"
