@@ -67,7 +67,7 @@ def test_group_signals_during_reward_calls_save_and_exit(tmp_path, server):
     grpo = ["ppo", "--algo", "grpo", "--group_size", "2", "--reward_fn", f"{FNS}:slow_and_marked",
             "--reward_url", server.url, "--data.max_samples", "32", "--rollout_batch_size", "2",
             "--micro_batch_size", "4", "--max_new_tokens", "4", "--eval_prompts", "2", "--num_epochs", "1000",
-            "--max_steps", "100000", "--save_steps", "0", "--reward_timeout", "30"]
+            "--max_steps", "100000", "--save_steps", "0", "--reward_timeout", "30", "--log_steps", "1"]
     runs = {"fn_sigterm": signal.SIGTERM, "server_sigint": signal.SIGINT}
     launcher = Launcher()
     outs, logs, markers = {}, {}, {}
