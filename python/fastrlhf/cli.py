@@ -173,7 +173,7 @@ def cmd_trainer(args: argparse.Namespace, extra: List[str]) -> int:
             extra, [o for o in option_names(entry.config) if o not in entry.preset] + ["config"])
     cfg = pipeline.trainer_config(args.trainer, _file_values(args.config), namespace_overrides(args, entry.config))
     from .utils.logging import print_rank0
-    with pipeline.cpu_numerics_pinned(not cfg.model_name_or_path):  # the bundled default task
+    with pipeline.cpu_numerics_pinned(not cfg.model_name_or_path):  # the bundled default task's model
         print_rank0("summary: " + pipeline.run_trainer(args.trainer, cfg))
     return 0
 
@@ -231,7 +231,7 @@ def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     pipeline.check_step_inputs(configs)
     named = namespace_overrides(args, TrainConfig).get("model_name_or_path") or \
         _file_values(args.config).get("model_name_or_path")
-    with pipeline.cpu_numerics_pinned(args.task == "default" and not named):  # the bundled default task
+    with pipeline.cpu_numerics_pinned(not named):  # a bundled task (default, arithmetic): its model, its numbers
         summary = pipeline.run_steps(configs, args.task)
     from .utils.logging import print_rank0
     print_rank0("summary:\n  " + "\n  ".join(summary))

@@ -29,12 +29,13 @@ def _fields_of(cls) -> set:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-# The vector instructions of PyTorch's CPU kernels and of MKL's GEMMs, pinned for the bundled default
-# task. AVX-512 and AVX2 round differently (the SFT losses differ in the 5th digit) and RL sampling turns
-# that into different runs: on this project's 2-core VMs, the same commit printed RM accuracy 0.99 and
-# held-out reward 0.17 -> 2.77 with AVX-512, 0.96 and 0.34 -> 2.15 pinned to AVX2, as a CPU without
-# AVX-512 runs (benchmarks/results/default_task_notes.md). Every x86-64 CPU of such machines has AVX2,
-# so, pinned, the quick start prints the README's numbers on all of them. Both libraries read these when
+# The vector instructions of PyTorch's CPU kernels and of MKL's GEMMs, pinned for the bundled tasks
+# (default and arithmetic, on their bundled models). AVX-512 and AVX2 round differently (the SFT losses
+# differ in the 5th digit) and RL sampling turns that into different runs: on this project's 2-core VMs,
+# the same commit printed RM accuracy 0.99 and held-out reward 0.17 -> 2.77 with AVX-512, 0.96 and
+# 0.34 -> 2.15 pinned to AVX2, as a CPU without AVX-512 runs (benchmarks/results/default_task_notes.md);
+# the arithmetic task's GRPO differs the same way. Every x86-64 CPU of such machines has AVX2, so,
+# pinned, the README's commands print the README's numbers on all of them. Both libraries read these when
 # they first compute, not at import, so setting them before a run starts is in time.
 REPRODUCIBLE_CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
