@@ -231,7 +231,7 @@ def cmd_train(args: argparse.Namespace, extra: List[str]) -> int:
     pipeline.check_step_inputs(configs)
     named = namespace_overrides(args, TrainConfig).get("model_name_or_path") or \
         _file_values(args.config).get("model_name_or_path")
-    with pipeline.cpu_numerics_pinned(not named):  # a bundled task (default, arithmetic): its model, its numbers
+    with pipeline.cpu_numerics_pinned(args.task in pipeline.PINNED_TASKS and not named):
         summary = pipeline.run_steps(configs, args.task)
     from .utils.logging import print_rank0
     print_rank0("summary:\n  " + "\n  ".join(summary))

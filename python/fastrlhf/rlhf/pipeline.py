@@ -30,7 +30,7 @@ def _fields_of(cls) -> set:
 
 
 # The vector instructions of PyTorch's CPU kernels and of MKL's GEMMs, pinned for the bundled tasks
-# (default and arithmetic, on their bundled models). AVX-512 and AVX2 round differently (the SFT losses
+# of PINNED_TASKS, on their bundled models. AVX-512 and AVX2 round differently (the SFT losses
 # differ in the 5th digit) and RL sampling turns that into different runs: on this project's 2-core VMs,
 # the same commit printed RM accuracy 0.99 and held-out reward 0.17 -> 2.77 with AVX-512, 0.96 and
 # 0.34 -> 2.15 pinned to AVX2, as a CPU without AVX-512 runs (benchmarks/results/default_task_notes.md);
@@ -38,6 +38,9 @@ def _fields_of(cls) -> set:
 # pinned, the README's commands print the README's numbers on all of them. Both libraries read these when
 # they first compute, not at import, so setting them before a run starts is in time.
 REPRODUCIBLE_CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# The bundled tasks whose README numbers were measured pinned (a task joins once they are; the
+# calculator task's were measured unpinned, on AVX-512).
+PINNED_TASKS = ("default", "arithmetic")
 
 
 @contextlib.contextmanager
