@@ -71,7 +71,7 @@ def _docstring_parts(doc: str) -> tuple:
             break
         head.append(line.strip())
     params: Dict[str, str] = {}
-    section, current = None, None
+    section, current, indent = None, None, 0  # indent: of the current parameter's line
     for line in lines:
         if line.strip().lower() in _SECTIONS:
             section, current = line.strip().lower(), None
