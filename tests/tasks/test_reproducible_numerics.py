@@ -33,7 +33,7 @@ def seen(monkeypatch):
 @pytest.mark.parametrize("argv, pinned", [
     (["sft"], True), (["train"], True), (["train", "--steps", "3"], True),
     (["sft", "--model_name_or_path", "MODEL"], False), (["train", "--model_name_or_path", "MODEL"], False),
-    (["train", "--task", "arithmetic"], True), (["train", "--task", "calculator"], False)])
+    (["train", "--task", "arithmetic"], True), (["train", "--task", "calculator"], True)])
 def test_the_bundled_tasks_run_with_pinned_cpu_numerics(seen, tmp_path, argv, pinned):
     argv = [a.replace("MODEL", str(tmp_path / "m")) for a in argv] + ["--output_dir", str(tmp_path / "o")]
     if "--model_name_or_path" in argv:  # a model dir of the user's (a config is enough: nothing loads)

@@ -40,6 +40,14 @@ def _eval_count(n: int, fraction: float) -> int:
     return min(n - 1, max(1, math.ceil(n * fraction)))
 
 
+def eval_row_indices(n: int, spec: DataSpec, step: int) -> list[int]:
+    """The rows of an n-row dataset (one without a test split) that ``spec`` holds out for step
+    ``step``'s eval: what `build_datasets` takes them from (a generator of bundled data reads this
+    to keep its held-out problems out of every training row)."""
+    share = _share(n, spec.step_ratios(), spec.seed, step)
+    return share[:_eval_count(len(share), spec.eval_fraction)]
+
+
 def _usable(step: int, s: Sample) -> bool:
     if step == 1:
         return s.chosen is not None

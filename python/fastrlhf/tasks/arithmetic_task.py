@@ -17,6 +17,11 @@ SFT data: in ``SLIP_RATE`` (35%) of the worked solutions the equation is right b
 answer after ``####`` is a slip (an operand copied, or a stray number), so SFT learns a sloppy
 habit that only the exact reward can see, and the facts it half knows leave room to sharpen.
 
+Held-out problems are never training problems: the rows `fastrlhf.data` holds out for eval (of
+every step, under the task's split and the default data seed) are drawn first, as distinct
+problems, and every other row is drawn without them (the same question never appears twice in
+the file as held-out and training row; `generate_problems`).
+
 The folder holds the data, the word-level tokenizer (Human/Assistant chat template) and a tiny
 Llama ``config.json``; no weights. Regenerate byte for byte with
 ``python -m fastrlhf.tasks.arithmetic_task --out DIR [--seed N --rows N]``.
@@ -29,13 +34,14 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 from fastrlhf.tasks import default_task as _dt
 
 DEFAULT_SEED = 2027
 DEFAULT_ROWS = 6000
 DATA_FILE = "arithmetic_task.jsonl"
+SPLIT_RATIOS = "5,0,5"   # half for SFT, half for RL: there is no reward-model step
 MAX_NUMBER = 100
 REWARD_SPEC = "fastrlhf.rewards:arithmetic_reward"
 # share of worked solutions whose final answer is a slip (the equation above it is right)
@@ -91,7 +97,7 @@ def shared_values() -> Dict[str, Any]:
     """What every step of `fastrlhf train --task arithmetic` uses: the task's model, its data (half
     for SFT, half for RL: there is no reward-model step) and its lengths."""
     return {"model_name_or_path": arithmetic_model_dir(),
-            "data": {"paths": [arithmetic_data_path()], "split_ratios": "5,0,5", "max_prompt_len": 48,
+            "data": {"paths": [arithmetic_data_path()], "split_ratios": SPLIT_RATIOS, "max_prompt_len": 48,
                      "max_answer_len": 16}}
 
 
@@ -117,9 +123,39 @@ def make_problem(rng: random.Random) -> Dict[str, str]:
     return {"prompt": prompt, "response": f"{a} {op} {b} = {c} . #### {final}", "answer": str(c)}
 
 
-def generate_rows(seed: int = DEFAULT_SEED, rows: int = DEFAULT_ROWS) -> List[Dict[str, str]]:
+def heldout_positions(rows: int, split_ratios: Optional[str]) -> Set[int]:
+    """The rows of a `rows`-row file that `fastrlhf.data` holds out for eval, of any step, when it
+    splits the file by `split_ratios` under the default data seed and eval fraction."""
+    from fastrlhf.data.build import eval_row_indices
+    from fastrlhf.data.spec import DataSpec
+    spec = DataSpec(split_ratios=split_ratios)
+    return {i for step in (1, 2, 3) for i in eval_row_indices(rows, spec, step)}
+
+
+def _draw(rng: random.Random, excluded: Set[str]) -> Dict[str, str]:
+    """A problem whose question is not in `excluded` (redrawn until it is not)."""
+    while True:
+        row = make_problem(rng)
+        if row["prompt"] not in excluded:
+            return row
+
+
+def generate_problems(seed: int, rows: int, heldout: Iterable[int]) -> List[Dict[str, str]]:
+    """`rows` problems, the ones at the `heldout` positions drawn first and distinct, every other one
+    drawn without them: a held-out question (the problem, whatever its worked solution) is at no
+    other position. Deterministic in the seed."""
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(rows)]
+    held: Dict[int, Dict[str, str]] = {}
+    held_questions: Set[str] = set()
+    for i in sorted(heldout):
+        held[i] = _draw(rng, held_questions)
+        held_questions.add(held[i]["prompt"])
+    return [held[i] if i in held else _draw(rng, held_questions) for i in range(rows)]
+
+
+def generate_rows(seed: int = DEFAULT_SEED, rows: int = DEFAULT_ROWS) -> List[Dict[str, str]]:
+    """The task's file: no problem `fastrlhf train --task arithmetic` holds out is a training row."""
+    return generate_problems(seed, rows, heldout_positions(rows, SPLIT_RATIOS))
 
 
 def vocabulary() -> List[str]:

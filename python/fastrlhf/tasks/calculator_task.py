@@ -16,7 +16,8 @@ number after ``####``::
 
 The problems are `arithmetic_task`'s (same generator, seed and row count): the first half are
 SFT demonstrations, the second half RL prompts, so held-out accuracy compares with `--task
-arithmetic`. ``calculator/calculator_sft.jsonl`` has two SFT rows per demonstration (the tool
+arithmetic`. The RL prompts held out for evaluation are drawn first and are in no SFT
+demonstration and no other RL row (`arithmetic_task.generate_problems`). ``calculator/calculator_sft.jsonl`` has two SFT rows per demonstration (the tool
 call after the question; the final answer after the tool's answer), their prompts rendered with
 the tokenizer's chat template exactly as the tool environment renders them (``tools=`` naming the
 calculator, the tool turn in ``<tool_response>``). ``SLIP_RATE`` of the demonstrations carry a
@@ -180,8 +181,11 @@ def shared_values() -> Dict[str, Any]:
 def write_calculator_task(out_dir: str, seed: int = _at.DEFAULT_SEED, rows: int = _at.DEFAULT_ROWS) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    problems = _at.generate_rows(seed, rows)
-    half = len(problems) // 2
+    half = rows // 2
+    # the RL file's held-out prompts (read whole: no split_ratios) are in no SFT demonstration and
+    # no other RL row
+    heldout = {half + i for i in _at.heldout_positions(rows - half, None)}
+    problems = _at.generate_problems(seed, rows, heldout)
     tokenizer = build_tokenizer()
     with open(out / SFT_FILE, "w", encoding="utf-8") as f:
         for row in sft_rows(tokenizer, problems[:half], seed):

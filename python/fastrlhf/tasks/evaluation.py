@@ -66,7 +66,7 @@ def evaluate_pass_at_k(model_dir: str, items: List[Dict[str, Any]], k: int = 8, 
 def heldout_items(tokenizer, data_spec=None, limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """The step-3 held-out prompt items of the task (with their `answer` column)."""
     from fastrlhf.data import DataSpec, build_datasets
-    spec = data_spec or DataSpec(paths=[arithmetic_task.arithmetic_data_path()], split_ratios="5,0,5")
+    spec = data_spec or DataSpec(paths=[arithmetic_task.arithmetic_data_path()], split_ratios=arithmetic_task.SPLIT_RATIOS)
     eval_ds = build_datasets(spec, tokenizer, 3)[1]
     n = len(eval_ds) if limit is None else min(limit, len(eval_ds))
     return [eval_ds[i] for i in range(n)]
