@@ -52,8 +52,7 @@ def test_demonstrations_are_what_the_tool_environment_renders(tok):
 def test_the_shipped_demonstrations_have_slips_at_the_stated_rate():
     rows = [json.loads(line) for line in open(ct.calculator_data_paths()["sft"])]
     firsts, seconds = rows[0::2], rows[1::2]
-    problems = [json.loads(line) for line in open(os.path.join(os.path.dirname(ct.calculator_model_dir()),
-                                                               "arithmetic", "arithmetic_task.jsonl"))]
+    problems = ct.generate_problems()
     assert len(firsts) == len(problems) // 2
     wrong = 0
     for p, second in zip(problems, seconds):

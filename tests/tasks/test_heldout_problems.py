@@ -37,10 +37,15 @@ def arithmetic_overlap(data_path: str):
 
 
 def calculator_overlap(sft_path: str, rl_path: str):
-    spec = DataSpec(**{**ct.shared_values()["data"], "paths": [rl_path]})
-    held, trained = split_questions(spec, ct.calculator_model_dir(), steps=(3,))
-    trained |= {question(json.loads(line)["prompt"]) for line in open(sft_path, encoding="utf-8")}
-    return held, set(held) & trained
+    """(held-out RL prompts, those in a training row), (SFT-held-out problems, those in another
+    demonstration or an RL row: an SFT row's twin, the other turn of its demonstration, may train)."""
+    data = ct.shared_values()["data"]
+    held, trained = split_questions(DataSpec(**{**data, "paths": [rl_path]}), ct.calculator_model_dir(), steps=(3,))
+    sft_held, _ = split_questions(DataSpec(**{**data, "paths": [sft_path]}), ct.calculator_model_dir(), steps=(1,))
+    demos = [question(json.loads(line)["prompt"]) for line in open(sft_path, encoding="utf-8")][0::2]
+    rl_held = set(held)
+    sft_leaks = {q for q in sft_held if demos.count(q) != 1 or q in trained or q in rl_held}
+    return held, set(held) & (trained | set(demos)), sft_held, sft_leaks
 
 
 def test_arithmetic_heldout_problems_are_in_no_training_row():
@@ -51,9 +56,10 @@ def test_arithmetic_heldout_problems_are_in_no_training_row():
 
 def test_calculator_heldout_prompts_are_in_no_demonstration_and_no_rl_training_row():
     paths = ct.calculator_data_paths()
-    held, overlap = calculator_overlap(paths["sft"], paths["rl"])
-    assert len(held) == 150 and len(set(held)) == len(held)
+    held, overlap, sft_held, sft_leaks = calculator_overlap(paths["sft"], paths["rl"])
+    assert len(held) == 150 and len(set(held)) == len(held) and len(sft_held) == 300
     assert not overlap, sorted(overlap)[:5]
+    assert not sft_leaks, sorted(sft_leaks)[:5]
 
 
 @pytest.mark.parametrize("split_ratios", [at.SPLIT_RATIOS, None])

@@ -14,10 +14,13 @@ number after ``####``::
 
     Assistant: #### 19</s>
 
-The problems are `arithmetic_task`'s (same generator, seed and row count): the first half are
-SFT demonstrations, the second half RL prompts, so held-out accuracy compares with `--task
-arithmetic`. The RL prompts held out for evaluation are drawn first and are in no SFT
-demonstration and no other RL row (`arithmetic_task.generate_problems`). ``calculator/calculator_sft.jsonl`` has two SFT rows per demonstration (the tool
+The problems come from `arithmetic_task`'s generator (same seed and row count, so held-out accuracy
+compares with `--task arithmetic`): the first half are SFT demonstrations, the second half RL
+prompts. The problems held out for evaluation (the RL prompts pass@k is measured on, and the
+demonstrations with a row in SFT's eval share) are drawn first and are in no other demonstration
+and no other RL row (`generate_problems`), so the rows differ from the arithmetic file's, whose own
+held-out rows sit elsewhere. (An SFT eval row's twin, the other turn of the same demonstration, may
+be a training row.) ``calculator/calculator_sft.jsonl`` has two SFT rows per demonstration (the tool
 call after the question; the final answer after the tool's answer), their prompts rendered with
 the tokenizer's chat template exactly as the tool environment renders them (``tools=`` naming the
 calculator, the tool turn in ``<tool_response>``). ``SLIP_RATE`` of the demonstrations carry a
@@ -178,14 +181,22 @@ def shared_values() -> Dict[str, Any]:
             "data": {"split_ratios": None, "max_prompt_len": 72, "max_answer_len": 20}}
 
 
+def generate_problems(seed: int = _at.DEFAULT_SEED, rows: int = _at.DEFAULT_ROWS) -> List[Dict[str, str]]:
+    """The task's problems: the first half SFT demonstrations (two SFT rows each), the second half RL
+    prompts. Both files are read whole (no split_ratios); the problems of their held-out rows (the RL
+    file's eval prompts, the demonstrations with an SFT eval row) are distinct and in no other
+    demonstration and no other RL row."""
+    half = rows // 2
+    heldout = {half + i for i in _at.heldout_positions(rows - half, None)}
+    heldout |= {r // 2 for r in _at.heldout_positions(2 * half, None)}   # SFT row r is demonstration r // 2
+    return _at.generate_problems(seed, rows, heldout)
+
+
 def write_calculator_task(out_dir: str, seed: int = _at.DEFAULT_SEED, rows: int = _at.DEFAULT_ROWS) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    half = rows // 2
-    # the RL file's held-out prompts (read whole: no split_ratios) are in no SFT demonstration and
-    # no other RL row
-    heldout = {half + i for i in _at.heldout_positions(rows - half, None)}
-    problems = _at.generate_problems(seed, rows, heldout)
+    problems = generate_problems(seed, rows)
+    half = len(problems) // 2
     tokenizer = build_tokenizer()
     with open(out / SFT_FILE, "w", encoding="utf-8") as f:
         for row in sft_rows(tokenizer, problems[:half], seed):
