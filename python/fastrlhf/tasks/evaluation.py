@@ -97,9 +97,10 @@ def arithmetic_accuracy_line(before: Dict[str, float], after: Dict[str, float]) 
             f"greedy {b['greedy']:.3f} -> {a['greedy']:.3f}")
 
 
-# `fastrlhf train --task arithmetic`'s held-out numbers (README, measured 2026-11-27: 150 prompts, 8
-# samples each), printed beside the calculator task's: the same problems without the tool
-ARITHMETIC_REFERENCE = {"pass@1": (0.223, 0.381), "pass@8": (0.687, 0.727), "greedy": (0.520, 0.487)}
+# `fastrlhf train --task arithmetic`'s held-out numbers (README, measured 2026-12-02 at c99eea8,
+# pinned to AVX2: 150 prompts, 8 samples each), printed beside the calculator task's: problems of
+# the same generator without the tool
+ARITHMETIC_REFERENCE = {"pass@1": (0.291, 0.409), "pass@8": (0.833, 0.820), "greedy": (0.633, 0.507)}
 
 
 def evaluate_tool_pass_at_k(model_dir: str, items: List[Dict[str, Any]], k: int = 8, *, tools: List[str],
@@ -168,6 +169,6 @@ def calculator_accuracy_line(before: Dict[str, float], after: Dict[str, float]) 
     k = ARITHMETIC_EVAL["k"]
     ref = ARITHMETIC_REFERENCE
     return (arithmetic_accuracy_line(before, after).replace("arithmetic held-out", "calculator held-out", 1)
-            + f"\n  beside --task arithmetic (no tool; README, 2026-11-27): pass@1 {ref['pass@1'][0]:.3f} -> "
+            + f"\n  beside --task arithmetic (no tool; README, 2026-12-02): pass@1 {ref['pass@1'][0]:.3f} -> "
             f"{ref['pass@1'][1]:.3f}, pass@{k} {ref['pass@8'][0]:.3f} -> {ref['pass@8'][1]:.3f}, greedy "
             f"{ref['greedy'][0]:.3f} -> {ref['greedy'][1]:.3f}")
