@@ -12,12 +12,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SOURCES = {"fastrlhf": "python/fastrlhf", "fastrlhf.kernels": "kernels", "fastrlhf.hybrid_engine": "hybrid_engine"}
 
 # Lower floors never import higher ones. The bundled tasks' own modules are on the ground floor
-# (models, data and rewards read the default task's files); their evaluation runs the engine.
+# (models, data and rewards read the default task's files); the arithmetic and calculator generators
+# sit beside `data` (they read its split to keep held-out problems out of training); their
+# evaluation runs the engine.
 FLOORS = {
     "errors": 0, "utils": 0, "options": 0, "workers": 0,
-    "tasks": 0, "tasks.default_task": 0, "tasks.arithmetic_task": 0,
+    "tasks": 0, "tasks.default_task": 0,
     "kernels": 1,
     "ops": 2, "data": 2, "models": 2, "rewards": 2, "config": 2, "tasks.learnability": 2,
+    "tasks.arithmetic_task": 2, "tasks.calculator_task": 2,
     "hybrid_engine": 3, "tasks.evaluation": 3, "agents": 3,  # environments and tools: rlhf runs them
     "rlhf": 4, "tasks.registry": 4,
     "cli": 5, "fastrlhf": 5,  # the package's __init__: `fastrlhf.inject`, a facade over the engine
