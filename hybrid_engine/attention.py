@@ -192,12 +192,21 @@ class _LeanRotary:
         return q, k
 
 
-def _gather_blocks(kv: torch.Tensor, tables: torch.Tensor):
-    """Blocks `tables` [B, nb] of one layer's keys and values (`kv` [2, N, Hkv, bs, D], the
-    layer's slice of the pool) as two [B, Hkv, nb * block_size, D] views of one gathered copy (the
-    block and row axes merge without another copy)."""
-    g = kv.transpose(1, 2)[:, :, tables]        # [2, Hkv, B, nb, bs, D]
-    g = g.transpose(1, 2).flatten(3, 4)         # [2, B, Hkv, nb * bs, D]
+def _block_index(tables: torch.Tensor) -> torch.Tensor:
+    """Block tables [B, nb] as the flat gather index of `_gather_blocks` (a padding entry, -1,
+    reads block 0: its columns lie past the row's length and are masked)."""
+    return tables.reshape(-1).clamp(min=0)
+
+
+def _gather_blocks(kv: torch.Tensor, index: torch.Tensor, b: int):
+    """The blocks of `b` rows (`index` = `_block_index` of their [B, nb] tables) of one layer's
+    keys and values (`kv` [2, N, Hkv, bs, D], the layer's slice of the pool) as two
+    [B, Hkv, nb * block_size, D] views of one gathered copy (the block and row axes merge without
+    another copy). index_select copies whole [bs, D] blocks: several times faster on the CPU than
+    advanced indexing, which copies element by element."""
+    _, _, hkv, bs, d = kv.shape
+    g = kv.transpose(1, 2).index_select(2, index)                      # [2, Hkv, B * nb, bs, D]
+    g = g.view(2, hkv, b, -1, d).transpose(1, 2)                       # [2, B, Hkv, nb * bs, D]
     return g[0], g[1]
 
 
@@ -217,7 +226,7 @@ class LeanPagedDecodeAttention(_LeanRotary):
         self.write_block, self.write_row = batch.slots // bs, batch.slots % bs
         lens = batch.seq_lens.long()
         n_blocks = (int(lens.max()) + bs - 1) // bs if b else 0
-        self.tables = batch.block_tables[:, :n_blocks].long()       # [B, nb]
+        self.index = _block_index(batch.block_tables[:, :n_blocks].long())  # of [B, nb] tables
         self.n_cols = n_blocks * bs
         self.k_pos, self.q_pos = torch.arange(self.n_cols, device=dev), lens - 1
         self.visible = self.k_pos[None, :] < lens[:, None]
@@ -240,7 +249,7 @@ class LeanPagedDecodeAttention(_LeanRotary):
         """Attention of the rows' queries (any layout with the heads after the row axis) over
         their cached keys of layer i (this step's already written) -> [B, Hkv, group, D]."""
         dec, b = self.dec, self.b
-        keys, values = _gather_blocks(self.cache.storage[i], self.tables)
+        keys, values = _gather_blocks(self.cache.storage[i], self.index, b)
         qg = q.reshape(b, dec.n_kv_heads, -1, dec.head_dim)  # [B, Hkv, group, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [B, Hkv, group, n]
         scores.mul_(dec.scale)
@@ -274,7 +283,7 @@ class LeanPagedPackedAttention(_LeanRotary):
         q_lens = cu[1:] - cu[:-1]
         rows, m = lens.shape[0], int(q_lens.max())
         n_blocks = (int(lens.max()) + bs - 1) // bs
-        self.e_tables = e.block_tables[:, :n_blocks].long()
+        self.e_index = _block_index(e.block_tables[:, :n_blocks].long())
         # token t of row r sits at column t - cu[r] + m - q_len[r] (right-aligned)
         self.e_row = torch.repeat_interleave(torch.arange(rows, device=dev), q_lens)
         self.e_col = torch.arange(n_tokens, device=dev) - cu[self.e_row] + m - q_lens[self.e_row]
@@ -316,7 +325,7 @@ class LeanPagedPackedAttention(_LeanRotary):
         qp = q.new_zeros(rows, m, hq, d)
         qp[self.e_row, self.e_col] = q
         qg = qp.view(rows, m, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [E, Hkv, group, M, D]
-        keys, values = _gather_blocks(self.cache.storage[i], self.e_tables)
+        keys, values = _gather_blocks(self.cache.storage[i], self.e_index, rows)
         keys, values = keys[:, :, None], values[:, :, None]              # [E, Hkv, 1, n, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float()        # [E, Hkv, group, M, n]
         scores.mul_(dec.scale)
