@@ -147,8 +147,9 @@ def make_optimizer(model: nn.Module, cfg, ds_config: Dict[str, Any], lr: float) 
             return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
         except Exception as e:  # building the op needs a compiler; torch AdamW still works
             print_rank0(f"DeepSpeedCPUAdam unavailable ({type(e).__name__}: {e}); using torch AdamW")
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    # the fused kernel (one pass over all parameters; on the CPU too since torch 2.4) instead of
+    # the per-tensor loop: several times faster per step for small models, same update rule
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
 def warmup_steps_for(cfg, total_steps: int) -> int:
@@ -170,12 +171,14 @@ def lr_multiplier(step: int, warmup: int, total: int, kind: str) -> float:
 # ----------------------------------------------------------------------------- the non-finite guard
 
 def all_finite(tensors) -> bool:
-    """True when no tensor holds a NaN/inf (one host sync per device)."""
-    by_device: Dict[Any, List[torch.Tensor]] = {}
+    """True when no tensor holds a NaN/inf (one host sync per device and dtype): the max-norm of
+    each tensor (one foreach call per group) is finite exactly when all its elements are."""
+    groups: Dict[Any, List[torch.Tensor]] = {}
     for t in tensors:
         if t is not None and t.numel():
-            by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
-    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    return all(bool(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all())
+               for ts in groups.values())
 
 
 class StepGuard:
