@@ -219,6 +219,24 @@ def test_collators_pad_right_for_training_and_left_for_prompts():
         PromptCollator(None)
 
 
+def test_repeating_a_collated_prompt_batch_equals_collating_each_item_group_size_times():
+    """ExperienceMaker.sample collates its prompts once and repeats the rows for the scorers."""
+    from fastrlhf.rlhf.experience import repeat_rows
+    items = [{"prompt_input_ids": torch.tensor([5, 6, 7]), "prompt": "x", "columns": {"answer": "1"},
+              "prompt_messages": [{"role": "user", "content": "x"}]},
+             {"prompt_input_ids": torch.tensor([8]), "prompt": "y", "columns": {"answer": "2", "id": 4}},
+             {"prompt_input_ids": torch.tensor([1, 2]), "prompt": "z"}]
+    collate = PromptCollator(0)
+    for g in (1, 3):
+        repeated, expected = repeat_rows(collate(items), g), collate([it for it in items for _ in range(g)])
+        assert repeated.keys() == expected.keys()
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(repeated[key], expected[key])
+        for key in ("prompt", "columns", "prompt_messages"):
+            assert repeated[key] == expected[key]
+    assert repeat_rows(collate(items), 2)["prompt"] == ["x", "x", "y", "y", "z", "z"]
+
+
 def test_prompt_collator_on_real_items_keeps_every_prompt_token(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", pair_rows(40) + [{"prompt": "item 99 of a " + "long " * 9,
                                                                "chosen": "c", "rejected": "r"}])

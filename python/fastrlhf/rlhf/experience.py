@@ -93,6 +93,21 @@ class Experience:
         return Experience(**out)
 
 
+def repeat_rows(batch: Any, g: int) -> Any:
+    """A collated batch with each row repeated g times, the copies adjacent (rows b*g .. b*g+g-1
+    are row b): tensors along dim 0, lists element by element, dicts (the "columns") per value.
+    The same as collating every item g times, without padding the prompts again."""
+    if g == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.repeat_interleave(g, dim=0)
+    if isinstance(batch, dict):
+        return {k: repeat_rows(v, g) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [x for x in batch for _ in range(g)]
+    return batch
+
+
 def answer_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                     with_entropy: bool = False, packed: bool = False):
     """Log-probs [B, N] of the answer tokens under `model` (and their entropies when asked), from
@@ -310,7 +325,7 @@ class ExperienceMaker:
         g = max(cfg.group_size, 1)
         prompts = to_device(self.collate(items), self.device)
         # the batch the scorers see: each item once per answer, adjacent (the rollout's row order)
-        batch = prompts if g == 1 else to_device(self.collate([it for it in items for _ in range(g)]), self.device)
+        batch = repeat_rows(prompts, g)
         clock = stopwatch(self.device)
         rollout = self.rollout(prompts, return_logprobs=True, group_size=g)
         gen_time = clock()
