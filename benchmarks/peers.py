@@ -4,12 +4,14 @@
 Same policy (the bundled task's step-1 SFT model), reward model (its step-2 model, scoring the
 answers: fastrlhf through --reward_model, TRL through a reward function calling the same model),
 prompts and batch: 8 prompts x 4 answers, up to 24 new tokens, KL 0 (no reference model), one
-optimizer step per rollout, --threads CPU threads (2, as the issue measured; 1 on a machine
-whose cores are shared with other jobs, where multi-threaded regions spin on busy cores). Each run is a fresh process that makes one warm-up step
-and --steps timed steps; runs of the three setups alternate (fastrlhf, trl, trl+inject, fastrlhf,
-...) so a shared machine's load hits all alike. Reported per setup: the median step time, split
-into generation and the rest, and the ratios to plain TRL. One JSON row per setup is appended to
-benchmarks/results/peers.jsonl.
+optimizer step per rollout, --threads CPU threads (2, as the issue measured; 1 on a machine whose
+cores are shared with other jobs, where multi-threaded regions spin on busy cores). fastrlhf runs
+twice: with its defaults, and with `--packing` (padding-free updates and scoring; TRL's
+GRPOTrainer has no such option, so TRL runs padded in both comparisons). Each run is a fresh
+process that makes one warm-up step and --steps timed steps; runs of the setups alternate
+(fastrlhf, fastrlhf+packing, trl, trl+inject, fastrlhf, ...) so a shared machine's load hits all
+alike. Reported per setup: the median step time, split into generation and the rest, and the
+ratios to plain TRL. One JSON row per setup is appended to benchmarks/results/peers.jsonl.
 
     pip install -e ".[peers]"          # trl
     python benchmarks/peers.py --workdir /tmp/fastrlhf_peers --rounds 5 --note "2-core VM, busy"
@@ -28,7 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS, GROUP, NEW_TOKENS, LR = 8, 4, 24, 1e-5
-SETUPS = ("fastrlhf", "trl", "trl+inject")
+SETUPS = ("fastrlhf", "fastrlhf+packing", "trl", "trl+inject")
 
 
 # ------------------------------------------------------------------ models and prompts (once)
@@ -71,7 +73,7 @@ class StepClock:
         self.gen.append(self._gen_now)
 
 
-def run_fastrlhf(workdir: str, steps: int, device: str, threads: int) -> dict:
+def run_fastrlhf(workdir: str, steps: int, device: str, threads: int, packing: bool = False) -> dict:
     from fastrlhf.models.loading import load_tokenizer
     from fastrlhf.rlhf.configs import PPOConfig
     from fastrlhf.rlhf.ppo import PPOTrainer
@@ -83,7 +85,7 @@ def run_fastrlhf(workdir: str, steps: int, device: str, threads: int) -> dict:
                     reward_model=os.path.join(workdir, "step2_rm"), output_dir=os.path.join(workdir, f"run{os.getpid()}"),
                     algo="grpo", group_size=GROUP, rollout_batch_size=PROMPTS, micro_batch_size=PROMPTS * GROUP,
                     ppo_epochs=1, kl_coef=0.0, max_new_tokens=NEW_TOKENS, learning_rate=LR, max_steps=steps + 1,
-                    eval_prompts=0, seed=1, resume="no", cpu_threads=threads, save_steps=0)
+                    eval_prompts=0, seed=1, resume="no", cpu_threads=threads, save_steps=0, packing=packing)
     trainer = PPOTrainer(cfg, prompts=items, eval_prompts=items[:1])
     clock = StepClock()
     for _ in range(steps + 1):
@@ -143,8 +145,8 @@ def run_trl(workdir: str, steps: int, device: str, inject: bool, threads: int) -
 
 
 def child(args) -> None:
-    if args.setup == "fastrlhf":
-        out = run_fastrlhf(args.workdir, args.steps, args.device, args.threads)
+    if args.setup.startswith("fastrlhf"):
+        out = run_fastrlhf(args.workdir, args.steps, args.device, args.threads, packing=args.setup.endswith("packing"))
     else:
         out = run_trl(args.workdir, args.steps, args.device, inject=args.setup == "trl+inject", threads=args.threads)
     print("@@" + json.dumps(out), flush=True)
