@@ -148,6 +148,23 @@ def test_norms_match_float64_and_residual():
     assert rel_err(ops.layer_norm(x, w, bb, 1e-5, backend="torch"), ref_ln) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 37), (32, 1, 128), (2, 7, 1000)])
+def test_fp32_rms_norm_is_the_composite_expression_bit_for_bit(shape):
+    """The fp32 reference runs torch's rms_norm in one call: it must give exactly what the spelled-out
+    expression (HF's RMSNorm: x * rsqrt(mean(x^2) + eps) * weight) gives, residual or not."""
+    torch.manual_seed(shape[-1])
+    x, r, w = torch.randn(shape) * 3, torch.randn(shape), torch.randn(shape[-1])
+
+    def spelled(h, weight):
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return y if weight is None else y * weight
+
+    for weight in (w, None):
+        assert torch.equal(ops.rms_norm(x, weight, 1e-5, backend="torch"), spelled(x, weight))
+        y, h = ops.rms_norm(x, weight, 1e-5, residual=r, backend="torch")
+        assert torch.equal(h, x + r) and torch.equal(y, spelled(x + r, weight))
+
+
 @pytest.mark.parametrize("rotary_dim", [None, 8])
 def test_rotary_matches_complex_rotation(rotary_dim):
     torch.manual_seed(5)
