@@ -1,7 +1,8 @@
 """rlhf.logprobs: the trainers' one log-prob definition. The fused path (model body + ops.token_logprobs)
 equals the full HF forward (logits, log_softmax) in values, entropies and every parameter gradient,
-for tied and untied heads and OPT-350m's project_out; a model with a final-logit transform (Gemma2's
-softcapping) is scored through the full forward, and says why once."""
+for every tiny family of the hybrid engine that takes it (tied and untied heads, OPT-350m's
+project_out, MoE, ALiBi); a model with a final-logit transform (Gemma2's and Gemma3's softcapping,
+Granite's logits_scaling) or an lm_head bias (Phi) is scored through the full forward, and says why once."""
 import copy
 
 import pytest
@@ -23,7 +24,28 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3_tied", "opt_proj", "gpt2"])
+# every tiny family (conftest.TINY_CONFIGS) whose log-probs take the fused path; the others below
+FUSED = ["bloom", "falcon", "falcon_alibi", "falcon_new", "gemma", "gpt2", "gpt_bigcode", "gpt_neo",
+         "gpt_neox", "llama", "ministral", "mistral", "mixtral", "mpt", "olmo", "olmo2", "olmo3", "olmoe",
+         "opt", "opt_proj", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_tied", "smollm3", "stablelm",
+         "stablelm_parallel", "starcoder2"]
+# the tiny families scored through the full forward, and the reason they give
+FULL_FORWARD = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping",
+                "granite": "logits_scaling=1.7", "phi": "the lm_head has a bias"}
+
+
+def test_every_tiny_family_is_either_fused_or_refused_with_its_reason():
+    from conftest import TINY_CONFIGS
+    assert sorted(FUSED + list(FULL_FORWARD)) == sorted(TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(FULL_FORWARD))
+def test_a_family_outside_the_fused_path_says_why(models, name):
+    parts, why = L.fused_parts(models[name])
+    assert parts is None and FULL_FORWARD[name] in why
+
+
+@pytest.mark.parametrize("name", FUSED)
 def test_fused_equals_full_forward_values_and_gradients(models, name):
     parts, why = L.fused_parts(models[name])
     assert parts is not None, why

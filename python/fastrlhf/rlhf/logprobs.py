@@ -25,8 +25,10 @@ from . import rl_math as M
 from .ds_engine import is_partitioned
 
 # HF model types whose CausalLM forward is logits = lm_head(base_model(...).last_hidden_state)
-PLAIN_HEAD_MODEL_TYPES = ("falcon", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi3",
-                          "qwen2", "qwen3", "stablelm", "starcoder2")
+PLAIN_HEAD_MODEL_TYPES = ("bloom", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo",
+                          "gpt_neox", "granite", "llama", "ministral", "mistral", "mixtral", "mpt", "olmo", "olmo2",
+                          "olmo3", "olmoe", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                          "smollm3", "stablelm", "starcoder2")
 # config attributes that change the logits after the lm_head product
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 IGNORE_INDEX = -100
