@@ -216,11 +216,12 @@ if [ -f benchmarks/inject_training.py ]; then
   run_stage bench_inject_training 90 "$PY" benchmarks/inject_training.py --gpu --out "$OUT/inject_training.jsonl"
 fi
 if [ -f benchmarks/peers.py ]; then
-  # one GRPO step: fastrlhf (defaults and --packing) vs TRL's GRPOTrainer and TRL with
+  # one GRPO step: fastrlhf (defaults and --packing false) vs TRL's GRPOTrainer and TRL with
   # inject(generate=True); needs trl
   # (pip install -e ".[peers]"; on an offline machine carry its wheel in .whl/), else recorded as skipped
   if "$PY" -c "import trl" > /dev/null 2>&1; then
     run_stage bench_peers 240 "$PY" benchmarks/peers.py --gpu --workdir /tmp/fastrlhf_peers --rounds 2 \
+      --setups fastrlhf fastrlhf-padded trl trl+inject \
       --note gpu_suite --out "$OUT/peers.jsonl"
   else
     printf "bench_peers\tskipped (trl not installed)\t0\n" >> "$STAGES"

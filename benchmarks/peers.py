@@ -6,16 +6,20 @@ answers: fastrlhf through --reward_model, TRL through a reward function calling 
 prompts and batch: 8 prompts x 4 answers, up to 24 new tokens, KL 0 (no reference model), one
 optimizer step per rollout, --threads CPU threads (2, as the issue measured; 1 on a machine whose
 cores are shared with other jobs, where multi-threaded regions spin on busy cores). fastrlhf runs
-twice: with its defaults, and with `--packing` (padding-free updates and scoring; TRL's
-GRPOTrainer has no such option, so TRL runs padded in both comparisons). Each run is a fresh
+three times: with its defaults (step 3 packs: padding-free updates and scoring, each group's prompt
+run once), with `--share_prompts false` (packed, each prompt run per answer) and with `--packing
+false` (padded; TRL's GRPOTrainer has neither option, so TRL runs padded in every comparison;
+before 2026-12-02 the defaults were padded, and `fastrlhf+packing` rows are `--packing` without
+shared prompts). Each run is a fresh
 process that makes one warm-up step and --steps timed steps; runs of the setups alternate
-(fastrlhf, fastrlhf+packing, trl, trl+inject, fastrlhf, ...) so a shared machine's load hits all
+(fastrlhf, fastrlhf-noshare, fastrlhf-padded, trl, trl+inject, fastrlhf, ...) so a shared machine's load hits all
 alike. Reported per setup: the median step time, split into generation and the rest, and the
 ratios to plain TRL. One JSON row per setup is appended to benchmarks/results/peers.jsonl.
 
     pip install -e ".[peers]"          # trl
     python benchmarks/peers.py --workdir /tmp/fastrlhf_peers --rounds 5 --note "2-core VM, busy"
     python benchmarks/peers.py --gpu   # the same on a GPU (bf16 off: the tiny models are fp32)
+    python benchmarks/peers.py --setups fastrlhf fastrlhf-padded trl   # some of them
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS, GROUP, NEW_TOKENS, LR = 8, 4, 24, 1e-5
-SETUPS = ("fastrlhf", "fastrlhf+packing", "trl", "trl+inject")
+SETUPS = ("fastrlhf", "fastrlhf-noshare", "fastrlhf-padded", "trl", "trl+inject")
 
 
 # ------------------------------------------------------------------ models and prompts (once)
@@ -73,7 +77,8 @@ class StepClock:
         self.gen.append(self._gen_now)
 
 
-def run_fastrlhf(workdir: str, steps: int, device: str, threads: int, packing: bool = False) -> dict:
+def run_fastrlhf(workdir: str, steps: int, device: str, threads: int, packing: bool = True,
+                 share_prompts: bool = True) -> dict:
     from fastrlhf.models.loading import load_tokenizer
     from fastrlhf.rlhf.configs import PPOConfig
     from fastrlhf.rlhf.ppo import PPOTrainer
@@ -85,7 +90,8 @@ def run_fastrlhf(workdir: str, steps: int, device: str, threads: int, packing: b
                     reward_model=os.path.join(workdir, "step2_rm"), output_dir=os.path.join(workdir, f"run{os.getpid()}"),
                     algo="grpo", group_size=GROUP, rollout_batch_size=PROMPTS, micro_batch_size=PROMPTS * GROUP,
                     ppo_epochs=1, kl_coef=0.0, max_new_tokens=NEW_TOKENS, learning_rate=LR, max_steps=steps + 1,
-                    eval_prompts=0, seed=1, resume="no", cpu_threads=threads, save_steps=0, packing=packing)
+                    eval_prompts=0, seed=1, resume="no", cpu_threads=threads, save_steps=0,
+                    packing=None if packing else False, share_prompts=None if share_prompts else False)
     trainer = PPOTrainer(cfg, prompts=items, eval_prompts=items[:1])
     clock = StepClock()
     for _ in range(steps + 1):
@@ -146,7 +152,9 @@ def run_trl(workdir: str, steps: int, device: str, inject: bool, threads: int) -
 
 def child(args) -> None:
     if args.setup.startswith("fastrlhf"):
-        out = run_fastrlhf(args.workdir, args.steps, args.device, args.threads, packing=args.setup.endswith("packing"))
+        out = run_fastrlhf(args.workdir, args.steps, args.device, args.threads,
+                           packing=not args.setup.endswith("-padded"),
+                           share_prompts=not args.setup.endswith("-noshare"))
     else:
         out = run_trl(args.workdir, args.steps, args.device, inject=args.setup == "trl+inject", threads=args.threads)
     print("@@" + json.dumps(out), flush=True)
@@ -162,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of each run")
     ap.add_argument("--note", default="", help="recorded in every row (the machine and its load)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "peers.jsonl"))
+    ap.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS),
+                    help="the setups to run (trl is always among them: the ratios are to it)")
     ap.add_argument("--setup", choices=SETUPS, help=argparse.SUPPRESS)  # one run, in a child process
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -170,9 +180,10 @@ def main(argv=None) -> int:
         return 0
     device = "cuda" if args.gpu else "cpu"
     prepare(args.workdir)
-    runs = {s: {"steps": [], "gen": []} for s in SETUPS}
+    setups = [s for s in SETUPS if s in args.setups or s == "trl"]
+    runs = {s: {"steps": [], "gen": []} for s in setups}
     for r in range(args.rounds):
-        for setup in SETUPS:
+        for setup in setups:
             cmd = [sys.executable, os.path.abspath(__file__), "--setup", setup, "--workdir", args.workdir,
                    "--steps", str(args.steps), "--device", device, "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -193,7 +204,7 @@ def main(argv=None) -> int:
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     dev = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({args.threads} threads per run)"
     rows = []
-    for s in SETUPS:
+    for s in setups:
         rows.append(dict(bench="grpo_step_peers", setup=s, prompts=PROMPTS, group_size=GROUP, new_tokens=NEW_TOKENS,
                          kl_coef=0.0, step_median_s=round(med[s], 4), generation_median_s=round(gen[s], 4),
                          rest_median_s=round(statistics.median([a - b for a, b in zip(runs[s]["steps"], runs[s]["gen"])]), 4),

@@ -523,7 +523,8 @@ def test_the_fingerprint_leaves_out_exactly_the_options_defined_so():
     for cls, own in ((SFTConfig, set()), (RMConfig, set()), (DPOConfig, set()),
                      (PPOConfig, {"eval_prompts", "generation_fallback", "reward_timeout", "reward_retries",
                                   "reward_concurrency", "reward_request_size",
-                                  "env_timeout", "env_workers", "log_rollouts"})):  # how agents run, not what
+                                  "env_timeout", "env_workers", "log_rollouts",  # how agents run, not what
+                                  "share_prompts"})):  # a shared prompt = its copies' math, to fp32 rounding
         left_out = {f.name for f in dataclasses.fields(cls) if not in_fingerprint(f)}
         assert left_out == shared | own, cls.__name__
         cfg = cls(reward_fn=["fastrlhf.rewards:arithmetic_reward"]) if cls is PPOConfig else cls()

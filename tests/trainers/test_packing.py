@@ -3,7 +3,6 @@ pass planner by hand, packed attention that never reaches across sequences (ever
 the probe that refuses one that does), then each trainer's loss and gradients packed (one row, and
 several passes under a token budget) against padded, within fp32 tolerance, and whole runs."""
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -30,6 +29,32 @@ def test_packed_rows_by_hand():
     assert rows.slots()[2].tolist() == [-1, 5, 6, 7, -1]
     back = rows.unpack(rows.pack(ids) * 10, fill=-1)
     torch.testing.assert_close(back, torch.where(mask.bool(), ids * 10, torch.full_like(ids, -1)))
+
+
+def test_rows_sharing_a_prompt_hold_it_once_by_hand():
+    """--share_prompts: rows 0, 2 and 3 share a left-padded prompt [_, 7, 8] (columns 0-2), row 1's
+    differs. The row holds the prompt once (row 0's), the others point at it; each row still
+    attends as its own sequence, prompt included (`grid`), and a shared entry's gradient adds up."""
+    ids = torch.tensor([[0, 7, 8, 20, 21], [5, 6, 9, 30, 0], [0, 7, 8, 40, 0], [0, 7, 8, 50, 51]])
+    mask = (ids > 0).long()
+    rows = PackedRows.of(mask, ids, shared_prefix=3)
+    assert rows.shared and rows.cu_seqlens is None
+    assert rows.pack(ids).tolist() == [[7, 8, 20, 21, 5, 6, 9, 30, 40, 50, 51]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 2, 2, 3]]
+    assert rows.slots().tolist() == [[-1, 0, 1, 2, 3], [4, 5, 6, 7, -1], [-1, 0, 1, 8, -1], [-1, 0, 1, 9, 10]]
+    y = (rows.pack(ids) * 10).float().requires_grad_()
+    back = rows.unpack(y, fill=-1)
+    torch.testing.assert_close(back, torch.where(mask.bool(), ids * 10, torch.full_like(ids, -1)).float())
+    back.sum().backward()
+    assert y.grad.tolist() == [[3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+    src, home, n, longest = rows.grid()
+    assert (n, longest) == (4, 4)
+    assert src.view(4, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 8, 11], [0, 1, 9, 10]]  # 11: padding
+    assert home.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 10, 14, 15]
+    # nothing to share: no prefix asked for, no two rows alike, or the prefix is all padding
+    assert PackedRows.of(mask).num_tokens == 15 and not PackedRows.of(mask).shared
+    assert not PackedRows.of(mask[:2], ids[:2], shared_prefix=3).shared
+    assert not PackedRows.of(mask[[0, 2]], ids[[0, 2]], shared_prefix=1).shared
 
 
 def test_passes_fit_the_budget_first_fit_decreasing_and_keep_pairs_together():
@@ -159,6 +184,112 @@ def test_gradient_checkpointing_recomputes_a_packed_row_correctly(one_thread):
     check_packed_attention(model, "actor", torch.device("cpu"), recompute=True)
 
 
+def grouped(vocab: int, seed: int = 0):
+    """A rollout-like batch: groups of 3, 1 and 2 answers to left-padded prompts of 4, 6 and 2
+    tokens (columns 0-5), answers of 1-5 tokens after them, right-padded -> (ids, mask, 6, the
+    tokens a shared packed row saves: (3 - 1) x 4 + (2 - 1) x 2)."""
+    g = torch.Generator().manual_seed(seed)
+    width, answers = 6, iter((5, 1, 3, 4, 2, 5))
+    ids, mask = torch.zeros(6, width + 5, dtype=torch.long), torch.zeros(6, width + 5, dtype=torch.long)
+    row = 0
+    for p, size in ((4, 3), (6, 1), (2, 2)):
+        prompt = torch.randint(4, vocab, (p,), generator=g)
+        for _ in range(size):
+            n = next(answers)
+            ids[row, width - p:width], ids[row, width:width + n] = prompt, torch.randint(4, vocab, (n,), generator=g)
+            mask[row, width - p:width + n] = 1
+            row += 1
+    return ids, mask, width, 10
+
+
+def tokens_run(model):
+    """A list that collects the number of tokens of each forward through `model`'s input embedding."""
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    return seen
+
+
+def shared_vs_padded(model, ids, mask, width):
+    """[(log-probs, entropies, {name: grad}) padded, packed with shared prompts] of the answer columns."""
+    real = (mask[:, width:] * mask[:, width - 1:-1]).bool()
+    outs = []
+    for kw in ({}, dict(packed=True, shared_prefix=width)):
+        model.zero_grad()
+        logp, ent = shifted_logprobs(model, ids, mask, position_ids=position_ids_from_mask(mask), start=width - 1,
+                                     with_entropy=True, **kw)
+        ((logp + 0.1 * ent) * real).sum().backward()
+        outs.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.grad is not None}))
+    return outs, real
+
+
+# families whose attention does not go through transformers' attention interface (in 5.24): the
+# packed attention cannot stand in for theirs, so their packed rows run every prompt per answer
+OWN_ATTENTION = ("stablelm", "stablelm_parallel", "falcon", "falcon_new", "falcon_alibi", "gpt_neo")
+
+
+@pytest.mark.parametrize("name", [n for n in TINY_CONFIGS if n not in NO_PACKED_POSITIONS])
+def test_answers_sharing_their_prompt_compute_what_they_compute_padded(name, one_thread):
+    """Every family that packs: a packed row holding each group's prompt once gives each answer the
+    padded batch's log-probs, entropies and parameter gradients, and runs 10 tokens fewer (the
+    families with their own attention: unshared, the same numbers)."""
+    from fastrlhf.models.packed_attention import stands_in
+    model = _hf(name)  # eval: no dropout (gradients still flow)
+    assert stands_in(model) == (not name in OWN_ATTENTION)
+    ids, mask, width, saved = grouped(vocab=90)
+    seen = tokens_run(model)
+    (padded, shared), real = shared_vs_padded(model, ids, mask, width)
+    assert seen[1] == int(mask.sum()) - (0 if name in OWN_ATTENTION else saved)
+    torch.testing.assert_close(shared[0][real], padded[0][real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shared[1][real], padded[1][real], atol=1e-5, rtol=1e-4)
+    assert shared[2].keys() == padded[2].keys()
+    for n, g in padded[2].items():  # fp32 sums in another order: an absolute error on the gradient's scale
+        torch.testing.assert_close(shared[2][n], g, atol=1e-6 * max(1.0, g.abs().max().item()), rtol=1e-4, msg=n)
+    check_packed_attention(model, "actor", torch.device("cpu"), share=True)
+
+
+def test_a_checkpointed_model_runs_its_prompts_once_per_answer(one_thread):
+    """Gradient checkpointing keeps the model's own attention in the backward, which cannot run
+    shared prompts: that forward runs unshared (same numbers); a no-grad forward still shares."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, width, saved = grouped(vocab=90, seed=1)
+    seen = tokens_run(model)
+    (padded, shared), real = shared_vs_padded(model, ids, mask, width)
+    assert seen[1] == int(mask.sum())
+    for n, g in padded[2].items():
+        torch.testing.assert_close(shared[2][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    with torch.no_grad():
+        shifted_logprobs(model, ids, mask, start=width - 1, packed=True, shared_prefix=width)
+    assert seen[-1] == int(mask.sum()) - saved
+
+
+def test_a_model_that_cannot_share_prompts_is_refused_with_the_fix(monkeypatch, one_thread):
+    """A layer the packed attention cannot stand in for meets a shared row: a one-line error naming
+    --share_prompts false; and the probe refuses a shared forward that does not compute the padded
+    numbers (here a layout broken on purpose) before training."""
+    import fastrlhf.models.packed_attention as pa
+    model = _hf("mistral")
+    ids, mask, width, _ = grouped(vocab=90)
+    monkeypatch.setattr(pa, "EXTRA_TERMS", ("sliding_window",))  # mistral's layers pass one
+    with pytest.raises(RuntimeError, match=r"shared prompts reached MistralAttention.*--share_prompts false"):
+        shifted_logprobs(model, ids, mask, start=width - 1, packed=True, shared_prefix=width)
+    monkeypatch.undo()
+    grid = PackedRows.grid
+
+    def broken(self):
+        src, home, n, longest = grid(self)
+        return src, (home.flip(0) if self.shared else home), n, longest
+    monkeypatch.setattr(PackedRows, "grid", broken)
+    check_packed_attention(model, "actor", torch.device("cpu"))  # unshared packing is unaffected
+    with pytest.raises(ConfigError, match=r"--share_prompts: the actor \(mistral\) cannot run a prompt once for "
+                                          r"several answers: an answer that reads its prompt from another row does "
+                                          r"not compute .*Add --share_prompts false \(packing stays on\)"):
+        check_packed_attention(model, "actor", torch.device("cpu"), share=True)
+
+
 # --------------------------------------------------------------------------- losses and gradients
 
 @pytest.fixture(scope="module")
@@ -239,13 +370,15 @@ def test_sft_rm_and_dpo_losses_and_gradients_packed_equal_padded(models):
     assert_same(padded, grads_of(policy, lambda: in_passes(pairs, 14, True, pairs_in, lambda b: dpo(b, True))))
 
 
-def rollout_batch(policy, prompt_lens, answer_lens, n_cols=6, seed=0):
+def rollout_batch(policy, prompt_lens, answer_lens, n_cols=6, seed=0, groups=()):
     """An Experience of answers after left-padded prompts (EOS 2 ends the shorter answers),
     with advantages, old/reference/engine log-probs and critic targets that make every loss
-    term, clip and cap act."""
+    term, clip and cap act. Each of `groups` (row tuples) answers its first row's prompt."""
     from fastrlhf.rlhf.experience import Experience, answer_logprobs
     g = torch.Generator().manual_seed(seed)
     prompts, pmask = ragged(prompt_lens, left=True, seed=seed)
+    for rows in groups:
+        prompts[list(rows)], pmask[list(rows)] = prompts[rows[0]].clone(), pmask[rows[0]].clone()
     answers = torch.randint(4, 400, (len(answer_lens), n_cols), generator=g)
     amask = torch.zeros(len(answer_lens), n_cols)
     for i, n in enumerate(answer_lens):
@@ -266,16 +399,22 @@ def rollout_batch(policy, prompt_lens, answer_lens, n_cols=6, seed=0):
 
 @pytest.mark.parametrize("loss_agg", M.LOSS_AGGREGATIONS)
 def test_step3_actor_critic_and_ptx_losses_and_gradients_packed_equal_padded(models, loss_agg):
+    """Rows 0-2 and 3-4 answer one prompt each: packed (one row, then passes under a token budget that
+    split the groups), with their prompts shared (--share_prompts, the default) and not, the padded
+    losses, stats and gradients; the one-row shared forward runs each prompt once."""
     from fastrlhf.rlhf.configs import PPOConfig
     from fastrlhf.rlhf.update_losses import actor_loss, critic_loss, ptx_loss
-    cfg = PPOConfig(algo="grpo", group_size=2, loss_agg=loss_agg, entropy_coef=0.01, dual_clip=3.0, tis_cap=1.5,
-                    clip_eps_high=0.28, ptx_coef=0.5, value_clip=0.2)
+    base = PPOConfig(algo="grpo", group_size=2, loss_agg=loss_agg, entropy_coef=0.01, dual_clip=3.0, tis_cap=1.5,
+                     clip_eps_high=0.28, ptx_coef=0.5, value_clip=0.2)
     policy, critic = models["policy"], models["rm"]
-    exp = rollout_batch(policy, [5, 9, 3, 7, 6], [6, 2, 4, 1, 6])
+    exp = rollout_batch(policy, [5, 9, 3, 7, 6], [6, 2, 4, 1, 6], groups=[(0, 1, 2), (3, 4)])
     budget = 14  # passes of 1-2 answers each
     rows_of = [torch.tensor(r) for r in plan_passes(exp.attention_mask.sum(1).tolist(), budget)]
     assert len(rows_of) >= 3
     totals = M.BatchTotals.of(exp.action_mask)
+    real = int(exp.attention_mask.sum())
+    saved = 2 * 5 + 7  # prompt tokens of rows 1, 2 and 4
+    cfg = base
 
     def actor(packed, split):
         if not split:
@@ -292,17 +431,29 @@ def test_step3_actor_critic_and_ptx_losses_and_gradients_packed_equal_padded(mod
     padded = grads_of(policy, lambda: [o[0] for o in actor(False, False)])
     padded_stats = loss_and_stats(actor(False, False))
     assert padded_stats["policy_clipfrac"] > 0 and padded_stats["tis_weight"] < 1.5  # the clips act
-    for packed, split in ((True, False), (True, True)):
-        assert_same(padded, grads_of(policy, lambda: [o[0] for o in actor(packed, split)]))
-        stats = loss_and_stats(actor(packed, split))
-        assert stats.keys() == padded_stats.keys()
-        for k in stats:
-            assert stats[k] == pytest.approx(padded_stats[k], rel=1e-5, abs=1e-6), k
-    # the critic: one row, then passes
-    padded = grads_of(critic, lambda: [critic_loss(cfg, critic, exp)[0]])
-    assert_same(padded, grads_of(critic, lambda: [critic_loss(cfg, critic, exp, packed=True)[0]]))
-    assert_same(padded, grads_of(critic, lambda: [critic_loss(cfg, critic, exp.select(r), totals, True)[0]
-                                                  for r in rows_of]))
+    padded_critic = grads_of(critic, lambda: [critic_loss(base, critic, exp)[0]])
+    seen, seen_critic = tokens_run(policy), tokens_run(critic.backbone)
+    for share in (None, False):
+        cfg = dataclasses.replace(base, packing=True, share_prompts=share)
+        for split in (False, True):
+            del seen[:]
+            assert_same(padded, grads_of(policy, lambda: [o[0] for o in actor(True, split)]))
+            if not split:
+                assert seen == [real - saved if share is None else real]
+            stats = loss_and_stats(actor(True, split))
+            assert stats.keys() == padded_stats.keys()
+            for k in stats:
+                assert stats[k] == pytest.approx(padded_stats[k], rel=1e-5, abs=1e-6), k
+        # the critic: one row, then passes
+        del seen_critic[:]
+        assert_same(padded_critic, grads_of(critic, lambda: [critic_loss(cfg, critic, exp, packed=True)[0]]))
+        assert seen_critic == [real - saved if share is None else real]
+        assert_same(padded_critic, grads_of(critic, lambda: [critic_loss(cfg, critic, exp.select(r), totals, True)[0]
+                                                             for r in rows_of]))
+    with pytest.raises(ConfigError, match=r"--share_prompts shares prompts inside packed rows, and --packing is "
+                                          r"false: drop one of the two"):
+        PPOConfig(algo="grpo", group_size=2, packing=False, share_prompts=True,
+                  reward_fn=["fastrlhf.rewards:math_answer_match"]).validate()
     if loss_agg == "token_mean":  # PPO-ptx's SFT loss does not depend on the aggregation
         ids, mask = ragged([7, 3, 12, 5])
         sft = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
@@ -347,26 +498,54 @@ def test_packed_runs_under_a_token_budget_log_the_padded_losses(tmp_path, kind, 
             train(cls(**kw), tokenizer=tok, datasets=(data(24, 0), data(8, 1)), collate=collate(tok.pad_token_id))
 
 
-def test_a_packed_grpo_step_under_a_token_budget_matches_the_padded_one(tmp_path):
+def test_a_packed_grpo_step_under_a_token_budget_matches_the_padded_one(tmp_path, monkeypatch, capsys):
+    """Two GRPO steps padded (--packing false), packed by default (groups' prompts shared), packed
+    under a token budget, and packed with --share_prompts false: the same logged numbers; only the
+    shared runs hold a prompt once. With packing unset, a model the probe refuses makes the run
+    train padded, saying why; with --packing, it is an error."""
     from conftest import tiny_ppo_setup
+    from fastrlhf.rlhf import ppo
     from fastrlhf.rlhf.configs import PPOConfig
-    from fastrlhf.rlhf.ppo import PPOTrainer
     torch.set_num_threads(1)
     _, items = tiny_ppo_setup(tmp_path, 12)
-    runs = {}
-    for name, over in (("padded", {}), ("packed", dict(packing=True, max_tokens_per_micro_batch=40))):
+    made, of = [], PackedRows.of.__func__
+    monkeypatch.setattr(PackedRows, "of", classmethod(lambda cls, *a, **k: made.append(of(cls, *a, **k)) or made[-1]))
+    runs, shared = {}, {}
+    for name, over in (("padded", dict(packing=False)), ("default", {}),
+                       ("budget", dict(packing=True, max_tokens_per_micro_batch=40)),
+                       ("unshared", dict(packing=True, max_tokens_per_micro_batch=40, share_prompts=False))):
+        del made[:]
         cfg = PPOConfig(model_name_or_path=str(tmp_path / "sft"), reward_model=str(tmp_path / "rm"),
                         output_dir=str(tmp_path / name), algo="grpo", group_size=2, rollout_batch_size=4,
                         micro_batch_size=4, max_steps=2, max_new_tokens=6, eval_prompts=2, learning_rate=1e-3,
                         seed=7, entropy_coef=0.01, **over)
-        t = PPOTrainer(cfg, prompts=items[:10], eval_prompts=items[10:])
+        t = ppo.PPOTrainer(cfg, prompts=items[:10], eval_prompts=items[10:])
+        assert t.cfg.packing is (name != "padded") and cfg.packing == over.get("packing")  # the caller's is kept
         runs[name] = [t.train_step() for _ in range(2)]
+        shared[name] = sum(r.shared for r in made)
     with pytest.raises(ConfigError, match=r"--max_tokens_per_micro_batch 12 is smaller than the longest prompt \+ "
                                           r"answer \(\d+ \+ --max_new_tokens 6\) \(\d+ tokens\)"):
-        PPOTrainer(dataclasses.replace(cfg, max_tokens_per_micro_batch=12, output_dir=str(tmp_path / "small")),
-                   prompts=items[:10], eval_prompts=items[10:])
-    for a, b in zip(runs["padded"], runs["packed"]):
-        assert a.keys() == b.keys()
-        for k in a:
-            if "time" not in k and not k.endswith("_per_s"):
-                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+        ppo.PPOTrainer(dataclasses.replace(cfg, max_tokens_per_micro_batch=12, output_dir=str(tmp_path / "small")),
+                       prompts=items[:10], eval_prompts=items[10:])
+    assert shared["padded"] == shared["unshared"] == 0 < min(shared["default"], shared["budget"])
+    for name in ("default", "budget", "unshared"):
+        for a, b in zip(runs["padded"], runs[name]):
+            assert a.keys() == b.keys()
+            for k in a:
+                if "time" not in k and not k.endswith("_per_s"):
+                    assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, k)
+
+    def refuse(models, ctx, **kw):
+        raise ConfigError("--packing: the actor (llama) cannot run packed sequences: a test says so")
+    monkeypatch.setattr(ppo, "check_models", refuse)
+    capsys.readouterr()
+    t = ppo.PPOTrainer(dataclasses.replace(cfg, packing=None, max_tokens_per_micro_batch=None, share_prompts=None,
+                                           output_dir=str(tmp_path / "refused")), prompts=items[:10],
+                       eval_prompts=items[10:])
+    assert t.cfg.packing is False
+    assert "step 3 trains on padded batches (packing is on by default where every model can run it; --packing " \
+           "false silences this): --packing: the actor (llama) cannot run packed sequences: a test says so" \
+           in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"the actor \(llama\) cannot run packed sequences: a test says so"):
+        ppo.PPOTrainer(dataclasses.replace(cfg, output_dir=str(tmp_path / "refused2")), prompts=items[:10],
+                       eval_prompts=items[10:])

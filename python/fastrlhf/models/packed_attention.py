@@ -8,12 +8,20 @@ longest, head_dim] (right-padded, so a causal mask alone keeps every real query 
 attends with one causal SDPA call (softcap or a sliding window: the same math spelled out), and
 packs the result back. The linear layers, norms and MLPs run on the packed tokens only.
 
+A row with shared prefixes (`PackedRows.of(shared_prefix=P)`: a GRPO group's prompt held once)
+is re-padded by gathering: the prefix's keys and values are copied into every sequence that reads
+them, so each sequence attends exactly as it would alone, and in the backward their gradients add
+up onto the one copy. The prompt's linear layers and MLPs then run once per group, not once per
+answer. Only this attention can run such a row (HF's mask would cut the answers off their prompt):
+callers share prefixes only where `stands_in(model)`.
+
 Only the attention implementation named in the model's config changes, and only inside the
 context; the [T, T] mask HF would build for the packed row is skipped. A model with gradient
 checkpointing keeps its own attention (on HF's packed mask: correct, T^2 work): its layers
 recompute in the backward, outside the context, and must save what their forward saved. The
-trainers probe that path for such models (`rlhf.packing.check_packed_attention(recompute=True)`). Models whose attention does not go through the
-transformers attention interface keep their own attention (and its packed mask).
+trainers probe that path for such models (`rlhf.packing.check_packed_attention(recompute=True)`).
+Models whose attention does not go through the transformers attention interface keep their own
+attention (and its packed mask).
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import torch.nn.functional as F
 
 from ..utils.packing import PackedRows
 
-_state = threading.local()   # .layout: (index [T] into the re-padded grid, sequences, longest) or None
+_state = threading.local()   # .layout: (home [T], src [B * L] or None, sequences B, longest L) or None
 _registered = set()
 PLAIN = ("sdpa", "eager")     # the implementations this one stands in for
 EXTRA_TERMS = ("s_aux", "position_bias")  # attention terms it does not implement: left to the model
@@ -41,6 +49,14 @@ def _repadded(x: torch.Tensor, index: torch.Tensor, n: int, longest: int) -> tor
     t = x[0].transpose(0, 1)  # [T, H, D]
     grid = t.new_zeros(n * longest, *t.shape[1:]).index_copy(0, index, t)
     return grid.view(n, longest, *t.shape[1:]).transpose(1, 2)
+
+
+def _gathered(x: torch.Tensor, src: torch.Tensor, n: int, longest: int) -> torch.Tensor:
+    """[1, H, T, D] -> [n, H, longest, D]: cell i holds token src[i] (T: zeros); a shared prefix's
+    tokens appear in every sequence that reads them (their gradients add up in the backward)."""
+    t = x[0].transpose(0, 1)  # [T, H, D]
+    t = torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+    return t[src].view(n, longest, *t.shape[1:]).transpose(1, 2)
 
 
 def _spelled_out(q, k, v, scale: float, softcap: Optional[float], window: Optional[int]) -> torch.Tensor:
@@ -71,9 +87,16 @@ def _attention(impl: str):
         layout = getattr(_state, "layout", None)
         if layout is None or query.shape[0] != 1 or not getattr(module, "is_causal", True) or \
                 any(kwargs.get(k) is not None for k in EXTRA_TERMS):
+            if layout is not None and layout[1] is not None:
+                raise RuntimeError(f"a packed row with shared prompts reached {type(module).__name__}, whose "
+                                   "attention fastrlhf's packed attention cannot stand in for (not causal, or "
+                                   f"with {'/'.join(EXTRA_TERMS)}); train it with --share_prompts false")
             return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        index, n, longest = layout
-        q, k, v = (_repadded(x, index, n, longest) for x in (query, key, value))
+        home, src, n, longest = layout
+        if src is None:
+            q, k, v = (_repadded(x, home, n, longest) for x in (query, key, value))
+        else:
+            q, k, v = (_gathered(x, src, n, longest) for x in (query, key, value))
         if k.shape[1] != q.shape[1]:  # GQA / MQA
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
@@ -83,7 +106,7 @@ def _attention(impl: str):
                                                  dropout_p=dropout if module.training else 0.0)
         else:
             out = _spelled_out(q, k, v, scale, softcap, window)
-        out = out.transpose(1, 2).reshape(n * longest, q.shape[1], q.shape[-1])[index]
+        out = out.transpose(1, 2).reshape(n * longest, q.shape[1], q.shape[-1])[home]
         return out[None], None
     return attention
 
@@ -135,28 +158,38 @@ def own_attention():
         _state.off = before
 
 
+def stands_in(model) -> bool:
+    """Whether `packed_attention` stands in for `model`'s attention in a forward run now (grad mode
+    as it is): its sdpa/eager attention goes through the transformers attention interface, it does
+    not recompute checkpointed layers, and `own_attention` is not in force. Rows with shared
+    prefixes (`PackedRows.of(shared_prefix=...)`) need it."""
+    hf = _hf_model(model)
+    config = getattr(hf, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    # a checkpointed layer recomputes in the backward, outside the context, and must save the
+    # same tensors as its forward did: such a model keeps its own attention throughout
+    recompute = hf is not None and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) for m in hf.modules())
+    return impl in PLAIN and bool(getattr(hf, "_supports_attention_backend", False)) and not recompute and \
+        not getattr(_state, "off", False)
+
+
 @contextlib.contextmanager
 def packed_attention(model, rows: PackedRows):
     """Within: `model` (HF, PEFT, a DeepSpeed engine or a RewardModel) attends per sequence of
     `rows` (see the module docstring); a model whose attention this cannot stand in for is left as
-    it is (its own attention on its packed mask)."""
-    hf = _hf_model(model)
-    config = getattr(hf, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    # a checkpointed layer recomputes in the backward, outside this context, and must save the
-    # same tensors as its forward did: such a model keeps its own attention throughout
-    recompute = hf is not None and torch.is_grad_enabled() and any(
-        getattr(m, "gradient_checkpointing", False) for m in hf.modules())
-    if impl not in PLAIN or not getattr(hf, "_supports_attention_backend", False) or recompute or \
-            getattr(_state, "off", False):
+    it is (its own attention on its packed mask), which rows with shared prefixes must not meet."""
+    if not stands_in(model):
+        if rows.shared:
+            raise RuntimeError("packed rows with shared prefixes need fastrlhf's packed attention, which cannot "
+                               "stand in for this model (check `stands_in` before sharing)")
         yield
         return
-    lengths = (rows.cu_seqlens[1:] - rows.cu_seqlens[:-1]).long()
-    n, longest = len(lengths), int(lengths.max()) if len(lengths) else 0
-    seq = torch.repeat_interleave(torch.arange(n, device=lengths.device), lengths)
-    index = seq * longest + rows.position_ids[0]
+    config = _hf_model(model).config
+    impl = config._attn_implementation
+    src, home, n, longest = rows.grid()
     config._attn_implementation = _register(impl)
-    _state.layout = (index, n, longest)
+    _state.layout = (home, src if rows.shared else None, n, longest)
     try:
         yield
     finally:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..utils.packing import PackedRows
-from .packed_attention import packed_attention
+from .packed_attention import packed_attention, stands_in
 from ..utils.positions import position_ids_from_mask
 from .loading import load_fastrlhf_lora, load_pretrained, resize_for_tokenizer, torch_dtype
 from .paths import REWARD_HEAD_FILE, check_model_path, resolve_model_path
@@ -62,16 +62,19 @@ class RewardModel(nn.Module):
         self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                packed: bool = False) -> torch.Tensor:
+                packed: bool = False, shared_prefix: int = 0) -> torch.Tensor:
         """Per-token values [B, S]. packed=True runs the backbone on the real tokens only, packed
-        into one row with restarting positions (`utils.packing`); padding then gets 0."""
+        into one row with restarting positions (`utils.packing`); padding then gets 0. With
+        shared_prefix P, rows whose first P columns are equal run them once (where the packed
+        attention can stand in for the backbone's); same values."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if packed:
             if not self._takes_position_ids:
                 raise ValueError(f"{type(self.backbone).__name__} takes no position_ids, so it cannot run "
                                  "packed sequences; drop --packing")
-            rows = PackedRows.of(attention_mask)
+            share = shared_prefix if shared_prefix > 0 and stands_in(self.backbone) else 0
+            rows = PackedRows.of(attention_mask, input_ids, share)
             with packed_attention(self.backbone, rows):
                 hidden = self.backbone(input_ids=rows.pack(input_ids), position_ids=rows.position_ids,
                                        use_cache=False)[0]

@@ -91,6 +91,15 @@ class PPOConfig(TrainConfig):
     group_size: int = option(1, f"answers sampled per prompt (>= 2 for {', '.join(names(lambda a: a.grouped))})")
     ppo_epochs: int = option(1, "passes over each rollout batch")
     micro_batch_size: int = option(8, "answers per update mini-batch per process (one forward/backward)")
+    packing: Optional[bool] = option(None, "train without padding: the answers of a mini-batch (and every scoring "
+                                     "forward) packed into rows with positions restarting per answer (same losses "
+                                     "as padded; eval stays padded); unset = on when every model passes the packing "
+                                     "probe, else padded with a note", fingerprint=False)
+    share_prompts: Optional[bool] = option(None, "with --packing: the answers to one prompt in a packed row run "
+                                            "their prompt through the model once (actor, reference, critic and "
+                                            "reward-model forwards and the backward; each answer attends to it as "
+                                            "to its own copy: same numbers); false = once per answer; unset = on "
+                                            "with --packing", fingerprint=False)
     eval_batch_size: Optional[int] = option(None, "held-out prompts per process per eval generation batch; "
                                              "unset = rollout_batch_size", fingerprint=False)
     learning_rate: float = option(1e-5, "actor peak learning rate")
@@ -226,6 +235,9 @@ class PPOConfig(TrainConfig):
         if self.min_new_tokens > answer_cap:
             raise ConfigError(f"min_new_tokens ({self.min_new_tokens}) exceeds the answer length cap ({answer_cap}: "
                               "--max_new_tokens, else --data.max_answer_len)")
+        if self.share_prompts and self.packing is False:
+            raise ConfigError("--share_prompts shares prompts inside packed rows, and --packing is false: drop one of "
+                              "the two")
         n = self.answers_per_step
         if n % self.micro_batch_size:
             raise ConfigError(f"rollout_batch_size x group_size = {n} answers do not split into mini-batches "
@@ -285,6 +297,11 @@ class PPOConfig(TrainConfig):
         """(eps_low, eps_high) of the policy ratio clip."""
         low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
         return low, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    @property
+    def sharing_prompts(self) -> bool:
+        """Packed step-3 forwards run each group's prompt once (`--share_prompts`, on with packing)."""
+        return self.packing is not False and self.share_prompts is not False
 
     def validate_rewards(self) -> None:
         """At least one reward source; every --reward_fn has the form of a spec (its module is imported

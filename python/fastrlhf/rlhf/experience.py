@@ -109,28 +109,36 @@ def repeat_rows(batch: Any, g: int) -> Any:
 
 
 def answer_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    with_entropy: bool = False, packed: bool = False):
+                    with_entropy: bool = False, packed: bool = False, share_prompt: bool = False):
     """Log-probs [B, N] of the answer tokens under `model` (and their entropies when asked), from
     the fused op on the answer columns only (`logprobs.shifted_logprobs`); packed=True runs the
-    real tokens packed into one row (0 after each answer's end)."""
+    real tokens packed into one row (0 after each answer's end), and with share_prompt each group's
+    prompt (rows with the same prompt columns) once."""
     return shifted_logprobs(model, sequences, attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                            start=prompt_len - 1, with_entropy=with_entropy, packed=packed)
+                            start=prompt_len - 1, with_entropy=with_entropy, packed=packed,
+                            shared_prefix=prompt_len if share_prompt else 0)
 
 
 def answer_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                  prompt_len: int, packed: bool = False) -> torch.Tensor:
+                  prompt_len: int, packed: bool = False, share_prompt: bool = False) -> torch.Tensor:
     """Critic values [B, N]: the value of the state each answer token is chosen in (the
     column before it), the same alignment as the log-probs."""
-    values = critic(sequences, attention_mask, **({"packed": True} if packed else {}))
+    values = critic(sequences, attention_mask, **_packed_kwargs(packed, share_prompt, prompt_len))
     return values[:, prompt_len - 1:-1].float()
 
 
+def _packed_kwargs(packed: bool, share_prompt: bool, prompt_len: int) -> Dict[str, Any]:
+    if not packed:
+        return {}
+    return {"packed": True, "shared_prefix": prompt_len if share_prompt else 0}
+
+
 def sequence_scores(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                    packed: bool = False) -> torch.Tensor:
+                    packed: bool = False, share_prompt: bool = False, prompt_len: int = 0) -> torch.Tensor:
     """Reward-model score [B] at the last real token of each sequence. Picked here from the
     per-token values, because a rollout is padded on both sides (left prompt padding, right
-    after-EOS padding)."""
-    values = reward_model(sequences, attention_mask, **({"packed": True} if packed else {}))
+    after-EOS padding). share_prompt (packed): rows with the same first prompt_len columns run them once."""
+    values = reward_model(sequences, attention_mask, **_packed_kwargs(packed, share_prompt, prompt_len))
     last = M.last_index(attention_mask)
     return values[torch.arange(values.shape[0], device=values.device), last].float()
 
@@ -238,17 +246,20 @@ class ExperienceMaker:
         return Rollout(out.sequences, attention_mask, action_mask, prompt_len,
                        out.logprobs if return_logprobs else None)
 
-    def model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The step-2 reward model's scores [B]."""
+    def model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
+        """The step-2 reward model's scores [B] (sequences whose first prompt_len columns are the prompt)."""
         reward_tok = self.models.reward_tokenizer
-        if reward_tok is not None:
+        if reward_tok is not None:  # re-tokenized: no prompt columns to share
+            prompt_len = 0
             texts = [self.tokenizer.decode(s[m.bool()], skip_special_tokens=True)
                      for s, m in zip(sequences, attention_mask)]
             reward_tok.padding_side = "right"
             enc = reward_tok(texts, return_tensors="pt", padding=True).to(self.device)
             sequences, attention_mask = enc["input_ids"], enc["attention_mask"]
-        return self.forward_in_passes(lambda model, seqs, mask, _, **kw: sequence_scores(model, seqs, mask, **kw),
-                                      self.models.reward, sequences, attention_mask, 0)
+
+        def scores(model, seqs, mask, p, **kw):
+            return sequence_scores(model, seqs, mask, prompt_len=p, **kw)
+        return self.forward_in_passes(scores, self.models.reward, sequences, attention_mask, prompt_len)
 
     def score(self, batch: Dict[str, Any], rollout: Rollout, group_size: int = 1):
         """Every reward source on a rollout -> (scores [B], sample_mask [B], the sources' RewardResult
@@ -258,7 +269,7 @@ class ExperienceMaker:
         is), so it moves no baseline; sample_mask marks it 0, to be left out of the loss."""
         model = None
         if self.models.reward is not None:
-            model = self.model_scores(rollout.sequences, rollout.attention_mask).tolist()
+            model = self.model_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_len).tolist()
         texts = self.completion_texts(rollout) if self.rewards.sources else []
         columns = batch.get("columns") or {}
         result = self.rewards.compute(batch["prompt"], texts, columns, model) if self.rewards.sources else None
@@ -404,16 +415,18 @@ class ExperienceMaker:
     def forward_in_passes(self, fn: Callable, model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                           prompt_len: int) -> torch.Tensor:
         """fn(model, sequences, attention_mask, prompt_len) -> [B, N]; with --packing, run as passes of
-        packed rows under the token budget (`packing.plan_passes`), the results put back in row order."""
+        packed rows under the token budget (`packing.plan_passes`), the results put back in row order
+        (and with --share_prompts, each pass's groups running their prompt once)."""
         if not self.cfg.packing:
             return fn(model, sequences, attention_mask, prompt_len)
         passes = plan_passes(attention_mask.sum(1).tolist(), self.cfg.max_tokens_per_micro_batch)
+        kw = dict(packed=True, share_prompt=self.cfg.sharing_prompts)
         if len(passes) == 1:
-            return fn(model, sequences, attention_mask, prompt_len, packed=True)
+            return fn(model, sequences, attention_mask, prompt_len, **kw)
         out = None
         for rows in passes:
             idx = torch.tensor(rows, device=sequences.device)
-            part = fn(model, sequences[idx], attention_mask[idx], prompt_len, packed=True)
+            part = fn(model, sequences[idx], attention_mask[idx], prompt_len, **kw)
             out = part.new_zeros(len(sequences), *part.shape[1:]) if out is None else out
             out[idx] = part
         return out

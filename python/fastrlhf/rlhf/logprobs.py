@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..models.packed_attention import packed_attention
+from ..models.packed_attention import packed_attention, stands_in
 from ..utils.packing import PackedRows
 from . import rl_math as M
 from .ds_engine import is_partitioned
@@ -73,7 +73,8 @@ def _log_once(reason: str) -> None:
 def shifted_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                      start: int = 0, with_entropy: bool = False, fused: Optional[bool] = None,
-                     packed: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                     packed: bool = False, shared_prefix: int = 0
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """log p(labels[:, c + 1] | tokens <= c) for columns c = start .. S-2: [B, S - 1 - start], fp32.
 
     labels default to input_ids; label -100 gives 0 (and entropy 0). With with_entropy, also the
@@ -81,14 +82,17 @@ def shifted_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     model allows it (`fused_parts`); False forces the full HF forward (for comparisons).
     packed=True runs the model on the real tokens only, packed into one row (`utils.packing`; the
     positions are those of `position_ids_from_mask`): the same numbers wherever a real token
-    predicts a real token, 0 where the padded forward would have scored padding.
+    predicts a real token, 0 where the padded forward would have scored padding. With packed and
+    shared_prefix P, rows whose first P columns are equal (a group's prompt) run them once
+    (`utils.packing`), where the packed attention can stand in for the model's; same numbers.
     """
     labels = input_ids if labels is None else labels
     parts, why = fused_parts(model) if fused is not False else (None, "")
     if parts is None and why:
         _log_once(why)
     if packed:
-        return _packed_logprobs(model, parts, input_ids, attention_mask, labels, start, with_entropy)
+        return _packed_logprobs(model, parts, input_ids, attention_mask, labels, start, with_entropy,
+                                shared_prefix if shared_prefix > 0 and stands_in(model) else 0)
     targets = labels[:, start + 1:]
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if position_ids is not None:
@@ -119,10 +123,11 @@ def shifted_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return tuple(shaped) if with_entropy else shaped[0]
 
 
-def _packed_logprobs(model, parts, input_ids, attention_mask, labels, start: int, with_entropy: bool):
+def _packed_logprobs(model, parts, input_ids, attention_mask, labels, start: int, with_entropy: bool,
+                     shared_prefix: int):
     """shifted_logprobs on the packed row: only the scored tokens (a labelled real token after a
     real token) are read out of the model's output, then put back in the [B, S - 1 - start] layout."""
-    rows = PackedRows.of(attention_mask)
+    rows = PackedRows.of(attention_mask, input_ids, shared_prefix)
     real = attention_mask.bool()
     keep = (labels[:, 1:] != IGNORE_INDEX) & real[:, 1:] & real[:, :-1]
     keep[:, :start] = False

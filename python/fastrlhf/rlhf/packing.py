@@ -80,13 +80,14 @@ def agree(groups: List[List[int]]) -> List[List[int]]:
 
 
 def check_packed_attention(model, role: str, device: torch.device, precision: str = "fp32",
-                           recompute: bool = False) -> None:
+                           recompute: bool = False, share: bool = False) -> None:
     """Refuse `--packing` for a model that would let one packed sequence see another, or whose
     positions do not restart. Two sequences are run padded and packed, and packed with the first
     one's tokens changed: a never-crossing attention leaves the second one's outputs (log-probs of
     a causal LM, or a reward model's / critic's values) untouched. With `recompute` (gradient
     checkpointing) the model's own attention on HF's packed mask is probed too: a checkpointed
-    model trains through it. Collective under ZeRO-3 (every rank runs the probe)."""
+    model trains through it. With `share` (--share_prompts), rows that share a prefix and run it
+    once must compute what they compute padded. Collective under ZeRO-3 (every rank runs the probe)."""
     from ..models.packed_attention import own_attention
     from ..hybrid_engine.engine import unwrap_model
     hf = unwrap_model(model)
@@ -100,6 +101,11 @@ def check_packed_attention(model, role: str, device: torch.device, precision: st
             raise ConfigError(f"--packing: the {role} ({family}) cannot run packed sequences with transformers "
                               f"{transformers.__version__}{what}: {why}. Drop --packing for this model family"
                               + (" or --gradient_checkpointing" if what else ""))
+    if share:
+        why = _probe_shared(model, hf, device, precision == "fp32")
+        if why:
+            raise ConfigError(f"--share_prompts: the {role} ({family}) cannot run a prompt once for several answers: "
+                              f"{why}. Add --share_prompts false (packing stays on)")
 
 
 def _probe(model, hf, device: torch.device, full: bool) -> str:
@@ -138,13 +144,50 @@ def _probe(model, hf, device: torch.device, full: bool) -> str:
     return ""
 
 
-def check_models(models: Dict[str, Any], ctx, recompute: bool = False) -> None:
+def _probe_shared(model, hf, device: torch.device, full: bool) -> str:
+    """Why `model` cannot run rows that share a prefix once ('' when it can, or when it would not
+    share: the packed attention does not stand in for its own)."""
+    from ..models.packed_attention import stands_in
+    from ..utils.positions import position_ids_from_mask
+    from .logprobs import shifted_logprobs
+    if not stands_in(model):
+        return ""
+    vocab = int(getattr(getattr(hf, "config", None), "vocab_size", 0) or 2)
+    # rows 0 and 2 share a left-padded 3-column prefix; row 1's differs; answers of 3, 1 and 2 tokens
+    ids = (torch.arange(18, device=device).view(3, 6) * 7 + 3) % vocab
+    ids[2, :3] = ids[0, :3]
+    mask = torch.ones_like(ids)
+    mask[0, 0] = mask[2, 0] = 0
+    mask[1, 4:] = 0
+    mask[2, 5] = 0
+    values = hasattr(hf, "v_head")
+
+    def run(shared_prefix):
+        if values:
+            return model(ids, mask, packed=shared_prefix >= 0, shared_prefix=max(shared_prefix, 0))
+        return shifted_logprobs(model, ids, mask, position_ids=position_ids_from_mask(mask), start=2,
+                                packed=shared_prefix >= 0, shared_prefix=max(shared_prefix, 0))
+    try:
+        with torch.no_grad():
+            padded, shared = run(-1).float(), run(3).float()
+    except (RuntimeError, TypeError) as e:
+        return f"its shared-prompt forward failed ({e})"
+    real = (mask if values else mask[:, 3:] * mask[:, 2:-1]).bool()
+    drift = (shared[real] - padded[real]).abs().max().item()
+    if drift > (1e-3 if full else 0.25):
+        return (f"an answer that reads its prompt from another row does not compute what it computes padded (off "
+                f"by {drift:.3g})")
+    return ""
+
+
+def check_models(models: Dict[str, Any], ctx, recompute: bool = False, share: bool = False) -> None:
     """`check_packed_attention` on each {role: model} (skipping None), in the run's precision;
-    `recompute`: the trained models checkpoint their activations (their own attention is probed too)."""
+    `recompute`: the trained models checkpoint their activations (their own attention is probed too);
+    `share`: step 3 runs each group's prompt once (--share_prompts)."""
     from .run_setup import training_dtype
     for role, model in models.items():
         if model is not None:
-            check_packed_attention(model, role, ctx.device, training_dtype(ctx), recompute)
+            check_packed_attention(model, role, ctx.device, training_dtype(ctx), recompute, share)
 
 
 def longest_item(dataset, pairs: bool) -> int:

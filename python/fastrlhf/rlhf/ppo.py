@@ -12,6 +12,7 @@ checkpoints, resume and evaluation schedule are the shared `trainer.Trainer`'s.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import NonFiniteLossError, RewardError
+from ..errors import ConfigError, NonFiniteLossError, RewardError
 from ..models.loading import load_tokenizer
 from ..utils.distributed import all_ranks_true, all_reduce_sum, barrier, is_rank0, mean_over_ranks
 from ..utils.logging import print_rank0
@@ -104,9 +105,9 @@ class PPOTrainer(Trainer):
         self.models = build_ppo_models(cfg, ctx, tokenizer, max(1, optimizer_steps), models, reward_tokenizer)
         self.actor, self.critic, self.ref, self.ema = (self.models.actor, self.models.critic, self.models.ref,
                                                        self.models.ema)
-        if cfg.packing:
-            check_models({"actor": self.actor}, ctx, recompute=cfg.gradient_checkpointing)
-            check_models({"critic": self.critic, "reference model": self.ref, "reward model": self.models.reward}, ctx)
+        if cfg.packing is not False:
+            self.cfg = cfg = copy.copy(cfg)
+            cfg.packing = self._packing_checked(ctx)
         self.rollouts = ExperienceMaker(cfg, self.models, tokenizer, ctx.device, ctx.rank, max_new_tokens,
                                         bundled_task_scorer(cfg))
         self.kl_ctl = (M.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
@@ -121,6 +122,24 @@ class PPOTrainer(Trainer):
         self.ptx_sampler = None if self.ptx_data is None else GlobalBatchSampler(
             len(self.ptx_data), cfg.micro_batch_size, 1, ctx.world_size, ctx.rank, cfg.seed,
             what="the PPO-ptx (SFT) set", fix="lower --micro_batch_size or --ptx_coef 0")
+
+    def _packing_checked(self, ctx) -> bool:
+        """Probe every model for packed rows (`packing.check_packed_attention`): with --packing a
+        model that fails is an error; unset (step 3's default), the run then trains padded, saying why."""
+        cfg = self.cfg
+        try:
+            check_models({"actor": self.actor}, ctx, recompute=cfg.gradient_checkpointing, share=cfg.sharing_prompts)
+            check_models({"critic": self.critic, "reference model": self.ref, "reward model": self.models.reward}, ctx,
+                         share=cfg.sharing_prompts)
+        # packing unset: any model the probe cannot run (e.g. a custom wrapper) makes the run train padded
+        except Exception as e:  # noqa: BLE001
+            if cfg.packing:
+                raise
+            why = str(e) if isinstance(e, ConfigError) else f"the packing probe failed: {type(e).__name__}: {e}"
+            print_rank0(f"step 3 trains on padded batches (packing is on by default where every model can run it; "
+                        f"--packing false silences this): {why}")
+            return False
+        return True
 
     step_noun = "PPO steps"
     diverged_error = NonFiniteLossError

@@ -24,7 +24,7 @@ def actor_loss(cfg, actor, part: Experience, kl_coef: float, norm_len: int, tota
     """(loss, stats, the actor's log-probs of the part's answers [b, N], detached). The ratio's
     denominator is `part.old_logprobs`, or (one optimizer step per rollout) this forward's own."""
     logp, entropy = answer_logprobs(actor, part.sequences, part.attention_mask, part.prompt_len,
-                                    with_entropy=True, packed=packed)
+                                    with_entropy=True, packed=packed, share_prompt=packed and cfg.sharing_prompts)
     old_logprobs = logp.detach() if part.old_logprobs is None else part.old_logprobs
     mask, agg = part.action_mask, dict(mode=cfg.loss_agg, norm_len=norm_len, totals=totals)
     low, high = cfg.clip_range()
@@ -51,7 +51,8 @@ def actor_loss(cfg, actor, part: Experience, kl_coef: float, norm_len: int, tota
 def critic_loss(cfg, critic, part: Experience, totals: Optional[M.BatchTotals] = None,
                 packed: bool = False) -> Tuple[torch.Tensor, Stats]:
     """(value_loss_coef x the clipped value loss, stats)."""
-    values = answer_values(critic, part.sequences, part.attention_mask, part.prompt_len, packed=packed)
+    values = answer_values(critic, part.sequences, part.attention_mask, part.prompt_len, packed=packed,
+                           share_prompt=packed and cfg.sharing_prompts)
     loss, st = M.clipped_value_loss(values, part.old_values, part.returns, part.action_mask, cfg.value_clip, totals)
     err = M.mean_over((values.detach() - part.returns) ** 2, part.action_mask, totals)
     stats = {"value_loss": loss.item(), "value_clipfrac": st["value_clipfrac"].item(), "value_error": err.item()}
