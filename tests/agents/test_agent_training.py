@@ -147,3 +147,19 @@ def test_an_env_alone_is_a_reward_source_tools_alone_are_not(guess, tmp_path):
     cfg(guess, tmp_path).validate()   # --env without --reward_fn: its step rewards are the reward
     with pytest.raises(ConfigError, match="step 3 needs a reward"):
         cfg(guess, tmp_path, env=None, tools=["fastrlhf.agents:calculator"]).validate()
+
+
+def test_multi_turn_steps_packed_with_shared_prompts_log_the_padded_numbers(guess, tmp_path):
+    """Step 3 packs by default (each group's prompt once per pass): on trajectories with the
+    environment's tokens in them, two GRPO steps log what the padded run logs."""
+    runs = {}
+    for name, over in (("padded", dict(packing=False)), ("default", {})):
+        t = PPOTrainer(cfg(guess, tmp_path / name, kl_coef=0.05, entropy_coef=0.01, **over), prompts=guess["train"],
+                       eval_prompts=guess["eval"])
+        assert t.cfg.packing is (name == "default")
+        runs[name] = [t.train_step() for _ in range(2)]
+    for a, b in zip(runs["padded"], runs["default"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if "time" not in k and not k.endswith("_per_s"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
