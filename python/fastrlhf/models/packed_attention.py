@@ -73,7 +73,6 @@ def _spelled_out(q, k, v, scale: float, softcap: Optional[float], window: Option
 
 
 def _attention(impl: str):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def own(module, query, key, value, attention_mask, **kwargs):
