@@ -95,11 +95,11 @@ class PPOConfig(TrainConfig):
                                      "forward) packed into rows with positions restarting per answer (same losses "
                                      "as padded; eval stays padded); unset = on when every model passes the packing "
                                      "probe, else padded with a note", fingerprint=False)
-    share_prompts: Optional[bool] = option(None, "with --packing: the answers to one prompt in a packed row run "
-                                            "their prompt through the model once (actor, reference, critic and "
-                                            "reward-model forwards and the backward; each answer attends to it as "
-                                            "to its own copy: same numbers); false = once per answer; unset = on "
-                                            "with --packing", fingerprint=False)
+    share_prompts: Optional[bool] = option(None, "when step 3 packs (its default): the answers to one prompt in a "
+                                            "packed row run their prompt through the model once (actor, reference, "
+                                            "critic and reward-model forwards and the backward; each answer attends "
+                                            "to it as to its own copy: same numbers); false = once per answer; "
+                                            "unset = on whenever step 3 packs", fingerprint=False)
     eval_batch_size: Optional[int] = option(None, "held-out prompts per process per eval generation batch; "
                                              "unset = rollout_batch_size", fingerprint=False)
     learning_rate: float = option(1e-5, "actor peak learning rate")
